@@ -1,0 +1,1 @@
+"""Authorize: may this principal use this model, under which limits, at what price."""

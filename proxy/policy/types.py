@@ -1,0 +1,83 @@
+"""What the policy engine decides, handed to the meter. Plain data, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Dimension = Literal["key", "user", "account", "model"]
+Unit = Literal["requests", "tokens"]
+Period = Literal["none", "day", "month"]
+BudgetScope = Literal["key", "user", "account"]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`limit` units (requests or tokens) per `window_s`, counted per the tuple of dimensions in `per`."""
+
+    per: tuple[Dimension, ...]
+    unit: Unit
+    limit: int
+    window_s: float
+
+    @property
+    def name(self) -> str:
+        """A stable, low-cardinality rule name for metrics and headers, e.g. `user.requests.60s`."""
+        return f"{'+'.join(self.per)}.{self.unit}.{self.window_s:g}s"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A credit budget of `credits` per `period`, shared by everything in `scope`."""
+
+    credits: int
+    period: Period = "none"
+    scope: BudgetScope = "account"
+
+
+@dataclass(frozen=True)
+class Price:
+    """Credits charged for a call; every part that applies is added."""
+
+    per_request: float = 0.0
+    input_per_1k_tokens: float = 0.0
+    output_per_1k_tokens: float = 0.0
+    per_image: float = 0.0
+    per_second: float = 0.0
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What the gateway knows about a request before forwarding it (used to bound its cost)."""
+
+    input_bytes: int = 0
+    max_output_tokens: int | None = None
+    images: int = 1
+    seconds: float | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a call really used, read from the upstream's answer."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Allow (with what to take and reserve) or deny (with the error code)."""
+
+    allowed: bool
+    plan: str
+    error_code: str | None = None
+    error_message: str | None = None
+    rate_limits: tuple[RateLimit, ...] = field(default_factory=tuple)
+    concurrency: int | None = None
+    budget: Budget | None = None
+    price: Price | None = None
+    reserve_credits: float = 0.0  # the most this request can cost
+    estimated_tokens: int = 0  # the most tokens it can use, taken from token limits up front
