@@ -1,0 +1,66 @@
+"""Command line: `edge-proxy serve | check | keys new`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .auth.api_keys import generate_key, hash_key
+from .config import ConfigError, load_config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    config = load_config(args.config)
+    logging.basicConfig(level=config.server.log_level.upper(), format="%(message)s")
+    serve(config, args.host, args.port)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: OK ({len(config.models)} models, {len(config.providers)} providers)")
+    return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    key = generate_key()
+    print(f"API key (shown once, store it now): {key}")
+    print("Add to policies/*.yaml under keys:")
+    print(f'  - {{id: {args.id}, hash: "{hash_key(key)}", plan: {args.plan}}}')
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="edge-proxy", description="Edge AI gateway")
+    commands = root.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default="config.yaml")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(run=_serve)
+    check = commands.add_parser("check", help="validate config and policies, then exit")
+    check.add_argument("--config", default="config.yaml")
+    check.set_defaults(run=_check)
+    keys = commands.add_parser("keys", help="manage API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = key_commands.add_parser("new", help="print a new API key once and its policy line")
+    new.add_argument("--plan", required=True)
+    new.add_argument("--id", default="my-key")
+    new.set_defaults(run=_new_key)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"edge-proxy: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

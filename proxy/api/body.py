@@ -1,0 +1,36 @@
+"""Reading request bodies: size-limited, JSON objects only, with catalogue errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import ApiError
+
+
+async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object, or 413 / 400 errors that say what is wrong.
+
+    The Content-Type is not enforced: `curl -d` sends form-encoded by default, and the body decides.
+    """
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(max_bytes) from None
+    if not raw:
+        raise ApiError("invalid_request", "the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError("invalid_request", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "the request body must be a JSON object")
+    return body
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError("payload_too_large", f"the request body exceeds {max_bytes} bytes", max_bytes=max_bytes)

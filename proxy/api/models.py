@@ -1,0 +1,36 @@
+"""Model discovery: `GET /v1/models` (flat or `?groupBy=capability`) and one model's details."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..catalog import CAPABILITIES
+from ..errors import ApiError
+from .state import GATEWAY
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    await gateway.authenticate(request)
+    models = [m.public() for m in gateway.models.values()]
+    group_by = request.query.get("groupBy")
+    if group_by is None:
+        return web.json_response(models)
+    if group_by != "capability":
+        raise ApiError("invalid_request", f"groupBy={group_by!r} is not supported; use groupBy=capability")
+    grouped: dict[str, list[dict[str, str]]] = {}
+    for capability in CAPABILITIES:
+        if found := [m for m in models if m["capability"] == capability]:
+            grouped[capability] = found
+    return web.json_response(grouped)
+
+
+async def get_model(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    await gateway.authenticate(request)
+    return web.json_response(gateway.model(request.match_info["model_id"]).public())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)

@@ -1,0 +1,43 @@
+"""The one object a request carries through the stages: who, what, and what happened."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .auth.principal import Principal
+from .catalog import Model
+from .upstream.relay import RelayOutcome
+
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    route: str
+    started: float = field(default_factory=time.monotonic)
+    principal: Principal | None = None
+    model: Model | None = None
+    outcome: RelayOutcome | None = None
+    credits_charged: float | None = None
+    error_code: str | None = None
+
+
+CONTEXT = web.RequestKey("context", RequestContext)
+
+
+def request_id_for(request: web.Request) -> str:
+    """The client's X-Request-Id if it is well-formed (so traces join up), else a new one."""
+    given = request.headers.get("X-Request-Id", "")
+    return given if _CLIENT_REQUEST_ID.match(given) else "req_" + secrets.token_hex(12)
+
+
+def route_name(request: web.Request) -> str:
+    """The matched route pattern (bounded set), never the raw path."""
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"

@@ -1,0 +1,168 @@
+"""A demo upstream speaking the OpenAI wire format, so the quick start runs with no provider keys."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import math
+import struct
+import time
+import uuid
+import wave
+from typing import Any
+
+from aiohttp import web
+
+# A 1x1 PNG: enough for a client to fetch and display "an image".
+_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+_TOKEN_DELAY_S = 0.02
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""
+
+
+def _words(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def _reply_tokens(body: dict[str, Any]) -> list[str]:
+    said = _last_user_text(body)
+    reply = f"Hello from the edge-proxy demo upstream. You said: {said}".strip()
+    tokens = [w + " " for w in reply.split()]
+    limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    return tokens[:limit] if isinstance(limit, int) and limit > 0 else tokens
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text='{"error":{"message":"invalid JSON"}}', content_type="application/json")
+    return body if isinstance(body, dict) else {}
+
+
+def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+    prompt = _words(json.dumps(body.get("messages") or body.get("prompt") or ""))
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
+async def _completion(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    body = await _json_body(request)
+    tokens = _reply_tokens(body)
+    ident, created, model = f"demo-{uuid.uuid4().hex[:12]}", int(time.time()), body.get("model", "demo")
+    kind = "chat.completion" if chat else "text_completion"
+
+    def choice(text: str, finish: str | None, streamed: bool) -> dict[str, Any]:
+        if not chat:
+            return {"index": 0, "text": text, "finish_reason": finish}
+        key = "delta" if streamed else "message"
+        return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+
+    if not body.get("stream"):
+        answer = {"id": ident, "object": kind, "created": created, "model": model,
+                  "choices": [choice("".join(tokens), "stop", False)], "usage": _usage(body, len(tokens))}
+        return web.json_response(answer)
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    chunk_kind = f"{kind}.chunk" if chat else kind
+    include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+    for i, token in enumerate(tokens):
+        finish = "stop" if i == len(tokens) - 1 else None
+        chunk = {"id": ident, "object": chunk_kind, "created": created, "model": model,
+                 "choices": [choice(token, finish, True)]}
+        if include_usage:
+            chunk["usage"] = None
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await asyncio.sleep(_TOKEN_DELAY_S)
+    if include_usage:
+        final = {"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [],
+                 "usage": _usage(body, len(tokens))}
+        await response.write(f"data: {json.dumps(final)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, chat=False)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    inputs = body.get("input")
+    texts = inputs if isinstance(inputs, list) else [inputs]
+    data = []
+    for i, text in enumerate(texts):
+        digest = hashlib.sha256(str(text).encode()).digest()
+        data.append({"object": "embedding", "index": i, "embedding": [b / 255.0 for b in digest[:16]]})
+    tokens = sum(_words(str(t)) for t in texts)
+    return web.json_response({"object": "list", "data": data, "model": body.get("model", "demo"),
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def images(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+    base = f"{request.scheme}://{request.host}"
+    data = [{"url": f"{base}/files/{uuid.uuid4().hex}.png"} for _ in range(n)]
+    return web.json_response({"created": int(time.time()), "data": data})
+
+
+async def image_file(request: web.Request) -> web.Response:
+    return web.Response(body=_PNG, content_type="image/png")
+
+
+async def speech(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    seconds = min(5.0, 0.1 * _words(str(body.get("input", ""))))
+    return web.Response(body=_tone(seconds), content_type="audio/wav")
+
+
+def _tone(seconds: float, rate: int = 8000) -> bytes:
+    frames = b"".join(
+        struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate))) for i in range(int(seconds * rate))
+    )
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frames)
+    return out.getvalue()
+
+
+def demo_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/images/generations", images)
+    app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_get("/files/{name}", image_file)
+    return app
+
+
+async def start_demo_upstream(host: str = "127.0.0.1") -> tuple[web.AppRunner, str]:
+    """Start the demo upstream on a free loopback port; returns the runner and its `/v1` base URL."""
+    runner = web.AppRunner(demo_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://{host}:{port}/v1"

@@ -1,0 +1,69 @@
+"""The OpenAI wire format: how to prepare a request body and where usage is found in answers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..policy.types import Usage
+
+# Routes whose streams support `stream_options.include_usage`.
+_USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+@dataclass(frozen=True)
+class PreparedBody:
+    body: bytes
+    stream: bool
+    usage_injected: bool  # we asked for a usage event the client did not: drop it before the client sees it
+
+
+def prepare(route: str, body: dict[str, Any], upstream_model: str) -> PreparedBody:
+    """Rewrite the public model id to the upstream's and ask streams for their final usage event."""
+    out = dict(body, model=upstream_model)
+    stream = out.get("stream") is True
+    injected = False
+    if stream and route in _USAGE_STREAM_ROUTES:
+        options = out.get("stream_options")
+        options = dict(options) if isinstance(options, dict) else {}
+        if options.get("include_usage") is not True:
+            options["include_usage"] = True
+            out["stream_options"] = options
+            injected = True
+    return PreparedBody(json.dumps(out, separators=(",", ":")).encode(), stream, injected)
+
+
+def usage_of(answer: dict[str, Any]) -> Usage | None:
+    """Usage from a JSON answer or a stream chunk; None when the object carries none."""
+    usage = answer.get("usage")
+    if isinstance(usage, dict):
+        return Usage(
+            input_tokens=_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
+            output_tokens=_int(usage.get("completion_tokens", usage.get("output_tokens"))),
+            images=_images(answer),
+        )
+    images = _images(answer)
+    return Usage(images=images) if images else None
+
+
+def is_usage_only_chunk(chunk: dict[str, Any]) -> bool:
+    """The extra final chunk `include_usage` produces: usage and no choices."""
+    return isinstance(chunk.get("usage"), dict) and chunk.get("choices") == []
+
+
+def counts_as_output(chunk: dict[str, Any]) -> bool:
+    """A chunk carrying generated content: about one token each in OpenAI streams."""
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and len(choices) > 0
+
+
+def _images(answer: dict[str, Any]) -> int:
+    data = answer.get("data")
+    if isinstance(data, list) and data and isinstance(data[0], dict) and ("url" in data[0] or "b64_json" in data[0]):
+        return len(data)
+    return 0
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0

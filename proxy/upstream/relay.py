@@ -1,0 +1,242 @@
+"""Relay: send the call upstream and stream the answer to the client as it arrives, reading usage on the side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..errors import ApiError
+from ..policy.types import Usage
+from . import openai_format, sse
+from .providers import Provider
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the relay recomputes.
+_DROP_RESPONSE_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+        "Transfer-Encoding", "Upgrade", "Content-Length", "Content-Encoding", "Date", "Server",
+        "Set-Cookie", "X-Request-Id",
+    )
+)
+_FORWARD_REQUEST_HEADERS = ("Content-Type", "Accept", "Accept-Language", "User-Agent")
+_MAX_JSON_FOR_USAGE = 8 * 1024 * 1024  # non-streamed bodies larger than this are relayed without reading usage
+
+
+@dataclass
+class RelayOutcome:
+    """What happened, for metering and records."""
+
+    status: int = 0
+    usage: Usage | None = None
+    first_byte_s: float | None = None
+    bytes_out: int = 0
+    events_out: int = 0
+    output_chunks: int = 0  # content-bearing stream chunks, the usage estimate when a stream is cut short
+    completed: bool = False
+    error_code: str | None = None
+    response: web.StreamResponse | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    keepalive_s: float  # 0 = no `: ping` comments
+
+
+async def relay(
+    request: web.Request,
+    provider: Provider,
+    route: str,
+    prepared: openai_format.PreparedBody,
+    request_id: str,
+    settings: RelaySettings,
+    outcome: RelayOutcome,
+    extra_headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Forward the call and stream the answer back; fills `outcome` as it goes (also when cancelled)."""
+    started = time.monotonic()
+    upstream = await _open(request, provider, route, prepared.body, request_id)
+    try:
+        outcome.first_byte_s = time.monotonic() - started
+        outcome.status = upstream.status
+        if upstream.status >= 500:
+            raise await _upstream_failure(provider, upstream)
+        response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream, extra_headers))
+        outcome.response = response
+        is_sse = upstream.content_type == "text/event-stream"
+        if is_sse:
+            response.headers["Cache-Control"] = "no-cache"
+            response.headers["X-Accel-Buffering"] = "no"
+        await response.prepare(request)
+        chunks = _read_chunks(upstream, provider.timeouts.idle_s, settings.keepalive_s if is_sse else 0.0)
+        if is_sse:
+            await _relay_events(response, chunks, prepared.usage_injected, outcome)
+        else:
+            await _relay_body(response, chunks, upstream.content_type, outcome)
+        if outcome.error_code is not None and not is_sse:
+            # Headers are sent and a plain body has no in-band error: cut the connection so the client
+            # sees a truncated answer instead of a complete-looking one.
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        outcome.completed = outcome.error_code is None
+        await response.write_eof()
+        return response
+    finally:
+        # A finished body lets the connection go back to the pool; anything else must not be reused.
+        if outcome.completed:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+async def _open(
+    request: web.Request, provider: Provider, route: str, body: bytes, request_id: str
+) -> aiohttp.ClientResponse:
+    headers = CIMultiDict((h, v) for h in _FORWARD_REQUEST_HEADERS if (v := request.headers.get(h)))
+    headers.update(provider.auth_headers)
+    headers["X-Request-Id"] = request_id
+    try:
+        async with asyncio.timeout(provider.timeouts.first_byte_s):
+            return await provider.session.post(provider.url(route), data=body, headers=headers)
+    except TimeoutError:
+        raise ApiError(
+            "upstream_timeout",
+            f"provider {provider.name} did not answer within {provider.timeouts.first_byte_s:g}s",
+        ) from None
+    except aiohttp.ClientConnectorError:
+        raise ApiError("generation_unavailable", f"provider {provider.name} is unreachable; try again later") from None
+    except aiohttp.ClientError as exc:
+        raise ApiError("upstream_error", f"provider {provider.name} failed: {type(exc).__name__}") from None
+
+
+async def _upstream_failure(provider: Provider, upstream: aiohttp.ClientResponse) -> ApiError:
+    try:
+        async with asyncio.timeout(provider.timeouts.idle_s):
+            detail = (await upstream.content.read(2048)).decode(errors="replace")
+    except (TimeoutError, aiohttp.ClientError):
+        detail = ""
+    return ApiError(
+        "upstream_error",
+        f"provider {provider.name} answered {upstream.status}",
+        upstream_status=upstream.status,
+        upstream_message=detail[:500],
+    )
+
+
+def _response_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str] | None) -> CIMultiDict[str]:
+    headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS)
+    headers.update(extra or {})
+    return headers
+
+
+async def _read_chunks(
+    upstream: aiohttp.ClientResponse, idle_s: float, keepalive_s: float
+) -> AsyncIterator[bytes | None]:
+    """Upstream chunks as they arrive; None when `keepalive_s` passes without one (time to send a ping)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + idle_s
+    while True:
+        wait = deadline - loop.time()
+        if keepalive_s:
+            wait = min(wait, keepalive_s)
+        try:
+            async with asyncio.timeout(max(wait, 0)):
+                chunk = await upstream.content.readany()
+        except TimeoutError:
+            if loop.time() >= deadline:
+                raise ApiError("upstream_timeout", f"no data from the provider for {idle_s:g}s") from None
+            yield None
+            continue
+        except aiohttp.ClientPayloadError:
+            raise ApiError("upstream_error", "the provider closed the stream before it finished") from None
+        if not chunk:
+            return
+        deadline = loop.time() + idle_s
+        yield chunk
+
+
+async def _relay_events(
+    response: web.StreamResponse,
+    chunks: AsyncIterator[bytes | None],
+    drop_usage_event: bool,
+    outcome: RelayOutcome,
+) -> None:
+    """Write each whole SSE event as soon as it is complete; note usage; end with an error event on failure."""
+    splitter = sse.EventSplitter()
+    try:
+        async for chunk in chunks:
+            if chunk is None:
+                if splitter.at_boundary:
+                    await _write(response, sse.comment("ping"), outcome)
+                continue
+            out = bytearray()
+            for event in splitter.feed(chunk):
+                if _inspect_event(event, drop_usage_event, outcome):
+                    out += event
+                    outcome.events_out += 1
+            if out:
+                await _write(response, bytes(out), outcome)
+        if rest := splitter.flush():
+            await _write(response, rest, outcome)
+    except ApiError as exc:
+        outcome.error_code = exc.code
+        splitter.flush()  # a partial event never reached the client; drop it so framing stays whole
+        # The status line is gone; an `error` payload is what OpenAI SDKs surface from a stream.
+        await _write(response, sse.data_event(exc.body()), outcome)
+
+
+def _inspect_event(event: bytes, drop_usage_event: bool, outcome: RelayOutcome) -> bool:
+    """Read usage from an event; False if the event must not reach the client."""
+    if b"usage" not in event and b"choices" not in event:
+        return True
+    chunk = sse.event_json(event)
+    if chunk is None:
+        return True
+    if openai_format.counts_as_output(chunk):
+        outcome.output_chunks += 1
+    usage = openai_format.usage_of(chunk)
+    if usage is not None:
+        outcome.usage = usage
+    return not (drop_usage_event and openai_format.is_usage_only_chunk(chunk))
+
+
+async def _relay_body(
+    response: web.StreamResponse,
+    chunks: AsyncIterator[bytes | None],
+    content_type: str,
+    outcome: RelayOutcome,
+) -> None:
+    keep = content_type == "application/json"
+    body = bytearray()
+    try:
+        async for chunk in chunks:
+            if chunk is None:
+                continue
+            await _write(response, chunk, outcome)
+            if keep:
+                body += chunk
+                keep = len(body) <= _MAX_JSON_FOR_USAGE
+    except ApiError as exc:
+        outcome.error_code = exc.code
+        return
+    if keep:
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return
+        if isinstance(answer, dict):
+            outcome.usage = openai_format.usage_of(answer)
+
+
+async def _write(response: web.StreamResponse, data: bytes, outcome: RelayOutcome) -> None:
+    if data:
+        await response.write(data)
+        outcome.bytes_out += len(data)

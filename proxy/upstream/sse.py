@@ -1,0 +1,71 @@
+"""Incremental Server-Sent Events framing: split a byte stream into whole events without re-encoding them."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+# An event ends at a blank line; SSE allows \n, \r\n and \r line endings.
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_MAX_PENDING = 1024 * 1024  # an event larger than this is passed on unsplit rather than held
+
+
+class EventSplitter:
+    """Feed raw chunks; get back the raw bytes of each event completed so far (terminator included)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial event is held, so a comment can be written without breaking framing."""
+        return not self._pending
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._pending + chunk
+        events: list[bytes] = []
+        start = 0
+        for match in _EVENT_END.finditer(data):
+            events.append(data[start : match.end()])
+            start = match.end()
+        self._pending = data[start:]
+        if len(self._pending) > _MAX_PENDING:
+            # A malformed upstream must not make us hold unbounded memory: give it up as it is.
+            events.append(self._pending)
+            self._pending = b""
+        return events
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+
+def event_data(event: bytes) -> bytes:
+    """The event's `data:` payload (multi-line data joined with newlines)."""
+    lines = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(lines)
+
+
+def event_json(event: bytes) -> dict[str, Any] | None:
+    """The event's data parsed as a JSON object, or None (e.g. `[DONE]` or a comment)."""
+    data = event_data(event)
+    if not data.startswith(b"{"):
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def comment(text: str) -> bytes:
+    return f": {text}\n\n".encode()
+
+
+def data_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"

@@ -1,0 +1,42 @@
+"""Start a real gateway on a loopback port for tests, configured from a dict like config.yaml."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.config import parse_config
+from proxy.server import RunningServer, start_server
+
+TEST_KEY = "sk_test_" + "k" * 40
+PROVIDER_KEY = "provider-secret-123"
+
+
+def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "server": {"sse_keepalive_s": 0, "max_body_bytes": 64 * 1024, "cors_allow_origins": ["https://app.example.com"]},
+        "demo": {"enabled": True, "plan": "demo"},
+        "providers": {
+            "mock": {"base_url": provider_url, "api_key_env": "MOCK_PROVIDER_KEY",
+                     "timeouts": {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30}},
+        },
+        "models": [
+            {"id": "mock/chat", "name": "Mock Chat", "creator": "Tests", "capability": "text2text",
+             "provider": "mock", "upstream_model": "mock-up"},
+            {"id": "mock/embed", "name": "Mock Embed", "creator": "Tests", "capability": "text2text",
+             "provider": "mock", "upstream_model": "mock-embed"},
+            {"id": "mock/image", "name": "Mock Image", "creator": "Tests", "capability": "text2image",
+             "provider": "mock", "upstream_model": "mock-image"},
+            {"id": "mock/speech", "name": "Mock Speech", "creator": "Tests", "capability": "text2speech",
+             "provider": "mock", "upstream_model": "mock-tts"},
+        ],
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **values}
+        else:
+            config[section] = values
+    return config
+
+
+async def start_gateway(config: dict[str, Any]) -> RunningServer:
+    return await start_server(parse_config(config, "test-config"), host="127.0.0.1", port=0)

@@ -1,0 +1,114 @@
+"""A stand-in for an OpenAI-format provider on loopback, scriptable per test.
+
+It speaks the real wire format (JSON answers, SSE chunks with a final usage chunk and `[DONE]`)
+and records what it received, so tests can check what the gateway forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+
+
+def chat_chunk(content: str, *, finish: str | None = None, with_null_usage: bool = False) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000, "model": "mock-up",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+    }
+    if with_null_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1700000000, "model": "mock-up",
+        "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion},
+    }
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class MockProvider:
+    """Default behaviour: an OpenAI chat answer (JSON or SSE); tests replace `handler` to script others."""
+
+    tokens: tuple[str, ...] = ("Hello", " from", " the", " mock")
+    received: list[Received] = field(default_factory=list)
+    handler: Handler | None = None
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> "MockProvider":
+        app = web.Application()
+        app.router.add_post("/v1/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        if self.handler is not None:
+            return await self.handler(request, body)
+        return await self.default(request, body)
+
+    async def default(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if request.path.endswith("/embeddings"):
+            return web.json_response({"object": "list", "model": body["model"],
+                                      "data": [{"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}],
+                                      "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        if request.path.endswith("/images/generations"):
+            return web.json_response({"created": 1700000000, "data": [{"url": "http://127.0.0.1/img.png"}]})
+        if request.path.endswith("/audio/speech"):
+            return web.Response(body=b"RIFF....WAVEfmt ", content_type="audio/wav")
+        if not body.get("stream"):
+            return web.json_response({
+                "id": "chatcmpl-mock", "object": "chat.completion", "created": 1700000000, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.tokens)},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": len(self.tokens), "total_tokens": 7 + len(self.tokens)},
+            })
+        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        response = await open_sse(request)
+        for i, token in enumerate(self.tokens):
+            finish = "stop" if i == len(self.tokens) - 1 else None
+            await response.write(sse(chat_chunk(token, finish=finish, with_null_usage=include_usage)))
+        if include_usage:
+            await response.write(sse(usage_chunk(7, len(self.tokens))))
+        await response.write(sse("[DONE]"))
+        return response
+
+
+async def open_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    return response
+
+
+async def wait_for(event: asyncio.Event, seconds: float = 5.0) -> None:
+    await asyncio.wait_for(event.wait(), seconds)

@@ -1,0 +1,81 @@
+"""Config validation at start-up: errors name the file, the key and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_shipped_config_is_valid() -> None:
+    config = load_config(ROOT / "config.yaml")
+    assert config.store.kind == "memory"
+    assert config.providers["demo"].kind == "demo"
+    assert {m.provider for m in config.models} == {"demo"}
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"server": {"prot": 1}}, "server.prot: unknown key. Fix: remove it"),
+        ({"server": {"port": "eighty"}}, "server.port:"),
+        ({"server": {"port": 70000}}, "server.port:"),
+        ({"providers": {"x": {"kind": "http"}}}, "providers.x: kind http needs base_url"),
+        ({"providers": {"x": {"base_url": "ftp://a"}}}, "must start with http:// or https://"),
+        ({"models": [{"id": "a", "name": "A", "creator": "c", "capability": "text2text", "provider": "nope",
+                      "upstream_model": "a"}]}, "names provider 'nope'"),
+        ({"models": [{"id": "a", "name": "A", "creator": "c", "capability": "mind-reading", "provider": "p",
+                      "upstream_model": "a"}], "providers": {"p": {"kind": "demo"}}}, "capability 'mind-reading'"),
+        ({"store": {"kind": "redis"}}, "set store.redis_url or REDIS_URL"),
+        ([1, 2], "the top level must be a mapping"),
+    ],
+)
+def test_invalid_config_names_file_key_and_fix(
+    data: object, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with pytest.raises(ConfigError) as error:
+        parse_config(data, "conf/gateway.yaml")
+    assert str(error.value).startswith("conf/gateway.yaml:")
+    assert expected in str(error.value)
+
+
+def test_redis_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    assert parse_config({"store": {"kind": "redis"}}, "c.yaml").store.resolved_redis_url() == "redis://127.0.0.1:1/0"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_check_command_accepts_the_default_config() -> None:
+    result = run_cli("check", "--config", "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_check_command_fails_with_a_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  hots: 0.0.0.0\n")
+    result = run_cli("check", "--config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:" in result.stderr and "server.hots: unknown key" in result.stderr
+    missing = run_cli("check", "--config", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 2 and "file not found" in missing.stderr
+
+
+def test_keys_new_prints_a_key_and_its_hash_line() -> None:
+    result = run_cli("keys", "new", "--plan", "members", "--id", "backend")
+    assert result.returncode == 0
+    key = result.stdout.split("store it now): ")[1].split()[0]
+    from proxy.auth.api_keys import hash_key
+
+    assert key.startswith("sk_") and len(key) > 40
+    assert f'{{id: backend, hash: "{hash_key(key)}", plan: members}}' in result.stdout

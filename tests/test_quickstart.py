@@ -1,0 +1,61 @@
+"""The README's quick start: the shipped config.yaml, the demo upstream, the openai SDK, streaming included."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_edge_proxy_serve_with_the_default_config_answers_the_sdk() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_PROXY_DEMO_KEY"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", "config.yaml", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        key_line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 20)
+        key = re.search(r"(sk_\S+)", key_line)
+        assert key, key_line
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"{base}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key.group(1), max_retries=0, timeout=10) as client:
+            answer = await client.chat.completions.create(
+                model="demo/chat", messages=[{"role": "user", "content": "ping"}]
+            )
+            stream = await client.chat.completions.create(
+                model="demo/chat", messages=[{"role": "user", "content": "ping"}], stream=True
+            )
+            streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
+            image = await client.images.generate(model="demo/image", prompt="a lighthouse")
+        assert "You said: ping" in (answer.choices[0].message.content or "")
+        assert streamed == answer.choices[0].message.content
+        assert image.data and image.data[0].url and image.data[0].url.endswith(".png")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)
