@@ -22,9 +22,11 @@ from proxy.store import (
     RedisStore,
     ResilientStore,
     Store,
+    StoreConfigError,
+    StoreSettings,
     StoreUnavailable,
 )
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 MINUTE_MS = 60_000
 CREDIT = 1_000_000  # micro-credits
@@ -305,8 +307,32 @@ async def test_four_processes_sharing_redis_admit_exactly_the_budget(redis_url: 
     assert int(ledger[b"held"]) == 100 * CREDIT and int(ledger.get(b"spent", 0)) == 0
 
 
+def wall_ms() -> int:
+    """The real clock: in the fault tests the store really goes down and comes back."""
+    return int(time.time() * 1000)
+
+
+class RecordingObserver:
+    """Collects what the metrics hooks would see."""
+
+    def __init__(self) -> None:
+        self.outcomes: set[tuple[str, str]] = set()
+        self.breaker_states: list[str] = []
+
+    def on_op(self, op: str, seconds: float, outcome: str) -> None:
+        self.outcomes.add((op, outcome))
+
+    def on_breaker(self, state: str) -> None:
+        self.breaker_states.append(state)
+
+
 @pytest.fixture
-async def crashable(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, ResilientStore]]:
+def observer() -> RecordingObserver:
+    return RecordingObserver()
+
+
+@pytest.fixture
+async def crashable(tmp_path: Path, observer: RecordingObserver) -> AsyncIterator[tuple[RedisServer, ResilientStore]]:
     """A private redis-server the test may kill, behind a breaker with short timeouts."""
     server = RedisServer(workdir=tmp_path)
     server.start()
@@ -316,6 +342,7 @@ async def crashable(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Resilien
         breaker_reset_s=0.3,
         fail_rate_limits="open",
         fail_credits="closed",
+        observer=observer,
     )
     yield server, store
     await store.close()
@@ -323,45 +350,58 @@ async def crashable(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Resilien
 
 
 async def test_redis_killed_fails_closed_for_credits_open_for_limits_and_recovers(
-    crashable: tuple[RedisServer, ResilientStore],
+    crashable: tuple[RedisServer, ResilientStore], observer: RecordingObserver
 ) -> None:
     server, store = crashable
-    now = lambda: int(time.time() * 1000)  # noqa: E731 - real clock: the store really goes down and up
-    first = await store.admit(make_request(now(), budget=10 * CREDIT, amount=CREDIT))
+    first = await store.admit(make_request(wall_ms(), budget=10 * CREDIT, amount=CREDIT))
     assert first.reservation is not None and not first.reservation.fallback and store.healthy
 
     server.kill()
     for _ in range(3):
         started = time.monotonic()
         with pytest.raises(StoreUnavailable):
-            await store.admit(make_request(now(), budget=10 * CREDIT, amount=CREDIT))
+            await store.admit(make_request(wall_ms(), budget=10 * CREDIT, amount=CREDIT))
         assert time.monotonic() - started < 1.0
     assert not store.healthy
 
-    local = [await store.admit(make_request(now(), limits=(requests_limit(2),))) for _ in range(3)]
+    local = [await store.admit(make_request(wall_ms(), limits=(requests_limit(2),))) for _ in range(3)]
     assert [r.allowed for r in local] == [True, True, False]  # the local limiter still limits
     assert local[0].reservation is not None and local[0].reservation.fallback
-    assert await store.settle(local[0].reservation, 0, 0, now())
+    assert await store.settle(local[0].reservation, 0, 0, wall_ms())
 
     server.start()
     deadline = time.monotonic() + 5
     while True:
         try:
-            recovered = await store.admit(make_request(now(), budget=10 * CREDIT, amount=CREDIT))
+            recovered = await store.admit(make_request(wall_ms(), budget=10 * CREDIT, amount=CREDIT))
             break
         except StoreUnavailable:
             assert time.monotonic() < deadline, "the store did not recover after redis came back"
             await asyncio.sleep(0.1)
     assert recovered.reservation is not None and not recovered.reservation.fallback
     assert store.healthy and store.breaker_state == "closed"
+    assert observer.breaker_states[:2] == ["open", "half_open"] and observer.breaker_states[-1] == "closed"
+    assert {("admit", "ok"), ("admit", "error"), ("admit", "refused"), ("admit", "fallback")} <= observer.outcomes
 
 
-async def test_rate_limits_fail_closed_when_configured(tmp_path: Path) -> None:
-    server = RedisServer(workdir=tmp_path)
-    port = server.port  # never started: nothing listens there
-    store = ResilientStore(RedisStore(f"redis://127.0.0.1:{port}/0", op_timeout_s=0.3), fail_rate_limits="closed")
+async def test_rate_limits_fail_closed_when_configured() -> None:
+    nothing_listens = f"redis://127.0.0.1:{free_port()}/0"
+    store = ResilientStore(RedisStore(nothing_listens, op_timeout_s=0.3), fail_rate_limits="closed")
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
-        await store.admit(make_request(int(time.time() * 1000), limits=(requests_limit(5),)))
+        await store.admit(make_request(wall_ms(), limits=(requests_limit(5),)))
     assert time.monotonic() - started < 1.0
     await store.close()
+
+
+def test_store_settings_validate_and_name_the_key() -> None:
+    settings = StoreSettings.from_mapping(
+        {"kind": "redis", "redis_url": "redis://127.0.0.1:1/0", "fail_mode": {"rate_limits": "closed"}}
+    )
+    assert (settings.fail_rate_limits, settings.fail_credits) == ("closed", "closed")
+    with pytest.raises(StoreConfigError, match=r"config.yaml: store.fail_mode.credits must be open or closed"):
+        StoreSettings.from_mapping({"fail_mode": {"credits": "maybe"}})
+    with pytest.raises(StoreConfigError, match=r"store.redis_url is empty"):
+        StoreSettings.from_mapping({"kind": "redis"})
+    with pytest.raises(StoreConfigError, match=r"unknown key store.timeout"):
+        StoreSettings.from_mapping({"timeout": 1})

@@ -50,7 +50,8 @@ class _Keyspace:
         self._values[key] = value
 
     def expire_at(self, key: str, deadline: int) -> None:
-        if key in self._values:
+        """Set the key's deadline; an unchanged deadline adds no heap entry (ledgers are re-expired often)."""
+        if key in self._values and self._expiry.get(key) != deadline:
             self._expiry[key] = deadline
             heapq.heappush(self._deadlines, (deadline, key))
 
