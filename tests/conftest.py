@@ -1,11 +1,25 @@
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import pytest
 
-from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway
-from .mock_provider import MockProvider
+from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway
+from tests.mock_provider import MockProvider
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server per test session; tests that kill it should start their own RedisServer."""
+    with RedisServer(workdir=tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's redis-server (database 0); flush it yourself if a test needs it empty."""
+    return redis_server.url
 
 
 @pytest.fixture

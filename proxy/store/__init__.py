@@ -1,0 +1,45 @@
+"""Shared counters behind one interface: Redis (Lua scripts, exact across replicas) and in-memory."""
+
+from proxy.store.base import (
+    AdmitRequest,
+    AdmitResult,
+    Balance,
+    CreditSpec,
+    Denial,
+    LeaseSpec,
+    LimitSpec,
+    LimitState,
+    NullObserver,
+    Reservation,
+    Store,
+    StoreError,
+    StoreObserver,
+    StoreUnavailable,
+)
+from proxy.store.memory import MemoryStore
+from proxy.store.redis_store import RedisStore
+from proxy.store.resilient import ResilientStore
+from proxy.store.settings import StoreConfigError, StoreSettings, build_store
+
+__all__ = [
+    "AdmitRequest",
+    "AdmitResult",
+    "Balance",
+    "CreditSpec",
+    "Denial",
+    "LeaseSpec",
+    "LimitSpec",
+    "LimitState",
+    "MemoryStore",
+    "NullObserver",
+    "RedisStore",
+    "Reservation",
+    "ResilientStore",
+    "Store",
+    "StoreConfigError",
+    "StoreError",
+    "StoreObserver",
+    "StoreSettings",
+    "StoreUnavailable",
+    "build_store",
+]

@@ -1,0 +1,303 @@
+"""The pipeline's meter stage: turn a policy decision into one atomic store admission, and settle it later.
+
+Credits are floats at this boundary and integer micro-credits inside the store (no float drift).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from typing import Any, Callable
+from urllib.parse import quote
+
+from proxy.auth.principal import Principal
+from proxy.errors import ApiError
+from proxy.policy.types import Budget, Decision, Dimension, RateLimit
+from proxy.store.base import (
+    AdmitRequest,
+    AdmitResult,
+    CreditSpec,
+    LeaseSpec,
+    LimitSpec,
+    LimitState,
+    Reservation,
+    Store,
+    StoreError,
+)
+
+log = logging.getLogger(__name__)
+
+MICRO = 1_000_000
+
+
+def to_micro(credits: float, *, round_up: bool = False) -> int:
+    """Credits -> integer micro-credits; reservations round up so a hold never falls short."""
+    rounding = ROUND_CEILING if round_up else ROUND_HALF_UP
+    return int((Decimal(repr(credits)) * MICRO).to_integral_value(rounding=rounding))
+
+
+def from_micro(micro: int) -> float:
+    return micro / MICRO
+
+
+def format_credits(micro: int) -> str:
+    """A header value: the credit amount without float noise, e.g. `12.5`."""
+    text = f"{Decimal(micro) / MICRO:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+@dataclass(frozen=True)
+class _Period:
+    label: str  # part of the ledger key, so a new period starts from zero without any cron
+    ends_at: datetime | None
+
+
+def _period_of(period: str, now: datetime) -> _Period:
+    if period == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return _Period(f"d{now:%Y%m%d}", datetime.fromtimestamp(start.timestamp() + 86_400, timezone.utc))
+    if period == "month":
+        year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+        return _Period(f"m{now:%Y%m}", datetime(year, month, 1, tzinfo=timezone.utc))
+    return _Period("all", None)
+
+
+class Admission:
+    """An admitted request: the headers to send, and a settle/release that act once."""
+
+    def __init__(
+        self, store: Store, clock: Callable[[], float], reservation: Reservation | None, headers: dict[str, str]
+    ) -> None:
+        self.headers = headers
+        self._store = store
+        self._clock = clock
+        self._reservation = reservation
+        self._settled = reservation is None
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    async def settle(self, actual_credits: float, actual_tokens: int) -> bool:
+        """Charge the real cost and free the lease; True if this call settled it. Never raises on store errors:
+        an unsettled hold expires and is charged at its reserved amount (docs/metering.md)."""
+        if self._settled or self._reservation is None:
+            return False
+        amount = to_micro(max(0.0, actual_credits))
+        now_ms = int(self._clock() * 1000)
+        try:
+            await self._store.settle(self._reservation, amount, max(0, actual_tokens), now_ms)
+        except StoreError as exc:
+            log.warning("settle failed for reservation %s: %s", self._reservation.request.reservation_id, exc)
+            return False
+        self._settled = True
+        return True
+
+    async def release(self) -> bool:
+        """The request produced nothing billable: settle with zero."""
+        return await self.settle(0.0, 0)
+
+
+class Meter:
+    """Builds store keys from the principal and the decision; one store call per admission."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        reservation_ttl_s: float = 600.0,
+        ledger_retention_s: float = 2 * 86_400,
+        clock: Callable[[], float] = time.time,
+        prefix: str = "ep",
+    ) -> None:
+        self._store = store
+        self._ttl_ms = int(reservation_ttl_s * 1000)
+        self._retention_ms = int(ledger_retention_s * 1000)
+        self._clock = clock
+        self._prefix = prefix
+
+    async def admit(self, principal: Principal, model_id: str, decision: Decision, request_id: str) -> Admission:
+        """Take every limit, the concurrency lease and the credit hold, or raise the ApiError that denied it."""
+        now_ms = int(self._clock() * 1000)
+        rid = f"{quote(request_id[:64], safe='')}.{secrets.token_hex(6)}"
+        rules = decision.rate_limits
+        request = self._request(principal, model_id, decision, rules, rid, now_ms)
+        if not _touches_store(request):
+            return Admission(self._store, self._clock, None, {})
+        result = await self._call(self._store.admit, request)
+        if result.denial is not None or result.reservation is None:
+            raise _denial(rules, request, result)
+        return Admission(self._store, self._clock, result.reservation, _headers(rules, result))
+
+    async def state(self, principal: Principal, decision: Decision, model_id: str | None = None) -> dict[str, Any]:
+        """Balance and per-limit state for GET /v1/me, taking nothing. Model-scoped limits need `model_id`."""
+        now_ms = int(self._clock() * 1000)
+        rules = _applicable(decision, model_id)
+        request = self._request(principal, model_id, decision, rules, "peek", now_ms)
+        result = await self._call(self._store.peek, request) if _touches_store(request) else AdmitResult(True)
+        limits = [
+            {"rule": rule.name, "unit": rule.unit, "limit": rule.limit, "window_s": rule.window_s,
+             "remaining": state.remaining, "reset_s": math.ceil(state.reset_ms / 1000)}
+            for rule, state in zip(rules, result.limits)
+        ]
+        balance = None
+        if decision.budget is not None and result.balance is not None:
+            period = _period_of(decision.budget.period, _utc(now_ms))
+            balance = {
+                "budget": from_micro(result.balance.budget),
+                "spent": from_micro(result.balance.spent),
+                "held": from_micro(result.balance.held),
+                "remaining": from_micro(result.balance.remaining),
+                "period": decision.budget.period,
+                "scope": decision.budget.scope,
+                "resets_at": period.ends_at.isoformat() if period.ends_at else None,
+            }
+        concurrency = None if decision.concurrency is None else {"limit": decision.concurrency, "in_flight": result.in_flight}
+        return {"balance": balance, "rate_limits": limits, "concurrency": concurrency}
+
+    def _request(
+        self,
+        principal: Principal,
+        model_id: str | None,
+        decision: Decision,
+        rules: tuple[RateLimit, ...],
+        rid: str,
+        now_ms: int,
+    ) -> AdmitRequest:
+        base = f"{self._prefix}:{{{quote(principal.account, safe='')}}}"  # one hash tag per account
+        limits = tuple(
+            LimitSpec(
+                key=f"{base}:rl:{rule.name}:" + ":".join(_dimension(principal, dim, model_id) for dim in rule.per),
+                limit=rule.limit,
+                window_ms=int(rule.window_s * 1000),
+                cost=decision.estimated_tokens if rule.unit == "tokens" else 1,
+                tokens=rule.unit == "tokens",
+            )
+            for rule in rules
+        )
+        lease = None
+        if decision.concurrency is not None:
+            lease = LeaseSpec(f"{base}:cc:{quote(principal.user, safe='')}", decision.concurrency)
+        credits = self._credits(base, principal, decision, now_ms)
+        return AdmitRequest(rid, f"{base}:tk:{rid}", now_ms, self._ttl_ms, limits, lease, credits)
+
+    def _credits(self, base: str, principal: Principal, decision: Decision, now_ms: int) -> CreditSpec | None:
+        budget = decision.budget
+        if budget is None:
+            return None
+        period = _period_of(budget.period, _utc(now_ms))
+        ledger = f"{base}:cr:{budget.scope}:{quote(_budget_owner(principal, budget), safe='')}:{period.label}"
+        expire_at = 0
+        if period.ends_at is not None:
+            ends_ms = int(period.ends_at.timestamp() * 1000)
+            expire_at = max(ends_ms + self._retention_ms, now_ms + 2 * self._ttl_ms)
+        amount = to_micro(max(0.0, decision.reserve_credits), round_up=True)
+        return CreditSpec(ledger, f"{ledger}:holds", budget.credits * MICRO, amount, expire_at)
+
+    async def _call(self, operation: Callable[[AdmitRequest], Any], request: AdmitRequest) -> AdmitResult:
+        try:
+            return await operation(request)
+        except StoreError as exc:
+            raise ApiError(
+                "store_unavailable",
+                "The metering store is unavailable; try again shortly.",
+                headers={"Retry-After": "1"},
+            ) from exc
+
+
+def _headers(rules: tuple[RateLimit, ...], result: AdmitResult) -> dict[str, str]:
+    """RateLimit-* of the tightest limit (smallest share left) and the credit balance after the hold."""
+    headers: dict[str, str] = {}
+    if result.limits:
+        rule, state = min(zip(rules, result.limits), key=lambda pair: pair[1].remaining / pair[0].limit)
+        headers.update(_ratelimit_headers(rule, state))
+    if result.balance is not None:
+        headers["X-Credits-Balance"] = format_credits(result.balance.remaining)
+    return headers
+
+
+def _denial(rules: tuple[RateLimit, ...], request: AdmitRequest, result: AdmitResult) -> ApiError:
+    """The ApiError for the rule that refused: 429 rate_limit / concurrency_limit or 402."""
+    denial = result.denial
+    assert denial is not None  # admit returns a reservation or a denial
+    if denial.kind == "rate_limit":
+        rule = rules[denial.index]
+        state = result.limits[denial.index]
+        headers = _ratelimit_headers(rule, state)
+        if denial.retry_after_ms is None:
+            return ApiError(
+                "rate_limit",
+                f"This request needs more {rule.unit} than the limit {rule.name} allows at all.",
+                headers=headers, rule=rule.name, limit=rule.limit,
+            )
+        retry_s = max(1, math.ceil(denial.retry_after_ms / 1000))
+        return ApiError(
+            "rate_limit",
+            f"Rate limit {rule.name} exceeded; retry after {retry_s}s.",
+            headers={"Retry-After": str(retry_s), **headers}, rule=rule.name, limit=rule.limit,
+            retry_after=retry_s,
+        )
+    if denial.kind == "concurrency":
+        limit = request.lease.limit if request.lease else 0
+        return ApiError(
+            "concurrency_limit",
+            f"Too many requests in flight (limit {limit}); retry when one finishes.",
+            headers={"Retry-After": "1"}, rule="concurrency", limit=limit, in_flight=result.in_flight,
+        )
+    balance = result.balance
+    credits = request.credits
+    assert balance is not None and credits is not None
+    return ApiError(
+        "insufficient_credits",
+        "Not enough credits left for this request.",
+        headers={"X-Credits-Balance": format_credits(balance.remaining)},
+        credits_needed=from_micro(credits.amount),
+        credits_balance=from_micro(balance.remaining),
+    )
+
+
+def _applicable(decision: Decision, model_id: str | None) -> tuple[RateLimit, ...]:
+    """The rate limits that can be keyed: model-scoped ones only when a model is known."""
+    if model_id is not None:
+        return decision.rate_limits
+    return tuple(rule for rule in decision.rate_limits if "model" not in rule.per)
+
+
+def _dimension(principal: Principal, dim: Dimension, model_id: str | None) -> str:
+    """The principal's value along one limit dimension, escaped so it cannot forge another key."""
+    values = {
+        "key": principal.key_id or principal.user,
+        "user": principal.user,
+        "account": principal.account,
+        "model": model_id or "",
+    }
+    return quote(values[dim], safe="")
+
+
+def _budget_owner(principal: Principal, budget: Budget) -> str:
+    if budget.scope == "key":
+        return principal.key_id or principal.user
+    if budget.scope == "user":
+        return principal.user
+    return principal.account
+
+
+def _ratelimit_headers(rule: RateLimit, state: LimitState) -> dict[str, str]:
+    return {
+        "RateLimit-Limit": str(rule.limit),
+        "RateLimit-Remaining": str(state.remaining),
+        "RateLimit-Reset": str(math.ceil(state.reset_ms / 1000)),
+    }
+
+
+def _touches_store(request: AdmitRequest) -> bool:
+    return bool(request.limits or request.lease or request.credits)
+
+
+def _utc(now_ms: int) -> datetime:
+    return datetime.fromtimestamp(now_ms / 1000, timezone.utc)

@@ -1,0 +1,182 @@
+"""The store interface: one atomic admit per request, an idempotent settle, and the plain data they exchange.
+
+Everything inside the store is an integer (milliseconds, micro-credits, tokens) except the GCRA
+theoretical arrival time, which is a float of milliseconds (an emission interval is rarely whole).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+# Comparisons of float arrival times tolerate this much rounding (milliseconds), so that
+# `limit` requests of `window/limit` each fit exactly into `window`.
+EPSILON_MS = 1e-6
+
+DenialKind = Literal["rate_limit", "concurrency", "credits"]
+
+
+class StoreError(Exception):
+    """The store could not be reached or did not answer in time."""
+
+
+class StoreUnavailable(StoreError):
+    """The store is down and the fail mode for this request says: refuse (fail closed)."""
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    """A GCRA limit: a burst of `limit` units, refilled at `limit / window_ms`; this request costs `cost`."""
+
+    key: str
+    limit: int
+    window_ms: int
+    cost: int
+    tokens: bool = False  # settle corrects the cost of token limits from the estimate to the actual
+
+    @property
+    def interval_ms(self) -> float:
+        """The emission interval T: how long one unit takes to refill."""
+        return self.window_ms / self.limit
+
+
+@dataclass(frozen=True)
+class LeaseSpec:
+    """At most `limit` requests in flight under `key`; each holds a lease until settled or expired."""
+
+    key: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class CreditSpec:
+    """Reserve `amount` micro-credits against `budget` in the ledger `ledger_key` (holds in `holds_key`).
+
+    `expire_at_ms` is when the ledger of this period may vanish; 0 keeps it (period "none").
+    """
+
+    ledger_key: str
+    holds_key: str
+    budget: int
+    amount: int
+    expire_at_ms: int = 0
+
+
+@dataclass(frozen=True)
+class AdmitRequest:
+    """Everything one admission decision checks and takes, in one atomic step."""
+
+    reservation_id: str
+    ticket_key: str
+    now_ms: int
+    ttl_ms: int  # how long the lease and the credit hold live without a settle
+    limits: tuple[LimitSpec, ...] = ()
+    lease: LeaseSpec | None = None
+    credits: CreditSpec | None = None
+
+    @property
+    def estimated_tokens(self) -> int:
+        """The token cost taken up front (the largest token-limit cost)."""
+        return max((spec.cost for spec in self.limits if spec.tokens), default=0)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What an admitted request holds; settle it exactly once (later settles are no-ops)."""
+
+    request: AdmitRequest
+    fallback: bool = False  # taken from the local fallback store while the shared one was down
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """A limit after the decision: whole units still admissible now, and ms until it is fully refilled."""
+
+    remaining: int
+    reset_ms: int
+
+
+@dataclass(frozen=True)
+class Balance:
+    """A credit ledger in micro-credits."""
+
+    budget: int
+    spent: int
+    held: int
+
+    @property
+    def remaining(self) -> int:
+        """What a new reservation may still take (never negative)."""
+        return max(0, self.budget - self.spent - self.held)
+
+
+@dataclass(frozen=True)
+class Denial:
+    """Which rule refused: `index` is the limit's position for rate limits; retry_after_ms None = never fits."""
+
+    kind: DenialKind
+    index: int = 0
+    retry_after_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class AdmitResult:
+    """The outcome of admit (or peek): state of every limit, lease count, balance, and the denial if any."""
+
+    allowed: bool
+    limits: tuple[LimitState, ...] = field(default_factory=tuple)
+    in_flight: int = 0
+    balance: Balance | None = None
+    denial: Denial | None = None
+    reservation: Reservation | None = None
+
+
+class Store(Protocol):
+    """Shared counters. Implementations: MemoryStore, RedisStore, ResilientStore (breaker + fail modes)."""
+
+    async def admit(self, request: AdmitRequest) -> AdmitResult:
+        """Check every limit, the lease and the credits; take all of them or nothing."""
+        ...
+
+    async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
+        """Charge `amount`, correct token limits to `tokens`, drop the lease. False if already settled."""
+        ...
+
+    async def peek(self, request: AdmitRequest) -> AdmitResult:
+        """The state `admit` would see, taking nothing (costs and amount are ignored)."""
+        ...
+
+    async def ping(self) -> bool:
+        """True if the store answers."""
+        ...
+
+    @property
+    def healthy(self) -> bool:
+        """False while the store is known to be unreachable (for readiness)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class StoreObserver(Protocol):
+    """Hooks for metrics; the gateway connects these to Prometheus. Must not block."""
+
+    def on_op(self, op: str, seconds: float, outcome: str) -> None:
+        """One store operation: outcome is ok, error, fallback or refused."""
+        ...
+
+    def on_breaker(self, state: str) -> None:
+        """The circuit breaker changed state: closed, open or half_open."""
+        ...
+
+
+class NullObserver:
+    """An observer that records nothing."""
+
+    def on_op(self, op: str, seconds: float, outcome: str) -> None:
+        """Ignore the operation."""
+
+    def on_breaker(self, state: str) -> None:
+        """Ignore the state change."""

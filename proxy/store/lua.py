@@ -1,0 +1,168 @@
+"""The Redis scripts. `memory.py` and `gcra.py` implement the same steps in Python; one test suite checks both.
+
+Every key a script touches is passed in KEYS and carries the same hash tag, so Redis Cluster accepts it.
+"""
+
+# Shared by both scripts: GCRA state, writing an arrival time, charging expired credit holds.
+_COMMON = r"""
+local EPS = 1e-6
+local now = tonumber(ARGV[1])
+
+local function start_of(tat)
+  if tat and tat >= now then return tat end
+  return now
+end
+
+local function state(tat, interval, window)
+  local busy = start_of(tat) - now
+  local remaining = math.floor((window - busy + EPS) / interval)
+  if remaining < 0 then remaining = 0 end
+  local reset = math.ceil(busy - EPS)
+  if reset < 0 then reset = 0 end
+  return remaining, reset
+end
+
+local function store_tat(key, tat)
+  if (not tat) or tat <= now then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, string.format('%.17g', tat), 'PX', math.max(1, math.ceil(tat - now)))
+  end
+end
+
+-- Expired holds are charged at the amount they reserved (see docs/metering.md). Bounded per call.
+local function sweep(ledger, holds)
+  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'LIMIT', 0, 100)
+  for _, member in ipairs(expired) do
+    local reserved = tonumber(string.match(member, '^(%d+):'))
+    redis.call('HINCRBY', ledger, 'held', -reserved)
+    redis.call('HINCRBY', ledger, 'spent', reserved)
+    redis.call('ZREM', holds, member)
+  end
+end
+
+local function expire_ledger(ledger, holds, expire_at)
+  if expire_at > 0 then
+    redis.call('PEXPIREAT', ledger, expire_at)
+    redis.call('PEXPIREAT', holds, expire_at)
+  end
+end
+"""
+
+# KEYS: ticket, lease zset, ledger hash, holds zset, then one key per rate limit.
+# ARGV: now_ms, reservation id, ttl_ms, dry (0|1), lease limit (-1 = none), budget (-1 = none),
+#       amount, ledger expire-at (0 = keep), estimated tokens, then (interval, window, cost) per limit.
+# Reply: allowed, denial kind (0 none, 1 rate, 2 concurrency, 3 credits), denied limit index,
+#        retry ms (-1 never), in flight, spent, held, then (remaining, reset ms) per limit.
+ADMIT = _COMMON + r"""
+local rid, ttl, dry = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local lease_limit, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+local amount = tonumber(ARGV[7])
+local n = #KEYS - 4
+
+local intervals, windows, tats, new_tats = {}, {}, {}, {}
+local kind, index, retry = 0, 0, 0
+for i = 1, n do
+  local base = 9 + (i - 1) * 3
+  local interval, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local cost = tonumber(ARGV[base + 3])
+  if dry then cost = 0 end
+  intervals[i], windows[i] = interval, window
+  tats[i] = tonumber(redis.call('GET', KEYS[4 + i]))
+  local new_tat = start_of(tats[i]) + cost * interval
+  local allow_at = new_tat - window
+  if allow_at <= now + EPS then
+    new_tats[i] = new_tat
+  else
+    local wait = -1
+    if cost * interval <= window + EPS then wait = math.ceil(allow_at - now - EPS) end
+    -- report the limit to wait longest for; one that never fits outranks all
+    if kind == 0 or (retry ~= -1 and (wait == -1 or wait > retry)) then
+      kind, index, retry = 1, i - 1, wait
+    end
+  end
+end
+
+local in_flight = 0
+if lease_limit >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  in_flight = redis.call('ZCARD', KEYS[2])
+end
+local spent, held = 0, 0
+if budget >= 0 then
+  sweep(KEYS[3], KEYS[4])
+  spent = tonumber(redis.call('HGET', KEYS[3], 'spent')) or 0
+  held = tonumber(redis.call('HGET', KEYS[3], 'held')) or 0
+end
+if kind == 0 and not dry then
+  if lease_limit >= 0 and in_flight >= lease_limit then
+    kind = 2
+  elseif budget >= 0 and spent + held + amount > budget then
+    kind = 3
+  end
+end
+
+local function reply(allowed, arrivals)
+  local out = {allowed, kind, index, retry, in_flight, spent, held}
+  for i = 1, n do
+    local remaining, reset = state(arrivals[i], intervals[i], windows[i])
+    out[#out + 1] = remaining
+    out[#out + 1] = reset
+  end
+  return out
+end
+
+if kind ~= 0 then return reply(0, tats) end
+if dry then return reply(1, tats) end
+
+for i = 1, n do store_tat(KEYS[4 + i], new_tats[i]) end
+local expiry = now + ttl
+if lease_limit >= 0 then
+  redis.call('ZADD', KEYS[2], expiry, rid)
+  if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+  in_flight = in_flight + 1
+end
+local reserved = '0'
+if budget >= 0 then
+  reserved = ARGV[7]
+  redis.call('HINCRBY', KEYS[3], 'held', reserved)
+  redis.call('ZADD', KEYS[4], expiry, reserved .. ':' .. rid)
+  expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[8]))
+  held = held + amount
+end
+-- the ticket's logical expiry is judged by `now`, like everything else; the TTL only collects garbage
+redis.call('HSET', KEYS[1], 'amt', reserved, 'tok', ARGV[9], 'exp', now + 2 * ttl)
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+return reply(1, new_tats)
+"""
+
+# KEYS: ticket, lease zset, ledger hash, holds zset, then one key per token limit.
+# ARGV: now_ms, reservation id, actual amount, actual tokens, has lease (0|1), has credits (0|1),
+#       ledger expire-at (0 = keep), then the interval of each token limit.
+# Reply: 1 if settled now, 0 if it was already settled (or its ticket expired).
+SETTLE = _COMMON + r"""
+local rid = ARGV[2]
+local ticket = redis.call('HMGET', KEYS[1], 'amt', 'tok', 'exp')
+redis.call('DEL', KEYS[1])
+if (not ticket[3]) or tonumber(ticket[3]) <= now then return 0 end
+local reserved, estimated = ticket[1], tonumber(ticket[2])
+if ARGV[5] == '1' then redis.call('ZREM', KEYS[2], rid) end
+if ARGV[6] == '1' then
+  local amount = tonumber(ARGV[3])
+  sweep(KEYS[3], KEYS[4])
+  if redis.call('ZREM', KEYS[4], reserved .. ':' .. rid) == 1 then
+    redis.call('HINCRBY', KEYS[3], 'held', -tonumber(reserved))
+    redis.call('HINCRBY', KEYS[3], 'spent', amount)
+  else
+    -- the hold expired and was charged at `reserved`: correct that charge to the actual amount
+    redis.call('HINCRBY', KEYS[3], 'spent', amount - tonumber(reserved))
+  end
+  expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[7]))
+end
+local delta = tonumber(ARGV[4]) - estimated
+for i = 5, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  store_tat(KEYS[i], start_of(tat) + delta * tonumber(ARGV[3 + i]))
+end
+return 1
+"""

@@ -1,0 +1,247 @@
+"""The in-process store: the same semantics as the Redis scripts, for a single process.
+
+Atomicity comes from the event loop: no method awaits between reading and writing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Any
+
+from proxy.store.base import (
+    AdmitRequest,
+    AdmitResult,
+    Balance,
+    CreditSpec,
+    Denial,
+    LimitState,
+    Reservation,
+)
+from proxy.store.gcra import gcra_adjust, gcra_state, gcra_take
+
+# At most this many expired holds are charged per call, as in the Lua script (bounded work per request).
+SWEEP_BATCH = 100
+
+
+class _Keyspace:
+    """A dict of keys with millisecond expiry, purged lazily by a heap of deadlines."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+        self._expiry: dict[str, int] = {}
+        self._deadlines: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def purge(self, now: int) -> None:
+        """Drop every key whose deadline has passed (like Redis expiry)."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, key = heapq.heappop(self._deadlines)
+            if self._expiry.get(key) == deadline:
+                self.delete(key)
+
+    def get(self, key: str) -> Any:
+        return self._values.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        """Set a value, keeping any expiry (like HINCRBY/ZADD on an existing key)."""
+        self._values[key] = value
+
+    def expire_at(self, key: str, deadline: int) -> None:
+        """Set the key's deadline; an unchanged deadline adds no heap entry (ledgers are re-expired often)."""
+        if key in self._values and self._expiry.get(key) != deadline:
+            self._expiry[key] = deadline
+            heapq.heappush(self._deadlines, (deadline, key))
+
+    def ttl_at_least(self, key: str, deadline: int) -> None:
+        """Extend the expiry to `deadline` if it is shorter (never shorten)."""
+        if self._expiry.get(key, 0) < deadline:
+            self.expire_at(key, deadline)
+
+    def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+        self._expiry.pop(key, None)
+
+
+class MemoryStore:
+    """Single-process store; asyncio-safe because every operation runs without awaiting."""
+
+    def __init__(self) -> None:
+        self._keys = _Keyspace()
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    def key_count(self, now_ms: int) -> int:
+        """Live keys (the in-memory DBSIZE), for tests and benchmarks."""
+        self._keys.purge(now_ms)
+        return len(self._keys)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+    async def admit(self, request: AdmitRequest) -> AdmitResult:
+        return self.admit_now(request, dry=False)
+
+    async def peek(self, request: AdmitRequest) -> AdmitResult:
+        return self.admit_now(request, dry=True)
+
+    async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
+        return self.settle_now(reservation.request, amount, tokens, now_ms)
+
+    def admit_now(self, req: AdmitRequest, *, dry: bool) -> AdmitResult:
+        """The body of the admit script: check all, then take all or nothing."""
+        now = req.now_ms
+        self._keys.purge(now)
+        tats: list[float | None] = [self._keys.get(spec.key) for spec in req.limits]
+        new_tats: list[float | None] = []
+        worst: Denial | None = None
+        for index, (spec, tat) in enumerate(zip(req.limits, tats)):
+            new_tat, retry = gcra_take(tat, now, spec.interval_ms, spec.window_ms, 0 if dry else spec.cost)
+            new_tats.append(new_tat)
+            if new_tat is None and _waits_longer(retry, worst):
+                worst = Denial("rate_limit", index, retry)
+        in_flight = self._live_leases(req, now)
+        balance = self._balance(req.credits, now)
+        if worst is None and not dry:
+            worst = self._lease_or_credit_denial(req, in_flight, balance)
+        if worst is not None or dry:
+            return AdmitResult(worst is None, self._states(req, tats), in_flight, balance, worst)
+        for spec, tat in zip(req.limits, new_tats):
+            self._store_tat(spec.key, tat, now)
+        return self._take(req, self._states(req, new_tats), in_flight, balance)
+
+    def settle_now(self, req: AdmitRequest, amount: int, tokens: int, now: int) -> bool:
+        """The body of the settle script: a no-op unless the ticket still exists."""
+        self._keys.purge(now)
+        ticket = self._keys.get(req.ticket_key)
+        if ticket is None:
+            return False
+        self._keys.delete(req.ticket_key)
+        if req.lease is not None:
+            leases = self._keys.get(req.lease.key) or {}
+            leases.pop(req.reservation_id, None)
+            if not leases:
+                self._keys.delete(req.lease.key)
+        if req.credits is not None:
+            self._settle_credits(req.credits, req.reservation_id, ticket["amt"], amount, now)
+        for spec in req.limits:
+            if spec.tokens:
+                new_tat = gcra_adjust(self._keys.get(spec.key), now, spec.interval_ms, tokens - ticket["tok"])
+                self._store_tat(spec.key, new_tat, now)
+        return True
+
+    @staticmethod
+    def _states(req: AdmitRequest, tats: list[float | None]) -> tuple[LimitState, ...]:
+        return tuple(
+            gcra_state(tat, req.now_ms, spec.interval_ms, spec.window_ms) for spec, tat in zip(req.limits, tats)
+        )
+
+    def _store_tat(self, key: str, tat: float | None, now: int) -> None:
+        if tat is None or tat <= now:
+            self._keys.delete(key)
+            return
+        self._keys.put(key, tat)
+        self._keys.expire_at(key, now + max(1, math.ceil(tat - now)))
+
+    def _live_leases(self, req: AdmitRequest, now: int) -> int:
+        if req.lease is None:
+            return 0
+        leases: dict[str, int] = self._keys.get(req.lease.key) or {}
+        for member in [m for m, expiry in leases.items() if expiry <= now]:
+            del leases[member]
+        if not leases:
+            self._keys.delete(req.lease.key)
+        return len(leases)
+
+    def _balance(self, credits: CreditSpec | None, now: int) -> Balance | None:
+        if credits is None:
+            return None
+        ledger = self._sweep_holds(credits, now)
+        return Balance(credits.budget, ledger["spent"], ledger["held"])
+
+    def _sweep_holds(self, credits: CreditSpec, now: int) -> dict[str, int]:
+        """Charge expired holds at their reserved amount (see docs/metering.md) and return the ledger."""
+        ledger: dict[str, int] = self._keys.get(credits.ledger_key) or {"spent": 0, "held": 0}
+        holds: dict[str, int] = self._keys.get(credits.holds_key) or {}
+        expired = sorted((expiry, member) for member, expiry in holds.items() if expiry <= now)[:SWEEP_BATCH]
+        for _, member in expired:
+            reserved = int(member.split(":", 1)[0])
+            ledger["held"] -= reserved
+            ledger["spent"] += reserved
+            del holds[member]
+        if expired:
+            self._keys.put(credits.ledger_key, ledger)
+        if not holds:
+            self._keys.delete(credits.holds_key)
+        return ledger
+
+    @staticmethod
+    def _lease_or_credit_denial(req: AdmitRequest, in_flight: int, balance: Balance | None) -> Denial | None:
+        if req.lease is not None and in_flight >= req.lease.limit:
+            return Denial("concurrency")
+        if req.credits is not None and balance is not None:
+            if balance.spent + balance.held + req.credits.amount > balance.budget:
+                return Denial("credits")
+        return None
+
+    def _take(
+        self, req: AdmitRequest, states: tuple[LimitState, ...], in_flight: int, balance: Balance | None
+    ) -> AdmitResult:
+        now, expiry = req.now_ms, req.now_ms + req.ttl_ms
+        if req.lease is not None:
+            leases = self._keys.get(req.lease.key) or {}
+            leases[req.reservation_id] = expiry
+            self._keys.put(req.lease.key, leases)
+            self._keys.ttl_at_least(req.lease.key, expiry)
+            in_flight += 1
+        amount = 0
+        if req.credits is not None and balance is not None:
+            amount = req.credits.amount
+            self._hold(req.credits, req.reservation_id, expiry, now)
+            balance = Balance(balance.budget, balance.spent, balance.held + amount)
+        self._keys.put(req.ticket_key, {"amt": amount, "tok": req.estimated_tokens})
+        self._keys.expire_at(req.ticket_key, now + 2 * req.ttl_ms)
+        return AdmitResult(True, states, in_flight, balance, reservation=Reservation(req))
+
+    def _hold(self, credits: CreditSpec, reservation_id: str, expiry: int, now: int) -> None:
+        ledger = self._keys.get(credits.ledger_key) or {"spent": 0, "held": 0}
+        ledger["held"] += credits.amount
+        holds = self._keys.get(credits.holds_key) or {}
+        holds[f"{credits.amount}:{reservation_id}"] = expiry
+        self._keys.put(credits.ledger_key, ledger)
+        self._keys.put(credits.holds_key, holds)
+        self._expire_ledger(credits)
+
+    def _settle_credits(self, credits: CreditSpec, reservation_id: str, reserved: int, amount: int, now: int) -> None:
+        ledger = self._sweep_holds(credits, now)
+        holds = self._keys.get(credits.holds_key) or {}
+        if holds.pop(f"{reserved}:{reservation_id}", None) is not None:
+            ledger["held"] -= reserved
+            ledger["spent"] += amount
+        else:  # the hold expired and was charged at `reserved`: correct that charge to the actual amount
+            ledger["spent"] += amount - reserved
+        if not holds:
+            self._keys.delete(credits.holds_key)
+        self._keys.put(credits.ledger_key, ledger)
+        self._expire_ledger(credits)
+
+    def _expire_ledger(self, credits: CreditSpec) -> None:
+        if credits.expire_at_ms:
+            self._keys.expire_at(credits.ledger_key, credits.expire_at_ms)
+            self._keys.expire_at(credits.holds_key, credits.expire_at_ms)
+
+
+def _waits_longer(retry: int | None, current: Denial | None) -> bool:
+    """Report the limit the caller must wait longest for; one that never fits outranks all."""
+    if current is None:
+        return True
+    if current.retry_after_ms is None:
+        return False
+    return retry is None or retry > current.retry_after_ms

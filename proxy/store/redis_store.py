@@ -1,0 +1,146 @@
+"""The shared store: one Lua script per admission decision, exact across any number of replicas."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.store import lua
+from proxy.store.base import (
+    AdmitRequest,
+    AdmitResult,
+    Balance,
+    Denial,
+    DenialKind,
+    LimitState,
+    Reservation,
+    StoreError,
+)
+
+_DENIALS: dict[int, DenialKind] = {1: "rate_limit", 2: "concurrency", 3: "credits"}
+
+
+class RedisStore:
+    """Redis-backed store; every call is bounded by `op_timeout_s` and raises StoreError on failure."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout_s: float = 0.25,
+        op_timeout_s: float = 0.5,
+        max_connections: int = 64,
+    ) -> None:
+        # No client-side retries: the breaker decides what happens next, and a retry would double the wait.
+        # A blocking pool queues callers beyond max_connections (a plain pool would raise at once).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=op_timeout_s,
+            max_connections=max_connections,
+            timeout=op_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._client = aioredis.Redis.from_pool(pool)
+        self._op_timeout_s = op_timeout_s
+        # Registered once; calls go by EVALSHA and reload the script on NOSCRIPT (e.g. after a restart).
+        self._admit = self._client.register_script(lua.ADMIT)
+        self._settle = self._client.register_script(lua.SETTLE)
+        self._healthy = True
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last operation reached Redis."""
+        return self._healthy
+
+    async def admit(self, request: AdmitRequest) -> AdmitResult:
+        return await self._run_admit(request, dry=False)
+
+    async def peek(self, request: AdmitRequest) -> AdmitResult:
+        return await self._run_admit(request, dry=True)
+
+    async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
+        req = reservation.request
+        token_limits = [spec for spec in req.limits if spec.tokens]
+        credits = req.credits
+        args: list[Any] = [
+            now_ms,
+            req.reservation_id,
+            amount,
+            tokens,
+            int(req.lease is not None),
+            int(credits is not None),
+            credits.expire_at_ms if credits else 0,
+            *(repr(spec.interval_ms) for spec in token_limits),
+        ]
+        keys = [*_fixed_keys(req), *(spec.key for spec in token_limits)]
+        return bool(await self._call(self._settle(keys=keys, args=args)))
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._call(self._client.ping()))
+        except StoreError:
+            return False
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _run_admit(self, req: AdmitRequest, *, dry: bool) -> AdmitResult:
+        credits = req.credits
+        args: list[Any] = [
+            req.now_ms,
+            req.reservation_id,
+            req.ttl_ms,
+            int(dry),
+            req.lease.limit if req.lease else -1,
+            credits.budget if credits else -1,
+            credits.amount if credits else 0,
+            credits.expire_at_ms if credits else 0,
+            req.estimated_tokens,
+        ]
+        for spec in req.limits:
+            args += [repr(spec.interval_ms), spec.window_ms, spec.cost]
+        keys = [*_fixed_keys(req), *(spec.key for spec in req.limits)]
+        reply = await self._call(self._admit(keys=keys, args=args))
+        return _parse_admit(req, reply, dry=dry)
+
+    async def _call(self, awaitable: Any) -> Any:
+        """Await one Redis call within the operation timeout, turning every failure into StoreError."""
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                result = await awaitable
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._healthy = False
+            raise StoreError(f"redis: {type(exc).__name__}") from exc
+        self._healthy = True
+        return result
+
+
+def _fixed_keys(req: AdmitRequest) -> list[str]:
+    """Ticket, lease, ledger, holds; absent parts reuse the ticket key (same slot, never touched)."""
+    placeholder = req.ticket_key
+    return [
+        req.ticket_key,
+        req.lease.key if req.lease else placeholder,
+        req.credits.ledger_key if req.credits else placeholder,
+        req.credits.holds_key if req.credits else placeholder,
+    ]
+
+
+def _parse_admit(req: AdmitRequest, reply: Sequence[int], *, dry: bool) -> AdmitResult:
+    allowed, kind, index, retry, in_flight, spent, held = (int(v) for v in reply[:7])
+    states = tuple(
+        LimitState(remaining=int(reply[i]), reset_ms=int(reply[i + 1])) for i in range(7, len(reply), 2)
+    )
+    balance = Balance(req.credits.budget, spent, held) if req.credits else None
+    denial = None
+    if kind:
+        retry_after = retry if kind == 1 and retry >= 0 else None
+        denial = Denial(_DENIALS[kind], index, retry_after)
+    reservation = Reservation(req) if allowed and not dry else None
+    return AdmitResult(bool(allowed), states, in_flight, balance, denial, reservation)

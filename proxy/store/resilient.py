@@ -1,0 +1,124 @@
+"""A store that survives its backend: circuit breaker, fail-closed or fail-open (local limits) per concern."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Awaitable, Callable, Literal, TypeVar
+
+from proxy.store.base import (
+    AdmitRequest,
+    AdmitResult,
+    NullObserver,
+    Reservation,
+    Store,
+    StoreError,
+    StoreObserver,
+    StoreUnavailable,
+)
+from proxy.store.breaker import CircuitBreaker
+from proxy.store.memory import MemoryStore
+
+FailMode = Literal["closed", "open"]
+T = TypeVar("T")
+
+
+class ResilientStore:
+    """Wraps a shared store; while it is down, refuses (closed) or limits locally (open).
+
+    `fail_rate_limits` covers rate limits and concurrency; `fail_credits` covers budgets. Fail-open
+    credits admit without a budget check (nothing local knows what was spent), so the default is closed.
+    """
+
+    def __init__(
+        self,
+        primary: Store,
+        *,
+        breaker_failures: int = 3,
+        breaker_reset_s: float = 2.0,
+        fail_rate_limits: FailMode = "open",
+        fail_credits: FailMode = "closed",
+        observer: StoreObserver | None = None,
+    ) -> None:
+        self._primary = primary
+        self._observer = observer or NullObserver()
+        self._breaker = CircuitBreaker(
+            failure_threshold=breaker_failures, reset_after_s=breaker_reset_s, on_change=self._observer.on_breaker
+        )
+        self._fail_rate_limits = fail_rate_limits
+        self._fail_credits = fail_credits
+        self._fallback = MemoryStore()
+
+    @property
+    def healthy(self) -> bool:
+        """False while the breaker is open (for readiness)."""
+        return self._breaker.state != "open"
+
+    @property
+    def breaker_state(self) -> str:
+        return self._breaker.state
+
+    async def admit(self, request: AdmitRequest) -> AdmitResult:
+        ok, result = await self._attempt("admit", lambda: self._primary.admit(request))
+        if ok:
+            return result
+        outcome = await self._fallback.admit(self._degraded(request, "admit"))
+        if outcome.reservation is None:
+            return outcome
+        return dataclasses.replace(outcome, reservation=dataclasses.replace(outcome.reservation, fallback=True))
+
+    async def peek(self, request: AdmitRequest) -> AdmitResult:
+        ok, result = await self._attempt("peek", lambda: self._primary.peek(request))
+        if ok:
+            return result
+        return await self._fallback.peek(self._degraded(request, "peek"))
+
+    async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
+        """Settle where the reservation was taken; raises StoreError if the shared store is down."""
+        if reservation.fallback:
+            return await self._fallback.settle(reservation, amount, tokens, now_ms)
+        ok, result = await self._attempt("settle", lambda: self._primary.settle(reservation, amount, tokens, now_ms))
+        if not ok:
+            raise StoreError("store unavailable: the hold expires and is charged by the documented rule")
+        return result
+
+    async def ping(self) -> bool:
+        ok, result = await self._attempt("ping", self._checked_ping)
+        return ok and result
+
+    async def close(self) -> None:
+        await self._primary.close()
+
+    async def _checked_ping(self) -> bool:
+        if not await self._primary.ping():
+            raise StoreError("ping failed")
+        return True
+
+    def _degraded(self, request: AdmitRequest, op: str) -> AdmitRequest:
+        """The request to run locally, or StoreUnavailable if a concern it touches fails closed."""
+        if request.credits is not None and self._fail_credits == "closed":
+            self._observer.on_op(op, 0.0, "refused")
+            raise StoreUnavailable("store unavailable; credits fail closed")
+        if (request.limits or request.lease) and self._fail_rate_limits == "closed":
+            self._observer.on_op(op, 0.0, "refused")
+            raise StoreUnavailable("store unavailable; rate limits fail closed")
+        self._observer.on_op(op, 0.0, "fallback")
+        return dataclasses.replace(request, credits=None)
+
+    async def _attempt(self, op: str, call: Callable[[], Awaitable[T]]) -> tuple[bool, T]:
+        """Call the shared store if the breaker allows; (False, None) when it is skipped or fails."""
+        if not self._breaker.allow():
+            return False, None  # type: ignore[return-value]
+        started = time.perf_counter()
+        try:
+            result = await call()
+        except StoreError:
+            self._breaker.failure()
+            self._observer.on_op(op, time.perf_counter() - started, "error")
+            return False, None  # type: ignore[return-value]
+        except BaseException:
+            self._breaker.abandon()
+            raise
+        self._breaker.success()
+        self._observer.on_op(op, time.perf_counter() - started, "ok")
+        return True, result

@@ -1,0 +1,250 @@
+"""The meter stage over MemoryStore and RedisStore: keys from principals, errors, headers, settle, periods."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.auth.principal import Principal
+from proxy.errors import ApiError
+from proxy.meter import Meter, format_credits, to_micro
+from proxy.policy.types import Budget, Decision, RateLimit
+from proxy.store import MemoryStore, RedisStore, ResilientStore, Store
+from tests.redis_server import RedisServer, free_port
+
+ALICE = Principal(kind="api_key", account="acme", plan="pro", key_id="key1", subject="alice")
+BOB = Principal(kind="api_key", account="acme", plan="pro", key_id="key1", subject="bob")
+
+
+class Clock:
+    """An injectable wall clock (seconds since the epoch, UTC)."""
+
+    def __init__(self, when: datetime) -> None:
+        self.now = when.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def set(self, when: datetime) -> None:
+        self.now = when.timestamp()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    # now, so that Redis' real-time key expiry never runs ahead of the injected clock
+    return Clock(datetime.fromtimestamp(time.time(), timezone.utc))
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    url = request.getfixturevalue("redis_url")
+    client = aioredis.Redis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    redis_store = RedisStore(url)
+    yield redis_store
+    await redis_store.close()
+
+
+@pytest.fixture
+def meter(store: Store, clock: Clock) -> Meter:
+    return Meter(store, reservation_ttl_s=60, clock=clock)
+
+
+def decide(**fields: object) -> Decision:
+    return Decision(allowed=True, plan="pro", **fields)  # type: ignore[arg-type]
+
+
+async def admit_error(meter: Meter, principal: Principal, decision: Decision, model: str = "m/a") -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        await meter.admit(principal, model, decision, "req")
+    return caught.value
+
+
+async def test_rate_limit_429_with_retry_after_and_ratelimit_headers(meter: Meter) -> None:
+    decision = decide(rate_limits=(RateLimit(("user",), "requests", 2, 60),))
+    first = await meter.admit(ALICE, "m/a", decision, "req-1")
+    second = await meter.admit(ALICE, "m/a", decision, "req-2")
+    assert (first.headers["RateLimit-Remaining"], second.headers["RateLimit-Remaining"]) == ("1", "0")
+    assert first.headers["RateLimit-Limit"] == "2" and first.headers["RateLimit-Reset"] == "30"
+
+    error = await admit_error(meter, ALICE, decision)
+    assert (error.status, error.code) == (429, "rate_limit")
+    assert error.headers["Retry-After"] == "30"
+    assert error.headers["RateLimit-Limit"] == "2" and error.headers["RateLimit-Remaining"] == "0"
+    assert error.headers["RateLimit-Reset"] == "60"
+    assert error.details["rule"] == "user.requests.60s"
+
+    assert await meter.admit(BOB, "m/a", decision, "req-3")  # per user: Bob has his own
+
+
+async def test_limits_are_keyed_by_each_dimension(meter: Meter) -> None:
+    per_account = decide(rate_limits=(RateLimit(("account",), "requests", 1, 60),))
+    await meter.admit(ALICE, "m/a", per_account, "r")
+    assert (await admit_error(meter, BOB, per_account)).code == "rate_limit"  # same account
+
+    per_model = decide(rate_limits=(RateLimit(("key", "model"), "requests", 1, 60),))
+    await meter.admit(ALICE, "m/a", per_model, "r")
+    await meter.admit(ALICE, "m/b", per_model, "r")
+    assert (await admit_error(meter, BOB, per_model, "m/b")).code == "rate_limit"  # same key, same model
+
+
+async def test_dimension_values_are_escaped_so_principals_cannot_collide(meter: Meter) -> None:
+    decision = decide(rate_limits=(RateLimit(("account", "user"), "requests", 1, 60),))
+    tricky = Principal(kind="issuer", account="a:b", plan="pro", subject="c")
+    plain = Principal(kind="issuer", account="a", plan="pro", subject="b:c")
+    braces = Principal(kind="issuer", account="a}", plan="pro", subject="{b:c")
+    for principal in (tricky, plain, braces):
+        assert await meter.admit(principal, "m/a", decision, "r")
+
+
+async def test_tightest_limit_drives_the_headers(meter: Meter) -> None:
+    decision = decide(
+        rate_limits=(RateLimit(("user",), "requests", 100, 60), RateLimit(("user",), "tokens", 1000, 60)),
+        estimated_tokens=900,
+    )
+    admission = await meter.admit(ALICE, "m/a", decision, "r")
+    assert admission.headers["RateLimit-Limit"] == "1000" and admission.headers["RateLimit-Remaining"] == "100"
+
+
+async def test_token_estimate_is_corrected_at_settle(meter: Meter) -> None:
+    decision = decide(rate_limits=(RateLimit(("user",), "tokens", 1000, 60),), estimated_tokens=800)
+    admission = await meter.admit(ALICE, "m/a", decision, "r")
+    assert (await admit_error(meter, ALICE, decision)).code == "rate_limit"
+    assert await admission.settle(0.0, 150)
+    state = await meter.state(ALICE, decision)
+    assert state["rate_limits"][0]["remaining"] == 850
+    assert await meter.admit(ALICE, "m/a", decision, "r")
+
+
+async def test_concurrency_limit_429_and_release_frees_the_slot(meter: Meter) -> None:
+    decision = decide(concurrency=1)
+    admission = await meter.admit(ALICE, "m/a", decision, "r")
+    error = await admit_error(meter, ALICE, decision)
+    assert (error.status, error.code, error.details["limit"]) == (429, "concurrency_limit", 1)
+    assert await admission.release()
+    assert not await admission.release()
+    assert await meter.admit(ALICE, "m/a", decision, "r")
+
+
+async def test_insufficient_credits_402_with_needed_and_balance(meter: Meter) -> None:
+    decision = decide(budget=Budget(credits=4), reserve_credits=2.5)
+    admission = await meter.admit(ALICE, "m/a", decision, "r")
+    assert admission.headers["X-Credits-Balance"] == "1.5"
+    error = await admit_error(meter, ALICE, decision)
+    assert (error.status, error.code) == (402, "insufficient_credits")
+    assert (error.details["credits_needed"], error.details["credits_balance"]) == (2.5, 1.5)
+    assert error.body()["error"]["credits_balance"] == 1.5
+
+
+async def test_settle_charges_exact_micro_credits_once(meter: Meter) -> None:
+    decision = decide(budget=Budget(credits=5, scope="user"), reserve_credits=0.5)
+    for _ in range(10):
+        admission = await meter.admit(ALICE, "m/a", decision, "r")
+        assert await admission.settle(0.1, 10)
+        assert not await admission.settle(0.4, 10)  # idempotent
+    balance = (await meter.state(ALICE, decision))["balance"]
+    assert (balance["spent"], balance["held"], balance["remaining"]) == (1.0, 0.0, 4.0)
+    assert (await meter.state(BOB, decision))["balance"]["spent"] == 0.0  # user-scoped budget
+
+
+async def test_state_takes_nothing_and_reports_all_parts(meter: Meter) -> None:
+    decision = decide(
+        rate_limits=(RateLimit(("user",), "requests", 10, 60), RateLimit(("model",), "requests", 5, 60)),
+        concurrency=3,
+        budget=Budget(credits=100, period="month"),
+        reserve_credits=7,
+    )
+    await meter.admit(ALICE, "m/a", decision, "r")
+    first, second = await meter.state(ALICE, decision), await meter.state(ALICE, decision)
+    assert first == second
+    assert first["balance"]["held"] == 7.0 and first["balance"]["remaining"] == 93.0
+    assert first["balance"]["resets_at"].endswith("+00:00")
+    assert [limit["rule"] for limit in first["rate_limits"]] == ["user.requests.60s"]  # model-scoped needs a model
+    assert first["rate_limits"][0]["remaining"] == 9
+    assert first["concurrency"] == {"limit": 3, "in_flight": 1}
+    with_model = await meter.state(ALICE, decision, "m/a")
+    assert [limit["remaining"] for limit in with_model["rate_limits"]] == [9, 4]
+
+
+@pytest.mark.parametrize(
+    ("period", "last_moment", "next_period"),
+    [
+        ("day", datetime(2031, 5, 9, 23, 59, 59, tzinfo=timezone.utc), datetime(2031, 5, 10, 0, 0, 1, tzinfo=timezone.utc)),
+        ("month", datetime(2031, 12, 31, 23, 0, tzinfo=timezone.utc), datetime(2032, 1, 1, 0, 0, 1, tzinfo=timezone.utc)),
+    ],
+)
+async def test_budget_period_rolls_over_without_a_cron(period: str, last_moment: datetime, next_period: datetime) -> None:
+    clock = Clock(last_moment)
+    meter = Meter(MemoryStore(), reservation_ttl_s=60, clock=clock)
+    decision = decide(budget=Budget(credits=3, period=period), reserve_credits=3)  # type: ignore[arg-type]
+    admission = await meter.admit(ALICE, "m/a", decision, "r")
+    await admission.settle(3, 0)
+    assert (await admit_error(meter, ALICE, decision)).code == "insufficient_credits"
+    clock.set(next_period)
+    assert (await meter.state(ALICE, decision))["balance"]["spent"] == 0.0
+    assert await meter.admit(ALICE, "m/a", decision, "r")
+
+
+async def test_period_rollover_on_redis_uses_a_new_ledger_key(redis_url: str, clock: Clock) -> None:
+    """The period lives in the key: the old ledger is untouched, the new one starts from zero, both expire."""
+    store = RedisStore(redis_url)
+    meter = Meter(store, reservation_ttl_s=60, clock=clock)
+    account = Principal(kind="api_key", account="rollover", plan="pro", key_id="k")
+    decision = decide(budget=Budget(credits=2, period="day"), reserve_credits=2)
+    await (await meter.admit(account, "m/a", decision, "r")).settle(2, 0)
+    assert (await admit_error(meter, account, decision)).code == "insufficient_credits"
+    clock.now += 86_400
+    assert await meter.admit(account, "m/a", decision, "r")
+    client = aioredis.Redis.from_url(redis_url)
+    ledgers = sorted([key async for key in client.scan_iter(match="ep:{rollover}:cr:*")])
+    ttls = [await client.pttl(key) for key in ledgers]
+    await client.aclose()
+    await store.close()
+    assert len([k for k in ledgers if not k.endswith(b":holds")]) == 2
+    assert all(ttl > 0 for ttl in ttls)
+
+
+async def test_no_limits_no_budget_means_no_store_call() -> None:
+    class Unreachable(MemoryStore):
+        async def admit(self, request):  # type: ignore[no-untyped-def]
+            raise AssertionError("the store must not be called")
+
+    admission = await Meter(Unreachable()).admit(ALICE, "m/a", decide(), "r")
+    assert admission.headers == {} and not await admission.settle(1.0, 1)
+
+
+async def test_store_down_means_503_store_unavailable_for_credits() -> None:
+    dead = RedisStore(f"redis://127.0.0.1:{free_port()}/0", op_timeout_s=0.3)
+    meter = Meter(ResilientStore(dead, fail_credits="closed"))
+    started = time.monotonic()
+    error = await admit_error(meter, ALICE, decide(budget=Budget(credits=10), reserve_credits=1))
+    assert (error.status, error.code) == (503, "store_unavailable")
+    assert time.monotonic() - started < 1.0
+    await dead.close()
+
+
+async def test_settle_while_store_is_down_returns_false_and_does_not_raise(tmp_path: Path) -> None:
+    with RedisServer(workdir=tmp_path) as server:
+        store = RedisStore(server.url, connect_timeout_s=0.2, op_timeout_s=0.3)
+        meter = Meter(store)
+        admission = await meter.admit(ALICE, "m/a", decide(budget=Budget(credits=10), reserve_credits=1), "r")
+        server.kill()
+        started = time.monotonic()
+        assert not await admission.settle(0.5, 10)
+        assert time.monotonic() - started < 1.0 and not admission.settled
+        await store.close()
+
+
+def test_credit_conversions_are_exact() -> None:
+    assert to_micro(0.1) == 100_000 and to_micro(0.1, round_up=True) == 100_000
+    assert to_micro(1e-7, round_up=True) == 1 and to_micro(1e-7) == 0
+    assert format_credits(1_500_000) == "1.5" and format_credits(3_000_000) == "3"
