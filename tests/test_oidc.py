@@ -195,6 +195,34 @@ async def test_cached_keys_keep_working_while_the_jwks_endpoint_is_down(idp):
         await v.aclose()
 
 
+async def test_stale_cache_refreshes_at_most_once_per_cooldown_while_the_endpoint_is_down(idp):
+    v = IssuerVerifier(settings_for(idp, jwks_cache_ttl_s=0.01, unknown_kid_cooldown_s=10))
+    try:
+        await v.verify(KEY.sign(clerk_claims(idp.issuer)), KEY.kid)
+        idp.mode = "error"
+        for _ in range(20):
+            await asyncio.sleep(0.02)  # stale on every request
+            assert (await v.verify(KEY.sign(clerk_claims(idp.issuer)), KEY.kid)).kind == "issuer"
+        assert idp.fetches == 1  # the first fetch was less than a cooldown ago: no hammering of a sick IdP
+    finally:
+        await v.aclose()
+
+
+async def test_stale_cache_is_refreshed_in_the_background(idp):
+    v = IssuerVerifier(settings_for(idp, jwks_cache_ttl_s=0.05, unknown_kid_cooldown_s=0.05))
+    try:
+        await v.verify(KEY.sign(clerk_claims(idp.issuer)), KEY.kid)
+        await asyncio.sleep(0.1)
+        await v.verify(KEY.sign(clerk_claims(idp.issuer)), KEY.kid)  # served from cache, starts a refresh
+        for _ in range(50):
+            if idp.fetches == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert idp.fetches == 2
+    finally:
+        await v.aclose()
+
+
 async def test_never_fetched_and_endpoint_erroring_is_a_prompt_503(idp, verifier):
     idp.mode = "error"
     started = time.monotonic()
@@ -213,7 +241,7 @@ async def test_never_fetched_and_endpoint_gone_is_a_prompt_503(idp, verifier):
 async def test_hanging_endpoint_is_cut_off_by_the_fetch_timeout(idp, verifier):
     idp.mode = "hang"
     started = time.monotonic()
-    err = await rejected(verifier, KEY.sign(clerk_claims(idp.issuer)))
+    err = await asyncio.wait_for(rejected(verifier, KEY.sign(clerk_claims(idp.issuer))), timeout=2)
     elapsed = time.monotonic() - started
     assert err.code == "auth_unavailable" and 0.25 <= elapsed < 1.0  # fetch_timeout_s is 0.3
 
