@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -96,16 +96,10 @@ class JwksCache:
     Concurrent fetches are coalesced into one in-flight request; when the endpoint fails, the last keys stay in use.
     """
 
-    def __init__(
-        self,
-        settings: IssuerSettings,
-        session: aiohttp.ClientSession | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, settings: IssuerSettings, session: aiohttp.ClientSession | None = None) -> None:
         self._settings = settings
         self._session = session
         self._owns_session = session is None
-        self._clock = clock
         self._keys: dict[str, jwt.PyJWK] | None = None  # None: never fetched successfully
         self._fetched_at = 0.0
         self._last_attempt = float("-inf")
@@ -115,14 +109,14 @@ class JwksCache:
         """The key for `kid`; 503 auth_unavailable if keys were never obtained, 401 invalid_token if unknown."""
         if self._keys is None:
             await self._fetch_if_allowed()
-            if self._keys is None:
-                raise ApiError(
-                    "auth_unavailable",
-                    f"cannot verify the token: the signing keys of issuer {self._settings.name} "
-                    "could not be fetched; retry later",
-                )
-        elif self._clock() - self._fetched_at >= self._settings.jwks_cache_ttl_s and self._may_fetch():
+        elif time.monotonic() - self._fetched_at >= self._settings.jwks_cache_ttl_s and self._may_fetch():
             self._start_fetch()  # stale-while-revalidate: this request goes on with the cached keys
+        if self._keys is None:
+            raise ApiError(
+                "auth_unavailable",
+                f"cannot verify the token: the signing keys of issuer {self._settings.name} "
+                "could not be fetched; retry later",
+            )
         if kid not in self._keys:
             await self._fetch_if_allowed()  # so a key rotated at the issuer works on its first use
         key = self._keys.get(kid)
@@ -137,11 +131,11 @@ class JwksCache:
             await self._session.close()
 
     def _may_fetch(self) -> bool:
-        return self._clock() - self._last_attempt >= self._settings.unknown_kid_cooldown_s
+        return time.monotonic() - self._last_attempt >= self._settings.unknown_kid_cooldown_s
 
     def _start_fetch(self) -> asyncio.Task[None]:
         if self._inflight is None:
-            self._last_attempt = self._clock()
+            self._last_attempt = time.monotonic()
             self._inflight = asyncio.get_running_loop().create_task(self._fetch())
             self._inflight.add_done_callback(self._fetch_done)
         return self._inflight
@@ -180,7 +174,7 @@ class JwksCache:
         except aiohttp.ClientError as exc:
             raise ValueError(f"{type(exc).__name__}: {exc}") from None
         self._keys = _parse_jwks(json.loads(body), self._settings.algorithms)
-        self._fetched_at = self._clock()
+        self._fetched_at = time.monotonic()
 
 
 class IssuerVerifier:
