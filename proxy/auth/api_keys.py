@@ -45,7 +45,9 @@ class KeyIndex:
     """Keys by hash: a lookup is one dict access, independent of how many keys exist."""
 
     def __init__(self, keys: Iterable[ApiKey]) -> None:
-        self._by_hash: Mapping[str, ApiKey] = {k.hash: k for k in keys}
+        records = list(keys)
+        self._by_hash: Mapping[str, ApiKey] = {k.hash: k for k in records}
+        self._by_id: Mapping[str, ApiKey] = {k.id: k for k in records}
 
     def find(self, credential: str) -> ApiKey | None:
         """The key record for a raw credential, or None. Disabled keys are returned; callers reject them."""
@@ -55,6 +57,10 @@ class KeyIndex:
         if record is None or not hmac.compare_digest(record.hash, digest):
             return None
         return record
+
+    def by_id(self, key_id: str) -> ApiKey | None:
+        """The key record with this id (the key behind a minted token), or None if it no longer exists."""
+        return self._by_id.get(key_id)
 
     def __len__(self) -> int:
         return len(self._by_hash)
