@@ -48,14 +48,23 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """A parsed item with where it came from, for duplicate and cross-check errors."""
+
+    value: Any
+    source: str
+    path: str
+
+
 @dataclass
 class _Merged:
-    """Everything read so far, with the file each item came from (for duplicate and cross-check errors)."""
+    """Everything read so far, across files, by plan name, price pattern, key id and defaults field."""
 
-    plans: dict[str, tuple[Plan, str]] = field(default_factory=dict)
-    prices: dict[str, tuple[Price, str]] = field(default_factory=dict)
-    keys: dict[str, tuple[KeySpec, str]] = field(default_factory=dict)
-    defaults: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    plans: dict[str, _Entry] = field(default_factory=dict)
+    prices: dict[str, _Entry] = field(default_factory=dict)
+    keys: dict[str, _Entry] = field(default_factory=dict)
+    defaults: dict[str, _Entry] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
@@ -77,17 +86,17 @@ def load_policy(
     for path in files:
         text = path.read_bytes()
         version.update(path.name.encode() + b"\0" + text + b"\0")
-        _merge_file(_read(text, f"{directory.name}/{path.name}", merged.problems), f"{directory.name}/{path.name}", merged)
+        source = f"{directory.name}/{path.name}"  # relative, so messages never show this machine's paths
+        _merge_file(_read(text, source, merged.problems), source, merged)
     _check_against_catalog(merged, models)
     _check_issuer_plans(merged, issuer_plans)
     if merged.problems:
         raise PolicyError(merged.problems)
-    defaults = Defaults(**{k: v for k, (v, _) in merged.defaults.items()})
     policy = Policy.build(
-        plans=[p for p, _ in merged.plans.values()],
-        keys=[k for k, _ in merged.keys.values()],
-        prices={pattern: price for pattern, (price, _) in merged.prices.items()},
-        defaults=defaults,
+        plans=[e.value for e in merged.plans.values()],
+        keys=[e.value for e in merged.keys.values()],
+        prices={pattern: e.value for pattern, e in merged.prices.items()},
+        defaults=Defaults(**{k: e.value for k, e in merged.defaults.items()}),
         catalog=models,
         version=version.hexdigest()[:12],
     )
@@ -144,12 +153,12 @@ def _merge_file(doc: dict[str, Any], source: str, merged: _Merged) -> None:
             problems.append(exc.located(source))
 
 
-def _add_unique(into: dict[str, tuple[Any, str]], key: str, value: Any, source: str, path: str, problems: list[str]) -> None:
+def _add_unique(into: dict[str, _Entry], key: str, value: Any, source: str, path: str, problems: list[str]) -> None:
     if key in into:
-        first = into[key][1]
+        first = into[key].source
         problems.append(f"{source}: {path}: {key!r} is already defined in {first}; rename one or keep only one")
         return
-    into[key] = (value, source)
+    into[key] = _Entry(value, source, path)
 
 
 def _matches_any(pattern: str, models: tuple[Model, ...]) -> bool:
@@ -168,17 +177,17 @@ def _check_scope(scope: ModelScope, path: str, source: str, models: tuple[Model,
 def _check_against_catalog(merged: _Merged, models: tuple[Model, ...]) -> None:
     """Every glob and id must mean something, every key must name a defined plan, no hash twice."""
     problems = merged.problems
-    for plan, source in merged.plans.values():
-        _check_scope(plan.scope, child("plans", plan.name), source, models, problems)
-    for pattern, (_, source) in merged.prices.items():
+    for entry in merged.plans.values():
+        _check_scope(entry.value.scope, entry.path, entry.source, models, problems)
+    for pattern, entry in merged.prices.items():
         if not _matches_any(pattern, models):
             problems.append(
-                f"{source}: {child('prices', pattern)}: prices a model that is not in the catalogue; "
+                f"{entry.source}: {entry.path}: prices a model that is not in the catalogue; "
                 "fix the id or glob, or add the model to config.yaml models"
             )
     hashes: dict[str, str] = {}
-    for key, source in merged.keys.values():
-        path = f"keys (id {key.id})"
+    for entry in merged.keys.values():
+        key, source, path = entry.value, entry.source, entry.path.removesuffix(".id")
         if key.plan not in merged.plans:
             problems.append(
                 f"{source}: {path}.plan: plan {key.plan!r} is not defined; "
