@@ -145,6 +145,7 @@ def problems(tmp_path, files: dict[str, str], **kwargs) -> str:
         ),
         pytest.param({"a.yaml": "- just\n- a list\n"}, ["policies/a.yaml: expected a mapping, got list"], id="not a map"),
         pytest.param({"a.yaml": "plans: [members]\n"}, ["policies/a.yaml: plans: expected a mapping"], id="plans list"),
+        pytest.param({"a.yaml": "", "b.yaml": "defaults: {}\n"}, ["policies/: no plans defined"], id="no plans"),
     ],
 )
 def test_invalid_policies_name_file_key_and_fix(tmp_path, files: dict[str, str], expected: list[str]) -> None:

@@ -88,6 +88,9 @@ def load_policy(
         version.update(path.name.encode() + b"\0" + text + b"\0")
         source = f"{directory.name}/{path.name}"  # relative, so messages never show this machine's paths
         _merge_file(_read(text, source, merged.problems), source, merged)
+    if not merged.plans and not merged.problems:
+        # Also catches a file caught mid-write (truncated) by the watcher: never swap in "deny everything".
+        merged.problems.append(f"{directory.name}/: no plans defined in any policy file; add a plans: section")
     _check_against_catalog(merged, models)
     _check_issuer_plans(merged, issuer_plans)
     if merged.problems:
