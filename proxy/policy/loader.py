@@ -16,8 +16,6 @@ from proxy.policy.schema import (
     DEFAULT_FIELDS,
     Defaults,
     Invalid,
-    KeySpec,
-    Plan,
     PolicyError,
     child,
     each,
@@ -28,7 +26,6 @@ from proxy.policy.schema import (
     parse_price,
 )
 from proxy.policy.scopes import ModelScope, matches
-from proxy.policy.types import Price
 
 TOP_LEVEL = ("plans", "prices", "keys", "defaults")
 
