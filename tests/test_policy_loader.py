@@ -99,6 +99,12 @@ def problems(tmp_path, files: dict[str, str], **kwargs) -> str:
             id="override id unknown",
         ),
         pytest.param(
+            {"a.yaml": PLAN + f'keys:\n  - {{id: k, hash: "{HASHES["backend"]}", plan: members, '
+                              'overrides: {budget: {period: day}}}\n'},
+            ["policies/a.yaml: keys[0].overrides.budget.credits: missing, and plan 'members' has no budget"],
+            id="partial budget override without a plan budget",
+        ),
+        pytest.param(
             {"a.yaml": PLAN + "prices:\n  nope/x: {per_request: 1}\n"},
             ['policies/a.yaml: prices["nope/x"]: prices a model that is not in the catalogue'],
             id="priced model unknown",

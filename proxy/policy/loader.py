@@ -16,6 +16,7 @@ from proxy.policy.schema import (
     DEFAULT_FIELDS,
     Defaults,
     Invalid,
+    KeySpec,
     PolicyError,
     child,
     each,
@@ -26,6 +27,7 @@ from proxy.policy.schema import (
     parse_price,
 )
 from proxy.policy.scopes import ModelScope, matches
+from proxy.policy.types import Budget
 
 TOP_LEVEL = ("plans", "prices", "keys", "defaults")
 
@@ -193,11 +195,21 @@ def _check_against_catalog(merged: _Merged, models: tuple[Model, ...]) -> None:
                 f"{source}: {path}.plan: plan {key.plan!r} is not defined; "
                 f"define plans.{key.plan} or use one of: {', '.join(sorted(merged.plans)) or '(none defined)'}"
             )
+        elif _budget_override_incomplete(key, merged.plans[key.plan].value.budget):
+            problems.append(
+                f"{source}: {path}.overrides.budget.credits: missing, and plan {key.plan!r} has no budget to "
+                "inherit it from; add credits:"
+            )
         if key.overrides.scope is not None:
             _check_scope(key.overrides.scope, f"{path}.overrides", source, models, problems)
         if key.hash in hashes:
             problems.append(f"{source}: {path}.hash: same hash as key {hashes[key.hash]!r}; give each key its own secret")
         hashes.setdefault(key.hash, key.id)
+
+
+def _budget_override_incomplete(key: KeySpec, plan_budget: Budget | None) -> bool:
+    """A partial budget override merges into the plan's budget, so it needs one to merge into."""
+    return key.overrides.budget is not None and "credits" not in key.overrides.budget and plan_budget is None
 
 
 def _check_issuer_plans(merged: _Merged, issuer_plans: Iterable[str]) -> None:
