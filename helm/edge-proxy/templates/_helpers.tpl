@@ -1,0 +1,66 @@
+{{/* Chart name, overridable. */}}
+{{- define "edge-proxy.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: release-chart unless the release already carries the chart name. */}}
+{{- define "edge-proxy.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "edge-proxy.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "edge-proxy.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "edge-proxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "edge-proxy.labels" -}}
+helm.sh/chart: {{ include "edge-proxy.chart" . }}
+{{ include "edge-proxy.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "edge-proxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "edge-proxy.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the JWT signing key: the operator's, or the one this chart generates once. */}}
+{{- define "edge-proxy.signingKeySecret" -}}
+{{- default (printf "%s-signing-key" (include "edge-proxy.fullname" .)) .Values.signingKey.existingSecret }}
+{{- end }}
+
+{{- define "edge-proxy.policiesConfigMap" -}}
+{{- default (printf "%s-policies" (include "edge-proxy.fullname" .)) .Values.policiesExistingConfigMap }}
+{{- end }}
+
+{{/* config.yaml as the pod sees it: values.config with server.drain_seconds taken from shutdown.drainSeconds,
+     so the app's drain deadline and the pod's grace period cannot disagree. */}}
+{{- define "edge-proxy.configYaml" -}}
+{{- $config := deepCopy .Values.config }}
+{{- $server := get $config "server" | default dict }}
+{{- $_ := set $server "drain_seconds" .Values.shutdown.drainSeconds }}
+{{- $_ := set $config "server" $server }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* Grace period: preStop pause + drain deadline + margin, so SIGKILL never cuts a draining stream. */}}
+{{- define "edge-proxy.terminationGracePeriod" -}}
+{{- add .Values.shutdown.preStopSleepSeconds .Values.shutdown.drainSeconds .Values.shutdown.marginSeconds }}
+{{- end }}

@@ -1,0 +1,138 @@
+"""Structured logs: one JSON access-log line per request, and JSON (or plain text) for everything else.
+
+Records are formatted in the calling thread but written by a background thread (QueueHandler),
+so a slow stdout never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json as jsonlib
+import logging
+import logging.handlers
+import queue
+import re
+import sys
+from datetime import datetime, timezone
+from typing import IO, Any, Callable, Mapping
+
+from proxy.auth.principal import Principal
+
+ACCESS_LOGGER = "edge_proxy.access"
+
+# The access-log schema (contract for log pipelines); other keys passed to `log_access` are dropped.
+ACCESS_FIELDS: tuple[str, ...] = (
+    "request_id", "method", "path", "route", "status", "principal_type", "principal_id",
+    "model", "provider", "upstream_status", "duration_ms", "ttfb_ms",
+    "tokens_in", "tokens_out", "credits", "error",
+)
+LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
+
+# Belt and braces: a value shaped like an API key or a JWT is never written, whatever the caller passed.
+_SECRET_SHAPED = re.compile(r"sk_[A-Za-z0-9_-]{8,}|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.")
+REDACTED = "[redacted]"
+
+_access_logger = logging.getLogger(ACCESS_LOGGER)
+_listener: logging.handlers.QueueListener | None = None
+
+
+def principal_log_id(principal: Principal | None) -> str | None:
+    """A stable, non-secret caller id: the API key id, else a short hash of issuer and subject."""
+    if principal is None:
+        return None
+    if principal.key_id:
+        return principal.key_id
+    if principal.subject:
+        digest = hashlib.sha256(f"{principal.issuer or ''}|{principal.subject}".encode()).hexdigest()
+        return f"sub_{digest[:12]}"
+    return principal.account
+
+
+def _scrub(value: Any) -> Any:
+    """Replace secret-shaped strings; other values pass unchanged."""
+    if isinstance(value, str) and _SECRET_SHAPED.search(value):
+        return REDACTED
+    return value
+
+
+def access_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record reduced to the schema, query strings cut from the path, secret-shaped values redacted."""
+    fields = {key: record.get(key) for key in ACCESS_FIELDS}
+    if isinstance(fields["path"], str):
+        fields["path"] = fields["path"].split("?", 1)[0]  # queries may carry credentials
+    return {key: _scrub(value) for key, value in fields.items()}
+
+
+def log_access(record: Mapping[str, Any]) -> None:
+    """Write one access-log line (keys: ACCESS_FIELDS; missing ones are logged as null)."""
+    _access_logger.info("access", extra={"access": access_fields(record)})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then the access fields or the exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        line.update(getattr(record, "access", None) or {})
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return jsonlib.dumps(line, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines for local runs: `ts level logger msg key=value ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = " ".join(
+            f"{key}={value}" for key, value in (getattr(record, "access", None) or {}).items() if value is not None
+        )
+        head = f"{_timestamp(record)} {record.levelname.lower():<7} {record.name} {record.getMessage()}"
+        text = f"{head} {pairs}" if pairs else head
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def configure_logging(
+    level: str = "info", json: bool = True, *, access_log: bool = True, stream: IO[str] | None = None,
+) -> Callable[[], None]:
+    """Route all logging through one background writer; returns `stop` (call at shutdown to flush).
+
+    Access lines are written at INFO even when `level` is higher, unless `access_log` is False.
+    """
+    global _listener
+    if level.lower() not in LEVELS:
+        raise ValueError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
+    _stop_listener()
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    enqueue = logging.handlers.QueueHandler(records)
+    enqueue.setFormatter(JsonFormatter() if json else TextFormatter())  # format here, write there
+    writer = logging.StreamHandler(stream or sys.stdout)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(enqueue)
+    root.setLevel(level.upper())
+    _access_logger.setLevel(logging.INFO)
+    _access_logger.disabled = not access_log
+    _listener = logging.handlers.QueueListener(records, writer)
+    _listener.start()
+    return _stop_listener
+
+
+def _stop_listener() -> None:
+    """Flush queued lines and stop the writer thread, if one runs."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None

@@ -1,0 +1,300 @@
+"""Prometheus instruments: every metric the gateway exports, behind typed helpers the pipeline calls.
+
+Label values are capped to sets known at start-up (routes, catalogue models, providers, issuers,
+error codes), so no caller input can create new time series. Anything unknown becomes "other".
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Iterable, Literal
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from proxy import __version__
+from proxy.errors import CATALOGUE
+
+PREFIX = "edge_proxy"
+OTHER = "other"
+NONE = "none"
+
+# The fixed route set (aiohttp canonical paths); pass `request.match_info.route.resource.canonical`.
+ROUTES: frozenset[str] = frozenset({
+    "/v1/tokens",
+    "/.well-known/jwks.json",
+    "/v1/models",
+    "/v1/models/{id}/schema",
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/images/generations",
+    "/v1/audio/speech",
+    "/v1/uploads",
+    "/v1/me",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+})
+BUILTIN_PRINCIPAL_TYPES: frozenset[str] = frozenset({"api_key", "gateway_token", "anonymous"})
+UPSTREAM_OUTCOMES: frozenset[str] = frozenset({"ok", "error", "timeout", "cancelled"})
+DENIAL_KINDS: frozenset[str] = frozenset({"rate_limit", "budget", "concurrency", "scope"})
+CREDIT_ACTIONS: frozenset[str] = frozenset({"reserved", "settled", "released"})
+ERROR_CODES: frozenset[str] = frozenset(CATALOGUE)
+
+# Latency buckets span a 5 ms JSON answer up to a 5 min generation stream.
+REQUEST_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+FIRST_BYTE_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+STORE_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1)
+
+# Code-chosen label values (reasons, ops, rules) must look like identifiers: this keeps an
+# exception message or a user string from ever becoming a label value by mistake.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.:/*-]{1,64}")
+
+CreditAction = Literal["reserved", "settled", "released"]
+DenialKind = Literal["rate_limit", "budget", "concurrency", "scope"]
+UpstreamOutcome = Literal["ok", "error", "timeout", "cancelled"]
+
+
+def _capped(value: str | None, allowed: frozenset[str]) -> str:
+    """`value` if it is in the known set, "none" if absent, else "other"."""
+    if not value:
+        return NONE
+    return value if value in allowed else OTHER
+
+
+def _identifier(value: str | None) -> str:
+    """A code-chosen label value, or "other" if it does not look like one."""
+    if not value:
+        return NONE
+    return value if _IDENTIFIER.fullmatch(value) else OTHER
+
+
+def status_class(status: int) -> str:
+    """200 -> "2xx"; anything outside 100..599 -> "other"."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else OTHER
+
+
+def multiprocess_dir() -> str | None:
+    """The directory prometheus-client shares between worker processes, if that mode is on."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """All gateway instruments, registered on one registry (one per process; tests use their own)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        models: Iterable[str] = (),
+        providers: Iterable[str] = (),
+        issuers: Iterable[str] = (),
+        routes: Iterable[str] = ROUTES,
+        per_principal_labels: bool = False,
+        version: str = __version__,
+    ) -> None:
+        self._registry = registry
+        self._models = frozenset(models)
+        self._providers = frozenset(providers)
+        self._issuers = frozenset(issuers)
+        self._routes = frozenset(routes)
+        self._principal_types = BUILTIN_PRINCIPAL_TYPES | self._issuers
+        self._render_registry = self._registry_to_render(registry)
+        self._register(registry, per_principal_labels)
+        self._build_info.labels(version=version).set(1)
+
+    def _register(self, r: CollectorRegistry, per_principal_labels: bool) -> None:
+        p = PREFIX
+        self._requests = Counter(
+            f"{p}_requests_total", "Requests answered, by route, model, provider, caller type and status class.",
+            ["route", "model", "provider", "principal_type", "status_class"], registry=r)
+        self._request_duration = Histogram(
+            f"{p}_request_duration_seconds", "Time from request start to the last byte sent.",
+            ["route", "model", "status_class"], buckets=REQUEST_BUCKETS, registry=r)
+        self._errors = Counter(
+            f"{p}_errors_total", "Error responses, by route and error code.", ["route", "code"], registry=r)
+        self._first_byte = Histogram(
+            f"{p}_time_to_first_byte_seconds", "Time from request start to the first response byte.",
+            ["route", "model"], buckets=FIRST_BYTE_BUCKETS, registry=r)
+        self._upstream_duration = Histogram(
+            f"{p}_upstream_request_duration_seconds", "Upstream call time, from connect to the end of its body.",
+            ["provider", "outcome"], buckets=REQUEST_BUCKETS, registry=r)
+        self._upstream_errors = Counter(
+            f"{p}_upstream_errors_total", "Failed upstream calls, by provider and reason.",
+            ["provider", "reason"], registry=r)
+        self._streams = Gauge(
+            f"{p}_streams_in_flight", "Streaming responses currently being relayed.",
+            multiprocess_mode="livesum", registry=r)
+        self._relayed_bytes = Counter(
+            f"{p}_relayed_bytes_total", "Response body bytes relayed from upstreams to clients.", registry=r)
+        self._sse_events = Counter(
+            f"{p}_sse_events_total", "Server-sent events relayed to clients.", registry=r)
+        self._tokens = Counter(
+            f"{p}_tokens_total", "Tokens reported by upstreams, by model and direction (input|output).",
+            ["model", "direction"], registry=r)
+        self._credits = Counter(
+            f"{p}_credits_total", "Credits moved, by action (reserved|settled|released).", ["action"], registry=r)
+        self._denials = Counter(
+            f"{p}_denials_total", "Requests refused by policy, by kind and rule.", ["kind", "rule"], registry=r)
+        self._auth_failures = Counter(
+            f"{p}_auth_failures_total", "Failed authentications, by reason.", ["reason"], registry=r)
+        self._store_duration = Histogram(
+            f"{p}_store_operation_duration_seconds", "Metering store round trips, by operation.",
+            ["op"], buckets=STORE_BUCKETS, registry=r)
+        self._store_errors = Counter(
+            f"{p}_store_errors_total", "Failed metering store operations, by operation.", ["op"], registry=r)
+        # livemin: one worker that cannot reach the store is enough to show it down.
+        self._store_up = Gauge(
+            f"{p}_store_up", "1 if the metering store answered its last operation, else 0.",
+            multiprocess_mode="livemin", registry=r)
+        self._jwks_fetches = Counter(
+            f"{p}_jwks_fetches_total", "JWKS fetches from identity providers, by issuer and outcome.",
+            ["issuer", "outcome"], registry=r)
+        self._policy_reloads = Counter(
+            f"{p}_policy_reloads_total", "Policy reloads, by outcome.", ["outcome"], registry=r)
+        self._build_info = Gauge(
+            f"{p}_build_info", "Always 1; the gateway version as a label.", ["version"],
+            multiprocess_mode="max", registry=r)
+        self._principal_requests = Counter(
+            f"{p}_principal_requests_total", "Requests per caller (operator opt-in: per_principal_labels).",
+            ["principal", "status_class"], registry=r) if per_principal_labels else None
+
+    @staticmethod
+    def _registry_to_render(registry: CollectorRegistry) -> CollectorRegistry:
+        """In multiprocess mode, scrape the files all workers write, not this process's memory."""
+        directory = multiprocess_dir()
+        if directory is None:
+            return registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=directory)
+        return merged
+
+    # -- request ---------------------------------------------------------------------------------
+
+    def request_done(
+        self,
+        route: str | None,
+        model: str | None,
+        provider: str | None,
+        principal_type: str | None,
+        status: int,
+        duration_s: float,
+        *,
+        error_code: str | None = None,
+        principal: str | None = None,
+    ) -> None:
+        """Once per request, after the last byte (or the error response) was sent."""
+        route_l = _capped(route, self._routes)
+        model_l = _capped(model, self._models)
+        klass = status_class(status)
+        self._requests.labels(
+            route_l, model_l, _capped(provider, self._providers),
+            _capped(principal_type or "anonymous", self._principal_types), klass,
+        ).inc()
+        self._request_duration.labels(route_l, model_l, klass).observe(duration_s)
+        if error_code:
+            self._errors.labels(route_l, _capped(error_code, ERROR_CODES)).inc()
+        if self._principal_requests is not None and principal:
+            self._principal_requests.labels(principal, klass).inc()
+
+    def first_byte(self, route: str | None, model: str | None, seconds: float) -> None:
+        """When the first response byte (status line and headers) goes to the client."""
+        self._first_byte.labels(_capped(route, self._routes), _capped(model, self._models)).observe(seconds)
+
+    # -- upstream and relay ----------------------------------------------------------------------
+
+    def upstream_done(self, provider: str | None, outcome: UpstreamOutcome, seconds: float) -> None:
+        """When an upstream call ends: ok, error, timeout, or cancelled (the client went away)."""
+        self._upstream_duration.labels(
+            _capped(provider, self._providers), _capped(outcome, UPSTREAM_OUTCOMES)).observe(seconds)
+
+    def upstream_error(self, provider: str | None, reason: str) -> None:
+        """A failed upstream call; reason e.g. connect, timeout, status_5xx, status_4xx, stream_interrupted."""
+        self._upstream_errors.labels(_capped(provider, self._providers), _identifier(reason)).inc()
+
+    def stream_started(self) -> None:
+        """A streaming response began relaying; pair with `stream_ended` in a finally block."""
+        self._streams.inc()
+
+    def stream_ended(self) -> None:
+        """A streaming response finished, failed or was cancelled."""
+        self._streams.dec()
+
+    def relayed(self, nbytes: int, sse_events: int = 0) -> None:
+        """Bytes (and SSE events) relayed to the client; cheap enough to call per chunk."""
+        self._relayed_bytes.inc(nbytes)
+        if sse_events:
+            self._sse_events.inc(sse_events)
+
+    def tokens(self, model: str | None, input_tokens: int, output_tokens: int) -> None:
+        """Usage reported by the upstream for one request."""
+        model_l = _capped(model, self._models)
+        self._tokens.labels(model_l, "input").inc(input_tokens)
+        self._tokens.labels(model_l, "output").inc(output_tokens)
+
+    # -- policy and metering ---------------------------------------------------------------------
+
+    def credits(self, action: CreditAction, amount: float) -> None:
+        """Credits reserved before forwarding, settled to the real cost, or released on failure."""
+        self._credits.labels(_capped(action, CREDIT_ACTIONS)).inc(amount)
+
+    def denied(self, kind: DenialKind, rule: str | None) -> None:
+        """A request refused by policy; rule is the policy's limit name (bounded by the policy files)."""
+        self._denials.labels(_capped(kind, DENIAL_KINDS), _identifier(rule)).inc()
+
+    def auth_failure(self, reason: str) -> None:
+        """A failed authentication; reason is the error code (invalid_api_key, token_expired, ...)."""
+        self._auth_failures.labels(_identifier(reason)).inc()
+
+    def store_op(self, op: str, seconds: float, ok: bool) -> None:
+        """One metering store round trip (reserve, settle, rate_limit, ping, ...)."""
+        op_l = _identifier(op)
+        self._store_duration.labels(op_l).observe(seconds)
+        if not ok:
+            self._store_errors.labels(op_l).inc()
+
+    def store_up(self, up: bool) -> None:
+        """Whether the store answered; set after each operation or health probe."""
+        self._store_up.set(1 if up else 0)
+
+    def jwks_fetch(self, issuer: str | None, ok: bool) -> None:
+        """A JWKS (re)fetch for a configured issuer."""
+        self._jwks_fetches.labels(_capped(issuer, self._issuers), "success" if ok else "failure").inc()
+
+    def policy_reload(self, ok: bool) -> None:
+        """A policy hot reload attempt (a failed one keeps the previous policy)."""
+        self._policy_reloads.labels("success" if ok else "failure").inc()
+
+    # -- exposition ------------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The body and content type for GET /metrics."""
+        return generate_latest(self._render_registry), CONTENT_TYPE_LATEST
+
+
+def _sample_names(registry: CollectorRegistry) -> frozenset[str]:
+    """Every sample name a registry can export (a query's vocabulary), from its metric families."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return frozenset(
+        family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]
+    )
+
+
+@functools.cache
+def _all_metric_names() -> frozenset[str]:
+    """Build a throwaway Metrics with every optional metric on and list what it can export."""
+    registry = CollectorRegistry()
+    Metrics(registry, per_principal_labels=True)
+    return _sample_names(registry)
+
+
+def __getattr__(name: str) -> frozenset[str]:
+    """`METRIC_NAMES`: names dashboards and alerts may use (built on first use, not at import,
+    so importing this module never writes multiprocess files)."""
+    if name == "METRIC_NAMES":
+        return _all_metric_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,97 @@
+"""Access log lines: one JSON object per request, fixed schema, never a secret."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Callable, Iterator
+
+import pytest
+
+from proxy.accesslog import ACCESS_FIELDS, REDACTED, configure_logging, log_access, principal_log_id
+from proxy.auth.principal import Principal
+
+
+Reader = Callable[[], list[dict]]
+
+
+@pytest.fixture
+def read_lines() -> Iterator[Reader]:
+    """JSON logging into a buffer; yields a reader that flushes the writer and parses every line."""
+    buffer = io.StringIO()
+    stop = configure_logging("warning", json=True, stream=buffer)
+
+    def read() -> list[dict]:
+        stop()  # joins the writer thread: every queued line is in the buffer now
+        return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+    yield read
+    stop()
+    logging.getLogger().handlers.clear()
+
+
+def test_one_json_line_per_request_with_the_schema(read_lines: Reader) -> None:
+    log_access({
+        "request_id": "req_1", "method": "POST", "path": "/v1/chat/completions", "route": "/v1/chat/completions",
+        "status": 200, "principal_type": "api_key", "principal_id": "backend", "model": "openai/gpt-5.4-mini",
+        "provider": "openai", "upstream_status": 200, "duration_ms": 812.5, "ttfb_ms": 95.1,
+        "tokens_in": 12, "tokens_out": 34, "credits": 0.02, "error": None, "not_in_schema": "dropped",
+    })
+    [line] = read_lines()
+    assert line["logger"] == "edge_proxy.access" and line["level"] == "info"
+    assert set(ACCESS_FIELDS) <= set(line) and "not_in_schema" not in line
+    assert (line["request_id"], line["status"], line["tokens_out"], line["duration_ms"]) == ("req_1", 200, 34, 812.5)
+    assert line["ts"].endswith("+00:00")
+
+
+def test_access_lines_survive_a_higher_log_level(read_lines: Reader) -> None:
+    logging.getLogger("edge_proxy.app").info("not shown at warning")
+    logging.getLogger("edge_proxy.app").warning("shown")
+    log_access({"request_id": "req_2", "status": 204})
+    assert [line["msg"] for line in read_lines()] == ["shown", "access"]
+
+
+def test_secrets_and_query_strings_never_reach_the_log(read_lines: Reader) -> None:
+    api_key = "sk_live_" + "a" * 32
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJl"
+    log_access({"request_id": "req_3", "path": f"/v1/models?token={jwt}", "principal_id": api_key,
+                "error": f"bad key {api_key}"})
+    [line] = read_lines()
+    text = json.dumps(line)
+    assert api_key not in text and jwt not in text
+    assert line["path"] == "/v1/models"
+    assert line["principal_id"] == REDACTED and line["error"] == REDACTED
+
+
+def test_exceptions_are_one_json_line(read_lines: Reader) -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logging.getLogger("edge_proxy.app").exception("handler failed")
+    [line] = read_lines()
+    assert line["level"] == "error" and "RuntimeError: boom" in line["exc"]
+
+
+def test_text_mode_is_readable() -> None:
+    buffer = io.StringIO()
+    stop = configure_logging("info", json=False, stream=buffer)
+    log_access({"request_id": "req_4", "status": 200, "path": "/v1/me"})
+    stop()
+    logging.getLogger().handlers.clear()
+    assert "request_id=req_4 path=/v1/me status=200" in buffer.getvalue()
+
+
+def test_bad_level_is_rejected() -> None:
+    with pytest.raises(ValueError, match="verbose"):
+        configure_logging("verbose")
+
+
+def test_principal_log_id_is_key_id_or_subject_hash() -> None:
+    via_key = Principal(kind="gateway_token", account="acme", plan="pro", key_id="backend", subject="user-1")
+    via_idp = Principal(kind="issuer", account="acct_9", plan="members", issuer="clerk", subject="user_2abc")
+    assert principal_log_id(via_key) == "backend"
+    hashed = principal_log_id(via_idp)
+    assert hashed is not None and hashed.startswith("sub_") and "user_2abc" not in hashed
+    assert hashed == principal_log_id(via_idp)
+    assert principal_log_id(None) is None
