@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from policy_support import HASHES, MODELS, CATALOG, load_text
+from tests.policy_support import HASHES, MODELS, CATALOG, load_text
 from proxy.auth.api_keys import ApiKey, hash_key
 from proxy.auth.principal import Principal
 from proxy.policy import MODEL_NOT_FOUND_MESSAGE, PolicyError

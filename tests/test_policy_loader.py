@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policy_support import CATALOG, HASHES, load_text, write_policies
+from tests.policy_support import CATALOG, HASHES, load_text, write_policies
 from proxy.policy import PolicyError, load_policy
 from proxy.policy.types import Budget, RateLimit
 

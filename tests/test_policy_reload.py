@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from policy_support import CATALOG, write_policies
+from tests.policy_support import CATALOG, write_policies
 from proxy.auth.api_keys import ApiKey, hash_key
 from proxy.policy import PolicyError, PolicyHolder
 
