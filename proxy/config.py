@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .auth.oidc import IssuerSettings
+from .auth.tokens import TokenSettings
 from .catalog import CAPABILITIES, Model
+from .store.settings import StoreConfigError, StoreSettings
 
 
 class ConfigError(ValueError):
@@ -37,20 +40,68 @@ class ServerSettings(_Strict):
     sse_keepalive_s: float = Field(15.0, ge=0)  # 0 disables `: ping` comments
     shutdown_grace_s: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True  # one JSON object per line (access log included); false for human-readable text
+    access_log: bool = True
 
 
-class StoreSettings(_Strict):
-    kind: Literal["memory", "redis"] = "memory"
-    redis_url: str | None = None  # REDIS_URL in the environment wins
+def store_settings(raw: Mapping[str, Any], source: str) -> StoreSettings:
+    """The `store:` section, validated by the store package; REDIS_URL in the environment fills a missing URL."""
+    data = dict(raw)
+    if "redis_url" not in data and "redis_url_env" not in data and os.environ.get("REDIS_URL"):
+        data["redis_url_env"] = "REDIS_URL"
+    try:
+        return StoreSettings.from_mapping(data, source)
+    except StoreConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+class SigningKeyConfig(_Strict):
+    """A PEM private key for gateway tokens, read from a file or an environment variable."""
+
+    file: str | None = None
+    env: str | None = None
+    active: bool = False
 
     @model_validator(mode="after")
-    def _redis_needs_url(self) -> "StoreSettings":
-        if self.kind == "redis" and not self.resolved_redis_url():
-            raise ValueError("kind is redis but no redis_url is set; set store.redis_url or REDIS_URL")
+    def _one_source(self) -> "SigningKeyConfig":
+        if bool(self.file) == bool(self.env):
+            raise ValueError("give exactly one of file or env")
         return self
 
-    def resolved_redis_url(self) -> str | None:
-        return os.environ.get("REDIS_URL") or self.redis_url
+
+class AuthSettings(_Strict):
+    """Gateway-minted tokens (`POST /v1/tokens`)."""
+
+    issuer: str = "edge-proxy"
+    audience: str = "edge-proxy"
+    token_ttl_s: int = Field(300, gt=0)
+    max_token_ttl_s: int = Field(3600, gt=0)
+    leeway_s: int = Field(5, ge=0)
+    signing_keys: tuple[SigningKeyConfig, ...] = ()
+
+    def token_settings(self) -> TokenSettings:
+        return TokenSettings(self.issuer, self.audience, self.token_ttl_s, self.max_token_ttl_s, self.leeway_s)
+
+
+class IssuerConfig(_Strict):
+    """An external identity provider (Clerk or any OIDC issuer) whose JWTs are verified through its JWKS."""
+
+    issuer: str
+    jwks_url: str
+    plan: str
+    audience: str | None = None
+    authorized_parties: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ("RS256",)
+    plan_claim: str | None = None
+    plan_map: dict[str, str] = {}
+    account_claim: str = "sub"
+    leeway_s: int = Field(30, ge=0)
+    jwks_cache_ttl_s: float = Field(300.0, gt=0)
+    unknown_kid_cooldown_s: float = Field(10.0, ge=0)
+    fetch_timeout_s: float = Field(3.0, gt=0)
+
+    def settings(self, name: str) -> IssuerSettings:
+        return IssuerSettings(name=name, **self.model_dump())
 
 
 class DemoSettings(_Strict):
@@ -107,14 +158,28 @@ class ModelSettings(_Strict):
         return Model(**self.model_dump())
 
 
+class MetricsSettings(_Strict):
+    per_principal_labels: bool = False  # opt-in: a counter labelled by key id / hashed user (unbounded cardinality)
+
+
 class Config(_Strict):
     server: ServerSettings = ServerSettings()
-    store: StoreSettings = StoreSettings()
+    store: dict[str, Any] = {}
+    auth: AuthSettings = AuthSettings()
+    issuers: dict[str, IssuerConfig] = {}
+    metrics: MetricsSettings = MetricsSettings()
     demo: DemoSettings = DemoSettings()
     policies: PoliciesSettings = PoliciesSettings()
     providers: dict[str, ProviderSettings] = {}
     models: tuple[ModelSettings, ...] = ()
     base_dir: str = "."  # set by the loader: relative paths resolve against the config file's folder
+    source: str = "config.yaml"  # set by the loader: the file named in errors
+
+    @model_validator(mode="after")
+    def _issuers_are_valid(self) -> "Config":
+        for name, issuer in self.issuers.items():
+            issuer.settings(name)  # its own checks: algorithms, https JWKS URL, timeouts
+        return self
 
     @model_validator(mode="after")
     def _models_reference_providers(self) -> "Config":
@@ -129,6 +194,9 @@ class Config(_Strict):
                 raise ValueError(f"models[{i}]: id {m.id!r} is declared twice; model ids must be unique")
             seen.add(m.id)
         return self
+
+    def store_settings(self) -> StoreSettings:
+        return store_settings(self.store, self.source)
 
     def catalog(self) -> tuple[Model, ...]:
         return tuple(m.to_model() for m in self.models)
@@ -154,10 +222,13 @@ def parse_config(data: Any, source: str) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (server, providers, models, ...)")
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         lines = "\n  ".join(_describe(e) for e in exc.errors())
         raise ConfigError(f"{source}: invalid configuration:\n  {lines}") from None
+    config = config.model_copy(update={"source": source})
+    config.store_settings()  # validated now, so a bad store section stops start-up and `check`
+    return config
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -171,3 +242,4 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None
     config = parse_config(data, str(file))
     return config.model_copy(update={"base_dir": str(file.parent.resolve())})
+

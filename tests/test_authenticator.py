@@ -120,7 +120,7 @@ async def test_gateway_token_becomes_a_narrowed_principal_without_touching_the_i
 
 async def test_clerk_session_token_becomes_an_issuer_principal(auth, idp):
     principal = await auth.authenticate(f"Bearer {IDP_KEY.sign(clerk_claims(idp.issuer, sub='user_5'))}")
-    assert (principal.kind, principal.issuer, principal.account, principal.subject) == ("issuer", "clerk", "user_5", "user_5")
+    assert (principal.kind, principal.issuer, principal.account, principal.subject) == ("issuer", "clerk", "clerk:user_5", "user_5")
 
 
 async def test_revoked_key_kills_its_raw_use_and_its_minted_tokens(auth, tokens, keys):

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_shipped_config_is_valid() -> None:
     config = load_config(ROOT / "config.yaml")
-    assert config.store.kind == "memory"
+    assert config.store_settings().kind == "memory"
     assert config.providers["demo"].kind == "demo"
     assert {m.provider for m in config.models} == {"demo"}
 
@@ -32,7 +32,11 @@ def test_the_shipped_config_is_valid() -> None:
                       "upstream_model": "a"}]}, "names provider 'nope'"),
         ({"models": [{"id": "a", "name": "A", "creator": "c", "capability": "mind-reading", "provider": "p",
                       "upstream_model": "a"}], "providers": {"p": {"kind": "demo"}}}, "capability 'mind-reading'"),
-        ({"store": {"kind": "redis"}}, "set store.redis_url or REDIS_URL"),
+        ({"store": {"kind": "redis"}}, "store.redis_url is empty"),
+        ({"store": {"knd": "redis"}}, "unknown key store.knd"),
+        ({"auth": {"signing_keys": [{"file": "a.pem", "env": "B"}]}}, "give exactly one of file or env"),
+        ({"issuers": {"clerk": {"issuer": "https://c.example", "jwks_url": "https://c.example/jwks",
+                                "plan": "members", "algorithms": ["HS256"]}}}, "issuers.clerk.algorithms"),
         ([1, 2], "the top level must be a mapping"),
     ],
 )
@@ -48,7 +52,7 @@ def test_invalid_config_names_file_key_and_fix(
 
 def test_redis_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
-    assert parse_config({"store": {"kind": "redis"}}, "c.yaml").store.resolved_redis_url() == "redis://127.0.0.1:1/0"
+    assert parse_config({"store": {"kind": "redis"}}, "c.yaml").store_settings().redis_url == "redis://127.0.0.1:1/0"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

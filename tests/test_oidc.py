@@ -64,7 +64,7 @@ async def test_valid_clerk_session_token_maps_to_principal(idp, verifier):
     claims = clerk_claims(idp.issuer, sub="user_42")
     principal = await verifier.verify(KEY.sign(claims), KEY.kid)
     assert (principal.kind, principal.issuer, principal.account, principal.subject, principal.plan) == (
-        "issuer", "clerk", "user_42", "user_42", "members")
+        "issuer", "clerk", "clerk:user_42", "user_42", "members")
     assert principal.token_id == claims["jti"] and principal.label == "clerk"
 
 
@@ -165,7 +165,7 @@ async def test_a_thousand_random_kids_cause_a_bounded_number_of_fetches(idp, ver
 async def test_concurrent_first_requests_share_one_fetch(idp, verifier):
     tokens = [KEY.sign(clerk_claims(idp.issuer, sub=f"user_{i}")) for i in range(20)]
     principals = await asyncio.gather(*(verifier.verify(t, KEY.kid) for t in tokens))
-    assert [p.account for p in principals] == [f"user_{i}" for i in range(20)] and idp.fetches == 1
+    assert [p.account for p in principals] == [f"clerk:user_{i}" for i in range(20)] and idp.fetches == 1
 
 
 async def test_key_rotated_at_the_issuer_works_on_first_use(idp):
@@ -269,7 +269,7 @@ async def test_account_claim_bills_the_organisation_and_is_required(idp):
     v = IssuerVerifier(settings_for(idp, account_claim="org_id"))
     try:
         principal = await v.verify(KEY.sign(clerk_claims(idp.issuer, sub="user_1", org_id="org_9")), KEY.kid)
-        assert (principal.account, principal.subject) == ("org_9", "user_1")
+        assert (principal.account, principal.subject) == ("clerk:org_9", "user_1")
         err = await rejected(v, KEY.sign(clerk_claims(idp.issuer, sub="user_1")))
         assert err.code == "invalid_token" and "org_id" in err.message
     finally:

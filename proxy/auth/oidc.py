@@ -228,7 +228,8 @@ class IssuerVerifier:
                 "invalid_token",
                 f"the {self.settings.name} token has no '{self.settings.account_claim}' claim to bill the request to",
             )
-        return account
+        # Namespaced, so one issuer's user can never share a budget with another issuer's or an API key's account.
+        return f"{self.settings.name}:{account}"
 
     def _plan(self, claims: Mapping[str, Any]) -> str:
         if self.settings.plan_claim is None:
