@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .auth.api_keys import generate_key, hash_key
+from .accesslog import configure_logging
 from .config import ConfigError, load_config
 
 
@@ -14,14 +14,27 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     config = load_config(args.config)
-    logging.basicConfig(level=config.server.log_level.upper(), format="%(message)s")
-    serve(config, args.host, args.port)
+    stop_logging = configure_logging(
+        config.server.log_level, json=config.server.log_json, access_log=config.server.access_log
+    )
+    try:
+        serve(config, args.host, args.port)
+    finally:
+        stop_logging()
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
+    """Validate config and policies together by building every part, without serving."""
+    from .gateway import build_gateway
+
     config = load_config(args.config)
-    print(f"{args.config}: OK ({len(config.models)} models, {len(config.providers)} providers)")
+    gateway = build_gateway(config, announce=False)
+    policy = gateway.policy.current
+    print(
+        f"{args.config}: OK ({len(config.models)} models, {len(config.providers)} providers, "
+        f"{len(policy.plans)} plans, {len(policy.keys)} keys, policy {policy.version})"
+    )
     return 0
 
 

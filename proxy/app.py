@@ -7,12 +7,13 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .api import health, models, passthrough
+from .api import health, identity, me, models, passthrough
 from .api.state import GATEWAY
 from .config import Config, ServerSettings
 from .context import CONTEXT, RequestContext, request_id_for, route_name
 from .errors import ApiError
 from .gateway import Gateway, build_gateway
+from .record import CLIENT_CLOSED, record
 
 log = logging.getLogger("edge_proxy")
 
@@ -36,24 +37,32 @@ def _from_http_exception(exc: web.HTTPException) -> ApiError:
 
 @web.middleware
 async def context_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give each request its context and turn every failure into a catalogue JSON error."""
+    """Give each request its context, turn every failure into a catalogue JSON error, and record it."""
     ctx = RequestContext(request_id=request_id_for(request), route=route_name(request))
     request[CONTEXT] = ctx
+    status = CLIENT_CLOSED  # unless an answer is produced below; a cancelled handler means the client left
+    try:
+        response = await _answer(request, handler, ctx)
+        status = response.status
+        return response
+    finally:
+        gateway = request.app[GATEWAY]
+        record(gateway.metrics, request, ctx, status, gateway.config.server.access_log)
+
+
+async def _answer(request: web.Request, handler: Handler, ctx: RequestContext) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        ctx.error_code = exc.code
-        return error_response(exc)
+        ctx.error = exc
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = _from_http_exception(exc)
-        ctx.error_code = error.code
-        return error_response(error)
+        ctx.error = _from_http_exception(exc)
     except Exception:
         log.exception("unhandled error", extra={"request_id": ctx.request_id})
-        ctx.error_code = "internal_error"
-        return error_response(ApiError("internal_error", "internal error; quote the X-Request-Id when reporting it"))
+        ctx.error = ApiError("internal_error", "internal error; quote the X-Request-Id when reporting it")
+    return error_response(ctx.error)
 
 
 def cors_middleware(server: ServerSettings) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -114,8 +123,11 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
         yield
         await gateway.close()
 
+    async def drain(app: web.Application) -> None:
+        gateway.draining = True  # /readyz turns 503 while streams in flight finish
+
     app.cleanup_ctx.append(lifecycle)
-    health.add_routes(app)
-    models.add_routes(app)
-    passthrough.add_routes(app)
+    app.on_shutdown.append(drain)
+    for routes in (health, identity, me, models, passthrough):
+        routes.add_routes(app)
     return app

@@ -11,6 +11,8 @@ from aiohttp import web
 
 from .auth.principal import Principal
 from .catalog import Model
+from .errors import ApiError
+from .policy.types import Usage
 from .upstream.relay import RelayOutcome
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
@@ -24,8 +26,9 @@ class RequestContext:
     principal: Principal | None = None
     model: Model | None = None
     outcome: RelayOutcome | None = None
+    usage: Usage | None = None
     credits_charged: float | None = None
-    error_code: str | None = None
+    error: ApiError | None = None
 
 
 CONTEXT = web.RequestKey("context", RequestContext)

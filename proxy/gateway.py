@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from .auth.api_keys import ApiKey, KeyIndex, generate_key, hash_key, looks_like_key
-from .auth.principal import Principal
+from .auth.api_keys import ApiKey, generate_key, hash_key
+from .auth.authenticator import Authenticator
+from .auth.oidc import IssuerVerifier
+from .auth.tokens import GatewayTokens, KeyConfigError, KeyRing, SigningKeySettings
 from .catalog import Model
-from .config import Config
+from .config import Config, ConfigError
 from .errors import ApiError
+from .meter import Meter
+from .metrics import Metrics
+from .policy import PolicyError, PolicyHolder
+from .store import Store, StoreSettings, build_store
 from .upstream.demo import start_demo_upstream
 from .upstream.providers import Provider, auth_headers, new_session, read_credential
 from .upstream.relay import RelaySettings
@@ -22,33 +32,36 @@ log = logging.getLogger("edge_proxy")
 
 
 @dataclass
+class MetricsStoreObserver:
+    """Store events to Prometheus: operation latency and errors, and whether the store is up."""
+
+    metrics: Metrics
+
+    def on_op(self, op: str, seconds: float, outcome: str) -> None:
+        self.metrics.store_op(op, seconds, outcome == "ok")
+
+    def on_breaker(self, state: str) -> None:
+        self.metrics.store_up(state != "open")
+
+
+@dataclass
 class Gateway:
+    """Everything a request needs: catalogue, policy, identity, meter, providers and metrics."""
+
     config: Config
     models: Mapping[str, Model]
-    keys: KeyIndex
+    policy: PolicyHolder
+    auth: Authenticator
+    tokens: GatewayTokens
+    store: Store
+    store_settings: StoreSettings
+    meter: Meter
+    metrics: Metrics
+    relay: RelaySettings
     providers: dict[str, Provider] = field(default_factory=dict)
-    relay: RelaySettings = RelaySettings(keepalive_s=15.0)
+    draining: bool = False
     _runners: list[web.AppRunner] = field(default_factory=list)
-
-    async def authenticate(self, request: web.Request) -> Principal:
-        """Who is calling: an API key in `Authorization: Bearer sk_...`."""
-        header = request.headers.get("Authorization", "")
-        scheme, _, credential = header.partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
-            raise ApiError(
-                "missing_credentials",
-                "send a credential: Authorization: Bearer <API key or token>",
-                headers={"WWW-Authenticate": 'Bearer realm="edge-proxy"'},
-            )
-        credential = credential.strip()
-        record = self.keys.find(credential) if looks_like_key(credential) else None
-        if record is None or record.disabled:
-            raise ApiError(
-                "invalid_api_key",
-                "the API key is unknown or disabled",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token", error_description="unknown API key"'},
-            )
-        return Principal(kind="api_key", account=record.billing_account, plan=record.plan, key_id=record.id)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def model(self, model_id: object) -> Model:
         if not isinstance(model_id, str) or not model_id:
@@ -59,7 +72,7 @@ class Gateway:
         return model
 
     async def start(self) -> None:
-        """Open provider pools (and start the demo upstream if configured)."""
+        """Open provider pools, start the demo upstream if configured, watch policies, reload on SIGHUP."""
         for name, settings in self.config.providers.items():
             base_url = settings.base_url
             if settings.kind == "demo":
@@ -73,12 +86,23 @@ class Gateway:
                 auth_headers=auth_headers(settings, credential),
                 session=new_session(settings),
             )
+        if self.config.policies.watch_interval_s:
+            self._tasks.append(asyncio.create_task(self.policy.watch(self.config.policies.watch_interval_s)))
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.policy.reload)
+        except (NotImplementedError, RuntimeError):  # not the main thread (embedded) or no signals here
+            log.debug("SIGHUP policy reload not available in this thread")
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for provider in self.providers.values():
             await provider.session.close()
         for runner in self._runners:
             await runner.cleanup()
+        await self.auth.aclose()
+        await self.store.close()
 
 
 def demo_key(config: Config) -> tuple[ApiKey, str | None]:
@@ -89,17 +113,62 @@ def demo_key(config: Config) -> tuple[ApiKey, str | None]:
     return record, (None if given else key)
 
 
-def build_gateway(config: Config) -> Gateway:
-    keys: list[ApiKey] = []
+def _signing_ring(config: Config) -> KeyRing:
+    settings = [
+        SigningKeySettings(file=str(config.path(k.file)) if k.file else None, env=k.env, active=k.active)
+        for k in config.auth.signing_keys
+    ]
+    try:
+        return KeyRing.from_settings(settings, where="auth.signing_keys")
+    except KeyConfigError as exc:
+        raise ConfigError(f"{config.source}: {exc}") from None
+
+
+def _issuer_plans(config: Config) -> set[str]:
+    return {plan for issuer in config.issuers.values() for plan in (issuer.plan, *issuer.plan_map.values())}
+
+
+def build_gateway(config: Config, announce: bool = True) -> Gateway:
+    """Build every part; configuration or policy errors stop start-up with a message naming file and key."""
+    catalog = config.catalog()
+    extra_keys: list[ApiKey] = []
+    new_demo_key = None
     if config.demo.enabled:
-        record, new_key = demo_key(config)
-        keys.append(record)
-        if new_key:
-            # Printed once, to the console only: the quick start needs it and it is never stored.
-            print(f"edge-proxy: demo API key (set {config.demo.key_env} to choose your own): {new_key}", flush=True)
+        record, new_demo_key = demo_key(config)
+        extra_keys.append(record)
+    metrics = Metrics(
+        CollectorRegistry(),
+        models=[m.id for m in catalog],
+        providers=config.providers.keys(),
+        issuers=config.issuers.keys(),
+        per_principal_labels=config.metrics.per_principal_labels,
+    )
+    try:
+        policy = PolicyHolder(
+            config.path(config.policies.dir), catalog,
+            issuer_plans=_issuer_plans(config), extra_keys=extra_keys, on_reload=metrics.policy_reload,
+        )
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    tokens = GatewayTokens(config.auth.token_settings(), _signing_ring(config))
+    issuers = [IssuerVerifier(issuer.settings(name)) for name, issuer in config.issuers.items()]
+    store_settings = config.store_settings()
+    store = build_store(store_settings, observer=MetricsStoreObserver(metrics))
+    metrics.store_up(True)
+    if new_demo_key and announce:
+        # Printed once, to the console only: the quick start needs it and it is never stored.
+        # One write call, so the background log writer cannot interleave with the line.
+        sys.stdout.write(f"edge-proxy: demo API key (set {config.demo.key_env} to choose your own): {new_demo_key}\n")
+        sys.stdout.flush()
     return Gateway(
         config=config,
-        models={m.id: m for m in config.catalog()},
-        keys=KeyIndex(keys),
+        models={m.id: m for m in catalog},
+        policy=policy,
+        auth=Authenticator(lambda: policy.current.keys, tokens, issuers),
+        tokens=tokens,
+        store=store,
+        store_settings=store_settings,
+        meter=Meter(store, reservation_ttl_s=store_settings.reservation_ttl_s),
+        metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
     )

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import pytest
 
-from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway
+from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway, write_policy
 from tests.mock_provider import MockProvider
 from tests.redis_server import RedisServer
 
@@ -36,8 +37,13 @@ def gateway_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def gateway(provider: MockProvider, gateway_env: None) -> AsyncIterator[str]:
+def policies_dir(tmp_path: Path) -> Path:
+    return write_policy(tmp_path / "policies")
+
+
+@pytest.fixture
+async def gateway(provider: MockProvider, gateway_env: None, policies_dir: Path) -> AsyncIterator[str]:
     """The URL of a gateway in front of the mock provider."""
-    server = await start_gateway(gateway_config(provider.url))
+    server = await start_gateway(gateway_config(provider.url, policies_dir))
     yield server.url
     await server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from proxy.config import parse_config
@@ -10,9 +11,28 @@ from proxy.server import RunningServer, start_server
 TEST_KEY = "sk_test_" + "k" * 40
 PROVIDER_KEY = "provider-secret-123"
 
+# The plan the test key (the demo key) is on: every mock model, roomy limits, real prices.
+DEFAULT_POLICY = """
+plans:
+  demo:
+    models: ["mock/*"]
+    rate_limits: [{per: user, requests: 10000, window: 1m}]
+    budget: {credits: 1000000, period: month, scope: account}
+prices:
+  "mock/*": {per_request: 1}
+  mock/chat: {per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}
+"""
 
-def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
+
+def write_policy(directory: Path, text: str = DEFAULT_POLICY) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "test.yaml").write_text(text)
+    return directory
+
+
+def gateway_config(provider_url: str, policies_dir: Path, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
+        "policies": {"dir": str(policies_dir), "watch_interval_s": 0},
         "server": {"sse_keepalive_s": 0, "max_body_bytes": 64 * 1024, "cors_allow_origins": ["https://app.example.com"]},
         "demo": {"enabled": True, "plan": "demo"},
         "providers": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -111,7 +112,9 @@ async def test_client_disconnect_cancels_the_upstream(gateway: str, provider: Mo
     await wait_for(upstream_cancelled, 5)
 
 
-async def test_keepalive_ping_while_the_upstream_is_slow(provider: MockProvider, gateway_env: None) -> None:
+async def test_keepalive_ping_while_the_upstream_is_slow(
+    provider: MockProvider, gateway_env: None, policies_dir: Path
+) -> None:
     async def slow(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         response = await open_sse(request)
         await asyncio.sleep(0.5)
@@ -120,7 +123,7 @@ async def test_keepalive_ping_while_the_upstream_is_slow(provider: MockProvider,
         return response
 
     provider.handler = slow
-    server = await start_gateway(gateway_config(provider.url, server={"sse_keepalive_s": 0.1}))
+    server = await start_gateway(gateway_config(provider.url, policies_dir, server={"sse_keepalive_s": 0.1}))
     try:
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{server.url}/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH) as r:
@@ -185,11 +188,11 @@ async def test_missing_and_wrong_credentials(gateway: str) -> None:
     assert (status, payload["error"]["code"]) == (401, "invalid_api_key")
 
 
-async def test_upstream_down_is_503(gateway_env: None) -> None:
+async def test_upstream_down_is_503(gateway_env: None, policies_dir: Path) -> None:
     mock = await MockProvider().start()
     url = mock.url
     await mock.stop()  # nothing listens there now
-    server = await start_gateway(gateway_config(url))
+    server = await start_gateway(gateway_config(url, policies_dir))
     try:
         status, payload, _ = await error_of(server.url, CHAT)
     finally:

@@ -1,9 +1,10 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and the Prometheus scrape endpoint."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from ..gateway import Gateway
 from .state import GATEWAY
 
 
@@ -12,12 +13,30 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when not draining, the store answers (or its fail mode covers it) and upstream pools exist."""
     gateway = request.app[GATEWAY]
-    checks = {"config": True, "upstreams": bool(gateway.providers) or not gateway.config.providers}
-    ready = all(checks.values())
+    checks = {
+        "accepting": not gateway.draining,
+        "store": gateway.store.healthy,
+        "upstreams": len(gateway.providers) == len(gateway.config.providers),
+        "policy": gateway.policy.last_error is None,
+    }
+    ready = checks["accepting"] and checks["upstreams"] and (checks["store"] or _store_fails_open(gateway))
+    gateway.metrics.store_up(checks["store"])
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+def _store_fails_open(gateway: Gateway) -> bool:
+    settings = gateway.store_settings
+    return settings.fail_credits == "open" and settings.fail_rate_limits == "open"
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[GATEWAY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -11,8 +11,9 @@ from .state import GATEWAY
 
 async def list_models(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    await gateway.authenticate(request)
-    models = [m.public() for m in gateway.models.values()]
+    principal = await gateway.auth.authenticate(request.headers.get("Authorization"))
+    visible = gateway.policy.current.visible_models(principal, gateway.models.values())
+    models = [m.public() for m in visible]
     group_by = request.query.get("groupBy")
     if group_by is None:
         return web.json_response(models)
@@ -26,9 +27,14 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """One model's details; a model outside the caller's scopes answers like `decide` would."""
     gateway = request.app[GATEWAY]
-    await gateway.authenticate(request)
-    return web.json_response(gateway.model(request.match_info["model_id"]).public())
+    principal = await gateway.auth.authenticate(request.headers.get("Authorization"))
+    model = gateway.model(request.match_info["model_id"])
+    decision = gateway.policy.current.decide(principal, model)
+    if not decision.allowed:
+        raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
+    return web.json_response(model.public())
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,10 +1,23 @@
-"""OpenAI-compatible routes: the whole pipeline for one generation call."""
+"""OpenAI-compatible routes: the whole pipeline for one generation call.
+
+authenticate -> authorize -> meter -> route -> relay -> settle; recording happens in the app middleware.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
 from aiohttp import web
 
-from ..context import CONTEXT
+from ..context import CONTEXT, RequestContext
+from ..errors import ApiError
+from ..gateway import Gateway
+from ..meter import Admission
+from ..metrics import UpstreamOutcome
+from ..policy.pricing import cost
+from ..policy.types import Decision, RequestFacts, Usage
 from ..upstream import openai_format
 from ..upstream.relay import RelayOutcome, relay
 from .body import read_json_object
@@ -17,17 +30,94 @@ ROUTES = (
     "/v1/images/generations",
     "/v1/audio/speech",
 )
+_BYTES_PER_TOKEN = 4  # rough input estimate, used only when a stream is cut before the upstream reported usage
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
-    ctx.principal = await gateway.authenticate(request)
+    ctx.principal = principal = await gateway.auth.authenticate(request.headers.get("Authorization"))
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
+    policy = gateway.policy.current  # one policy for the whole request, even if a reload lands meanwhile
     ctx.model = model = gateway.model(body.get("model"))
+    input_bytes = len(await request.read())  # already read and cached by read_json_object
+    decision = policy.decide(principal, model, request_facts(request.path, body, input_bytes))
+    if not decision.allowed:
+        raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
+    admission = await gateway.meter.admit(principal, model.id, decision, ctx.request_id)
+    gateway.metrics.credits("reserved", decision.reserve_credits)
+    ctx.outcome = outcome = RelayOutcome()
     provider = gateway.providers[model.provider]
     prepared = openai_format.prepare(request.path, body, model.upstream_model)
-    ctx.outcome = RelayOutcome()
-    return await relay(request, provider, request.path, prepared, ctx.request_id, gateway.relay, ctx.outcome)
+    gateway.metrics.stream_started()
+    started = time.monotonic()
+    try:
+        return await relay(
+            request, provider, request.path, prepared, ctx.request_id, gateway.relay, outcome, admission.headers
+        )
+    except ApiError as exc:
+        outcome.error_code = outcome.error_code or exc.code
+        gateway.metrics.upstream_error(provider.name, exc.code)
+        raise
+    finally:
+        gateway.metrics.stream_ended()
+        gateway.metrics.relayed(outcome.bytes_out, outcome.events_out)
+        gateway.metrics.upstream_done(provider.name, upstream_outcome(outcome), time.monotonic() - started)
+        # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
+        await asyncio.shield(settle(gateway, ctx, decision, admission, outcome, input_bytes))
+
+
+def upstream_outcome(outcome: RelayOutcome) -> UpstreamOutcome:
+    if outcome.completed:
+        return "ok"
+    if outcome.error_code == "upstream_timeout":
+        return "timeout"
+    return "error" if outcome.error_code or outcome.status >= 500 else "cancelled"
+
+
+def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> RequestFacts:
+    """What bounds the cost of a call before it is made."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    n = body.get("n")
+    return RequestFacts(
+        input_bytes=input_bytes,
+        max_output_tokens=0 if route == "/v1/embeddings" else (max_tokens if _positive_int(max_tokens) else None),
+        images=n if route == "/v1/images/generations" and _positive_int(n) else 1,
+        stream=body.get("stream") is True,
+    )
+
+
+async def settle(
+    gateway: Gateway, ctx: RequestContext, decision: Decision, admission: Admission, outcome: RelayOutcome,
+    input_bytes: int,
+) -> None:
+    """Charge what was used: the upstream's usage; an estimate if cut short; nothing if nothing came back."""
+    usage = used(outcome, input_bytes)
+    if usage is None:
+        await admission.release()
+        gateway.metrics.credits("released", decision.reserve_credits)
+        return
+    ctx.usage = usage
+    ctx.credits_charged = cost(decision.price, usage) if decision.price else 0.0
+    await admission.settle(ctx.credits_charged, usage.input_tokens + usage.output_tokens)
+    gateway.metrics.credits("settled", ctx.credits_charged)
+    gateway.metrics.credits("released", max(0.0, decision.reserve_credits - ctx.credits_charged))
+
+
+def used(outcome: RelayOutcome, input_bytes: int) -> Usage | None:
+    """None when the call produced nothing (failure before any output): the reservation is released."""
+    if outcome.status == 0 or outcome.status >= 400:
+        return None
+    if outcome.usage is not None:
+        return outcome.usage
+    if outcome.completed:
+        return Usage()  # an answer without usage (e.g. audio): per-request prices still apply
+    if outcome.output_chunks == 0 and outcome.bytes_out == 0:
+        return None
+    return Usage(input_tokens=input_bytes // _BYTES_PER_TOKEN, output_tokens=outcome.output_chunks)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def add_routes(app: web.Application) -> None:

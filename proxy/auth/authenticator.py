@@ -48,7 +48,7 @@ class Authenticator:
                         "forbidden",
                         f"API key {key.id} may only mint tokens (POST /v1/tokens); call models with a minted token",
                     )
-                return Principal(kind="api_key", account=key.billing_account, plan=key.plan, key_id=key.id)
+                return key_principal(key)
             return await self._verify_jwt(credential)
         except ApiError as err:
             raise with_challenge(err) from None
@@ -137,3 +137,8 @@ def with_challenge(err: ApiError) -> ApiError:
             challenge = f'Bearer realm="{REALM}", error="invalid_token", error_description="{description}"'
         err.headers.setdefault("WWW-Authenticate", challenge)
     return err
+
+
+def key_principal(key: ApiKey) -> Principal:
+    """The principal of a raw API key."""
+    return Principal(kind="api_key", account=key.billing_account, plan=key.plan, key_id=key.id)

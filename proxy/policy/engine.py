@@ -142,6 +142,23 @@ class Policy:
         visible = self.visible_models(principal, catalog)
         return [s for s in scopes if not any(split_scope_entries([s]).allows(m) for m in visible)]
 
+    def plan_decision(self, principal: Principal) -> Decision:
+        """The plan's limits and budget with no model in view, for reading live counters (GET /v1/me)."""
+        plan = self._plan(principal)
+        if isinstance(plan, Decision):
+            return plan
+        return Decision(
+            allowed=True, plan=plan.name, rate_limits=plan.rate_limits, concurrency=plan.concurrency, budget=plan.budget
+        )
+
+    def token_scopes(self, principal: Principal) -> list[str]:
+        """The principal's scope as a flat list (model patterns and capabilities) that minted tokens may narrow."""
+        plan = self._plan(principal)
+        if isinstance(plan, Decision):
+            return []
+        described = plan.scope.describe()
+        return [*described["models"], *described["capabilities"]]
+
     def plan_info(self, principal: Principal) -> dict[str, Any]:
         """The principal's plan for GET /v1/me: name, scopes, limits and budget (no live counters)."""
         plan = self._plan(principal)
