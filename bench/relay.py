@@ -116,6 +116,12 @@ def rss_mib(pid: int) -> float:
 def gateway_config(upstream_port: int, directory: str) -> str:
     path = Path(directory) / "config.yaml"
     Path(directory, "policies").mkdir()
+    # Limits far above what the bench sends: the bench measures the relay, not the limiter's refusals.
+    Path(directory, "policies", "bench.yaml").write_text(json.dumps({
+        "plans": {"demo": {"models": ["bench/*"], "rate_limits": [{"per": "user", "requests": 10**9, "window": "1m"}],
+                           "budget": {"credits": 10**12, "period": "month", "scope": "account"}}},
+        "prices": {"bench/chat": {"per_request": 1}},
+    }))
     path.write_text(json.dumps({
         "server": {"sse_keepalive_s": 0, "log_level": "warning"},
         "demo": {"enabled": True, "plan": "demo"},
