@@ -309,3 +309,15 @@ async def test_models_list_and_group_by_capability(gateway: str) -> None:
     assert set(flat[0]) == {"id", "name", "creator", "capability"}
     assert [m["id"] for m in grouped["text2image"]] == ["mock/image"]
     assert one == {"id": "mock/image", "name": "Mock Image", "creator": "Tests", "capability": "text2image"}
+
+
+async def test_model_schema_is_an_openapi_document_for_its_capability(gateway: str) -> None:
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+        async with http.get(f"{gateway}/v1/models/mock/image/schema") as r:
+            doc = await r.json()
+        async with http.get(f"{gateway}/v1/models/none/such/schema") as r:
+            missing = (r.status, (await r.json())["error"]["code"])
+    assert doc["openapi"].startswith("3.1")
+    assert doc["info"]["x-model-id"] == "mock/image"
+    assert doc["components"]["schemas"]["Input"]["required"] == ["prompt"]
+    assert missing == (404, "model_not_found")

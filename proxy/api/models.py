@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..catalog import CAPABILITIES
+from ..catalog import CAPABILITIES, Model
 from ..errors import ApiError
+from .schema import openapi_document
 from .state import GATEWAY
 
 
@@ -26,17 +27,26 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(grouped)
 
 
-async def get_model(request: web.Request) -> web.Response:
-    """One model's details; a model outside the caller's scopes answers like `decide` would."""
+async def _permitted_model(request: web.Request) -> Model:
+    """The model in the path; one outside the caller's scopes answers like `decide` would."""
     gateway = request.app[GATEWAY]
     principal = await gateway.auth.authenticate(request.headers.get("Authorization"))
     model = gateway.model(request.match_info["model_id"])
     decision = gateway.policy.current.decide(principal, model)
     if not decision.allowed:
         raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
-    return web.json_response(model.public())
+    return model
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return web.json_response((await _permitted_model(request)).public())
+
+
+async def get_schema(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(await _permitted_model(request)))
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id:.+}/schema", get_schema)  # before the catch-all id route
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
