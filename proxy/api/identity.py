@@ -25,8 +25,11 @@ async def create_token(request: web.Request) -> web.Response:
         if empty := policy.unmatched_scopes(principal, scopes, gateway.models.values()):
             raise ApiError("invalid_request", f"scopes grant no model this key may use: {', '.join(empty)}",
                            param="scopes")
+    # A plan may grant models by capability, which no pattern names: the models themselves count as covered.
+    key_models = {m.id for m in policy.visible_models(principal, gateway.models.values())}
     minted = gateway.tokens.mint(
-        key, key_scopes=policy.token_scopes(principal), sub=body.get("sub"), ttl=body.get("ttl"), scopes=scopes
+        key, key_scopes=policy.token_scopes(principal), key_models=key_models,
+        sub=body.get("sub"), ttl=body.get("ttl"), scopes=scopes,
     )
     return web.json_response(minted.as_json(), headers={"Cache-Control": "no-store"})
 
