@@ -22,7 +22,7 @@ from .config import Config, ConfigError
 from .errors import ApiError
 from .meter import Meter
 from .metrics import Metrics
-from .policy import PolicyError, PolicyHolder
+from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
 from .store import Store, StoreSettings, build_store
 from .upstream.demo import start_demo_upstream
 from .upstream.providers import Provider, auth_headers, new_session, read_credential
@@ -68,7 +68,7 @@ class Gateway:
             raise ApiError("invalid_request", "the body needs a `model` string, e.g. one id from GET /v1/models")
         model = self.models.get(model_id)
         if model is None:
-            raise ApiError("model_not_found", f"model {model_id!r} does not exist; GET /v1/models lists them")
+            raise ApiError("model_not_found", MODEL_NOT_FOUND_MESSAGE.format(model=model_id))
         return model
 
     async def start(self) -> None:

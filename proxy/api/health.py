@@ -13,17 +13,20 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when not draining, the store answers (or its fail mode covers it) and upstream pools exist."""
+    """Ready when not draining, the store answers (or its fail mode covers it) and upstream pools exist.
+
+    A rejected policy reload is reported but does not fail readiness: the previous policy keeps serving.
+    """
     gateway = request.app[GATEWAY]
     checks = {
         "accepting": not gateway.draining,
         "store": gateway.store.healthy,
         "upstreams": len(gateway.providers) == len(gateway.config.providers),
-        "policy": gateway.policy.last_error is None,
     }
+    policy = {"version": gateway.policy.current.version, "last_reload_ok": gateway.policy.last_error is None}
     ready = checks["accepting"] and checks["upstreams"] and (checks["store"] or _store_fails_open(gateway))
     gateway.metrics.store_up(checks["store"])
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    return web.json_response({"ready": ready, "checks": checks, "policy": policy}, status=200 if ready else 503)
 
 
 def _store_fails_open(gateway: Gateway) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..auth.authenticator import key_principal
+from ..context import CONTEXT
 from ..errors import ApiError
 from .body import read_json_object
 from .state import GATEWAY
@@ -18,14 +19,17 @@ async def create_token(request: web.Request) -> web.Response:
     key = gateway.auth.authenticate_minting_key(request.headers.get("Authorization"))
     body = await read_json_object(request, _MAX_TOKEN_REQUEST_BYTES) if request.body_exists else {}
     policy = gateway.policy.current
-    principal = key_principal(key)
+    request[CONTEXT].principal = principal = key_principal(key)
     scopes = body.get("scopes")
     if isinstance(scopes, list) and all(isinstance(s, str) for s in scopes):
         if empty := policy.unmatched_scopes(principal, scopes, gateway.models.values()):
             raise ApiError("invalid_request", f"scopes grant no model this key may use: {', '.join(empty)}",
                            param="scopes")
+    # A plan may grant models by capability, which no pattern names: the models themselves count as covered.
+    key_models = {m.id for m in policy.visible_models(principal, gateway.models.values())}
     minted = gateway.tokens.mint(
-        key, key_scopes=policy.token_scopes(principal), sub=body.get("sub"), ttl=body.get("ttl"), scopes=scopes
+        key, key_scopes=policy.token_scopes(principal), key_models=key_models,
+        sub=body.get("sub"), ttl=body.get("ttl"), scopes=scopes,
     )
     return web.json_response(minted.as_json(), headers={"Cache-Control": "no-store"})
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import ApiError
-from .state import GATEWAY
+from .state import GATEWAY, authenticated
 
 
 async def me(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    principal = await gateway.auth.authenticate(request.headers.get("Authorization"))
+    principal = await authenticated(request)
     policy = gateway.policy.current
     decision = policy.plan_decision(principal)
     if not decision.allowed:

@@ -7,12 +7,12 @@ from aiohttp import web
 from ..catalog import CAPABILITIES, Model
 from ..errors import ApiError
 from .schema import openapi_document
-from .state import GATEWAY
+from .state import GATEWAY, authenticated
 
 
 async def list_models(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    principal = await gateway.auth.authenticate(request.headers.get("Authorization"))
+    principal = await authenticated(request)
     visible = gateway.policy.current.visible_models(principal, gateway.models.values())
     models = [m.public() for m in visible]
     group_by = request.query.get("groupBy")
@@ -30,7 +30,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def _permitted_model(request: web.Request) -> Model:
     """The model in the path; one outside the caller's scopes answers like `decide` would."""
     gateway = request.app[GATEWAY]
-    principal = await gateway.auth.authenticate(request.headers.get("Authorization"))
+    principal = await authenticated(request)
     model = gateway.model(request.match_info["model_id"])
     decision = gateway.policy.current.decide(principal, model)
     if not decision.allowed:

@@ -21,7 +21,7 @@ from ..policy.types import Decision, RequestFacts, Usage
 from ..upstream import openai_format
 from ..upstream.relay import RelayOutcome, relay
 from .body import read_json_object
-from .state import GATEWAY
+from .state import GATEWAY, authenticated
 
 ROUTES = (
     "/v1/chat/completions",
@@ -35,7 +35,7 @@ _BYTES_PER_TOKEN = 4  # rough input estimate, used only when a stream is cut bef
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
-    ctx.principal = principal = await gateway.auth.authenticate(request.headers.get("Authorization"))
+    principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
     policy = gateway.policy.current  # one policy for the whole request, even if a reload lands meanwhile
     ctx.model = model = gateway.model(body.get("model"))

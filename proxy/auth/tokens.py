@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -211,14 +211,17 @@ def scope_matches(pattern: str, model_id: str) -> bool:
     return fnmatch.fnmatchcase(model_id, pattern)
 
 
-def scope_is_covered(requested: str, key_patterns: Iterable[str]) -> bool:
-    """A literal model id is covered if some key pattern matches it; a glob only if a key pattern equals it."""
+def scope_is_covered(requested: str, key_patterns: Iterable[str], key_models: Collection[str] = frozenset()) -> bool:
+    """A literal model id is covered if the key may use it (`key_models`, which includes models its plan grants by
+    capability) or some key pattern matches it; a glob only if a key pattern equals it."""
     if is_scope_pattern(requested):
         return requested in key_patterns
-    return any(scope_matches(pattern, requested) for pattern in key_patterns)
+    return requested in key_models or any(scope_matches(pattern, requested) for pattern in key_patterns)
 
 
-def narrow_scopes(requested: object, key_scopes: Sequence[str]) -> tuple[str, ...]:
+def narrow_scopes(
+    requested: object, key_scopes: Sequence[str], key_models: Collection[str] = frozenset()
+) -> tuple[str, ...]:
     """The scopes a token gets: the key's own if none requested, else the requested ones if all are covered."""
     if requested is None:
         return tuple(key_scopes)
@@ -226,7 +229,7 @@ def narrow_scopes(requested: object, key_scopes: Sequence[str]) -> tuple[str, ..
         raise ApiError("invalid_request", "scopes must be a non-empty list of model ids or patterns", param="scopes")
     if len(requested) > MAX_SCOPES or any(len(s) > MAX_SCOPE_LENGTH for s in requested):
         raise ApiError("invalid_request", f"at most {MAX_SCOPES} scopes of {MAX_SCOPE_LENGTH} characters each", param="scopes")
-    uncovered = [s for s in requested if not scope_is_covered(s, key_scopes)]
+    uncovered = [s for s in requested if not scope_is_covered(s, key_scopes, key_models)]
     if uncovered:
         raise ApiError(
             "invalid_request",
@@ -265,6 +268,7 @@ class GatewayTokens:
         api_key: ApiKey,
         *,
         key_scopes: Sequence[str],
+        key_models: Collection[str] = frozenset(),
         sub: object = None,
         ttl: object = None,
         scopes: object = None,
@@ -272,7 +276,7 @@ class GatewayTokens:
         """A token for this key; `sub`, `ttl`, `scopes` come straight from the request body and are validated here."""
         subject = _checked_subject(sub)
         lifetime = _checked_ttl(ttl, self.settings)
-        granted = narrow_scopes(scopes, key_scopes)
+        granted = narrow_scopes(scopes, key_scopes, key_models)
         now = int(self._clock())
         claims: dict[str, Any] = {
             "iss": self.settings.issuer,

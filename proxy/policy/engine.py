@@ -15,7 +15,7 @@ from proxy.policy.scopes import split_scope_entries, token_scope
 from proxy.policy.types import Decision, Price, RequestFacts
 
 # Shared with the HTTP layer so that a hidden model is indistinguishable from a missing one.
-MODEL_NOT_FOUND_MESSAGE = "The model {model!r} does not exist"
+MODEL_NOT_FOUND_MESSAGE = "model {model!r} does not exist; GET /v1/models lists the models you may use"
 NO_FACTS = RequestFacts()
 
 
