@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.accesslog import configure_logging
 from proxy.auth.api_keys import hash_key
 from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway, write_policy
+from tests.jwks_server import JwksServer, RsaKey, clerk_claims
 from tests.mock_provider import MockProvider
 
 LIMITED_KEY = "sk_test_" + "l" * 40
@@ -141,3 +142,25 @@ async def test_scripted_mix_moves_metrics_and_access_log_exactly(gateway: str) -
     assert access[results["upstream_500"][1]]["upstream_status"] == 500
     for secret in (TEST_KEY, LIMITED_KEY, BROKE_KEY, "sk_test_" + "x" * 40, PROVIDER_KEY):
         assert secret not in buffer.getvalue()
+
+
+async def test_jwks_fetches_are_counted_by_issuer_and_outcome(
+    provider: MockProvider, gateway_env: None, policies_dir: Path,
+) -> None:
+    key = RsaKey.generate()
+    async with JwksServer([key]) as idp, aiohttp.ClientSession() as session:
+        issuer = {"issuer": idp.issuer, "jwks_url": idp.jwks_url, "plan": "demo", "unknown_kid_cooldown_s": 0}
+        server = await start_gateway(gateway_config(provider.url, policies_dir, issuers={"clerk": issuer}))
+        try:
+            token = key.sign(clerk_claims(idp.issuer))
+            idp.mode = "error"
+            assert (await call(session, server.url, token))[0] == 503
+            idp.mode = "ok"
+            assert (await call(session, server.url, token))[0] == 200
+            async with session.get(f"{server.url}/metrics") as response:
+                page = samples(await response.text())
+        finally:
+            await server.stop()
+    assert total(page, "edge_proxy_jwks_fetches_total", issuer="clerk", outcome="failure") == 1
+    assert total(page, "edge_proxy_jwks_fetches_total", issuer="clerk", outcome="success") == 1
+    assert total(page, "edge_proxy_requests_total", principal_type="clerk", status_class="2xx") == 1
