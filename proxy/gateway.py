@@ -151,7 +151,9 @@ def build_gateway(config: Config, announce: bool = True) -> Gateway:
     except PolicyError as exc:
         raise ConfigError(str(exc)) from None
     tokens = GatewayTokens(config.auth.token_settings(), _signing_ring(config))
-    issuers = [IssuerVerifier(issuer.settings(name)) for name, issuer in config.issuers.items()]
+    issuers = [
+        IssuerVerifier(issuer.settings(name), on_fetch=metrics.jwks_fetch) for name, issuer in config.issuers.items()
+    ]
     store_settings = config.store_settings()
     store = build_store(store_settings, observer=MetricsStoreObserver(metrics))
     metrics.store_up(True)

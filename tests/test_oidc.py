@@ -288,3 +288,17 @@ def test_plain_http_jwks_url_is_refused_except_on_loopback():
         IssuerSettings(name="clerk", issuer="https://clerk.example.com", plan="members",
                        jwks_url="http://clerk.example.com/.well-known/jwks.json")
     assert IssuerSettings(name="clerk", issuer="x", plan="m", jwks_url="http://127.0.0.1:1/jwks").issuer == "x"
+
+
+async def test_every_fetch_attempt_is_reported_with_its_outcome(idp):
+    reports: list[tuple[str, bool]] = []
+    verifier = IssuerVerifier(settings_for(idp, unknown_kid_cooldown_s=0), on_fetch=lambda *r: reports.append(r))
+    try:
+        idp.mode = "error"
+        assert (await rejected(verifier, KEY.sign(clerk_claims(idp.issuer)))).code == "auth_unavailable"
+        assert reports == [("clerk", False)]  # told before the request's answer
+        idp.mode = "ok"
+        await verifier.verify(KEY.sign(clerk_claims(idp.issuer)), KEY.kid)
+        assert reports == [("clerk", False), ("clerk", True)]
+    finally:
+        await verifier.aclose()

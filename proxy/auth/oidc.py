@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -24,6 +24,9 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 MAX_JWKS_BYTES = 256 * 1024
+
+# Told (issuer name, succeeded) after every JWKS fetch attempt, e.g. to count fetches in metrics.
+FetchObserver = Callable[[str, bool], None]
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,12 @@ class JwksCache:
     Concurrent fetches are coalesced into one in-flight request; when the endpoint fails, the last keys stay in use.
     """
 
-    def __init__(self, settings: IssuerSettings, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self, settings: IssuerSettings, session: aiohttp.ClientSession | None = None,
+        on_fetch: FetchObserver | None = None,
+    ) -> None:
         self._settings = settings
+        self._on_fetch = on_fetch
         self._session = session
         self._owns_session = session is None
         self._keys: dict[str, jwt.PyJWK] | None = None  # None: never fetched successfully
@@ -142,8 +149,13 @@ class JwksCache:
 
     def _fetch_done(self, task: asyncio.Task[None]) -> None:
         self._inflight = None
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("JWKS fetch for issuer %s failed: %s", self._settings.name, task.exception())
+        if task.cancelled():
+            return  # shutting down: not an outcome of the issuer's endpoint
+        error = task.exception()
+        if error is not None:
+            log.warning("JWKS fetch for issuer %s failed: %s", self._settings.name, error)
+        if self._on_fetch is not None:
+            self._on_fetch(self._settings.name, error is None)
 
     async def _fetch_if_allowed(self) -> None:
         """Join the in-flight fetch, or start one unless within the cooldown; failures leave the old keys in place."""
@@ -180,9 +192,12 @@ class JwksCache:
 class IssuerVerifier:
     """Verifies one issuer's JWTs and maps their claims to a Principal."""
 
-    def __init__(self, settings: IssuerSettings, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self, settings: IssuerSettings, session: aiohttp.ClientSession | None = None,
+        on_fetch: FetchObserver | None = None,
+    ) -> None:
         self.settings = settings
-        self.jwks = JwksCache(settings, session)
+        self.jwks = JwksCache(settings, session, on_fetch)
 
     async def verify(self, token: str, kid: str) -> Principal:
         """Signature with the issuer's key for `kid`, then iss, aud, exp/nbf (with leeway), azp; claims -> Principal."""

@@ -50,13 +50,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-policies" (include "edge-proxy.fullname" .)) .Values.policiesExistingConfigMap }}
 {{- end }}
 
-{{/* config.yaml as the pod sees it: values.config with server.drain_seconds taken from shutdown.drainSeconds,
-     so the app's drain deadline and the pod's grace period cannot disagree. */}}
+{{/* config.yaml as the pod sees it: values.config plus the keys the chart owns, so the app cannot disagree
+     with the pod: its port, its drain deadline (the grace period is built from it) and the Redis env var. */}}
 {{- define "edge-proxy.configYaml" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $server := get $config "server" | default dict }}
-{{- $_ := set $server "drain_seconds" .Values.shutdown.drainSeconds }}
+{{- $_ := set $server "port" .Values.containerPort }}
+{{- $_ := set $server "shutdown_grace_s" .Values.shutdown.drainSeconds }}
 {{- $_ := set $config "server" $server }}
+{{- if .Values.redis.existingSecret }}
+{{- $store := get $config "store" | default dict }}
+{{- $_ := set $store "kind" "redis" }}
+{{- $_ := set $store "redis_url_env" "REDIS_URL" }}
+{{- $_ := set $config "store" $store }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
