@@ -15,9 +15,12 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready when not draining, the store answers (or its fail mode covers it) and upstream pools exist."""
     gateway = request.app[GATEWAY]
+    # Probe, not just read the breaker: an unready replica gets no traffic, so no request would ever
+    # trip the breaker or close it again. The ping is bounded by the store timeouts and skips an open breaker.
+    store_up = await gateway.store.ping()
     checks = {
         "accepting": not gateway.draining,
-        "store": gateway.store.healthy,
+        "store": store_up,
         "upstreams": len(gateway.providers) == len(gateway.config.providers),
         "policy": gateway.policy.last_error is None,
     }
