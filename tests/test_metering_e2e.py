@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.server import RunningServer
 
 from .gateway_harness import TEST_KEY, gateway_config, start_gateway, write_policy
-from .mock_provider import MockProvider, chat_chunk, open_sse, sse
+from .mock_provider import MockProvider, chat_chunk, open_sse, sse, usage_chunk
 from .redis_server import RedisServer
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
@@ -49,14 +49,14 @@ def reserve_for(body: bytes) -> int:
     return chat_cost(len(body), MAX_TOKENS)
 
 
-StartGateway = Callable[[str], Awaitable[str]]
+StartGateway = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture(params=["memory", "redis"])
 async def start_metered(
     request: pytest.FixtureRequest, provider: MockProvider, gateway_env: None, tmp_path: Path
 ) -> AsyncIterator[StartGateway]:
-    """Start one gateway with the given policy on a memory store or on a freshly flushed Redis."""
+    """Start one gateway with the given policy (and store settings) on memory or on a freshly flushed Redis."""
     store: dict[str, Any] = {"kind": "memory"}
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
@@ -65,8 +65,9 @@ async def start_metered(
         store = {"kind": "redis", "redis_url": url}
     servers: list[RunningServer] = []
 
-    async def start(policy: str) -> str:
-        config = gateway_config(provider.url, write_policy(tmp_path / "policies", policy), store=store)
+    async def start(policy: str, **store_settings: Any) -> str:
+        policies = write_policy(tmp_path / "policies", policy)
+        config = gateway_config(provider.url, policies, store={**store, **store_settings})
         servers.append(await start_gateway(config))
         return servers[-1].url
 
@@ -90,12 +91,14 @@ async def balance(gateway: str) -> dict[str, Any]:
             return (await response.json())["balance"]
 
 
-async def settled_balance(gateway: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    """The balance once nothing is held any more (settles run after the response ends)."""
+async def settled_balance(
+    gateway: str, done: Callable[[dict[str, Any]], bool] = lambda b: b["held"] == 0, timeout_s: float = 5.0
+) -> dict[str, Any]:
+    """The balance once `done` holds (default: nothing held); settles may finish after the response ends."""
     deadline = time.monotonic() + timeout_s
     while True:
         current = await balance(gateway)
-        if current["held"] == 0 or time.monotonic() > deadline:
+        if done(current) or time.monotonic() > deadline:
             return current
         await asyncio.sleep(0.05)
 
@@ -163,6 +166,35 @@ async def test_client_disconnect_mid_stream_charges_part_of_the_reservation(
     state = await settled_balance(gateway)
     assert state["held"] == 0
     assert 0 < state["spent"] < reserve_for(STREAM_BYTES)
+
+
+async def test_stream_outliving_the_ttl_is_charged_the_reserve_then_corrected_by_its_late_settle(
+    start_metered: StartGateway, provider: MockProvider
+) -> None:
+    """docs/metering.md: an expired hold is charged at the reserve; a late settle corrects it to the actual cost."""
+    ttl_s = 0.5
+    past_ttl, checked = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        await response.write(sse(chat_chunk("slow")))
+        await asyncio.sleep(ttl_s + 0.2)
+        past_ttl.set()
+        await asyncio.wait_for(checked.wait(), 5)
+        await response.write(sse(usage_chunk(7, 4)))
+        await response.write(sse("[DONE]"))
+        return response
+
+    provider.handler = slow
+    gateway = await start_metered(POLICY, reservation_ttl_s=ttl_s)
+    request = asyncio.create_task(post(gateway, STREAM_BYTES))
+    await asyncio.wait_for(past_ttl.wait(), 5)
+    expired = await balance(gateway)
+    checked.set()
+    assert (expired["spent"], expired["held"]) == (reserve_for(STREAM_BYTES), 0)
+    assert (await request)[0] == 200
+    state = await settled_balance(gateway, lambda b: b["spent"] != reserve_for(STREAM_BYTES))
+    assert (state["spent"], state["held"]) == (chat_cost(7, 4), 0)
 
 
 async def test_rate_limit_refusal_carries_retry_after_and_ratelimit_headers(start_metered: StartGateway) -> None:
