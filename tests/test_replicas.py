@@ -227,6 +227,42 @@ async def test_hold_of_a_replica_killed_mid_stream_is_charged_after_the_ttl(
         provider.handler = None
 
 
+async def test_replica_stopped_mid_stream_settles_before_it_exits(
+    replicas: list[Replica], provider: MockProvider, config_path: Path
+) -> None:
+    """SIGTERM: once the shutdown grace is over the stream is cut and charged what it used, not left to expire."""
+    graceful = config_path.parent / "graceful.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["server"]["shutdown_grace_s"] = 0.3
+    graceful.write_text(yaml.safe_dump(config))
+
+    async def hangs_after_one_chunk(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        await response.write(sse(chat_chunk("partial")))
+        await asyncio.sleep(30)  # cancelled when the stopping replica closes the connection
+        return response
+
+    body = json.dumps({"model": "mock/chat", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": MAX_TOKENS, "stream": True}).encode()
+    stopping = Replica(graceful, config_path.parent / "graceful.log")
+    provider.handler = hangs_after_one_chunk
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_healthy(stopping, http)
+            before = await balance(replicas[0], STREAMER_KEY)
+            response = await http.post(f"{stopping.url}/v1/chat/completions", data=body, headers=auth(STREAMER_KEY))
+            assert b"partial" in await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+            stopping.process.send_signal(signal.SIGTERM)
+            await asyncio.get_running_loop().run_in_executor(None, stopping.process.wait, 5)
+            response.close()
+        after = await balance(replicas[0], STREAMER_KEY)  # at once: well within the reservation ttl
+        charged = after["spent"] - before["spent"]
+        assert after["held"] == 0 and 0 < charged < 1 + len(body) + 2 * MAX_TOKENS
+    finally:
+        provider.handler = None
+        stopping.stop()
+
+
 async def eventually_unheld(replica: Replica, key: str, timeout_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
