@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -230,30 +231,59 @@ async def test_budget_refusal_is_402_and_takes_nothing(start_metered: StartGatew
     assert (state["spent"], state["held"], state["remaining"]) == (2, 0, 0)
 
 
+@asynccontextmanager
+async def gateway_on_own_redis(
+    provider: MockProvider, tmp_path: Path, policy: str, **store: Any
+) -> AsyncIterator[tuple[str, RedisServer]]:
+    """A gateway on a redis-server of its own, which the test may kill and restart; both stopped at the end."""
+    redis_server = RedisServer(workdir=tmp_path)
+    redis_server.start()
+    try:
+        policies = write_policy(tmp_path / "policies", policy)
+        server = await start_gateway(
+            gateway_config(provider.url, policies, store={"kind": "redis", "redis_url": redis_server.url, **store})
+        )
+        try:
+            yield server.url, redis_server
+        finally:
+            await server.stop()
+    finally:
+        redis_server.stop()
+
+
 async def test_redis_killed_and_restarted_under_a_running_gateway(
     provider: MockProvider, gateway_env: None, tmp_path: Path
 ) -> None:
     """Credits fail closed: 503 at once while Redis is down, not ready; back by itself once Redis is."""
-    redis_server = RedisServer(workdir=tmp_path)
-    redis_server.start()
-    store = {"kind": "redis", "redis_url": redis_server.url, "breaker_reset_s": 0.3, "fail_mode": {"credits": "closed"}}
-    server = await start_gateway(gateway_config(provider.url, write_policy(tmp_path / "policies", POLICY), store=store))
-    try:
-        assert (await post(server.url))[0] == 200
+    store = {"breaker_reset_s": 0.3, "fail_mode": {"credits": "closed"}}
+    async with gateway_on_own_redis(provider, tmp_path, POLICY, **store) as (gateway, redis_server):
+        assert (await post(gateway))[0] == 200
         redis_server.kill()
         # Readiness notices by itself, before any request has tripped the breaker.
-        assert await asyncio.wait_for(ready_status(server.url), 2.0) == 503
+        assert await asyncio.wait_for(ready_status(gateway), 2.0) == 503
         for _ in range(5):
-            status, headers, body = await asyncio.wait_for(post(server.url), 2.0)
+            status, headers, body = await asyncio.wait_for(post(gateway), 2.0)
             assert status == 503 and json.loads(body)["error"]["code"] == "store_unavailable"
             assert headers["Retry-After"] == "1"
         redis_server.start()
         # A replica that is not ready gets no traffic, so readiness alone must find Redis back.
-        assert await eventually(lambda: ready_status(server.url), 200, timeout_s=5.0) == 200
-        assert (await post(server.url))[0] == 200
-    finally:
-        await server.stop()
-        redis_server.stop()
+        assert await eventually(lambda: ready_status(gateway), 200, timeout_s=5.0) == 200
+        assert (await post(gateway))[0] == 200
+
+
+async def test_rate_limits_fail_open_to_a_local_limiter_while_redis_is_down(
+    provider: MockProvider, gateway_env: None, tmp_path: Path
+) -> None:
+    """Both fail modes open: with Redis gone the replica enforces the limit locally and stays ready."""
+    unbudgeted = POLICY.replace("requests: 1000, window: 1h", "requests: 2, window: 1h").replace(
+        f"    budget: {{credits: {BUDGET}, period: month, scope: account}}\n", "")
+    store = {"fail_mode": {"rate_limits": "open", "credits": "open"}}
+    async with gateway_on_own_redis(provider, tmp_path, unbudgeted, **store) as (gateway, redis_server):
+        redis_server.kill()
+        answers = [await asyncio.wait_for(post(gateway), 2.0) for _ in range(3)]
+        assert [status for status, _, _ in answers] == [200, 200, 429]
+        assert answers[2][1]["RateLimit-Limit"] == "2" and "Retry-After" in answers[2][1]
+        assert await ready_status(gateway) == 200
 
 
 async def ready_status(gateway: str) -> int:
