@@ -18,9 +18,12 @@ async def readyz(request: web.Request) -> web.Response:
     A rejected policy reload is reported but does not fail readiness: the previous policy keeps serving.
     """
     gateway = request.app[GATEWAY]
+    # Probe, not just read the breaker: an unready replica gets no traffic, so no request would ever
+    # trip the breaker or close it again. The ping is bounded by the store timeouts and skips an open breaker.
+    store_up = await gateway.store.ping()
     checks = {
         "accepting": not gateway.draining,
-        "store": gateway.store.healthy,
+        "store": store_up,
         "upstreams": len(gateway.providers) == len(gateway.config.providers),
     }
     policy = {"version": gateway.policy.current.version, "last_reload_ok": gateway.policy.last_error is None}
