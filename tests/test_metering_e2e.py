@@ -169,6 +169,33 @@ async def test_client_disconnect_mid_stream_charges_part_of_the_reservation(
     assert 0 < state["spent"] < reserve_for(STREAM_BYTES)
 
 
+async def test_estimated_charge_of_a_cut_stream_never_exceeds_the_reservation(
+    start_metered: StartGateway, provider: MockProvider
+) -> None:
+    """An upstream that ignores max_tokens must not make the disconnect estimate charge above the reserve."""
+    chunks = MAX_TOKENS * 3
+
+    async def flood_then_hang(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        for _ in range(chunks):
+            await response.write(sse(chat_chunk("t")))
+        await asyncio.sleep(30)
+        return response
+
+    provider.handler = flood_then_hang
+    gateway = await start_metered(POLICY)
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(
+            f"{gateway}/v1/chat/completions", data=STREAM_BYTES, headers={**AUTH, "Content-Type": "application/json"}
+        )
+        for _ in range(chunks):
+            await response.content.readuntil(b"\n\n")
+        response.close()
+    state = await settled_balance(gateway)
+    assert state["held"] == 0
+    assert state["spent"] == reserve_for(STREAM_BYTES)
+
+
 async def test_stream_outliving_the_ttl_is_charged_the_reserve_then_corrected_by_its_late_settle(
     start_metered: StartGateway, provider: MockProvider
 ) -> None:

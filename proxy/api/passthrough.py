@@ -98,6 +98,9 @@ async def settle(
         return
     ctx.usage = usage
     ctx.credits_charged = cost(decision.price, usage) if decision.price else 0.0
+    if outcome.usage is None:
+        # Only an estimate (a cut stream): never charge more than the most the request could have cost.
+        ctx.credits_charged = min(ctx.credits_charged, decision.reserve_credits)
     await admission.settle(ctx.credits_charged, usage.input_tokens + usage.output_tokens)
     gateway.metrics.credits("settled", ctx.credits_charged)
     gateway.metrics.credits("released", max(0.0, decision.reserve_credits - ctx.credits_charged))
