@@ -4,9 +4,11 @@ from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway, write_policy
 from tests.mock_provider import MockProvider
+from proxy.store import MemoryStore, RedisStore, Store
 from tests.redis_server import RedisServer
 
 
@@ -21,6 +23,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def redis_url(redis_server: RedisServer) -> str:
     """URL of the session's redis-server (database 0); flush it yourself if a test needs it empty."""
     return redis_server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each test runs against both implementations; Redis starts from an empty database."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    url = request.getfixturevalue("redis_url")
+    client = aioredis.Redis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    redis_store = RedisStore(url)
+    yield redis_store
+    await redis_store.close()
 
 
 @pytest.fixture

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import aiohttp
 
 from proxy.config import parse_config
 from proxy.server import RunningServer, start_server
@@ -60,3 +64,19 @@ def gateway_config(provider_url: str, policies_dir: Path, **overrides: Any) -> d
 
 async def start_gateway(config: dict[str, Any]) -> RunningServer:
     return await start_server(parse_config(config, "test-config"), host="127.0.0.1", port=0)
+
+
+async def wait_healthy(url: str, exited: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll `/healthz` until it answers 200; fail fast if the gateway process `exited()`."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert not exited(), f"the gateway at {url} exited during start-up"
+            try:
+                async with http.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"the gateway at {url} did not become healthy within {timeout_s}s")

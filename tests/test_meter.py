@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,20 +37,6 @@ class Clock:
 def clock() -> Clock:
     # now, so that Redis' real-time key expiry never runs ahead of the injected clock
     return Clock(datetime.fromtimestamp(time.time(), timezone.utc))
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    url = request.getfixturevalue("redis_url")
-    client = aioredis.Redis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
-    redis_store = RedisStore(url)
-    yield redis_store
-    await redis_store.close()
 
 
 @pytest.fixture

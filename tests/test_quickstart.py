@@ -11,8 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import aiohttp
 import openai
+
+from tests.gateway_harness import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,14 +40,7 @@ async def test_edge_proxy_serve_with_the_default_config_answers_the_sdk() -> Non
                 break
         assert key, "the demo key was not printed"
         base = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.get(f"{base}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
+        await wait_healthy(base, lambda: process.poll() is not None)
         async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key.group(1), max_retries=0, timeout=10) as client:
             answer = await client.chat.completions.create(
                 model="demo/chat", messages=[{"role": "user", "content": "ping"}]

@@ -12,7 +12,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
@@ -23,7 +23,7 @@ from aiohttp import web
 
 from proxy.auth.api_keys import hash_key
 
-from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, write_policy
+from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, wait_healthy, write_policy
 from .mock_provider import MockProvider, chat_chunk, open_sse, sse
 from .redis_server import free_port
 
@@ -90,18 +90,8 @@ class Replica:
                 self.process.wait(timeout=5)
 
 
-async def wait_healthy(replica: Replica, http: aiohttp.ClientSession, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert replica.process.poll() is None, f"replica on port {replica.port} exited at start-up"
-        try:
-            async with http.get(f"{replica.url}/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"replica on port {replica.port} did not become healthy in {timeout_s}s")
+async def replica_healthy(replica: Replica) -> None:
+    await wait_healthy(replica.url, lambda: replica.process.poll() is not None)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -117,7 +107,10 @@ def config_path(redis_url: str, provider: MockProvider, tmp_path_factory: pytest
     config = gateway_config(
         provider.url, write_policy(workdir / "policies", POLICY),
         server={"access_log": False, "log_level": "warning"},
-        store={"kind": "redis", "redis_url": redis_url, "reservation_ttl_s": RESERVATION_TTL_S},
+        # Roomy store timeouts: 400 requests at once on a shared 2-core machine must not turn a slow Redis
+        # answer into a 503; what is measured here is exactness, not latency.
+        store={"kind": "redis", "redis_url": redis_url, "reservation_ttl_s": RESERVATION_TTL_S,
+               "connect_timeout_s": 5, "op_timeout_s": 5},
     )
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -133,8 +126,7 @@ async def replicas(config_path: Path, redis_url: str) -> AsyncIterator[list[Repl
     try:
         for i in range(REPLICAS):
             started.append(Replica(config_path, config_path.parent / f"replica{i}.log"))
-        async with aiohttp.ClientSession() as http:
-            await asyncio.gather(*(wait_healthy(r, http) for r in started))
+        await asyncio.gather(*(replica_healthy(r) for r in started))
         yield started
     finally:
         for replica in started:
@@ -249,7 +241,7 @@ async def test_replica_stopped_mid_stream_settles_before_it_exits(
     provider.handler = hangs_after_one_chunk
     try:
         async with aiohttp.ClientSession() as http:
-            await wait_healthy(stopping, http)
+            await replica_healthy(stopping)
             before = await balance(replicas[0], STREAMER_KEY)
             response = await http.post(f"{stopping.url}/v1/chat/completions", data=body, headers=auth(STREAMER_KEY))
             assert b"partial" in await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config
+from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, wait_healthy
 from tests.mock_provider import MockProvider, chat_chunk, open_sse, sse, usage_chunk
 
 CHUNKS = 8
@@ -55,27 +55,12 @@ async def gateway_process(provider: MockProvider, policies_dir: Path, tmp_path: 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_until_serving(url, process)
+        await wait_healthy(url, lambda: process.returncode is not None)
         yield process, url
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
-
-
-async def wait_until_serving(url: str, process: asyncio.subprocess.Process, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert process.returncode is None, "the gateway exited during start-up"
-            try:
-                async with session.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"the gateway did not serve {url} within {timeout_s}s")
 
 
 async def connection_refused(url: str, timeout_s: float = 2.0) -> bool:

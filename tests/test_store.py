@@ -35,21 +35,6 @@ T0 = int(time.time() * 1000)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """Each test runs against both implementations; Redis starts from an empty database."""
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    url = request.getfixturevalue("redis_url")
-    client = aioredis.Redis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
-    redis_store = RedisStore(url)
-    yield redis_store
-    await redis_store.close()
-
-
 _ids = iter(range(10**9))
 
 
