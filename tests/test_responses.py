@@ -203,3 +203,32 @@ async def error_of(gateway: str, body: dict[str, Any], headers: dict[str, str] |
         async with http.post(f"{gateway}/v1/responses", json=body, headers=AUTH if headers is None else headers) as r:
             assert r.content_type == "application/json"
             return r.status, (await r.json())["error"]
+
+
+async def test_client_disconnect_cancels_the_upstream_and_settles(gateway: str, provider: MockProvider) -> None:
+    upstream_cancelled = asyncio.Event()
+
+    async def endless(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        try:
+            while True:
+                await response.write(sse(chat_chunk("tick")))
+                await asyncio.sleep(0.05)
+        except (asyncio.CancelledError, ConnectionResetError):
+            upstream_cancelled.set()
+            raise
+
+    provider.handler = endless
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{gateway}/v1/responses", json={"model": "mock/chat", "prompt": "hi"}, headers=AUTH)
+        async for name, _ in events_of(response):
+            if name == "generation.delta":
+                break
+        response.close()  # hang up mid-stream
+    await wait_for(upstream_cancelled, 5)
+    for _ in range(50):  # the shielded settle runs after the cancellation; give it a moment
+        after = await balance(gateway)
+        if after["held"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert after["held"] == 0 and after["spent"] > 0
