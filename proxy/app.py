@@ -7,7 +7,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .api import health, identity, me, models, passthrough
+from .api import health, identity, me, models, passthrough, responses, uploads
 from .api.state import GATEWAY
 from .config import Config, ServerSettings
 from .context import CONTEXT, RequestContext, request_id_for, route_name
@@ -128,6 +128,6 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(drain)
-    for routes in (health, identity, me, models, passthrough):
+    for routes in (health, identity, me, models, passthrough, responses, uploads):
         routes.add_routes(app)
     return app

@@ -42,6 +42,16 @@ class ServerSettings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True  # one JSON object per line (access log included); false for human-readable text
     access_log: bool = True
+    max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0)  # POST /v1/uploads; larger files get 413
+    public_url: str | None = None  # base of asset URLs (e.g. https://ai.example.com); default: the request's host
+
+
+class AssetSettings(_Strict):
+    """The in-memory store behind uploads and generated audio: short-lived, bounded, least recently used out."""
+
+    ttl_s: float = Field(3600.0, gt=0)
+    max_total_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    max_count: int = Field(1000, gt=0)
 
 
 def store_settings(raw: Mapping[str, Any], source: str) -> StoreSettings:
@@ -168,6 +178,7 @@ class Config(_Strict):
     auth: AuthSettings = AuthSettings()
     issuers: dict[str, IssuerConfig] = {}
     metrics: MetricsSettings = MetricsSettings()
+    assets: AssetSettings = AssetSettings()
     demo: DemoSettings = DemoSettings()
     policies: PoliciesSettings = PoliciesSettings()
     providers: dict[str, ProviderSettings] = {}
@@ -193,6 +204,15 @@ class Config(_Strict):
             if m.id in seen:
                 raise ValueError(f"models[{i}]: id {m.id!r} is declared twice; model ids must be unique")
             seen.add(m.id)
+        return self
+
+    @model_validator(mode="after")
+    def _uploads_fit_the_asset_store(self) -> "Config":
+        if self.server.max_upload_bytes > self.assets.max_total_bytes:
+            raise ValueError(
+                f"server.max_upload_bytes ({self.server.max_upload_bytes}) exceeds assets.max_total_bytes "
+                f"({self.assets.max_total_bytes}); raise assets.max_total_bytes or lower server.max_upload_bytes"
+            )
         return self
 
     def store_settings(self) -> StoreSettings:

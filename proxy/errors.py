@@ -18,6 +18,7 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "model_not_found": (404, "not_found_error"),
     "method_not_allowed": (405, "invalid_request_error"),
     "payload_too_large": (413, "invalid_request_error"),
+    "unsupported_media_type": (415, "invalid_request_error"),
     "rate_limit": (429, "rate_limit_error"),
     "concurrency_limit": (429, "rate_limit_error"),
     "internal_error": (500, "server_error"),

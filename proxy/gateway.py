@@ -13,6 +13,7 @@ from typing import Mapping
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from .assets import AssetStore
 from .auth.api_keys import ApiKey, generate_key, hash_key
 from .auth.authenticator import Authenticator
 from .auth.oidc import IssuerVerifier
@@ -46,7 +47,7 @@ class MetricsStoreObserver:
 
 @dataclass
 class Gateway:
-    """Everything a request needs: catalogue, policy, identity, meter, providers and metrics."""
+    """Everything a request needs: catalogue, policy, identity, meter, providers, assets and metrics."""
 
     config: Config
     models: Mapping[str, Model]
@@ -58,6 +59,7 @@ class Gateway:
     meter: Meter
     metrics: Metrics
     relay: RelaySettings
+    assets: AssetStore
     providers: dict[str, Provider] = field(default_factory=dict)
     draining: bool = False
     _runners: list[web.AppRunner] = field(default_factory=list)
@@ -173,4 +175,7 @@ def build_gateway(config: Config, announce: bool = True) -> Gateway:
         meter=Meter(store, reservation_ttl_s=store_settings.reservation_ttl_s),
         metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
+        assets=AssetStore(
+            ttl_s=config.assets.ttl_s, max_total_bytes=config.assets.max_total_bytes, max_count=config.assets.max_count
+        ),
     )

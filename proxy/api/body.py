@@ -9,6 +9,8 @@ from aiohttp import web
 
 from ..errors import ApiError
 
+_READ_CHUNK = 64 * 1024
+
 
 async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:
     """The body as a JSON object, or 413 / 400 errors that say what is wrong.
@@ -30,6 +32,18 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "the request body must be a JSON object")
     return body
+
+
+async def read_raw(request: web.Request, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes `max_bytes`, whatever the app's `client_max_size`."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(_READ_CHUNK):
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+    return bytes(body)
 
 
 def _too_large(max_bytes: int) -> ApiError:

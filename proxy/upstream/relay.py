@@ -62,12 +62,12 @@ async def relay(
 ) -> web.StreamResponse:
     """Forward the call and stream the answer back; fills `outcome` as it goes (also when cancelled)."""
     started = time.monotonic()
-    upstream = await _open(request, provider, route, prepared.body, request_id)
+    upstream = await open_upstream(provider, route, prepared.body, request_id, forwarded_headers(request))
     try:
         outcome.first_byte_s = time.monotonic() - started
         outcome.status = upstream.status
         if upstream.status >= 500:
-            raise await _upstream_failure(provider, upstream)
+            raise await upstream_failure(provider, upstream)
         response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream, extra_headers))
         outcome.response = response
         is_sse = upstream.content_type == "text/event-stream"
@@ -75,7 +75,7 @@ async def relay(
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"
         await response.prepare(request)
-        chunks = _read_chunks(upstream, provider.timeouts.idle_s, settings.keepalive_s if is_sse else 0.0)
+        chunks = read_chunks(upstream, provider.timeouts.idle_s, settings.keepalive_s if is_sse else 0.0)
         if is_sse:
             await _relay_events(response, chunks, prepared.usage_injected, outcome)
         else:
@@ -97,10 +97,16 @@ async def relay(
             upstream.close()
 
 
-async def _open(
-    request: web.Request, provider: Provider, route: str, body: bytes, request_id: str
+def forwarded_headers(request: web.Request) -> dict[str, str]:
+    """The client's headers that the upstream may see (never its credential)."""
+    return {h: v for h in _FORWARD_REQUEST_HEADERS if (v := request.headers.get(h))}
+
+
+async def open_upstream(
+    provider: Provider, route: str, body: bytes, request_id: str, forward: Mapping[str, str]
 ) -> aiohttp.ClientResponse:
-    headers = CIMultiDict((h, v) for h in _FORWARD_REQUEST_HEADERS if (v := request.headers.get(h)))
+    """POST to the provider and wait (up to `first_byte_s`) for its response headers."""
+    headers = CIMultiDict(forward)
     headers.update(provider.auth_headers)
     headers["X-Request-Id"] = request_id
     try:
@@ -117,7 +123,8 @@ async def _open(
         raise ApiError("upstream_error", f"provider {provider.name} failed: {type(exc).__name__}") from None
 
 
-async def _upstream_failure(provider: Provider, upstream: aiohttp.ClientResponse) -> ApiError:
+async def upstream_failure(provider: Provider, upstream: aiohttp.ClientResponse) -> ApiError:
+    """An `upstream_error` carrying the provider's status and the start of its error body."""
     try:
         async with asyncio.timeout(provider.timeouts.idle_s):
             detail = (await upstream.content.read(2048)).decode(errors="replace")
@@ -137,7 +144,7 @@ def _response_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]
     return headers
 
 
-async def _read_chunks(
+async def read_chunks(
     upstream: aiohttp.ClientResponse, idle_s: float, keepalive_s: float
 ) -> AsyncIterator[bytes | None]:
     """Upstream chunks as they arrive; None when `keepalive_s` passes without one (time to send a ping)."""

@@ -1,0 +1,281 @@
+"""`POST /v1/responses`: unified generation. `{"model", ...inputs}` in; always a `text/event-stream` out.
+
+Events: `generation.status` {"status": "queued"|"running"}, `generation.delta` {"delta"} (text, as the upstream
+streams it), `generation.completed` {"output"}, `generation.failed` {"error"}. Anything refused before the
+stream starts (401, 402, 403, 404, 429, 400) is a plain JSON error. Metered exactly like the passthrough
+routes: decide, admit, and a shielded settle of what the upstream really used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from ..catalog import Model
+from ..context import CONTEXT
+from ..errors import ApiError
+from ..upstream import openai_format, sse
+from ..upstream.providers import Provider
+from ..upstream.relay import RelayOutcome, open_upstream, read_chunks, upstream_failure
+from .body import read_json_object
+from .inputs import validate_inputs
+from .passthrough import request_facts, settle, upstream_outcome
+from .schema import INPUTS
+from .state import GATEWAY, authenticated
+from .uploads import asset_url, describe
+
+# Nearest OpenAI image size per aspect ratio (the sizes OpenAI-format image models accept).
+_IMAGE_SIZES = {"1:1": "1024x1024", "16:9": "1792x1024", "9:16": "1024x1792", "4:3": "1536x1024", "3:4": "1024x1536"}
+_UPSTREAM_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    route: str
+    body: dict[str, Any]
+
+
+def _text_call(inputs: dict[str, Any]) -> UpstreamCall:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": inputs["prompt"]}], "stream": True}
+    body.update({k: inputs[k] for k in ("max_tokens", "temperature") if k in inputs})
+    return UpstreamCall("/v1/chat/completions", body)
+
+
+def _image_call(inputs: dict[str, Any]) -> UpstreamCall:
+    size = _IMAGE_SIZES[inputs["aspect_ratio"]]
+    return UpstreamCall("/v1/images/generations", {"prompt": inputs["prompt"], "n": inputs["n"], "size": size})
+
+
+def _speech_call(inputs: dict[str, Any]) -> UpstreamCall:
+    return UpstreamCall("/v1/audio/speech", {"input": inputs["input"], "voice": inputs["voice"]})
+
+
+_CALLS: dict[str, Callable[[dict[str, Any]], UpstreamCall]] = {
+    "text2text": _text_call, "text2image": _image_call, "text2speech": _speech_call,
+}
+
+
+def upstream_call(model: Model, inputs: dict[str, Any]) -> UpstreamCall:
+    """Validate the inputs against the model's schema and map them to an OpenAI-format call."""
+    build = _CALLS.get(model.capability)
+    if build is None:
+        raise ApiError(
+            "invalid_request",
+            f"{model.capability} models are not supported by /v1/responses yet; supported: {', '.join(_CALLS)}",
+            param="model",
+        )
+    schema = INPUTS[model.capability]
+    validate_inputs(inputs, schema)
+    defaults = {name: rule["default"] for name, rule in schema["properties"].items() if "default" in rule}
+    return build({**defaults, **inputs})
+
+
+class EventStream:
+    """The client's event stream; `events_out` counts what was sent."""
+
+    def __init__(self, response: web.StreamResponse, outcome: RelayOutcome) -> None:
+        self.response = response
+        self._outcome = outcome
+
+    @classmethod
+    async def open(cls, request: web.Request, headers: Mapping[str, str], outcome: RelayOutcome) -> "EventStream":
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers,
+        })
+        await response.prepare(request)
+        return cls(response, outcome)
+
+    async def send(self, event: str, data: dict[str, Any]) -> None:
+        payload = json.dumps(data, separators=(",", ":"))
+        await self.response.write(f"event: {event}\ndata: {payload}\n\n".encode())
+        self._outcome.events_out += 1
+
+    async def ping(self) -> None:
+        await self.response.write(sse.comment("ping"))
+
+
+@dataclass
+class UpstreamAnswer:
+    """What a reader needs to turn the upstream's answer into the `completed` output."""
+
+    chunks: AsyncIterator[bytes | None]  # None: the upstream is quiet, time for a keep-alive ping
+    content_type: str
+    events: EventStream
+    outcome: RelayOutcome  # readers note usage and output here, for settle
+    keep: Callable[[bytes, str], dict[str, Any]]  # stores bytes as an asset; returns its description
+    max_bytes: int
+
+
+async def _text_output(answer: UpstreamAnswer) -> dict[str, Any]:
+    """Forward each content delta as soon as its SSE event is complete; note usage on the side."""
+    splitter, parts = sse.EventSplitter(), []
+    async for chunk in answer.chunks:
+        if chunk is None:
+            await answer.events.ping()
+            continue
+        for event in splitter.feed(chunk):
+            data = sse.event_json(event)
+            if data is None:
+                continue  # `[DONE]`, comments
+            if "error" in data:
+                raise ApiError("upstream_error", f"the provider failed mid-stream: {_message(data['error'])}")
+            if (usage := openai_format.usage_of(data)) is not None:
+                answer.outcome.usage = usage
+            if openai_format.counts_as_output(data):
+                answer.outcome.output_chunks += 1
+            if delta := _delta_text(data):
+                parts.append(delta)
+                answer.outcome.bytes_out += len(delta.encode())
+                await answer.events.send("generation.delta", {"delta": delta})
+    return {"text": "".join(parts)}
+
+
+async def _image_output(answer: UpstreamAnswer) -> dict[str, Any]:
+    """URLs from an images/generations answer; base64 images are kept as assets so the client gets URLs too."""
+    result = _json_object(await _read_all(answer))
+    answer.outcome.usage = openai_format.usage_of(result)
+    items = [item for item in result.get("data") or () if isinstance(item, dict)]
+    urls = [item["url"] if isinstance(item.get("url"), str) else _keep_b64(answer, item) for item in items]
+    if not urls:
+        raise ApiError("upstream_error", "the provider's answer carries no image")
+    return {"url": urls[0], "urls": urls}
+
+
+async def _speech_output(answer: UpstreamAnswer) -> dict[str, Any]:
+    """The audio, kept as an asset: the client gets a short-lived URL like for uploads."""
+    audio = await _read_all(answer)
+    return answer.keep(audio, answer.content_type or "audio/mpeg")
+
+
+_READERS: dict[str, Callable[[UpstreamAnswer], Awaitable[dict[str, Any]]]] = {
+    "text2text": _text_output, "text2image": _image_output, "text2speech": _speech_output,
+}
+
+
+async def _read_all(answer: UpstreamAnswer) -> bytes:
+    body = bytearray()
+    async for chunk in answer.chunks:
+        if chunk is None:
+            await answer.events.ping()
+            continue
+        body += chunk
+        answer.outcome.bytes_out += len(chunk)
+        if len(body) > answer.max_bytes:
+            raise ApiError("upstream_error", f"the provider's answer exceeds {answer.max_bytes} bytes")
+    return bytes(body)
+
+
+def _keep_b64(answer: UpstreamAnswer, item: dict[str, Any]) -> str:
+    try:
+        image = base64.b64decode(item.get("b64_json") or "", validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise ApiError("upstream_error", "the provider's image is neither a URL nor valid base64") from None
+    return str(answer.keep(image, "image/png")["url"])
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise ApiError("upstream_error", "the provider's answer is not JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError("upstream_error", "the provider's answer is not a JSON object")
+    return value
+
+
+def _delta_text(chunk: dict[str, Any]) -> str:
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return ""
+    delta = choices[0].get("delta")
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return content if isinstance(content, str) else ""
+
+
+def _message(error: Any) -> str:
+    return str(error.get("message", "")) if isinstance(error, dict) else str(error)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    gateway, ctx = request.app[GATEWAY], request[CONTEXT]
+    principal = await authenticated(request)
+    body = await read_json_object(request, gateway.config.server.max_body_bytes)
+    policy = gateway.policy.current  # one policy for the whole request, even if a reload lands meanwhile
+    ctx.model = model = gateway.model(body.get("model"))
+    call = upstream_call(model, {k: v for k, v in body.items() if k != "model"})
+    input_bytes = len(await request.read())  # already read and cached by read_json_object
+    decision = policy.decide(principal, model, request_facts(call.route, call.body, input_bytes))
+    if not decision.allowed:
+        raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
+    admission = await gateway.meter.admit(principal, model.id, decision, ctx.request_id)
+    gateway.metrics.credits("reserved", decision.reserve_credits)
+    ctx.outcome = outcome = RelayOutcome()
+    provider = gateway.providers[model.provider]
+    gateway.metrics.stream_started()
+    started = time.monotonic()
+    try:
+        events = await EventStream.open(request, admission.headers, outcome)
+        outcome.response = events.response
+        await events.send("generation.status", {"status": "queued"})
+        try:
+            output = await _generate(request, provider, model, call, events, outcome)
+        except ApiError as exc:
+            outcome.error_code = outcome.error_code or exc.code
+            gateway.metrics.upstream_error(provider.name, exc.code)
+            await events.send("generation.failed", exc.body())
+        else:
+            await events.send("generation.completed", {"output": output})
+    finally:
+        gateway.metrics.stream_ended()
+        gateway.metrics.relayed(outcome.bytes_out, outcome.events_out)
+        gateway.metrics.upstream_done(provider.name, upstream_outcome(outcome), time.monotonic() - started)
+        # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
+        await asyncio.shield(settle(gateway, ctx, decision, admission, outcome, input_bytes))
+    await events.response.write_eof()
+    return events.response
+
+
+async def _generate(
+    request: web.Request, provider: Provider, model: Model, call: UpstreamCall, events: EventStream,
+    outcome: RelayOutcome,
+) -> dict[str, Any]:
+    """Call the upstream and read its answer into the `completed` output; fills `outcome` for settle."""
+    gateway = request.app[GATEWAY]
+    prepared = openai_format.prepare(call.route, call.body, model.upstream_model)
+    started = time.monotonic()
+    upstream = await open_upstream(provider, call.route, prepared.body, request[CONTEXT].request_id, _UPSTREAM_HEADERS)
+    try:
+        outcome.first_byte_s = time.monotonic() - started
+        outcome.status = upstream.status
+        if upstream.status >= 400:
+            raise await upstream_failure(provider, upstream)
+        await events.send("generation.status", {"status": "running"})
+
+        def keep(data: bytes, content_type: str) -> dict[str, Any]:
+            asset = gateway.assets.put(data, content_type)
+            return describe(asset, asset_url(request, asset))
+
+        output = await _READERS[model.capability](UpstreamAnswer(
+            chunks=read_chunks(upstream, provider.timeouts.idle_s, gateway.relay.keepalive_s),
+            content_type=upstream.content_type, events=events, outcome=outcome, keep=keep,
+            max_bytes=gateway.config.server.max_upload_bytes,
+        ))
+        outcome.completed = True
+        return output
+    finally:
+        # A finished body lets the connection go back to the pool; anything else must not be reused.
+        if outcome.completed:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/responses", responses)
