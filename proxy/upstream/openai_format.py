@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,21 @@ def usage_of(answer: dict[str, Any]) -> Usage | None:
 def is_usage_only_chunk(chunk: dict[str, Any]) -> bool:
     """The extra final chunk `include_usage` produces: usage and no choices."""
     return isinstance(chunk.get("usage"), dict) and chunk.get("choices") == []
+
+
+# On raw event bytes. A quote inside generated text is escaped (\"), so these cannot match content.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_NON_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\{')
+
+
+def may_carry_usage(event: bytes) -> bool:
+    """Whether a raw SSE event can hold a usage object (the only events worth parsing)."""
+    return _USAGE_OBJECT.search(event) is not None
+
+
+def is_output_event(event: bytes) -> bool:
+    """A raw SSE event carrying generated content: about one token each in OpenAI streams."""
+    return _NON_EMPTY_CHOICES.search(event) is not None
 
 
 def counts_as_output(chunk: dict[str, Any]) -> bool:

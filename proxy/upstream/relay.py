@@ -201,14 +201,17 @@ async def _relay_events(
 
 
 def _inspect_event(event: bytes, drop_usage_event: bool, outcome: RelayOutcome) -> bool:
-    """Read usage from an event; False if the event must not reach the client."""
-    if b"usage" not in event and b"choices" not in event:
+    """Read usage from an event; False if the event must not reach the client.
+
+    Byte checks first: only the rare event that carries a usage object is parsed as JSON.
+    """
+    if openai_format.is_output_event(event):
+        outcome.output_chunks += 1
+    if not openai_format.may_carry_usage(event):
         return True
     chunk = sse.event_json(event)
     if chunk is None:
         return True
-    if openai_format.counts_as_output(chunk):
-        outcome.output_chunks += 1
     usage = openai_format.usage_of(chunk)
     if usage is not None:
         outcome.usage = usage
