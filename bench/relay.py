@@ -150,6 +150,7 @@ def gateway_config(upstream_port: int, directory: str, policy: dict = BENCH_POLI
 
 @dataclass
 class Processes:
+    """Where the started upstream and gateway listen, and the gateway's pid (for RSS readings)."""
     upstream_port: int
     gateway_port: int
     gateway_pid: int
