@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -21,16 +22,25 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import aiohttp
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # `python -m proxy` must run from the checkout
+
 KEY = "sk_bench_" + "b" * 40
+# argv: port, chunks per stream, [answer every N-th call 503 (0: never)], [ms between stream chunks]
 UPSTREAM = r'''
-import asyncio, json, sys
+import asyncio, itertools, json, sys
 from aiohttp import web
 CHUNKS = int(sys.argv[2])
+FAIL_EVERY = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+CHUNK_DELAY_S = float(sys.argv[4]) / 1000 if len(sys.argv) > 4 else 0.0
+calls = itertools.count(1)
 async def chat(request):
     body = await request.json()
+    if FAIL_EVERY and next(calls) % FAIL_EVERY == 0:
+        return web.json_response({"error": {"message": "overloaded"}}, status=503)
     if not body.get("stream"):
         return web.json_response({"id": "x", "object": "chat.completion", "choices": [{"index": 0,
             "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
@@ -39,6 +49,8 @@ async def chat(request):
     await r.prepare(request)
     for i in range(CHUNKS):
         await r.write(b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"tok "},"finish_reason":null}]}\n\n')
+        if CHUNK_DELAY_S:
+            await asyncio.sleep(CHUNK_DELAY_S)
     await r.write(b'data: {"id":"x","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (CHUNKS, CHUNKS + 5))
     await r.write(b"data: [DONE]\n\n")
     return r
@@ -113,15 +125,19 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def gateway_config(upstream_port: int, directory: str) -> str:
+# Limits far above what the bench sends: the bench measures the relay, not the limiter's refusals.
+BENCH_POLICY: dict = {
+    "plans": {"demo": {"models": ["bench/*"], "rate_limits": [{"per": "user", "requests": 10**9, "window": "1m"}],
+                       "budget": {"credits": 10**12, "period": "month", "scope": "account"}}},
+    "prices": {"bench/chat": {"per_request": 1}},
+}
+
+
+def gateway_config(upstream_port: int, directory: str, policy: dict = BENCH_POLICY) -> str:
+    """Write a config (one model `bench/chat` on the upstream) and `policy` into `directory`; return the config path."""
     path = Path(directory) / "config.yaml"
     Path(directory, "policies").mkdir()
-    # Limits far above what the bench sends: the bench measures the relay, not the limiter's refusals.
-    Path(directory, "policies", "bench.yaml").write_text(json.dumps({
-        "plans": {"demo": {"models": ["bench/*"], "rate_limits": [{"per": "user", "requests": 10**9, "window": "1m"}],
-                           "budget": {"credits": 10**12, "period": "month", "scope": "account"}}},
-        "prices": {"bench/chat": {"per_request": 1}},
-    }))
+    Path(directory, "policies", "bench.yaml").write_text(json.dumps(policy))
     path.write_text(json.dumps({
         "server": {"sse_keepalive_s": 0, "log_level": "warning"},
         "demo": {"enabled": True, "plan": "demo"},
@@ -132,6 +148,41 @@ def gateway_config(upstream_port: int, directory: str) -> str:
     return str(path)
 
 
+@dataclass
+class Processes:
+    """Where the started upstream and gateway listen, and the gateway's pid (for RSS readings)."""
+    upstream_port: int
+    gateway_port: int
+    gateway_pid: int
+
+
+@contextlib.contextmanager
+def upstream_and_gateway(
+    stream_chunks: int, policy: dict = BENCH_POLICY, fail_every: int = 0, chunk_delay_ms: float = 0.0,
+) -> Iterator[Processes]:
+    """Run the demo-format upstream and a gateway (memory store, demo key KEY) as processes on loopback;
+    both are stopped on exit, whatever happened."""
+    up_port, gw_port = free_port(), free_port()
+    env = {**os.environ, "EDGE_PROXY_DEMO_KEY": KEY}
+    with tempfile.TemporaryDirectory() as tmp:
+        upstream = subprocess.Popen(
+            [sys.executable, "-c", UPSTREAM, str(up_port), str(stream_chunks), str(fail_every), str(chunk_delay_ms)])
+        try:
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "serve", "--config", gateway_config(up_port, tmp, policy),
+                 "--port", str(gw_port)],
+                env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+            )
+            try:
+                yield Processes(up_port, gw_port, gateway.pid)
+            finally:
+                gateway.terminate()
+                gateway.wait(timeout=30)
+        finally:
+            upstream.terminate()
+            upstream.wait(timeout=30)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -139,30 +190,18 @@ async def main() -> None:
     parser.add_argument("--stream-chunks", type=int, default=50)
     args = parser.parse_args()
 
-    up_port, gw_port = free_port(), free_port()
-    env = {**os.environ, "EDGE_PROXY_DEMO_KEY": KEY}
-    with tempfile.TemporaryDirectory() as tmp:
-        upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(up_port), str(args.stream_chunks)])
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", gateway_config(up_port, tmp), "--port", str(gw_port)],
-            env=env, stdout=subprocess.DEVNULL,
-        )
-        try:
-            direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
-            proxied = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
-            await wait_ready(direct)
-            await wait_ready(proxied)
-            rss_idle = rss_mib(gateway.pid)
-            rows = []
-            for stream in (False, True):
-                d = await drive(direct, stream, args.seconds, args.concurrency)
-                g = await drive(proxied, stream, args.seconds, args.concurrency)
-                rows.append(("stream" if stream else "json", d, g))
-            rss_loaded = rss_mib(gateway.pid)
-        finally:
-            for process in (gateway, upstream):
-                process.terminate()
-                process.wait(timeout=30)
+    with upstream_and_gateway(args.stream_chunks) as running:
+        direct = f"http://127.0.0.1:{running.upstream_port}/v1/chat/completions"
+        proxied = f"http://127.0.0.1:{running.gateway_port}/v1/chat/completions"
+        await wait_ready(direct)
+        await wait_ready(proxied)
+        rss_idle = rss_mib(running.gateway_pid)
+        rows = []
+        for stream in (False, True):
+            d = await drive(direct, stream, args.seconds, args.concurrency)
+            g = await drive(proxied, stream, args.seconds, args.concurrency)
+            rows.append(("stream" if stream else "json", d, g))
+        rss_loaded = rss_mib(running.gateway_pid)
 
     print(f"\nconcurrency {args.concurrency}, {args.seconds:g}s per cell, {args.stream_chunks} chunks per stream\n")
     print(f"{'kind':<7} {'metric':<14} {'direct':>10} {'gateway':>10} {'ratio':>7}")
