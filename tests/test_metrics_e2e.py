@@ -16,7 +16,7 @@ from proxy.accesslog import configure_logging
 from proxy.auth.api_keys import hash_key
 from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway, write_policy
 from tests.jwks_server import JwksServer, RsaKey, clerk_claims
-from tests.mock_provider import MockProvider
+from tests.mock_provider import MockProvider, chat_chunk, open_sse, sse
 
 LIMITED_KEY = "sk_test_" + "l" * 40
 BROKE_KEY = "sk_test_" + "b" * 40
@@ -57,9 +57,15 @@ def total(page: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, 
 
 
 async def fail_when_asked(provider: MockProvider, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-    """The mock's normal answers, except a 500 for requests whose `user` is "fail"."""
+    """The mock's normal answers, except a 500 for `user: fail` and a body cut short for `user: cut`."""
     if body.get("user") == "fail":
         return web.json_response({"error": {"message": "boom"}}, status=500)
+    if body.get("user") == "cut":
+        response = await open_sse(request)
+        await response.write(sse(chat_chunk("partial")))
+        assert request.transport is not None
+        request.transport.close()  # the provider drops the connection mid-stream
+        return response
     return await provider.default(request, body)
 
 
@@ -122,7 +128,7 @@ async def test_scripted_mix_moves_metrics_and_access_log_exactly(gateway: str) -
     cost = PER_REQUEST + PROMPT_TOKENS * INPUT_PER_1K / 1000 + COMPLETION_TOKENS * OUTPUT_PER_1K / 1000
     assert total(page, "edge_proxy_credits_total", action="settled") == pytest.approx(successes * cost)
     assert total(page, "edge_proxy_streams_in_flight") == 0
-    assert total(page, "edge_proxy_upstream_errors_total", provider="mock", reason="upstream_error") == 1
+    assert total(page, "edge_proxy_upstream_errors_total", provider="mock", reason="status_5xx") == 1
     assert total(page, "edge_proxy_upstream_errors_total") == 1
     assert total(page, "edge_proxy_upstream_request_duration_seconds_count", provider="mock", outcome="ok") == successes
     assert total(page, "edge_proxy_time_to_first_byte_seconds_count", **chat) == successes + 1  # the 502 too
@@ -142,6 +148,19 @@ async def test_scripted_mix_moves_metrics_and_access_log_exactly(gateway: str) -
     assert access[results["upstream_500"][1]]["upstream_status"] == 500
     for secret in (TEST_KEY, LIMITED_KEY, BROKE_KEY, "sk_test_" + "x" * 40, PROVIDER_KEY):
         assert secret not in buffer.getvalue()
+
+
+@pytest.mark.parametrize(("user", "reason", "outcome"), [
+    ("fail", "status_5xx", "error"), ("cut", "stream_interrupted", "error"),
+])
+async def test_upstream_errors_are_counted_by_reason(gateway: str, user: str, reason: str, outcome: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        await call(session, gateway, TEST_KEY, stream=True, user=user)
+        async with session.get(f"{gateway}/metrics") as response:
+            page = samples(await response.text())
+    assert total(page, "edge_proxy_upstream_errors_total", provider="mock", reason=reason) == 1
+    assert total(page, "edge_proxy_upstream_errors_total") == 1
+    assert total(page, "edge_proxy_upstream_request_duration_seconds_count", provider="mock", outcome=outcome) == 1
 
 
 async def test_jwks_fetches_are_counted_by_issuer_and_outcome(

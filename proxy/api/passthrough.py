@@ -56,14 +56,33 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         )
     except ApiError as exc:
         outcome.error_code = outcome.error_code or exc.code
-        gateway.metrics.upstream_error(provider.name, exc.code)
         raise
     finally:
-        gateway.metrics.stream_ended()
-        gateway.metrics.relayed(outcome.bytes_out, outcome.events_out)
-        gateway.metrics.upstream_done(provider.name, upstream_outcome(outcome), time.monotonic() - started)
+        record_upstream(gateway, provider.name, outcome, started)
         # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
         await asyncio.shield(settle(gateway, ctx, decision, admission, outcome, input_bytes))
+
+
+def record_upstream(gateway: Gateway, provider: str, outcome: RelayOutcome, started: float) -> None:
+    """The upstream call's metrics: in-flight gauge, bytes and events, duration by outcome, errors by reason."""
+    gateway.metrics.stream_ended()
+    gateway.metrics.relayed(outcome.bytes_out, outcome.events_out)
+    gateway.metrics.upstream_done(provider, upstream_outcome(outcome), time.monotonic() - started)
+    if (reason := upstream_error_reason(outcome)) is not None:
+        gateway.metrics.upstream_error(provider, reason)
+
+
+def upstream_error_reason(outcome: RelayOutcome) -> str | None:
+    """Why an upstream call failed, in the documented reasons: connect, timeout, status_5xx, stream_interrupted."""
+    if outcome.error_code is None:
+        return None
+    if outcome.error_code == "upstream_timeout":
+        return "timeout"
+    if outcome.status >= 500:
+        return "status_5xx"
+    if outcome.status:
+        return "stream_interrupted"  # headers came, the body broke off
+    return "connect"
 
 
 def upstream_outcome(outcome: RelayOutcome) -> UpstreamOutcome:

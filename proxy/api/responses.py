@@ -26,7 +26,7 @@ from ..upstream.providers import Provider
 from ..upstream.relay import RelayOutcome, open_upstream, read_chunks, upstream_failure
 from .body import read_json_object
 from .inputs import validate_inputs
-from .passthrough import request_facts, settle, upstream_outcome
+from .passthrough import record_upstream, request_facts, settle
 from .schema import INPUTS
 from .state import GATEWAY, authenticated
 from .uploads import asset_url, describe
@@ -228,14 +228,11 @@ async def responses(request: web.Request) -> web.StreamResponse:
             output = await _generate(request, provider, model, call, events, outcome)
         except ApiError as exc:
             outcome.error_code = outcome.error_code or exc.code
-            gateway.metrics.upstream_error(provider.name, exc.code)
             await events.send("generation.failed", exc.body())
         else:
             await events.send("generation.completed", {"output": output})
     finally:
-        gateway.metrics.stream_ended()
-        gateway.metrics.relayed(outcome.bytes_out, outcome.events_out)
-        gateway.metrics.upstream_done(provider.name, upstream_outcome(outcome), time.monotonic() - started)
+        record_upstream(gateway, provider.name, outcome, started)
         # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
         await asyncio.shield(settle(gateway, ctx, decision, admission, outcome, input_bytes))
     await events.response.write_eof()
