@@ -221,7 +221,8 @@ async def test_stream_outliving_the_ttl_keeps_its_slot_and_hold_while_it_runs(
         return response
 
     provider.handler = first_runs_long
-    gateway = await start_metered(POLICY.replace("    budget:", "    concurrency: 1\n    budget:"), reservation_ttl_s=ttl_s)
+    one_at_a_time = POLICY.replace("    budget:", "    concurrency: 1\n    budget:")
+    gateway = await start_metered(one_at_a_time, reservation_ttl_s=ttl_s)
     first = asyncio.create_task(post(gateway, STREAM_BYTES))
     try:
         await asyncio.wait_for(started.wait(), 5)

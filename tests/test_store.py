@@ -193,7 +193,8 @@ async def test_renewed_lease_and_hold_outlive_their_first_ttl_and_settle_exactly
     for beat in (700, 1400, 2100):  # three heartbeats carry it to T0 + 3100
         assert await store.renew(running.reservation, 1000, T0 + beat)
     state = await store.peek(make_request(T0 + 3000, lease=1, budget=budget))
-    assert state.balance is not None and (state.balance.spent, state.balance.held, state.in_flight) == (0, 4 * CREDIT, 1)
+    assert state.balance is not None
+    assert (state.balance.spent, state.balance.held, state.in_flight) == (0, 4 * CREDIT, 1)
     refused = await store.admit(make_request(T0 + 3000, lease=1, budget=budget, amount=CREDIT))
     assert refused.denial is not None and refused.denial.kind == "concurrency"
     # the ticket moved with the hold: a settle long after the first ticket expiry (2 x ttl) still lands
@@ -219,7 +220,8 @@ async def test_renew_after_expiry_returns_false_and_does_not_revive_the_hold(sto
     assert dead.reservation is not None
     assert not await store.renew(dead.reservation, 1000, T0 + 1000)  # the ticket lives on, the hold does not
     state = await store.peek(make_request(T0 + 1100, lease=1, budget=budget))
-    assert state.balance is not None and (state.balance.spent, state.balance.held, state.in_flight) == (4 * CREDIT, 0, 0)
+    assert state.balance is not None
+    assert (state.balance.spent, state.balance.held, state.in_flight) == (4 * CREDIT, 0, 0)
     # a late settle still corrects the charge: the renew did not disturb the ticket
     assert await store.settle(dead.reservation, CREDIT, 0, T0 + 1100)
     state = await store.peek(make_request(T0 + 1100, budget=budget))
