@@ -5,14 +5,16 @@ Credits are floats at this boundary and integer micro-credits inside the store (
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 from urllib.parse import quote
 
 from proxy.auth.principal import Principal
@@ -78,16 +80,31 @@ class Admission:
         self._clock = clock
         self._reservation = reservation
         self._settled = reservation is None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     @property
     def settled(self) -> bool:
         return self._settled
+
+    @asynccontextmanager
+    async def keepalive(self) -> AsyncIterator[None]:
+        """Renew the lease and the hold every ttl/3 while the body runs, so that only the holds of a replica
+        that died expire (and get charged). Renewal problems are logged, never raised into the request."""
+        if self._settled or self._reservation is None:
+            yield
+            return
+        self._heartbeat = asyncio.create_task(self._renew_until_settled(self._reservation))
+        try:
+            yield
+        finally:
+            self._stop_heartbeat()
 
     async def settle(self, actual_credits: float, actual_tokens: int) -> bool:
         """Charge the real cost and free the lease; True if this call settled it. Never raises on store errors:
         an unsettled hold expires and is charged at its reserved amount (docs/metering.md)."""
         if self._settled or self._reservation is None:
             return False
+        self._stop_heartbeat()
         amount = to_micro(max(0.0, actual_credits))
         now_ms = int(self._clock() * 1000)
         try:
@@ -101,6 +118,24 @@ class Admission:
     async def release(self) -> bool:
         """The request produced nothing billable: settle with zero."""
         return await self.settle(0.0, 0)
+
+    async def _renew_until_settled(self, reservation: Reservation) -> None:
+        ttl_ms = reservation.request.ttl_ms
+        rid = reservation.request.reservation_id
+        while not self._settled:
+            await asyncio.sleep(ttl_ms / 3000)  # three chances to get through before the ttl runs out
+            try:
+                renewed = await self._store.renew(reservation, ttl_ms, int(self._clock() * 1000))
+            except StoreError as exc:
+                log.debug("renew failed for reservation %s: %s", rid, exc)
+                continue
+            if not renewed:  # the store was down, or the hold already expired and was charged
+                log.debug("reservation %s was not renewed", rid)
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
 
 
 class Meter:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +15,7 @@ from proxy.auth.principal import Principal
 from proxy.errors import ApiError
 from proxy.meter import Meter, format_credits, to_micro
 from proxy.policy.types import Budget, Decision, RateLimit
-from proxy.store import MemoryStore, RedisStore, ResilientStore, Store
+from proxy.store import MemoryStore, RedisStore, Reservation, ResilientStore, Store
 from tests.redis_server import RedisServer, free_port
 
 ALICE = Principal(kind="api_key", account="acme", plan="pro", key_id="key1", subject="alice")
@@ -118,6 +120,53 @@ async def test_concurrency_limit_429_and_release_frees_the_slot(meter: Meter) ->
     assert await admission.release()
     assert not await admission.release()
     assert await meter.admit(ALICE, "m/a", decision, "r")
+
+
+async def test_keepalive_holds_the_slot_and_the_hold_past_the_ttl_until_the_body_ends(store: Store) -> None:
+    ttl_s = 0.3
+    meter = Meter(store, reservation_ttl_s=ttl_s)  # the real clock: the heartbeat runs in real time
+    decision = decide(concurrency=1, budget=Budget(credits=10), reserve_credits=4)
+    admission = await meter.admit(ALICE, "m/a", decision, "r")
+    async with admission.keepalive():
+        await asyncio.sleep(3 * ttl_s)
+        assert (await admit_error(meter, ALICE, decision)).code == "concurrency_limit"
+        state = await meter.state(ALICE, decision)
+        assert (state["balance"]["held"], state["balance"]["spent"]) == (4, 0)
+    # no more heartbeats (as when a replica dies): the hold expires and is charged at the reserve
+    await asyncio.sleep(ttl_s + 0.1)
+    state = await meter.state(ALICE, decision)
+    assert (state["balance"]["held"], state["balance"]["spent"], state["concurrency"]["in_flight"]) == (0, 4, 0)
+
+
+async def test_settle_inside_keepalive_stops_the_heartbeat() -> None:
+    class Counting(MemoryStore):
+        renewals = 0
+
+        async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
+            self.renewals += 1
+            return await super().renew(reservation, ttl_ms, now_ms)
+
+    store = Counting()
+    admission = await Meter(store, reservation_ttl_s=0.15).admit(ALICE, "m/a", decide(concurrency=1), "r")
+    async with admission.keepalive():
+        await asyncio.sleep(0.35)
+        assert store.renewals >= 2
+        assert await admission.settle(0.0, 0)
+        beats = store.renewals
+        await asyncio.sleep(0.2)
+    assert store.renewals == beats
+
+
+async def test_keepalive_never_raises_while_the_store_is_down(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="proxy.meter")
+    with RedisServer(workdir=tmp_path) as server:
+        store = RedisStore(server.url, connect_timeout_s=0.1, op_timeout_s=0.1)
+        admission = await Meter(store, reservation_ttl_s=0.3).admit(ALICE, "m/a", decide(concurrency=1), "r")
+        server.kill()
+        async with admission.keepalive():
+            await asyncio.sleep(0.5)
+        await store.close()
+    assert any("renew failed" in record.getMessage() for record in caplog.records)
 
 
 async def test_insufficient_credits_402_with_needed_and_balance(meter: Meter) -> None:

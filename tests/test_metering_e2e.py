@@ -196,32 +196,50 @@ async def test_estimated_charge_of_a_cut_stream_never_exceeds_the_reservation(
     assert state["spent"] == reserve_for(STREAM_BYTES)
 
 
-async def test_stream_outliving_the_ttl_is_charged_the_reserve_then_corrected_by_its_late_settle(
+async def test_stream_outliving_the_ttl_keeps_its_slot_and_hold_while_it_runs(
     start_metered: StartGateway, provider: MockProvider
 ) -> None:
-    """docs/metering.md: an expired hold is charged at the reserve; a late settle corrects it to the actual cost."""
-    ttl_s = 0.5
-    past_ttl, checked = asyncio.Event(), asyncio.Event()
+    """The replica renews a running stream's lease and hold: no second stream sneaks in after the ttl, and the
+    hold is never charged at the reserve in between; the end charges exactly the usage."""
+    ttl_s = 0.6
+    started, finish = asyncio.Event(), asyncio.Event()
+    calls = 0
 
-    async def slow(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    async def first_runs_long(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # a second stream that got in answers at once, so the test sees it instead of hanging
+            return await provider.default(request, body)
         response = await open_sse(request)
-        await response.write(sse(chat_chunk("slow")))
-        await asyncio.sleep(ttl_s + 0.2)
-        past_ttl.set()
-        await asyncio.wait_for(checked.wait(), 5)
+        await response.write(sse(chat_chunk("start")))
+        started.set()
+        while not finish.is_set():
+            await response.write(sse(chat_chunk("tick")))
+            await asyncio.sleep(0.1)
         await response.write(sse(usage_chunk(7, 4)))
         await response.write(sse("[DONE]"))
         return response
 
-    provider.handler = slow
-    gateway = await start_metered(POLICY, reservation_ttl_s=ttl_s)
-    request = asyncio.create_task(post(gateway, STREAM_BYTES))
-    await asyncio.wait_for(past_ttl.wait(), 5)
-    expired = await balance(gateway)
-    checked.set()
-    assert (expired["spent"], expired["held"]) == (reserve_for(STREAM_BYTES), 0)
-    assert (await request)[0] == 200
-    state = await settled_balance(gateway, lambda b: b["spent"] != reserve_for(STREAM_BYTES))
+    provider.handler = first_runs_long
+    one_at_a_time = POLICY.replace("    budget:", "    concurrency: 1\n    budget:")
+    gateway = await start_metered(one_at_a_time, reservation_ttl_s=ttl_s)
+    first = asyncio.create_task(post(gateway, STREAM_BYTES))
+    try:
+        await asyncio.wait_for(started.wait(), 5)
+        observed = []
+        deadline = time.monotonic() + 3 * ttl_s
+        while time.monotonic() < deadline:
+            status, _, body = await post(gateway, STREAM_BYTES)
+            state = await balance(gateway)
+            code = json.loads(body)["error"]["code"] if status >= 400 else None
+            observed.append((status, code, state["held"], state["spent"]))
+            await asyncio.sleep(0.05)
+    finally:
+        finish.set()
+    assert len(observed) >= 10
+    assert set(observed) == {(429, "concurrency_limit", reserve_for(STREAM_BYTES), 0)}
+    assert (await asyncio.wait_for(first, 5))[0] == 200
+    state = await settled_balance(gateway)
     assert (state["spent"], state["held"]) == (chat_cost(7, 4), 0)
 
 

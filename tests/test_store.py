@@ -186,6 +186,48 @@ async def test_expired_reservation_is_charged_at_its_reserved_amount(store: Stor
     assert state.balance is not None and (state.balance.spent, state.balance.held) == (CREDIT, 0)
 
 
+async def test_renewed_lease_and_hold_outlive_their_first_ttl_and_settle_exactly(store: Store) -> None:
+    budget = 10 * CREDIT
+    running = await store.admit(make_request(lease=1, budget=budget, amount=4 * CREDIT, ttl_ms=1000))
+    assert running.reservation is not None
+    for beat in (700, 1400, 2100):  # three heartbeats carry it to T0 + 3100
+        assert await store.renew(running.reservation, 1000, T0 + beat)
+    state = await store.peek(make_request(T0 + 3000, lease=1, budget=budget))
+    assert state.balance is not None
+    assert (state.balance.spent, state.balance.held, state.in_flight) == (0, 4 * CREDIT, 1)
+    refused = await store.admit(make_request(T0 + 3000, lease=1, budget=budget, amount=CREDIT))
+    assert refused.denial is not None and refused.denial.kind == "concurrency"
+    # the ticket moved with the hold: a settle long after the first ticket expiry (2 x ttl) still lands
+    assert await store.settle(running.reservation, CREDIT, 0, T0 + 3000)
+    state = await store.peek(make_request(T0 + 3000, lease=1, budget=budget))
+    assert state.balance is not None and (state.balance.spent, state.balance.held, state.in_flight) == (CREDIT, 0, 0)
+
+
+async def test_renew_after_settle_is_a_no_op(store: Store) -> None:
+    budget = 10 * CREDIT
+    done = await store.admit(make_request(lease=1, budget=budget, amount=4 * CREDIT, ttl_ms=1000))
+    assert done.reservation is not None
+    assert await store.settle(done.reservation, CREDIT, 0, T0 + 100)
+    assert not await store.renew(done.reservation, 1000, T0 + 200)
+    assert (await store.admit(make_request(T0 + 200, lease=1))).allowed  # the slot stayed free
+    state = await store.peek(make_request(T0 + 200, budget=budget))
+    assert state.balance is not None and (state.balance.spent, state.balance.held) == (CREDIT, 0)
+
+
+async def test_renew_after_expiry_returns_false_and_does_not_revive_the_hold(store: Store) -> None:
+    budget = 10 * CREDIT
+    dead = await store.admit(make_request(lease=1, budget=budget, amount=4 * CREDIT, ttl_ms=1000))
+    assert dead.reservation is not None
+    assert not await store.renew(dead.reservation, 1000, T0 + 1000)  # the ticket lives on, the hold does not
+    state = await store.peek(make_request(T0 + 1100, lease=1, budget=budget))
+    assert state.balance is not None
+    assert (state.balance.spent, state.balance.held, state.in_flight) == (4 * CREDIT, 0, 0)
+    # a late settle still corrects the charge: the renew did not disturb the ticket
+    assert await store.settle(dead.reservation, CREDIT, 0, T0 + 1100)
+    state = await store.peek(make_request(T0 + 1100, budget=budget))
+    assert state.balance is not None and (state.balance.spent, state.balance.held) == (CREDIT, 0)
+
+
 async def test_insufficient_credits_reports_the_balance(store: Store) -> None:
     budget = 10 * CREDIT
     assert (await store.admit(make_request(budget=budget, amount=7 * CREDIT))).allowed
@@ -227,6 +269,10 @@ async def test_memory_and_redis_agree_on_a_random_workload(redis_url: str) -> No
     now = T0
     for _ in range(300):
         now += rng.choice([0, 0, 37, 500, 4000, 15_000])
+        if open_reservations and rng.random() < 0.2:
+            res_m, res_r = rng.choice(open_reservations)
+            assert await memory.renew(res_m, 9000, now) == await redis_store.renew(res_r, 9000, now)
+            continue
         if open_reservations and rng.random() < 0.4:
             res_m, res_r = open_reservations.pop(rng.randrange(len(open_reservations)))
             amount, tokens = rng.randrange(0, CREDIT), rng.randrange(0, 3000)
@@ -342,6 +388,9 @@ async def test_redis_killed_fails_closed_for_credits_open_for_limits_and_recover
     assert first.reservation is not None and not first.reservation.fallback and store.healthy
 
     server.kill()
+    started = time.monotonic()
+    assert not await store.renew(first.reservation, MINUTE_MS, wall_ms())  # a heartbeat never raises
+    assert time.monotonic() - started < 1.0
     for _ in range(3):
         started = time.monotonic()
         with pytest.raises(StoreUnavailable):
@@ -352,6 +401,7 @@ async def test_redis_killed_fails_closed_for_credits_open_for_limits_and_recover
     local = [await store.admit(make_request(wall_ms(), limits=(requests_limit(2),))) for _ in range(3)]
     assert [r.allowed for r in local] == [True, True, False]  # the local limiter still limits
     assert local[0].reservation is not None and local[0].reservation.fallback
+    assert await store.renew(local[0].reservation, MINUTE_MS, wall_ms())  # renewed where it was taken
     assert await store.settle(local[0].reservation, 0, 0, wall_ms())
 
     server.start()
@@ -366,7 +416,7 @@ async def test_redis_killed_fails_closed_for_credits_open_for_limits_and_recover
     assert recovered.reservation is not None and not recovered.reservation.fallback
     assert store.healthy and store.breaker_state == "closed"
     assert observer.breaker_states[:2] == ["open", "half_open"] and observer.breaker_states[-1] == "closed"
-    assert {("admit", "ok"), ("admit", "error"), ("admit", "refused"), ("admit", "fallback")} <= observer.outcomes
+    assert {("admit", "ok"), ("admit", "error"), ("renew", "error"), ("admit", "refused"), ("admit", "fallback")} <= observer.outcomes
 
 
 async def test_rate_limits_fail_closed_when_configured() -> None:

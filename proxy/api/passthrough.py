@@ -51,9 +51,10 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     gateway.metrics.stream_started()
     started = time.monotonic()
     try:
-        return await relay(
-            request, provider, request.path, prepared, ctx.request_id, gateway.relay, outcome, admission.headers
-        )
+        async with admission.keepalive():  # a stream may outlive the reservation ttl: renew while it runs
+            return await relay(
+                request, provider, request.path, prepared, ctx.request_id, gateway.relay, outcome, admission.headers
+            )
     except ApiError as exc:
         outcome.error_code = outcome.error_code or exc.code
         raise

@@ -142,6 +142,11 @@ class Store(Protocol):
         """Charge `amount`, correct token limits to `tokens`, drop the lease. False if already settled."""
         ...
 
+    async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
+        """Push the lease and hold expiry to `now_ms + ttl_ms` (heartbeat of a running request). False, changing
+        nothing, if it was settled or already expired: an expired hold is charged, never revived."""
+        ...
+
     async def peek(self, request: AdmitRequest) -> AdmitResult:
         """The state `admit` would see, taking nothing (costs and amount are ignored)."""
         ...

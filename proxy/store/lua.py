@@ -166,3 +166,29 @@ for i = 5, #KEYS do
 end
 return 1
 """
+
+# KEYS: ticket, lease zset, ledger hash (unused: the key layout of SETTLE), holds zset.
+# ARGV: now_ms, reservation id, ttl_ms, has lease (0|1), has credits (0|1).
+# Reply: 1 if renewed; 0 if settled, or if its lease or hold already expired (never revived: it was charged).
+RENEW = r"""
+local now, rid, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local ticket = redis.call('HMGET', KEYS[1], 'amt', 'exp')
+if (not ticket[2]) or tonumber(ticket[2]) <= now then return 0 end
+local hold = ticket[1] .. ':' .. rid
+local function alive(key, member)
+  local expiry = redis.call('ZSCORE', key, member)
+  return expiry and tonumber(expiry) > now
+end
+if ARGV[4] == '1' and not alive(KEYS[2], rid) then return 0 end
+if ARGV[5] == '1' and not alive(KEYS[4], hold) then return 0 end
+local expiry = now + ttl
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[2], 'XX', expiry, rid)
+  if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+if ARGV[5] == '1' then redis.call('ZADD', KEYS[4], 'XX', expiry, hold) end
+-- the ticket must outlive the renewed hold, so that the final settle still finds it
+redis.call('HSET', KEYS[1], 'exp', now + 2 * ttl)
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+return 1
+"""

@@ -95,6 +95,9 @@ class MemoryStore:
     async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
         return self.settle_now(reservation.request, amount, tokens, now_ms)
 
+    async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
+        return self.renew_now(reservation.request, ttl_ms, now_ms)
+
     def admit_now(self, req: AdmitRequest, *, dry: bool) -> AdmitResult:
         """The body of the admit script: check all, then take all or nothing."""
         now = req.now_ms
@@ -135,6 +138,29 @@ class MemoryStore:
             if spec.tokens:
                 new_tat = gcra_adjust(self._keys.get(spec.key), now, spec.interval_ms, tokens - ticket["tok"])
                 self._store_tat(spec.key, new_tat, now)
+        return True
+
+    def renew_now(self, req: AdmitRequest, ttl: int, now: int) -> bool:
+        """The body of the renew script: push the lease and hold expiry to now + ttl unless either is gone."""
+        self._keys.purge(now)
+        ticket = self._keys.get(req.ticket_key)
+        if ticket is None:
+            return False
+        leases: dict[str, int] = (self._keys.get(req.lease.key) or {}) if req.lease else {}
+        holds: dict[str, int] = (self._keys.get(req.credits.holds_key) or {}) if req.credits else {}
+        hold = f"{ticket['amt']}:{req.reservation_id}"
+        if req.lease is not None and leases.get(req.reservation_id, 0) <= now:
+            return False
+        if req.credits is not None and holds.get(hold, 0) <= now:
+            return False
+        expiry = now + ttl
+        if req.lease is not None:
+            leases[req.reservation_id] = expiry
+            self._keys.ttl_at_least(req.lease.key, expiry)
+        if req.credits is not None:
+            holds[hold] = expiry
+        # the ticket must outlive the renewed hold, so that the final settle still finds it
+        self._keys.expire_at(req.ticket_key, now + 2 * ttl)
         return True
 
     @staticmethod

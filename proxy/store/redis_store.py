@@ -51,6 +51,7 @@ class RedisStore:
         # Registered once; calls go by EVALSHA and reload the script on NOSCRIPT (e.g. after a restart).
         self._admit = self._client.register_script(lua.ADMIT)
         self._settle = self._client.register_script(lua.SETTLE)
+        self._renew = self._client.register_script(lua.RENEW)
         self._healthy = True
 
     @property
@@ -80,6 +81,11 @@ class RedisStore:
         ]
         keys = [*_fixed_keys(req), *(spec.key for spec in token_limits)]
         return bool(await self._call(self._settle(keys=keys, args=args)))
+
+    async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
+        req = reservation.request
+        args = [now_ms, req.reservation_id, ttl_ms, int(req.lease is not None), int(req.credits is not None)]
+        return bool(await self._call(self._renew(keys=_fixed_keys(req), args=args)))
 
     async def ping(self) -> bool:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Awaitable, Callable, Literal, TypeVar
 
@@ -18,6 +19,8 @@ from proxy.store.base import (
 )
 from proxy.store.breaker import CircuitBreaker
 from proxy.store.memory import MemoryStore
+
+log = logging.getLogger(__name__)
 
 FailMode = Literal["closed", "open"]
 T = TypeVar("T")
@@ -81,6 +84,16 @@ class ResilientStore:
         if not ok:
             raise StoreError("store unavailable: the hold expires and is charged by the documented rule")
         return result
+
+    async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
+        """Renew where the reservation was taken; False (never an error) if the shared store is down."""
+        if reservation.fallback:
+            return await self._fallback.renew(reservation, ttl_ms, now_ms)
+        ok, result = await self._attempt("renew", lambda: self._primary.renew(reservation, ttl_ms, now_ms))
+        if not ok:
+            # The next heartbeat retries; if none gets through, the hold expires and is charged by the rule.
+            log.debug("renew of reservation %s skipped: store unavailable", reservation.request.reservation_id)
+        return ok and result
 
     async def ping(self) -> bool:
         ok, result = await self._attempt("ping", self._checked_ping)
