@@ -225,7 +225,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         outcome.response = events.response
         await events.send("generation.status", {"status": "queued"})
         try:
-            output = await _generate(request, provider, model, call, events, outcome)
+            async with admission.keepalive():  # renew the hold and lease while a long generation runs
+                output = await _generate(request, provider, model, call, events, outcome)
         except ApiError as exc:
             outcome.error_code = outcome.error_code or exc.code
             await events.send("generation.failed", exc.body())
