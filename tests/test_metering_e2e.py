@@ -77,10 +77,12 @@ async def start_metered(
         await server.stop()
 
 
-async def post(gateway: str, body: bytes = CHAT_BYTES) -> tuple[int, dict[str, str], bytes]:
+async def post(
+    gateway: str, body: bytes = CHAT_BYTES, route: str = "/v1/chat/completions"
+) -> tuple[int, dict[str, str], bytes]:
     async with aiohttp.ClientSession() as http:
         async with http.post(
-            f"{gateway}/v1/chat/completions", data=body, headers={**AUTH, "Content-Type": "application/json"}
+            f"{gateway}{route}", data=body, headers={**AUTH, "Content-Type": "application/json"}
         ) as response:
             return response.status, dict(response.headers), await response.read()
 
@@ -196,8 +198,14 @@ async def test_estimated_charge_of_a_cut_stream_never_exceeds_the_reservation(
     assert state["spent"] == reserve_for(STREAM_BYTES)
 
 
+RESPONSES_BYTES = json.dumps({"model": "mock/chat", "prompt": "hi", "max_tokens": MAX_TOKENS}).encode()
+
+
+@pytest.mark.parametrize(("route", "first_body"), [
+    ("/v1/chat/completions", STREAM_BYTES), ("/v1/responses", RESPONSES_BYTES),
+], ids=["passthrough", "responses"])
 async def test_stream_outliving_the_ttl_keeps_its_slot_and_hold_while_it_runs(
-    start_metered: StartGateway, provider: MockProvider
+    start_metered: StartGateway, provider: MockProvider, route: str, first_body: bytes
 ) -> None:
     """The replica renews a running stream's lease and hold: no second stream sneaks in after the ttl, and the
     hold is never charged at the reserve in between; the end charges exactly the usage."""
@@ -223,7 +231,7 @@ async def test_stream_outliving_the_ttl_keeps_its_slot_and_hold_while_it_runs(
     provider.handler = first_runs_long
     one_at_a_time = POLICY.replace("    budget:", "    concurrency: 1\n    budget:")
     gateway = await start_metered(one_at_a_time, reservation_ttl_s=ttl_s)
-    first = asyncio.create_task(post(gateway, STREAM_BYTES))
+    first = asyncio.create_task(post(gateway, first_body, route))
     try:
         await asyncio.wait_for(started.wait(), 5)
         observed = []
@@ -237,7 +245,7 @@ async def test_stream_outliving_the_ttl_keeps_its_slot_and_hold_while_it_runs(
     finally:
         finish.set()
     assert len(observed) >= 10
-    assert set(observed) == {(429, "concurrency_limit", reserve_for(STREAM_BYTES), 0)}
+    assert set(observed) == {(429, "concurrency_limit", reserve_for(first_body), 0)}
     assert (await asyncio.wait_for(first, 5))[0] == 200
     state = await settled_balance(gateway)
     assert (state["spent"], state["held"]) == (chat_cost(7, 4), 0)
