@@ -1,26 +1,18 @@
 """OpenAI-compatible routes: the whole pipeline for one generation call.
 
-authenticate -> authorize -> meter -> route -> relay -> settle; recording happens in the app middleware.
+authenticate -> authorize + meter -> route -> relay -> settle (see metered.py); recording happens in the
+app middleware.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from typing import Any
-
 from aiohttp import web
 
-from ..context import CONTEXT, RequestContext
-from ..errors import ApiError
-from ..gateway import Gateway
-from ..meter import Admission
-from ..metrics import UpstreamOutcome
-from ..policy.pricing import cost
-from ..policy.types import Decision, RequestFacts, Usage
+from ..context import CONTEXT
 from ..upstream import openai_format
-from ..upstream.relay import RelayOutcome, relay
+from ..upstream.relay import relay
 from .body import read_json_object
+from .metered import authorize_and_admit, metered_call, request_facts
 from .state import GATEWAY, authenticated
 
 ROUTES = (
@@ -30,117 +22,21 @@ ROUTES = (
     "/v1/images/generations",
     "/v1/audio/speech",
 )
-_BYTES_PER_TOKEN = 4  # rough input estimate, used only when a stream is cut before the upstream reported usage
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
-    policy = gateway.policy.current  # one policy for the whole request, even if a reload lands meanwhile
     ctx.model = model = gateway.model(body.get("model"))
-    input_bytes = len(await request.read())  # already read and cached by read_json_object
-    decision = policy.decide(principal, model, request_facts(request.path, body, input_bytes))
-    if not decision.allowed:
-        raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
-    admission = await gateway.meter.admit(principal, model.id, decision, ctx.request_id)
-    gateway.metrics.credits("reserved", decision.reserve_credits)
-    ctx.outcome = outcome = RelayOutcome()
+    facts = request_facts(request.path, body, len(await request.read()))  # the body is cached by now
+    decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     provider = gateway.providers[model.provider]
     prepared = openai_format.prepare(request.path, body, model.upstream_model)
-    gateway.metrics.stream_started()
-    started = time.monotonic()
-    try:
-        async with admission.keepalive():  # a stream may outlive the reservation ttl: renew while it runs
-            return await relay(
-                request, provider, request.path, prepared, ctx.request_id, gateway.relay, outcome, admission.headers
-            )
-    except ApiError as exc:
-        outcome.error_code = outcome.error_code or exc.code
-        raise
-    finally:
-        record_upstream(gateway, provider.name, outcome, started)
-        # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
-        await asyncio.shield(settle(gateway, ctx, decision, admission, outcome, input_bytes))
-
-
-def record_upstream(gateway: Gateway, provider: str, outcome: RelayOutcome, started: float) -> None:
-    """The upstream call's metrics: in-flight gauge, bytes and events, duration by outcome, errors by reason."""
-    gateway.metrics.stream_ended()
-    gateway.metrics.relayed(outcome.bytes_out, outcome.events_out)
-    gateway.metrics.upstream_done(provider, upstream_outcome(outcome), time.monotonic() - started)
-    if (reason := upstream_error_reason(outcome)) is not None:
-        gateway.metrics.upstream_error(provider, reason)
-
-
-def upstream_error_reason(outcome: RelayOutcome) -> str | None:
-    """Why an upstream call failed, in the documented reasons: connect, timeout, status_5xx, stream_interrupted."""
-    if outcome.error_code is None:
-        return None
-    if outcome.error_code == "upstream_timeout":
-        return "timeout"
-    if outcome.status >= 500:
-        return "status_5xx"
-    if outcome.status:
-        return "stream_interrupted"  # headers came, the body broke off
-    return "connect"
-
-
-def upstream_outcome(outcome: RelayOutcome) -> UpstreamOutcome:
-    if outcome.completed:
-        return "ok"
-    if outcome.error_code == "upstream_timeout":
-        return "timeout"
-    return "error" if outcome.error_code or outcome.status >= 500 else "cancelled"
-
-
-def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> RequestFacts:
-    """What bounds the cost of a call before it is made."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    n = body.get("n")
-    return RequestFacts(
-        input_bytes=input_bytes,
-        max_output_tokens=0 if route == "/v1/embeddings" else (max_tokens if _positive_int(max_tokens) else None),
-        images=n if route == "/v1/images/generations" and _positive_int(n) else 1,
-        stream=body.get("stream") is True,
-    )
-
-
-async def settle(
-    gateway: Gateway, ctx: RequestContext, decision: Decision, admission: Admission, outcome: RelayOutcome,
-    input_bytes: int,
-) -> None:
-    """Charge what was used: the upstream's usage; an estimate if cut short; nothing if nothing came back."""
-    usage = used(outcome, input_bytes)
-    if usage is None:
-        await admission.release()
-        gateway.metrics.credits("released", decision.reserve_credits)
-        return
-    ctx.usage = usage
-    ctx.credits_charged = cost(decision.price, usage) if decision.price else 0.0
-    if outcome.usage is None:
-        # Only an estimate (a cut stream): never charge more than the most the request could have cost.
-        ctx.credits_charged = min(ctx.credits_charged, decision.reserve_credits)
-    await admission.settle(ctx.credits_charged, usage.input_tokens + usage.output_tokens)
-    gateway.metrics.credits("settled", ctx.credits_charged)
-    gateway.metrics.credits("released", max(0.0, decision.reserve_credits - ctx.credits_charged))
-
-
-def used(outcome: RelayOutcome, input_bytes: int) -> Usage | None:
-    """None when the call produced nothing (failure before any output): the reservation is released."""
-    if outcome.status == 0 or outcome.status >= 400:
-        return None
-    if outcome.usage is not None:
-        return outcome.usage
-    if outcome.completed:
-        return Usage()  # an answer without usage (e.g. audio): per-request prices still apply
-    if outcome.output_chunks == 0 and outcome.bytes_out == 0:
-        return None
-    return Usage(input_tokens=input_bytes // _BYTES_PER_TOKEN, output_tokens=outcome.output_chunks)
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    async with metered_call(gateway, ctx, provider, decision, admission, facts) as outcome:
+        return await relay(
+            request, provider, request.path, prepared, ctx.request_id, gateway.relay, outcome, admission.headers
+        )
 
 
 def add_routes(app: web.Application) -> None:

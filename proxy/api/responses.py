@@ -8,7 +8,6 @@ routes: decide, admit, and a shielded settle of what the upstream really used.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -26,7 +25,7 @@ from ..upstream.providers import Provider
 from ..upstream.relay import RelayOutcome, open_upstream, read_chunks, upstream_failure
 from .body import read_json_object
 from .inputs import validate_inputs
-from .passthrough import record_upstream, request_facts, settle
+from .metered import authorize_and_admit, metered_call, request_facts
 from .schema import INPUTS
 from .state import GATEWAY, authenticated
 from .uploads import asset_url, describe
@@ -207,35 +206,22 @@ async def responses(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
-    policy = gateway.policy.current  # one policy for the whole request, even if a reload lands meanwhile
     ctx.model = model = gateway.model(body.get("model"))
     call = upstream_call(model, {k: v for k, v in body.items() if k != "model"})
-    input_bytes = len(await request.read())  # already read and cached by read_json_object
-    decision = policy.decide(principal, model, request_facts(call.route, call.body, input_bytes))
-    if not decision.allowed:
-        raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
-    admission = await gateway.meter.admit(principal, model.id, decision, ctx.request_id)
-    gateway.metrics.credits("reserved", decision.reserve_credits)
-    ctx.outcome = outcome = RelayOutcome()
+    facts = request_facts(call.route, call.body, len(await request.read()))  # the body is cached by now
+    decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     provider = gateway.providers[model.provider]
-    gateway.metrics.stream_started()
-    started = time.monotonic()
-    try:
+    async with metered_call(gateway, ctx, provider, decision, admission, facts) as outcome:
         events = await EventStream.open(request, admission.headers, outcome)
         outcome.response = events.response
         await events.send("generation.status", {"status": "queued"})
         try:
-            async with admission.keepalive():  # renew the hold and lease while a long generation runs
-                output = await _generate(request, provider, model, call, events, outcome)
+            output = await _generate(request, provider, model, call, events, outcome)
         except ApiError as exc:
             outcome.error_code = outcome.error_code or exc.code
             await events.send("generation.failed", exc.body())
         else:
             await events.send("generation.completed", {"output": output})
-    finally:
-        record_upstream(gateway, provider.name, outcome, started)
-        # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
-        await asyncio.shield(settle(gateway, ctx, decision, admission, outcome, input_bytes))
     await events.response.write_eof()
     return events.response
 
