@@ -112,3 +112,19 @@ async def open_sse(request: web.Request) -> web.StreamResponse:
 
 async def wait_for(event: asyncio.Event, seconds: float = 5.0) -> None:
     await asyncio.wait_for(event.wait(), seconds)
+
+
+def endless_stream(cancelled: asyncio.Event) -> Handler:
+    """A handler that streams `tick` chunks until the gateway hangs up, then sets `cancelled`."""
+
+    async def endless(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        try:
+            while True:
+                await response.write(sse(chat_chunk("tick")))
+                await asyncio.sleep(0.05)
+        except (asyncio.CancelledError, ConnectionResetError):
+            cancelled.set()
+            raise
+
+    return endless

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway
-from .mock_provider import MockProvider, chat_chunk, open_sse, sse, usage_chunk, wait_for
+from .mock_provider import MockProvider, chat_chunk, endless_stream, open_sse, sse, usage_chunk, wait_for
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 CHAT = {"model": "mock/chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -93,18 +93,7 @@ async def test_sse_response_headers_defeat_proxy_buffering(gateway: str) -> None
 
 async def test_client_disconnect_cancels_the_upstream(gateway: str, provider: MockProvider) -> None:
     upstream_cancelled = asyncio.Event()
-
-    async def endless(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        response = await open_sse(request)
-        try:
-            while True:
-                await response.write(sse(chat_chunk("tick")))
-                await asyncio.sleep(0.05)
-        except (asyncio.CancelledError, ConnectionResetError):
-            upstream_cancelled.set()
-            raise
-
-    provider.handler = endless
+    provider.handler = endless_stream(upstream_cancelled)
     async with aiohttp.ClientSession() as http:
         response = await http.post(f"{gateway}/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
         assert b"tick" in await response.content.readline()

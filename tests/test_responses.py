@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from .gateway_harness import TEST_KEY, gateway_config, start_gateway
-from .mock_provider import MockProvider, chat_chunk, open_sse, sse, usage_chunk, wait_for
+from .mock_provider import MockProvider, chat_chunk, endless_stream, open_sse, sse, usage_chunk, wait_for
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 Event = tuple[str, dict[str, Any]]
@@ -207,18 +207,7 @@ async def error_of(gateway: str, body: dict[str, Any], headers: dict[str, str] |
 
 async def test_client_disconnect_cancels_the_upstream_and_settles(gateway: str, provider: MockProvider) -> None:
     upstream_cancelled = asyncio.Event()
-
-    async def endless(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        response = await open_sse(request)
-        try:
-            while True:
-                await response.write(sse(chat_chunk("tick")))
-                await asyncio.sleep(0.05)
-        except (asyncio.CancelledError, ConnectionResetError):
-            upstream_cancelled.set()
-            raise
-
-    provider.handler = endless
+    provider.handler = endless_stream(upstream_cancelled)
     async with aiohttp.ClientSession() as http:
         response = await http.post(f"{gateway}/v1/responses", json={"model": "mock/chat", "prompt": "hi"}, headers=AUTH)
         async for name, _ in events_of(response):
