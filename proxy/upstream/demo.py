@@ -21,6 +21,7 @@ _PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
 _TOKEN_DELAY_S = 0.02
+_MAX_IMAGES = 10  # like real image APIs; also keeps a huge `n` from exhausting the demo's memory
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
@@ -118,7 +119,7 @@ async def embeddings(request: web.Request) -> web.Response:
 
 async def images(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+    n = min(body["n"], _MAX_IMAGES) if isinstance(body.get("n"), int) and body["n"] > 0 else 1
     base = f"{request.scheme}://{request.host}"
     data = [{"url": f"{base}/files/{uuid.uuid4().hex}.png"} for _ in range(n)]
     return web.json_response({"created": int(time.time()), "data": data})
