@@ -155,6 +155,7 @@ async def error_of(gateway: str, body: bytes | dict[str, Any], headers: dict[str
     ("body", "status", "code"),
     [
         (b"{not json", 400, "invalid_request"),
+        (b"[" * 50_000, 400, "invalid_request"),  # nesting deep enough to exhaust the JSON parser's recursion
         (b"[1, 2]", 400, "invalid_request"),
         (b"", 400, "invalid_request"),
         ({"messages": []}, 400, "invalid_request"),
@@ -310,3 +311,24 @@ async def test_model_schema_is_an_openapi_document_for_its_capability(gateway: s
     assert doc["info"]["x-model-id"] == "mock/image"
     assert doc["components"]["schemas"]["Input"]["required"] == ["prompt"]
     assert missing == (404, "model_not_found")
+
+
+async def test_hostile_upstream_json_is_relayed_without_crashing_the_usage_reader(
+    gateway: str, provider: MockProvider
+) -> None:
+    deep = b'{"usage": ' * 50_000 + b"1" + b"}" * 50_000
+
+    async def nested(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if body.get("stream"):
+            response = await open_sse(request)
+            await response.write(b"data: " + deep + b"\n\n")
+            await response.write(sse("[DONE]"))
+            return response
+        return web.Response(body=deep, content_type="application/json")
+
+    provider.handler = nested
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for stream in (False, True):
+            async with http.post(f"{gateway}/v1/chat/completions", json={**CHAT, "stream": stream}, headers=AUTH) as r:
+                assert r.status == 200
+                assert deep in await r.read()

@@ -29,6 +29,8 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError("invalid_request", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError("invalid_request", "the request body nests JSON too deeply") from None
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "the request body must be a JSON object")
     return body

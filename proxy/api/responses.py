@@ -182,7 +182,7 @@ def _keep_b64(answer: UpstreamAnswer, item: dict[str, Any]) -> str:
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ApiError("upstream_error", "the provider's answer is not JSON") from None
     if not isinstance(value, dict):
         raise ApiError("upstream_error", "the provider's answer is not a JSON object")

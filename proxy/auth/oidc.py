@@ -185,7 +185,11 @@ class JwksCache:
             raise ValueError(f"timed out after {self._settings.fetch_timeout_s}s") from None
         except aiohttp.ClientError as exc:
             raise ValueError(f"{type(exc).__name__}: {exc}") from None
-        self._keys = _parse_jwks(json.loads(body), self._settings.algorithms)
+        try:
+            document = json.loads(body)
+        except RecursionError:
+            raise ValueError("JWKS document nests too deeply") from None
+        self._keys = _parse_jwks(document, self._settings.algorithms)
         self._fetched_at = time.monotonic()
 
 

@@ -240,7 +240,7 @@ async def _relay_body(
     if keep:
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # a malformed or hostile upstream body
             return
         if isinstance(answer, dict):
             outcome.usage = openai_format.usage_of(answer)
