@@ -77,7 +77,7 @@ class PendingSettles:
             return
         try:
             await asyncio.wait_for(self.flush(), flush_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if self._queue:
             log.warning("%d settles not applied at shutdown: their holds will expire and be charged at the reserve",
