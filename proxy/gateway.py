@@ -74,7 +74,9 @@ class Gateway:
         return model
 
     async def start(self) -> None:
-        """Open provider pools, start the demo upstream if configured, watch policies, reload on SIGHUP."""
+        """Open provider pools, start the demo upstream if configured, watch policies, reload on SIGHUP, and
+        retry settles that could not reach the store."""
+        self.meter.start()
         for name, settings in self.config.providers.items():
             base_url = settings.base_url
             if settings.kind == "demo":
@@ -104,6 +106,7 @@ class Gateway:
         for runner in self._runners:
             await runner.cleanup()
         await self.auth.aclose()
+        await self.meter.close()  # after the last request settled, before the store goes away
         await self.store.close()
 
 
@@ -172,7 +175,9 @@ def build_gateway(config: Config, announce: bool = True) -> Gateway:
         tokens=tokens,
         store=store,
         store_settings=store_settings,
-        meter=Meter(store, reservation_ttl_s=store_settings.reservation_ttl_s),
+        meter=Meter(
+            store, reservation_ttl_s=store_settings.reservation_ttl_s, on_pending_settles=metrics.pending_settles
+        ),
         metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
         assets=AssetStore(

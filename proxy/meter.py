@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from proxy.auth.principal import Principal
 from proxy.errors import ApiError
+from proxy.pending_settles import PendingSettle, PendingSettles
 from proxy.policy.types import Budget, Decision, Dimension, RateLimit
 from proxy.store.base import (
     AdmitRequest,
@@ -73,17 +74,24 @@ class Admission:
     """An admitted request: the headers to send, and a settle/release that act once."""
 
     def __init__(
-        self, store: Store, clock: Callable[[], float], reservation: Reservation | None, headers: dict[str, str]
+        self,
+        store: Store,
+        clock: Callable[[], float],
+        reservation: Reservation | None,
+        headers: dict[str, str],
+        pending: PendingSettles,
     ) -> None:
         self.headers = headers
         self._store = store
         self._clock = clock
+        self._pending = pending
         self._reservation = reservation
         self._settled = reservation is None
         self._heartbeat: asyncio.Task[None] | None = None
 
     @property
     def settled(self) -> bool:
+        """True once settled or released, or queued for a retry while the store is down."""
         return self._settled
 
     @asynccontextmanager
@@ -100,19 +108,20 @@ class Admission:
             self._stop_heartbeat()
 
     async def settle(self, actual_credits: float, actual_tokens: int) -> bool:
-        """Charge the real cost and free the lease; True if this call settled it. Never raises on store errors:
-        an unsettled hold expires and is charged at its reserved amount (docs/metering.md)."""
+        """Charge the real cost and free the lease; True if this call applied it. Never raises on store errors:
+        the settle is queued and retried in the background (docs/metering.md)."""
         if self._settled or self._reservation is None:
             return False
         self._stop_heartbeat()
-        amount = to_micro(max(0.0, actual_credits))
-        now_ms = int(self._clock() * 1000)
-        try:
-            await self._store.settle(self._reservation, amount, max(0, actual_tokens), now_ms)
-        except StoreError as exc:
-            log.warning("settle failed for reservation %s: %s", self._reservation.request.reservation_id, exc)
-            return False
         self._settled = True
+        pending = PendingSettle(self._reservation, to_micro(max(0.0, actual_credits)), max(0, actual_tokens))
+        try:
+            await self._store.settle(pending.reservation, pending.amount, pending.tokens, int(self._clock() * 1000))
+        except StoreError as exc:
+            log.warning("settle of reservation %s failed (%s): queued for retry",
+                        self._reservation.request.reservation_id, exc)
+            self._pending.add(pending)
+            return False
         return True
 
     async def release(self) -> bool:
@@ -139,7 +148,8 @@ class Admission:
 
 
 class Meter:
-    """Builds store keys from the principal and the decision; one store call per admission."""
+    """Builds store keys from the principal and the decision; one store call per admission. Settles the store
+    could not take are retried in the background between `start()` and `close()`."""
 
     def __init__(
         self,
@@ -149,12 +159,28 @@ class Meter:
         ledger_retention_s: float = 2 * 86_400,
         clock: Callable[[], float] = time.time,
         prefix: str = "ep",
+        max_pending_settles: int = 10_000,
+        on_pending_settles: Callable[[int], None] = lambda length: None,
     ) -> None:
         self._store = store
         self._ttl_ms = int(reservation_ttl_s * 1000)
         self._retention_ms = int(ledger_retention_s * 1000)
         self._clock = clock
         self._prefix = prefix
+        self._pending = PendingSettles(store, clock, max_pending=max_pending_settles, on_length=on_pending_settles)
+
+    @property
+    def pending_settles(self) -> int:
+        """How many settles wait for the store to come back."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        """Start retrying queued settles in the background (in the running loop)."""
+        self._pending.start()
+
+    async def close(self, flush_timeout_s: float = 2.0) -> None:
+        """Stop the retries and try once more, for at most `flush_timeout_s`, to apply the queued settles."""
+        await self._pending.close(flush_timeout_s)
 
     async def admit(self, principal: Principal, model_id: str, decision: Decision, request_id: str) -> Admission:
         """Take every limit, the concurrency lease and the credit hold, or raise the ApiError that denied it."""
@@ -163,11 +189,11 @@ class Meter:
         rules = decision.rate_limits
         request = self._request(principal, model_id, decision, rules, rid, now_ms)
         if not _touches_store(request):
-            return Admission(self._store, self._clock, None, {})
+            return Admission(self._store, self._clock, None, {}, self._pending)
         result = await self._call(self._store.admit, request)
         if result.denial is not None or result.reservation is None:
             raise _denial(rules, request, result)
-        return Admission(self._store, self._clock, result.reservation, _headers(rules, result))
+        return Admission(self._store, self._clock, result.reservation, _headers(rules, result), self._pending)
 
     async def state(self, principal: Principal, decision: Decision, model_id: str | None = None) -> dict[str, Any]:
         """Balance and per-limit state for GET /v1/me, taking nothing. Model-scoped limits need `model_id`."""

@@ -151,6 +151,9 @@ class Metrics:
         self._store_up = Gauge(
             f"{p}_store_up", "1 if the metering store answered its last operation, else 0.",
             multiprocess_mode="livemin", registry=r)
+        self._pending_settles = Gauge(
+            f"{p}_pending_settles", "Settles waiting for the metering store to come back (retried in the background).",
+            multiprocess_mode="livesum", registry=r)
         self._jwks_fetches = Counter(
             f"{p}_jwks_fetches_total", "JWKS fetches from identity providers, by issuer and outcome.",
             ["issuer", "outcome"], registry=r)
@@ -260,6 +263,10 @@ class Metrics:
     def store_up(self, up: bool) -> None:
         """Whether the store answered; set after each operation or health probe."""
         self._store_up.set(1 if up else 0)
+
+    def pending_settles(self, length: int) -> None:
+        """The length of the meter's queue of settles to retry; set whenever it changes."""
+        self._pending_settles.set(length)
 
     def jwks_fetch(self, issuer: str | None, ok: bool) -> None:
         """A JWKS (re)fetch for a configured issuer."""

@@ -16,11 +16,15 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server child process without persistence; `kill` and `start` again reuse the same port."""
+    """A redis-server child process; `kill` and `start` again reuse the same port. Without persistence by
+    default; `persistent` keeps every write in an append-only file in `workdir`, so data outlives a kill."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, workdir: Path | None = None, persistent: bool = False) -> None:
+        if persistent and workdir is None:
+            raise ValueError("a persistent redis-server needs a workdir for its append-only file")
         self.port = port or free_port()
         self._workdir = workdir
+        self._persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -29,7 +33,7 @@ class RedisServer:
 
     def start(self, timeout_s: float = 5.0) -> None:
         """Launch the server and wait until it accepts connections."""
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self._persistence]
         self._process = subprocess.Popen(
             args, cwd=self._workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

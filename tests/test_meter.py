@@ -7,6 +7,7 @@ import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -266,16 +267,88 @@ async def test_store_down_means_503_store_unavailable_for_credits() -> None:
     await dead.close()
 
 
-async def test_settle_while_store_is_down_returns_false_and_does_not_raise(tmp_path: Path) -> None:
-    with RedisServer(workdir=tmp_path) as server:
-        store = RedisStore(server.url, connect_timeout_s=0.2, op_timeout_s=0.3)
-        meter = Meter(store)
-        admission = await meter.admit(ALICE, "m/a", decide(budget=Budget(credits=10), reserve_credits=1), "r")
+def outage_meter(server: RedisServer, clock: Clock, **meter: Any) -> tuple[Meter, ResilientStore]:
+    """A meter on a real Redis the test kills and restarts, with timeouts and breaker short enough for a test."""
+    redis_store = RedisStore(server.url, connect_timeout_s=0.2, op_timeout_s=0.3)
+    store = ResilientStore(redis_store, breaker_reset_s=0.2)
+    return Meter(store, reservation_ttl_s=60, clock=clock, **meter), store
+
+
+async def until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll until the condition holds or the time is up; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("hold_expired", [False, True], ids=["hold-alive", "hold-expired-and-charged"])
+async def test_settle_while_store_is_down_is_queued_and_applied_once_it_is_back(
+    tmp_path: Path, clock: Clock, hold_expired: bool
+) -> None:
+    """The settle returns at once and waits in the queue; when Redis is back the retry charges the actual amount,
+    also when the hold expired meanwhile and was charged at the reserve (the late settle corrects it)."""
+    decision = decide(budget=Budget(credits=10), reserve_credits=4)
+    lengths: list[int] = []
+    with RedisServer(workdir=tmp_path, persistent=True) as server:
+        meter, store = outage_meter(server, clock, on_pending_settles=lengths.append)
+        meter.start()
+        admission = await meter.admit(ALICE, "m/a", decision, "r")
         server.kill()
         started = time.monotonic()
         assert not await admission.settle(0.5, 10)
-        assert time.monotonic() - started < 1.0 and not admission.settled
+        assert time.monotonic() - started < 1.0 and meter.pending_settles == 1 and lengths == [1]
+        assert not await admission.settle(0.7, 10) and meter.pending_settles == 1  # handed over once
+        if hold_expired:
+            clock.now += 61  # past the hold's ttl, within the ticket's (2 x ttl)
+        server.start()
+        assert await until(lambda: meter.pending_settles == 0, timeout_s=5.0)
+        balance = (await meter.state(ALICE, decision))["balance"]
+        await meter.close()
         await store.close()
+    assert (balance["spent"], balance["held"]) == (0.5, 0)
+    assert lengths[-1] == 0
+
+
+async def test_a_full_settle_queue_drops_the_longest_waiting(
+    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bounded: the dropped settle's hold stays held (and will be charged at the reserve), the others apply."""
+    decision = decide(budget=Budget(credits=10), reserve_credits=2)
+    with RedisServer(workdir=tmp_path, persistent=True) as server:
+        meter, store = outage_meter(server, clock, max_pending_settles=2)
+        admissions = [await meter.admit(ALICE, "m/a", decision, f"r{i}") for i in range(3)]
+        server.kill()
+        for admission in admissions:
+            await admission.settle(1.0, 0)
+        assert meter.pending_settles == 2
+        assert any("settle queue full" in record.getMessage() for record in caplog.records)
+        server.start()
+        meter.start()
+        assert await until(lambda: meter.pending_settles == 0, timeout_s=5.0)
+        balance = (await meter.state(ALICE, decision))["balance"]
+        await meter.close()
+        await store.close()
+    assert (balance["spent"], balance["held"]) == (2.0, 2.0)
+
+
+async def test_close_makes_one_last_bounded_attempt_to_apply_queued_settles(tmp_path: Path, clock: Clock) -> None:
+    decision = decide(budget=Budget(credits=10), reserve_credits=4)
+    with RedisServer(workdir=tmp_path, persistent=True) as server:
+        meter, store = outage_meter(server, clock)  # not started: only close() applies the queue
+        admission = await meter.admit(ALICE, "m/a", decision, "r")
+        server.kill()
+        await admission.settle(1.5, 0)
+        started = time.monotonic()
+        await meter.close(flush_timeout_s=0.5)  # still down: bounded, the settle stays queued
+        assert time.monotonic() - started < 1.0 and meter.pending_settles == 1
+        server.start()
+        await asyncio.sleep(0.25)  # the breaker lets a probe through again
+        await meter.close(flush_timeout_s=2.0)
+        assert meter.pending_settles == 0
+        balance = (await meter.state(ALICE, decision))["balance"]
+        await store.close()
+    assert (balance["spent"], balance["held"]) == (1.5, 0)
 
 
 def test_credit_conversions_are_exact() -> None:

@@ -288,8 +288,9 @@ async def test_budget_refusal_is_402_and_takes_nothing(start_metered: StartGatew
 async def gateway_on_own_redis(
     provider: MockProvider, tmp_path: Path, policy: str, **store: Any
 ) -> AsyncIterator[tuple[str, RedisServer]]:
-    """A gateway on a redis-server of its own, which the test may kill and restart; both stopped at the end."""
-    redis_server = RedisServer(workdir=tmp_path)
+    """A gateway on a redis-server of its own, which the test may kill and restart; both stopped at the end.
+    Its data survives a kill (append-only file), as a production Redis's does."""
+    redis_server = RedisServer(workdir=tmp_path, persistent=True)
     redis_server.start()
     try:
         policies = write_policy(tmp_path / "policies", policy)
@@ -337,6 +338,45 @@ async def test_rate_limits_fail_open_to_a_local_limiter_while_redis_is_down(
         assert [status for status, _, _ in answers] == [200, 200, 429]
         assert answers[2][1]["RateLimit-Limit"] == "2" and "Retry-After" in answers[2][1]
         assert await ready_status(gateway) == 200
+
+
+async def test_a_request_finishing_while_redis_is_down_is_charged_its_usage_once_redis_is_back(
+    provider: MockProvider, gateway_env: None, tmp_path: Path
+) -> None:
+    """The settle that cannot reach Redis waits in the replica's queue (visible as a gauge) and is applied when
+    Redis returns: the ledger shows the real usage, not the reserve, and nothing held."""
+    redis_down, started = asyncio.Event(), asyncio.Event()
+
+    async def finishes_after_redis_died(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        await response.write(sse(chat_chunk("start")))
+        started.set()
+        await redis_down.wait()
+        await response.write(sse(usage_chunk(7, 4)))
+        await response.write(sse("[DONE]"))
+        return response
+
+    provider.handler = finishes_after_redis_died
+    store = {"breaker_reset_s": 0.3}
+    async with gateway_on_own_redis(provider, tmp_path, POLICY, **store) as (gateway, redis_server):
+        call = asyncio.create_task(post(gateway, STREAM_BYTES))
+        await asyncio.wait_for(started.wait(), 5)
+        redis_server.kill()
+        redis_down.set()
+        assert (await asyncio.wait_for(call, 5))[0] == 200
+        assert await eventually(lambda: pending_settles(gateway), 1, timeout_s=3.0) == 1
+        redis_server.start()
+        assert await eventually(lambda: pending_settles(gateway), 0, timeout_s=5.0) == 0
+        state = await balance(gateway)
+    assert (state["spent"], state["held"]) == (chat_cost(7, 4), 0)
+
+
+async def pending_settles(gateway: str) -> int:
+    """The gateway's edge_proxy_pending_settles gauge."""
+    async with aiohttp.ClientSession() as http, http.get(f"{gateway}/metrics") as response:
+        text = await response.text()
+    gauge = next(line for line in text.splitlines() if line.startswith("edge_proxy_pending_settles "))
+    return int(float(gauge.split()[1]))
 
 
 async def ready_status(gateway: str) -> int:

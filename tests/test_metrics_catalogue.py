@@ -64,6 +64,7 @@ def exercise_every_helper(m: Metrics) -> None:
     m.store_op("reserve", 0.002, ok=True)
     m.store_op("settle", 0.3, ok=False)
     m.store_up(False)
+    m.pending_settles(3)
     m.jwks_fetch("clerk", ok=False)
     m.policy_reload(ok=True)
 
@@ -105,6 +106,7 @@ def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
     assert value(s, "edge_proxy_store_errors_total", op="settle") == 1
     assert value(s, "edge_proxy_store_errors_total", op="reserve") is None
     assert value(s, "edge_proxy_store_up") == 0
+    assert value(s, "edge_proxy_pending_settles") == 3
     assert value(s, "edge_proxy_jwks_fetches_total", issuer="clerk", outcome="failure") == 1
     assert value(s, "edge_proxy_policy_reloads_total", outcome="success") == 1
     assert value(s, "edge_proxy_build_info", version=__version__) == 1

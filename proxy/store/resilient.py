@@ -82,7 +82,7 @@ class ResilientStore:
             return await self._fallback.settle(reservation, amount, tokens, now_ms)
         ok, result = await self._attempt("settle", lambda: self._primary.settle(reservation, amount, tokens, now_ms))
         if not ok:
-            raise StoreError("store unavailable: the hold expires and is charged by the documented rule")
+            raise StoreError("store unavailable")  # the meter queues the settle and retries it
         return result
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:

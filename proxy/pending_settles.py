@@ -1,0 +1,113 @@
+"""Settles the store could not take, kept in a bounded queue and retried in the background until they land,
+so that a short store outage does not charge requests that finished during it at their full reserve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from proxy.store.base import Reservation, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PendingSettle:
+    """One settle to apply: what the request really used (a release is an amount of 0)."""
+
+    reservation: Reservation
+    amount: int  # micro-credits
+    tokens: int
+
+
+class PendingSettles:
+    """A bounded queue of settles and the task retrying them with backoff; safe to retry because a settle is
+    idempotent in the store (its ticket), and a late one still corrects an expired, charged hold."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float],
+        *,
+        max_pending: int = 10_000,
+        first_delay_s: float = 0.2,
+        max_delay_s: float = 5.0,
+        on_length: Callable[[int], None] = lambda length: None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._max_pending = max_pending
+        self._first_delay_s = first_delay_s
+        self._max_delay_s = max_delay_s
+        self._on_length = on_length
+        self._queue: deque[PendingSettle] = deque()
+        self._queued = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, pending: PendingSettle) -> None:
+        """Queue a settle; when full, the longest-waiting one is dropped (its hold expires and is charged)."""
+        if len(self._queue) >= self._max_pending:
+            dropped = self._queue.popleft()
+            log.warning(
+                "settle queue full (%d): dropped reservation %s; its hold will expire and be charged at the reserve",
+                self._max_pending, dropped.reservation.request.reservation_id,
+            )
+        self._queue.append(pending)
+        self._queued.set()
+        self._on_length(len(self._queue))
+
+    def start(self) -> None:
+        """Start the background retries (in the running loop)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._retry_forever())
+
+    async def close(self, flush_timeout_s: float = 2.0) -> None:
+        """Stop the background retries, then make one last attempt, bounded in time, to apply what is left."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if not self._queue:
+            return
+        try:
+            await asyncio.wait_for(self.flush(), flush_timeout_s)
+        except TimeoutError:
+            pass
+        if self._queue:
+            log.warning("%d settles not applied at shutdown: their holds will expire and be charged at the reserve",
+                        len(self._queue))
+
+    async def flush(self) -> bool:
+        """Apply queued settles, oldest first, until one fails; True if the queue is empty afterwards."""
+        while self._queue:
+            pending = self._queue[0]
+            try:
+                await self._store.settle(pending.reservation, pending.amount, pending.tokens, int(self._clock() * 1000))
+            except StoreError as exc:
+                log.debug("queued settle of %s failed again: %s", pending.reservation.request.reservation_id, exc)
+                if self._queue and self._queue[0] is pending:
+                    self._queue.rotate(-1)  # to the back: one settle the store keeps refusing must not block the rest
+                return False
+            if self._queue and self._queue[0] is pending:  # a full queue may have dropped it meanwhile
+                self._queue.popleft()
+            self._on_length(len(self._queue))
+        return True
+
+    async def _retry_forever(self) -> None:
+        delay = self._first_delay_s
+        while True:
+            if not self._queue:
+                self._queued.clear()
+                await self._queued.wait()
+                delay = self._first_delay_s
+            await asyncio.sleep(delay)
+            if await self.flush():
+                log.info("queued settles applied: the store is back")
+            else:
+                delay = min(2 * delay, self._max_delay_s)
