@@ -1,18 +1,18 @@
 """Structured logs: one JSON access-log line per request, and JSON (or plain text) for everything else.
 
-Records are formatted in the calling thread but written by a background thread (QueueHandler),
-so a slow stdout never blocks the event loop.
+Records are formatted in the calling thread and written in batches by a background thread, so a slow
+stdout never blocks the event loop.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json as jsonlib
 import logging
-import logging.handlers
-import queue
 import re
 import sys
+import threading
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Mapping
 
@@ -33,7 +33,7 @@ _SECRET_SHAPED = re.compile(r"sk_[A-Za-z0-9_-]{8,}|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9
 REDACTED = "[redacted]"
 
 _access_logger = logging.getLogger(ACCESS_LOGGER)
-_listener: logging.handlers.QueueListener | None = None
+_writer: BatchingWriter | None = None
 
 
 def principal_log_id(principal: Principal | None) -> str | None:
@@ -102,37 +102,79 @@ def _timestamp(record: logging.LogRecord) -> str:
     return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
 
 
+class BatchingWriter(logging.Handler):
+    """Formats in the caller; a writer thread wakes every `interval_s` and writes what piled up in one call.
+
+    Waking per batch instead of per line keeps the writer from contending for the GIL on every request,
+    and a slow stdout still never blocks the event loop.
+    """
+
+    def __init__(self, stream: IO[str], interval_s: float = 0.05, max_pending: int = 100_000) -> None:
+        super().__init__()
+        self._stream = stream
+        self._interval_s = interval_s
+        # Bounded: if stdout stalls for long, the oldest lines are dropped rather than memory growing without end.
+        self._lines: collections.deque[str] = collections.deque(maxlen=max_pending)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-proxy-log-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:  # logging must never raise into the request
+            self.handleError(record)
+
+    def close(self) -> None:
+        """Stop the writer after it has written every line emitted so far."""
+        self._stopping.set()
+        self._thread.join()
+        super().close()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval_s):
+            self._drain()
+        self._drain()
+
+    def _drain(self) -> None:
+        lines = []
+        while self._lines:  # the only consumer: popleft cannot find it empty
+            lines.append(self._lines.popleft())
+        if lines:
+            try:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # closed or broken stdout: keep the writer alive for the next batch
+                pass
+
+
 def configure_logging(
     level: str = "info", json: bool = True, *, access_log: bool = True, stream: IO[str] | None = None,
 ) -> Callable[[], None]:
-    """Route all logging through one background writer; returns `stop` (call at shutdown to flush).
+    """Route all logging through one batching background writer; returns `stop` (call at shutdown to flush).
 
     Access lines are written at INFO even when `level` is higher, unless `access_log` is False.
     """
-    global _listener
+    global _writer
     if level.lower() not in LEVELS:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
-    _stop_listener()
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    enqueue = logging.handlers.QueueHandler(records)
-    enqueue.setFormatter(JsonFormatter() if json else TextFormatter())  # format here, write there
-    writer = logging.StreamHandler(stream or sys.stdout)
-    writer.setFormatter(logging.Formatter("%(message)s"))
+    _stop_writer()
+    _writer = BatchingWriter(stream or sys.stdout)
+    _writer.setFormatter(JsonFormatter() if json else TextFormatter())
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(enqueue)
+    root.addHandler(_writer)
     root.setLevel(level.upper())
     _access_logger.setLevel(logging.INFO)
     _access_logger.disabled = not access_log
-    _listener = logging.handlers.QueueListener(records, writer)
-    _listener.start()
-    return _stop_listener
+    return _stop_writer
 
 
-def _stop_listener() -> None:
-    """Flush queued lines and stop the writer thread, if one runs."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+def _stop_writer() -> None:
+    """Flush pending lines and stop the writer thread, if one runs."""
+    global _writer
+    if _writer is not None:
+        logging.getLogger().removeHandler(_writer)
+        _writer.close()
+        _writer = None

@@ -95,3 +95,40 @@ def test_principal_log_id_is_key_id_or_subject_hash() -> None:
     assert hashed is not None and hashed.startswith("sub_") and "user_2abc" not in hashed
     assert hashed == principal_log_id(via_idp)
     assert principal_log_id(None) is None
+
+
+def test_batching_writer_survives_a_broken_stream_and_stays_bounded() -> None:
+    import io
+    import logging
+    import time
+
+    from proxy.accesslog import BatchingWriter
+
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError("stdout went away")
+
+    writer = BatchingWriter(Broken(), interval_s=0.01, max_pending=5)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "line", None, None)
+    for _ in range(50):
+        writer.emit(record)
+    assert len(writer._lines) <= 5
+    time.sleep(0.05)  # several write attempts on the broken stream
+    assert writer._thread.is_alive()
+    writer.close()
+
+
+def test_batching_writer_writes_every_line_in_order_on_close() -> None:
+    import io
+    import logging
+
+    from proxy.accesslog import BatchingWriter
+
+    out = io.StringIO()
+    writer = BatchingWriter(out, interval_s=10)  # nothing written until close flushes
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    for i in range(100):
+        writer.emit(logging.LogRecord("t", logging.INFO, __file__, 1, f"line {i}", None, None))
+    writer.close()
+    assert out.getvalue().splitlines() == [f"line {i}" for i in range(100)]
