@@ -98,6 +98,10 @@ class Gateway:
             log.debug("SIGHUP policy reload not available in this thread")
 
     async def close(self) -> None:
+        try:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError):
+            pass
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

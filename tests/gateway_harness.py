@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
+import yaml
 
 from proxy.config import parse_config
 from proxy.server import RunningServer, start_server
+from tests.redis_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 TEST_KEY = "sk_test_" + "k" * 40
 PROVIDER_KEY = "provider-secret-123"
@@ -80,3 +87,27 @@ async def wait_healthy(url: str, exited: Callable[[], bool], timeout_s: float = 
                 pass
             await asyncio.sleep(0.1)
     raise TimeoutError(f"the gateway at {url} did not become healthy within {timeout_s}s")
+
+
+@asynccontextmanager
+async def gateway_process(
+    config: dict[str, Any], directory: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`python -m proxy serve` on a free port with `config` (written to `directory`); killed if still running."""
+    port = free_port()
+    config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY, "PYTHONPATH": str(REPO)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(path),
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, lambda: process.returncode is not None)
+        yield process, url
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ import yaml
 from proxy.__main__ import main
 from proxy.auth.api_keys import hash_key
 
-from .gateway_harness import PROVIDER_KEY, gateway_config, start_gateway, write_policy
+from .gateway_harness import DEFAULT_POLICY, PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway, write_policy
+from .gateway_harness import gateway_process as harness_process
 from .mock_provider import MockProvider
 
 TEXT_KEY = "sk_test_text_" + "t" * 32
@@ -223,3 +225,26 @@ def test_check_accepts_a_valid_config_with_its_policies(
     monkeypatch.setenv("MOCK_PROVIDER_KEY", PROVIDER_KEY)
     assert main(["check", "--config", str(write_config(tmp_path, policy_text()))]) == 0
     assert "OK (4 models, 1 providers, 2 plans, 2 keys" in capsys.readouterr().out
+
+
+async def test_sighup_reloads_policies_in_a_running_process(provider: MockProvider, tmp_path: Path) -> None:
+    """With the file watch off, SIGHUP alone swaps in the edited policy (the operator's reload switch)."""
+    policies = write_policy(tmp_path / "policies", DEFAULT_POLICY.replace("requests: 10000", "requests: 7"))
+    config = gateway_config(provider.url, policies)  # the harness turns the file watch off
+
+    async def request_limit(url: str) -> int:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/v1/me", headers={"Authorization": f"Bearer {TEST_KEY}"}) as response:
+                return (await response.json())["rate_limits"][0]["limit"]
+
+    async with harness_process(config, tmp_path) as (process, url):
+        assert await request_limit(url) == 7
+        write_policy(policies, DEFAULT_POLICY.replace("requests: 10000", "requests: 9"))
+        await asyncio.sleep(0.2)
+        assert await request_limit(url) == 7  # no watch: nothing changes by itself
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while await request_limit(url) != 9:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
+            await asyncio.sleep(0.05)
+        assert process.returncode is None  # SIGHUP reloads; it does not stop the process

@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
-from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, wait_healthy
+from tests.gateway_harness import TEST_KEY, gateway_config
+from tests.gateway_harness import gateway_process as harness_process
 from tests.mock_provider import MockProvider, chat_chunk, open_sse, sse, usage_chunk
 
 CHUNKS = 8
 CHUNK_GAP_S = 0.25  # the stream lasts ~2 s, well inside the grace period
 GRACE_S = 6.0
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def slow_stream(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
@@ -42,25 +32,14 @@ async def slow_stream(request: web.Request, body: dict[str, Any]) -> web.StreamR
 
 
 @pytest.fixture
-async def gateway_process(provider: MockProvider, policies_dir: Path, tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+async def gateway_process(
+    provider: MockProvider, policies_dir: Path, tmp_path: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """`python -m proxy serve` in front of the slow mock; yields the process and its URL."""
     provider.handler = slow_stream
-    port = free_port()
-    config = gateway_config(provider.url, policies_dir, server={"host": "127.0.0.1", "port": port, "shutdown_grace_s": GRACE_S})
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY, "PYTHONPATH": str(REPO)}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(tmp_path / "config.yaml"),
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_healthy(url, lambda: process.returncode is not None)
-        yield process, url
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    config = gateway_config(provider.url, policies_dir, server={"shutdown_grace_s": GRACE_S})
+    async with harness_process(config, tmp_path) as running:
+        yield running
 
 
 async def connection_refused(url: str, timeout_s: float = 2.0) -> bool:
