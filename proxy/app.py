@@ -112,7 +112,7 @@ def _stamp_headers(allowed_origins: frozenset[str]) -> Callable[[web.Request, we
 def create_app(config: Config, gateway: Gateway | None = None) -> web.Application:
     gateway = gateway or build_gateway(config)
     app = web.Application(
-        middlewares=[context_and_errors, cors_middleware(config.server)],
+        middlewares=[*gateway.tracing.middlewares(), context_and_errors, cors_middleware(config.server)],
         client_max_size=config.server.max_body_bytes,
     )
     app[GATEWAY] = gateway

@@ -172,12 +172,23 @@ class MetricsSettings(_Strict):
     per_principal_labels: bool = False  # opt-in: a counter labelled by key id / hashed user (unbounded cardinality)
 
 
+class TracingSettings(_Strict):
+    """Optional OpenTelemetry tracing (needs the `tracing` extra). Off by default."""
+
+    enabled: bool = False
+    service_name: str = Field("edge-proxy", min_length=1)
+    exporter: Literal["otlp", "console", "none"] = "otlp"
+    endpoint: str | None = None  # OTLP/HTTP traces URL; unset: the exporter reads OTEL_EXPORTER_OTLP_* variables
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)  # for new traces; an incoming traceparent's decision is kept
+
+
 class Config(_Strict):
     server: ServerSettings = ServerSettings()
     store: dict[str, Any] = {}
     auth: AuthSettings = AuthSettings()
     issuers: dict[str, IssuerConfig] = {}
     metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     assets: AssetSettings = AssetSettings()
     demo: DemoSettings = DemoSettings()
     policies: PoliciesSettings = PoliciesSettings()

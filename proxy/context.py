@@ -30,6 +30,11 @@ class RequestContext:
     credits_charged: float | None = None
     error: ApiError | None = None
 
+    @property
+    def error_code(self) -> str | None:
+        """The refusal's code, else the upstream failure's (a stream cut after its headers were sent)."""
+        return self.error.code if self.error else (self.outcome.error_code if self.outcome else None)
+
 
 CONTEXT = web.RequestKey("context", RequestContext)
 

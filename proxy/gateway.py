@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -27,7 +27,11 @@ from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
 from .store import Store, StoreSettings, build_store
 from .upstream.demo import start_demo_upstream
 from .upstream.providers import Provider, auth_headers, new_session, read_credential
+from .tracing import NO_TRACING, Tracing, build_tracing
 from .upstream.relay import RelaySettings
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger("edge_proxy")
 
@@ -60,6 +64,7 @@ class Gateway:
     metrics: Metrics
     relay: RelaySettings
     assets: AssetStore
+    tracing: Tracing = NO_TRACING
     providers: dict[str, Provider] = field(default_factory=dict)
     draining: bool = False
     _runners: list[web.AppRunner] = field(default_factory=list)
@@ -89,6 +94,7 @@ class Gateway:
                 timeouts=settings.timeouts,
                 auth_headers=auth_headers(settings, credential),
                 session=new_session(settings),
+                inject_trace=self.tracing.inject,
             )
         if self.config.policies.watch_interval_s:
             self._tasks.append(asyncio.create_task(self.policy.watch(self.config.policies.watch_interval_s)))
@@ -112,6 +118,7 @@ class Gateway:
         await self.auth.aclose()
         await self.meter.close()  # after the last request settled, before the store goes away
         await self.store.close()
+        await asyncio.to_thread(self.tracing.shutdown)  # flushes spans; the exporter blocks
 
 
 def demo_key(config: Config) -> tuple[ApiKey, str | None]:
@@ -137,9 +144,12 @@ def _issuer_plans(config: Config) -> set[str]:
     return {plan for issuer in config.issuers.values() for plan in (issuer.plan, *issuer.plan_map.values())}
 
 
-def build_gateway(config: Config, announce: bool = True) -> Gateway:
-    """Build every part; configuration or policy errors stop start-up with a message naming file and key."""
+def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExporter | None = None) -> Gateway:
+    """Build every part; configuration or policy errors stop start-up with a message naming file and key.
+
+    `span_exporter` (tests, embedders) receives the spans instead of the configured tracing exporter."""
     catalog = config.catalog()
+    tracing = build_tracing(config.tracing, config.source, span_exporter)  # first: a missing extra stops start-up
     extra_keys: list[ApiKey] = []
     new_demo_key = None
     if config.demo.enabled:
@@ -187,4 +197,5 @@ def build_gateway(config: Config, announce: bool = True) -> Gateway:
         assets=AssetStore(
             ttl_s=config.assets.ttl_s, max_total_bytes=config.assets.max_total_bytes, max_count=config.assets.max_count
         ),
+        tracing=tracing,
     )

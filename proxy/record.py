@@ -27,7 +27,7 @@ def record(metrics: Metrics, request: web.Request, ctx: RequestContext, status: 
     model = ctx.model.id if ctx.model else None
     provider = ctx.model.provider if ctx.model else None
     principal_type = ctx.principal.label if ctx.principal else None
-    error_code = ctx.error.code if ctx.error else (ctx.outcome.error_code if ctx.outcome else None)
+    error_code = ctx.error_code
     metrics.request_done(
         ctx.route, model, provider, principal_type, status, duration,
         error_code=error_code, principal=principal_log_id(ctx.principal),

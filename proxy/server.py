@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config
+from .gateway import Gateway
 
 
 @dataclass
@@ -24,9 +25,11 @@ def runner_options(config: Config) -> dict[str, object]:
     return {"handler_cancellation": True, "shutdown_timeout": config.server.shutdown_grace_s, "access_log": None}
 
 
-async def start_server(config: Config, host: str | None = None, port: int | None = None) -> RunningServer:
+async def start_server(
+    config: Config, host: str | None = None, port: int | None = None, gateway: Gateway | None = None
+) -> RunningServer:
     """Start serving in the running loop (used by tests and embedders); port 0 picks a free one."""
-    runner = web.AppRunner(create_app(config), **runner_options(config))  # type: ignore[arg-type]
+    runner = web.AppRunner(create_app(config, gateway), **runner_options(config))  # type: ignore[arg-type]
     await runner.setup()
     site = web.TCPSite(runner, host or config.server.host, config.server.port if port is None else port)
     await site.start()

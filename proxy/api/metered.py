@@ -44,23 +44,30 @@ async def metered_call(
     ctx.outcome = outcome = RelayOutcome()
     gateway.metrics.stream_started()
     started = time.monotonic()
+    span = gateway.tracing.upstream_span(provider.name)  # current until ended, so the traceparent sent is its own
+    failure: ApiError | None = None
     try:
         async with admission.keepalive():  # a stream may outlive the reservation ttl: renew while it runs
             yield outcome
     except ApiError as exc:
         outcome.error_code = outcome.error_code or exc.code
+        failure = exc
         raise
     finally:
-        record_upstream(gateway, provider.name, outcome, started)
+        result = upstream_outcome(outcome)
+        record_upstream(gateway, provider.name, outcome, result, started)
+        span.end(outcome.status, result, outcome.error_code, failure)
         # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
         await asyncio.shield(settle(gateway, ctx, decision, admission, outcome, facts.input_bytes))
 
 
-def record_upstream(gateway: Gateway, provider: str, outcome: RelayOutcome, started: float) -> None:
+def record_upstream(
+    gateway: Gateway, provider: str, outcome: RelayOutcome, result: UpstreamOutcome, started: float
+) -> None:
     """The upstream call's metrics: in-flight gauge, bytes and events, duration by outcome, errors by reason."""
     gateway.metrics.stream_ended()
     gateway.metrics.relayed(outcome.bytes_out, outcome.events_out)
-    gateway.metrics.upstream_done(provider, upstream_outcome(outcome), time.monotonic() - started)
+    gateway.metrics.upstream_done(provider, result, time.monotonic() - started)
     if (reason := upstream_error_reason(outcome)) is not None:
         gateway.metrics.upstream_error(provider, reason)
 

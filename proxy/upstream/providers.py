@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, MutableMapping
 
 import aiohttp
 
@@ -21,6 +21,7 @@ class Provider:
     timeouts: Timeouts
     auth_headers: Mapping[str, str]
     session: aiohttp.ClientSession
+    inject_trace: Callable[[MutableMapping[str, str]], None] = lambda headers: None  # adds traceparent if tracing
 
     def url(self, route: str) -> str:
         """The upstream URL for a public route: `/v1/chat/completions` -> `<base_url>/chat/completions`."""

@@ -109,6 +109,7 @@ async def open_upstream(
     headers = CIMultiDict(forward)
     headers.update(provider.auth_headers)
     headers["X-Request-Id"] = request_id
+    provider.inject_trace(headers)
     try:
         async with asyncio.timeout(provider.timeouts.first_byte_s):
             return await provider.session.post(provider.url(route), data=body, headers=headers)
