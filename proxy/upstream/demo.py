@@ -79,20 +79,24 @@ async def _completion(request: web.Request, *, chat: bool) -> web.StreamResponse
     await response.prepare(request)
     chunk_kind = f"{kind}.chunk" if chat else kind
     include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+    events = []
     for i, token in enumerate(tokens):
         finish = "stop" if i == len(tokens) - 1 else None
         chunk = {"id": ident, "object": chunk_kind, "created": created, "model": model,
-                 "choices": [choice(token, finish, True)]}
-        if include_usage:
-            chunk["usage"] = None
-        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await asyncio.sleep(_TOKEN_DELAY_S)
+                 "choices": [choice(token, finish, True)], **({"usage": None} if include_usage else {})}
+        events.append(f"data: {json.dumps(chunk)}\n\n".encode())
     if include_usage:
         final = {"id": ident, "object": chunk_kind, "created": created, "model": model, "choices": [],
                  "usage": _usage(body, len(tokens))}
-        await response.write(f"data: {json.dumps(final)}\n\n".encode())
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+        events.append(f"data: {json.dumps(final)}\n\n".encode())
+    events.append(b"data: [DONE]\n\n")
+    try:
+        for event in events:
+            await response.write(event)
+            await asyncio.sleep(_TOKEN_DELAY_S)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the caller hung up mid-stream: the normal end of a cancelled generation, not an error
     return response
 
 
