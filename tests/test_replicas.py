@@ -175,7 +175,10 @@ async def test_rate_limit_is_exact_across_replicas(replicas: list[Replica]) -> N
     answers = await fan_out(replicas, "/v1/embeddings", EMBED, LIMITED_KEY)
     assert Counter(status for status, _ in answers) == {200: RATE, 429: REQUESTS - RATE}
     remaining = sorted(int(headers["RateLimit-Remaining"]) for status, headers in answers if status == 200)
-    assert remaining == list(range(RATE))
+    # The first admission sees RATE-1 left and the last sees 0. In between, a replica whose clock reading is a
+    # few ms older than one already applied sees one fewer (docs/metering.md), so values may repeat or skip.
+    assert (remaining[0], remaining[-1]) == (0, RATE - 1)
+    assert all(0 <= value < RATE for value in remaining)
     for status, headers in answers:
         assert headers["RateLimit-Limit"] == str(RATE) and int(headers["RateLimit-Reset"]) > 0
         if status == 429:
