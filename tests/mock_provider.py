@@ -128,3 +128,17 @@ def endless_stream(cancelled: asyncio.Event) -> Handler:
             raise
 
     return endless
+
+
+def gated_two_chunks(seen_first: asyncio.Event, usage: tuple[int, int] | None = None) -> Handler:
+    """Chunk "one", then chunk "two" only once the test has seen the first at the client: buffering deadlocks."""
+
+    async def two_chunks(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        await response.write(sse(chat_chunk("one")))
+        await wait_for(seen_first)
+        tail = sse(usage_chunk(*usage)) if usage else b""
+        await response.write(sse(chat_chunk("two", finish="stop")) + tail + sse("[DONE]"))
+        return response
+
+    return two_chunks

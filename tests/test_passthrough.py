@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway
-from .mock_provider import MockProvider, chat_chunk, endless_stream, open_sse, sse, usage_chunk, wait_for
+from .mock_provider import MockProvider, chat_chunk, endless_stream, gated_two_chunks, open_sse, sse, usage_chunk, wait_for
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 CHAT = {"model": "mock/chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -59,16 +59,7 @@ async def test_streaming_client_that_asked_for_usage_gets_it(gateway: str) -> No
 
 async def test_stream_is_not_buffered(gateway: str, provider: MockProvider) -> None:
     seen_first = asyncio.Event()
-
-    async def two_chunks(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(sse(chat_chunk("one")))
-        await wait_for(seen_first)  # chunk 2 only after the client has chunk 1: buffering would deadlock
-        await response.write(sse(chat_chunk("two", finish="stop")))
-        await response.write(sse("[DONE]"))
-        return response
-
-    provider.handler = two_chunks
+    provider.handler = gated_two_chunks(seen_first)
     async with sdk(gateway) as client:
         stream = await client.chat.completions.create(
             model="mock/chat", messages=[{"role": "user", "content": "hi"}], stream=True

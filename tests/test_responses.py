@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from .gateway_harness import TEST_KEY, gateway_config, start_gateway
-from .mock_provider import MockProvider, chat_chunk, endless_stream, open_sse, sse, usage_chunk, wait_for
+from .mock_provider import MockProvider, chat_chunk, endless_stream, gated_two_chunks, open_sse, sse, wait_for
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 Event = tuple[str, dict[str, Any]]
@@ -71,15 +71,7 @@ async def test_text_streams_status_deltas_and_completion_and_settles_from_usage(
 
 async def test_deltas_are_not_buffered(gateway: str, provider: MockProvider) -> None:
     seen_first = asyncio.Event()
-
-    async def two_chunks(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(sse(chat_chunk("one")))
-        await wait_for(seen_first)  # chunk 2 only after the client has delta 1: buffering would deadlock
-        await response.write(sse(chat_chunk("two", finish="stop")) + sse(usage_chunk(3, 2)) + sse("[DONE]"))
-        return response
-
-    provider.handler = two_chunks
+    provider.handler = gated_two_chunks(seen_first, usage=(3, 2))
     deltas = []
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{gateway}/v1/responses", json={"model": "mock/chat", "prompt": "hi"}, headers=AUTH) as r:

@@ -36,17 +36,7 @@ CHAT = {"model": "mock/chat", "messages": [{"role": "user", "content": "hi"}]}
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 
 
-@pytest.fixture(autouse=True)
-def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOCK_PROVIDER_KEY", PROVIDER_KEY)
-    monkeypatch.setenv("EDGE_PROXY_DEMO_KEY", TEST_KEY)
-
-
-@pytest.fixture
-async def provider() -> AsyncIterator[MockProvider]:
-    mock = await MockProvider().start()
-    yield mock
-    await mock.stop()
+pytestmark = pytest.mark.usefixtures("gateway_env")  # the demo and provider keys, from conftest
 
 
 @pytest.fixture
