@@ -43,13 +43,14 @@ async def gateway_process(
 
 
 async def connection_refused(url: str, timeout_s: float = 2.0) -> bool:
-    """True once a fresh TCP connection to the gateway is refused (polled: the listener closes asynchronously)."""
+    """True once a fresh TCP connection to the gateway is not accepted (polled: the listener closes asynchronously)."""
     host, port = url.removeprefix("http://").split(":")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             _, writer = await asyncio.open_connection(host, int(port))
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
+            # Refused, or reset when the attempt landed in the backlog of the closing listener: not accepted.
             return True
         writer.close()
         await asyncio.sleep(0.05)
