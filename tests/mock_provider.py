@@ -142,3 +142,11 @@ def gated_two_chunks(seen_first: asyncio.Event, usage: tuple[int, int] | None = 
         return response
 
     return two_chunks
+
+
+async def stalls_after_one_chunk(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """Chunk "one", then silence longer than any test's idle timeout."""
+    response = await open_sse(request)
+    await response.write(sse(chat_chunk("one")))
+    await asyncio.sleep(30)
+    return response

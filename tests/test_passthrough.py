@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway
-from .mock_provider import MockProvider, chat_chunk, endless_stream, gated_two_chunks, open_sse, sse, usage_chunk, wait_for
+from .mock_provider import MockProvider, chat_chunk, endless_stream, gated_two_chunks, stalls_after_one_chunk, open_sse, sse, usage_chunk, wait_for
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 CHAT = {"model": "mock/chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -210,13 +210,7 @@ async def test_upstream_that_never_answers_times_out_with_504(gateway: str, prov
 
 
 async def test_upstream_that_stalls_mid_stream_ends_it_with_an_error_event(gateway: str, provider: MockProvider) -> None:
-    async def stalls_after_one(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(sse(chat_chunk("one")))
-        await asyncio.sleep(30)
-        return response
-
-    provider.handler = stalls_after_one
+    provider.handler = stalls_after_one_chunk
     async with sdk(gateway) as client:
         stream = await client.chat.completions.create(
             model="mock/chat", messages=[{"role": "user", "content": "hi"}], stream=True

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from .gateway_harness import TEST_KEY, gateway_config, start_gateway
-from .mock_provider import MockProvider, chat_chunk, endless_stream, gated_two_chunks, open_sse, sse, wait_for
+from .mock_provider import MockProvider, endless_stream, gated_two_chunks, stalls_after_one_chunk, wait_for
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 Event = tuple[str, dict[str, Any]]
@@ -133,13 +133,7 @@ async def test_upstream_500_fails_the_generation_and_releases_the_credits(gatewa
 async def test_upstream_stall_mid_stream_fails_with_a_timeout_and_charges_what_was_sent(
     gateway: str, provider: MockProvider
 ) -> None:
-    async def stalls(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(sse(chat_chunk("one")))
-        await asyncio.sleep(30)
-        return response
-
-    provider.handler = stalls
+    provider.handler = stalls_after_one_chunk
     _, events = await asyncio.wait_for(generate(gateway, {"model": "mock/chat", "prompt": "hi"}), 10)
     assert events[-2] == ("generation.delta", {"delta": "one"})
     assert events[-1][0] == "generation.failed" and events[-1][1]["error"]["code"] == "upstream_timeout"
