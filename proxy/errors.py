@@ -27,6 +27,7 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "generation_unavailable": (503, "upstream_error"),
     "store_unavailable": (503, "server_error"),
     "auth_unavailable": (503, "server_error"),
+    "overloaded": (503, "server_error"),
     "upstream_timeout": (504, "upstream_error"),
 }
 
