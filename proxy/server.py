@@ -54,12 +54,13 @@ class RefusalLog:
         self._next_line_at = now + self._interval_s
 
 
-def protocol_refusal(status: int, exc: BaseException | None) -> ApiError:
+def protocol_refusal(exc: BaseException | None, max_line_bytes: int, max_headers: int) -> ApiError:
     """The catalogue error for a request aiohttp refused itself; it never quotes the request."""
     if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and _TOO_MANY_HEADERS in exc.message):
         return ApiError(
             "headers_too_large",
-            "the request line or a header is longer than 8190 bytes, or there are more than 128 headers",
+            f"the request line or a header is longer than {max_line_bytes} bytes, "
+            f"or there are more than {max_headers} headers",
         )
     if isinstance(exc, HttpProcessingError):
         return ApiError("invalid_request", "malformed HTTP request: the request line or a header is not valid HTTP/1.1")
@@ -80,7 +81,7 @@ class _GatewayProtocol(web.RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:  # as aiohttp: a response is under way, the connection is broken
             raise ConnectionError("response already started; cannot send an error")
-        error = protocol_refusal(status, exc)
+        error = protocol_refusal(exc, max(self.max_line_size, self.max_field_size), self.max_headers)
         if error.code == "internal_error":  # something escaped the middlewares: a bug, worth its traceback
             log.error("unhandled error outside the middlewares", exc_info=exc)
         else:
