@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from proxy.assets import AssetStore, AssetStoreFull
 from proxy.auth.api_keys import hash_key
@@ -271,11 +272,17 @@ async def test_concurrent_uploads_are_bounded_in_memory(
         await server.stop()
 
 
+@pytest.mark.parametrize("store_kind", ["memory", "redis"])
 async def test_an_upload_holds_a_concurrency_slot_until_it_is_received(
-    provider: MockProvider, gateway_env: None, tmp_path: Path
+    provider: MockProvider, gateway_env: None, tmp_path: Path, request: pytest.FixtureRequest, store_kind: str
 ) -> None:
+    store: dict[str, Any] = {"kind": "memory"}
+    if store_kind == "redis":
+        store = {"kind": "redis", "redis_url": request.getfixturevalue("redis_url")}
+        async with aioredis.from_url(store["redis_url"]) as client:
+            await client.flushdb()
     policies = write_policy(tmp_path / "policies", tenant_policy("concurrency: 1"))
-    server = await start_gateway(gateway_config(provider.url, policies))
+    server = await start_gateway(gateway_config(provider.url, policies, store=store))
     gate = asyncio.Event()
     try:
         first = asyncio.create_task(held_upload(server.url, gate))
