@@ -28,8 +28,12 @@ ACCESS_FIELDS: tuple[str, ...] = (
 )
 LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 
-# Belt and braces: a value shaped like an API key or a JWT is never written, whatever the caller passed.
-_SECRET_SHAPED = re.compile(r"sk_[A-Za-z0-9_-]{8,}|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.")
+# Belt and braces: text shaped like a credential is never written, whatever the caller passed.
+_SECRET_SHAPED = re.compile(
+    r"(?i:bearer)\s+[A-Za-z0-9\-._~+/]+=*"  # an Authorization value, whatever it carries
+    r"|(?<![A-Za-z0-9_])sk_[A-Za-z0-9_-]{8,}"  # an API key (not the tail of a word like disk_usage)
+    r"|eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"  # a JWT (its header is base64url JSON: `{"`)
+)
 REDACTED = "[redacted]"
 
 _access_logger = logging.getLogger(ACCESS_LOGGER)
@@ -53,6 +57,37 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str) and _SECRET_SHAPED.search(value):
         return REDACTED
     return value
+
+
+def redact(text: str) -> str:
+    """`text` with every credential-shaped part replaced."""
+    return _SECRET_SHAPED.sub(REDACTED, text)
+
+
+def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str | None:
+    """The record's traceback, formatted once and cached in `exc_text` (as the logging module does), so the
+    formatters write what `RedactSecrets` left there."""
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    return record.exc_text or None
+
+
+_TRACEBACKS = logging.Formatter()
+
+
+class RedactSecrets(logging.Filter):
+    """Redacts credential-shaped text from a record's message, traceback and stack, whoever logged it
+    (aiohttp, a client library quoting a request): defense in depth behind never logging requests."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _SECRET_SHAPED.search(message):
+            record.msg, record.args = redact(message), ()
+        if exc := _exception_text(_TRACEBACKS, record):
+            record.exc_text = redact(exc)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
 
 
 def access_fields(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,8 +114,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         line.update(getattr(record, "access", None) or {})
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+        if exc := _exception_text(self, record):
+            line["exc"] = exc
         return jsonlib.dumps(line, default=str, separators=(",", ":"))
 
 
@@ -93,8 +128,8 @@ class TextFormatter(logging.Formatter):
         )
         head = f"{_timestamp(record)} {record.levelname.lower():<7} {record.name} {record.getMessage()}"
         text = f"{head} {pairs}" if pairs else head
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+        if exc := _exception_text(self, record):
+            text += "\n" + exc
         return text
 
 
@@ -161,6 +196,7 @@ def configure_logging(
     _stop_writer()
     _writer = BatchingWriter(stream or sys.stdout)
     _writer.setFormatter(JsonFormatter() if json else TextFormatter())
+    _writer.addFilter(RedactSecrets())
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

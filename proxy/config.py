@@ -47,11 +47,29 @@ class ServerSettings(_Strict):
 
 
 class AssetSettings(_Strict):
-    """The in-memory store behind uploads and generated audio: short-lived, bounded, least recently used out."""
+    """The in-memory store behind uploads and generated outputs: short-lived, bounded in total and per account
+    (an account over its share loses its own least recently used assets, never another account's)."""
 
     ttl_s: float = Field(3600.0, gt=0)
     max_total_bytes: int = Field(256 * 1024 * 1024, gt=0)
     max_count: int = Field(1000, gt=0)
+    max_bytes_per_account: int = Field(64 * 1024 * 1024, gt=0)
+    max_count_per_account: int = Field(250, gt=0)
+    max_receiving_bytes: int = Field(100 * 1024 * 1024, gt=0)  # upload bodies being read at once, all accounts
+
+    @model_validator(mode="after")
+    def _shares_fit_the_total(self) -> "AssetSettings":
+        if self.max_bytes_per_account > self.max_total_bytes:
+            raise ValueError(
+                f"max_bytes_per_account ({self.max_bytes_per_account}) exceeds max_total_bytes "
+                f"({self.max_total_bytes}); an account's share must fit in the store: lower it or raise the total"
+            )
+        if self.max_count_per_account > self.max_count:
+            raise ValueError(
+                f"max_count_per_account ({self.max_count_per_account}) exceeds max_count ({self.max_count}); "
+                "an account's share must fit in the store: lower it or raise the total"
+            )
+        return self
 
 
 def store_settings(raw: Mapping[str, Any], source: str) -> StoreSettings:
@@ -219,11 +237,12 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _uploads_fit_the_asset_store(self) -> "Config":
-        if self.server.max_upload_bytes > self.assets.max_total_bytes:
-            raise ValueError(
-                f"server.max_upload_bytes ({self.server.max_upload_bytes}) exceeds assets.max_total_bytes "
-                f"({self.assets.max_total_bytes}); raise assets.max_total_bytes or lower server.max_upload_bytes"
-            )
+        for key in ("max_bytes_per_account", "max_receiving_bytes"):  # else no upload that size could ever be kept
+            if self.server.max_upload_bytes > getattr(self.assets, key):
+                raise ValueError(
+                    f"server.max_upload_bytes ({self.server.max_upload_bytes}) exceeds assets.{key} "
+                    f"({getattr(self.assets, key)}); raise assets.{key} or lower server.max_upload_bytes"
+                )
         return self
 
     def store_settings(self) -> StoreSettings:

@@ -21,11 +21,13 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "unsupported_media_type": (415, "invalid_request_error"),
     "rate_limit": (429, "rate_limit_error"),
     "concurrency_limit": (429, "rate_limit_error"),
+    "headers_too_large": (431, "invalid_request_error"),
     "internal_error": (500, "server_error"),
     "upstream_error": (502, "upstream_error"),
     "generation_unavailable": (503, "upstream_error"),
     "store_unavailable": (503, "server_error"),
     "auth_unavailable": (503, "server_error"),
+    "overloaded": (503, "server_error"),
     "upstream_timeout": (504, "upstream_error"),
 }
 

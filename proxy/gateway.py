@@ -194,8 +194,6 @@ def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExpo
         ),
         metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
-        assets=AssetStore(
-            ttl_s=config.assets.ttl_s, max_total_bytes=config.assets.max_total_bytes, max_count=config.assets.max_count
-        ),
+        assets=AssetStore(config.assets),
         tracing=tracing,
     )

@@ -1,14 +1,115 @@
-"""Running the gateway: one process, graceful shutdown, client disconnects cancel their handlers."""
+"""Running the gateway: one process, graceful shutdown, client disconnects cancel their handlers.
+
+aiohttp answers the requests its parser refuses (a bad request line, a bad or oversized header) by itself,
+before any middleware runs: in plain text that quotes the offending bytes, with an ERROR traceback that
+quotes them again, `Authorization` header included. `GatewayRunner` swaps in a connection protocol whose
+refusals are catalogue JSON errors that echo nothing, logged as one rate-limited WARNING with counts only.
+aiohttp has no public hook for this (aio-libs/aiohttp#3287), so the protocol factory is overridden.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
-from .app import create_app
+from .app import create_app, error_response
 from .config import Config
+from .context import request_id_for
+from .errors import ApiError
 from .gateway import Gateway
+
+log = logging.getLogger("edge_proxy.server")
+
+REFUSAL_LOG_INTERVAL_S = 60.0
+_TOO_MANY_HEADERS = "Too many headers"  # aiohttp's message; the parsers raise a plain BadHttpMessage for it
+
+
+class RefusalLog:
+    """At most one WARNING per interval about refused requests, with counts only: unauthenticated clients
+    must not be able to flood the log, and the raw request may carry credentials."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+        self._interval_s = interval_s
+        self._clock = clock
+        self._counts: Counter[str] = Counter()
+        self._next_line_at = float("-inf")
+
+    def note(self, code: str) -> None:
+        """Count a refusal; write the line if the interval has passed since the last one."""
+        self._counts[code] += 1
+        now = self._clock()
+        if now < self._next_line_at:
+            return
+        counts = ", ".join(f"{code} {count}" for code, count in sorted(self._counts.items()))
+        log.warning("refused malformed HTTP requests since the last such line: %s", counts)
+        self._counts.clear()
+        self._next_line_at = now + self._interval_s
+
+
+def protocol_refusal(exc: BaseException | None, max_line_bytes: int, max_headers: int) -> ApiError:
+    """The catalogue error for a request aiohttp refused itself; it never quotes the request."""
+    if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and _TOO_MANY_HEADERS in exc.message):
+        return ApiError(
+            "headers_too_large",
+            f"the request line or a header is longer than {max_line_bytes} bytes, "
+            f"or there are more than {max_headers} headers",
+        )
+    if isinstance(exc, HttpProcessingError):
+        return ApiError("invalid_request", "malformed HTTP request: the request line or a header is not valid HTTP/1.1")
+    return ApiError("internal_error", "internal error; quote the X-Request-Id when reporting it")
+
+
+class _GatewayProtocol(web.RequestHandler):
+    """aiohttp's connection protocol, except for the answer and the log line of its own refusals."""
+
+    __slots__ = ("_refusals",)
+
+    def __init__(self, manager: web.Server, *, refusals: RefusalLog, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._refusals = refusals
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp: a response is under way, the connection is broken
+            raise ConnectionError("response already started; cannot send an error")
+        error = protocol_refusal(exc, max(self.max_line_size, self.max_field_size), self.max_headers)
+        if error.code == "internal_error":  # something escaped the middlewares: a bug, worth its traceback
+            log.error("unhandled error outside the middlewares", exc_info=exc)
+        else:
+            self._refusals.note(error.code)
+        response = error_response(error)
+        response.headers["X-Request-Id"] = request_id_for(request)
+        response.force_close()
+        return response
+
+
+class _GatewayServer(web.Server):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refusals = RefusalLog()
+
+    def __call__(self) -> web.RequestHandler:
+        return _GatewayProtocol(self, loop=self._loop, refusals=self._refusals, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An AppRunner whose connections use `_GatewayProtocol`."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _GatewayServer(
+            server.request_handler, request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs,
+        )
 
 
 @dataclass
@@ -20,7 +121,7 @@ class RunningServer:
         await self.runner.cleanup()
 
 
-def runner_options(config: Config) -> dict[str, object]:
+def runner_options(config: Config) -> dict[str, Any]:
     # handler_cancellation: a client that hangs up cancels its handler, which closes the upstream call.
     return {"handler_cancellation": True, "shutdown_timeout": config.server.shutdown_grace_s, "access_log": None}
 
@@ -29,7 +130,7 @@ async def start_server(
     config: Config, host: str | None = None, port: int | None = None, gateway: Gateway | None = None
 ) -> RunningServer:
     """Start serving in the running loop (used by tests and embedders); port 0 picks a free one."""
-    runner = web.AppRunner(create_app(config, gateway), **runner_options(config))  # type: ignore[arg-type]
+    runner = GatewayRunner(create_app(config, gateway), **runner_options(config))
     await runner.setup()
     site = web.TCPSite(runner, host or config.server.host, config.server.port if port is None else port)
     await site.start()
@@ -37,12 +138,19 @@ async def start_server(
     return RunningServer(runner, f"http://{bound_host}:{bound_port}")
 
 
+async def _serve_until_signalled(config: Config, host: str | None, port: int | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    server = await start_server(config, host, port)
+    print(f"edge-proxy: serving on {server.url} (SIGINT or SIGTERM to stop)", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()  # stops accepting, then lets requests in flight finish within shutdown_grace_s
+
+
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then finish requests in flight up to `server.shutdown_grace_s`."""
-    web.run_app(
-        create_app(config),
-        host=host or config.server.host,
-        port=config.server.port if port is None else port,
-        print=lambda line: print(f"edge-proxy: {line}", flush=True),
-        **runner_options(config),  # type: ignore[arg-type]
-    )
+    asyncio.run(_serve_until_signalled(config, host, port))

@@ -91,17 +91,21 @@ async def wait_healthy(url: str, exited: Callable[[], bool], timeout_s: float = 
 
 @asynccontextmanager
 async def gateway_process(
-    config: dict[str, Any], directory: Path
+    config: dict[str, Any], directory: Path, output: Path | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`python -m proxy serve` on a free port with `config` (written to `directory`); killed if still running."""
+    """`python -m proxy serve` on a free port with `config` (written to `directory`); killed if still running.
+
+    With `output`, the process's stdout and stderr both go to that file; else they are discarded.
+    """
     port = free_port()
     config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY, "PYTHONPATH": str(REPO)}
+    sink = output.open("wb") if output is not None else None
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(path),
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable, "-m", "proxy", "serve", "--config", str(path), env=env,
+        stdout=sink or asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.STDOUT if sink else asyncio.subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -111,3 +115,5 @@ async def gateway_process(
         if process.returncode is None:
             process.kill()
             await process.wait()
+        if sink is not None:
+            sink.close()

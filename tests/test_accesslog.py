@@ -132,3 +132,35 @@ def test_batching_writer_writes_every_line_in_order_on_close() -> None:
         writer.emit(logging.LogRecord("t", logging.INFO, __file__, 1, f"line {i}", None, None))
     writer.close()
     assert out.getvalue().splitlines() == [f"line {i}" for i in range(100)]
+
+
+SECRETS = ("sk_live_" + "b" * 32, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJl", "opaque-provider-token-123")
+
+
+def test_any_record_is_redacted_message_traceback_and_arguments(read_lines: Reader) -> None:
+    api_key, jwt, opaque = SECRETS
+    logger = logging.getLogger("aiohttp.server")  # a library's logger: nothing in the gateway vets what it logs
+    logger.warning("request %r", f"GET / HTTP/1.1\r\nAuthorization: Bearer {opaque}\r\nX-Key: {api_key}\r\n")
+    try:
+        raise ValueError(f"bad token {jwt}")
+    except ValueError:
+        logger.exception("failed with key=%s", api_key)
+    logger.warning("disk_usage_bytes and task_sk_namespace_list stay readable", stack_info=True)
+    lines = read_lines()
+    text = json.dumps(lines)
+    assert not [secret for secret in SECRETS if secret in text]
+    assert lines[0]["msg"].count(REDACTED) == 2 and "Authorization: [redacted]" in lines[0]["msg"]
+    assert lines[1]["msg"] == f"failed with key={REDACTED}" and f"ValueError: bad token {REDACTED}" in lines[1]["exc"]
+    assert lines[2]["msg"] == "disk_usage_bytes and task_sk_namespace_list stay readable"
+
+
+def test_text_mode_redacts_tracebacks_too() -> None:
+    buffer = io.StringIO()
+    stop = configure_logging("info", json=False, stream=buffer)
+    try:
+        raise RuntimeError(f"Authorization: Bearer {SECRETS[2]}")
+    except RuntimeError:
+        logging.getLogger("edge_proxy.app").exception("boom")
+    stop()
+    logging.getLogger().handlers.clear()
+    assert SECRETS[2] not in buffer.getvalue() and f"RuntimeError: Authorization: {REDACTED}" in buffer.getvalue()

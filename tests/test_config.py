@@ -38,6 +38,14 @@ def test_the_shipped_config_is_valid() -> None:
         ({"issuers": {"clerk": {"issuer": "https://c.example", "jwks_url": "https://c.example/jwks",
                                 "plan": "members", "algorithms": ["HS256"]}}}, "issuers.clerk.algorithms"),
         ([1, 2], "the top level must be a mapping"),
+        ({"assets": {"max_total_bytes": 1000, "max_bytes_per_account": 1001}},
+         "max_bytes_per_account (1001) exceeds max_total_bytes (1000)"),
+        ({"assets": {"max_count": 10, "max_count_per_account": 11}}, "max_count_per_account (11) exceeds max_count (10)"),
+        ({"assets": {"max_count_per_account": 0}}, "assets.max_count_per_account"),
+        ({"server": {"max_upload_bytes": 2000}, "assets": {"max_bytes_per_account": 1000}},
+         "server.max_upload_bytes (2000) exceeds assets.max_bytes_per_account (1000)"),
+        ({"server": {"max_upload_bytes": 2000}, "assets": {"max_receiving_bytes": 1000}},
+         "server.max_upload_bytes (2000) exceeds assets.max_receiving_bytes (1000)"),
     ],
 )
 def test_invalid_config_names_file_key_and_fix(

@@ -8,7 +8,7 @@ from ..auth.authenticator import key_principal
 from ..context import CONTEXT
 from ..errors import ApiError
 from .body import read_json_object
-from .state import GATEWAY
+from .state import GATEWAY, authorization_header
 
 _MAX_TOKEN_REQUEST_BYTES = 16 * 1024
 
@@ -16,7 +16,7 @@ _MAX_TOKEN_REQUEST_BYTES = 16 * 1024
 async def create_token(request: web.Request) -> web.Response:
     """`POST /v1/tokens` `{"sub"?, "ttl"?, "scopes"?}` -> `{"token", "expires_at", "expires_in"}`."""
     gateway = request.app[GATEWAY]
-    key = gateway.auth.authenticate_minting_key(request.headers.get("Authorization"))
+    key = gateway.auth.authenticate_minting_key(authorization_header(request))
     body = await read_json_object(request, _MAX_TOKEN_REQUEST_BYTES) if request.body_exists else {}
     policy = gateway.policy.current
     request[CONTEXT].principal = principal = key_principal(key)

@@ -13,6 +13,7 @@ import binascii
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -28,7 +29,7 @@ from .inputs import validate_inputs
 from .metered import authorize_and_admit, metered_call, request_facts
 from .schema import INPUTS
 from .state import GATEWAY, authenticated
-from .uploads import asset_url, describe
+from .uploads import keep_asset
 
 # Nearest OpenAI image size per aspect ratio (the sizes OpenAI-format image models accept).
 _IMAGE_SIZES = {"1:1": "1024x1024", "16:9": "1792x1024", "9:16": "1024x1792", "4:3": "1536x1024", "3:4": "1024x1536"}
@@ -242,13 +243,9 @@ async def _generate(
             raise await upstream_failure(provider, upstream)
         await events.send("generation.status", {"status": "running"})
 
-        def keep(data: bytes, content_type: str) -> dict[str, Any]:
-            asset = gateway.assets.put(data, content_type)
-            return describe(asset, asset_url(request, asset))
-
         output = await _READERS[model.capability](UpstreamAnswer(
             chunks=read_chunks(upstream, provider.timeouts.idle_s, gateway.relay.keepalive_s),
-            content_type=upstream.content_type, events=events, outcome=outcome, keep=keep,
+            content_type=upstream.content_type, events=events, outcome=outcome, keep=partial(keep_asset, request),
             max_bytes=gateway.config.server.max_upload_bytes,
         ))
         outcome.completed = True

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
 
-from ..assets import Asset
+from ..assets import Asset, AssetStoreFull
+from ..context import CONTEXT
 from ..errors import ApiError
+from ..policy.types import Decision
 from .body import read_raw
 from .state import GATEWAY, authenticated
 
@@ -18,7 +22,7 @@ _ALLOWED_MEDIA = ("image/", "audio/", "video/")
 async def upload(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     principal = await authenticated(request)
-    decision = gateway.policy.current.plan_decision(principal)
+    decision = upload_decision(gateway.policy.current.plan_decision(principal))
     if not decision.allowed:
         raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
     content_type = request.content_type  # aiohttp's default for a missing header is application/octet-stream
@@ -27,11 +31,54 @@ async def upload(request: web.Request) -> web.Response:
             "unsupported_media_type",
             f"Content-Type {content_type!r} is not accepted; send the raw file with an image/*, audio/* or video/* type",
         )
-    data = await read_raw(request, gateway.config.server.max_upload_bytes)
+    admission = await gateway.meter.admit(principal, "", decision, request[CONTEXT].request_id)
+    try:
+        answer = keep_asset(request, await _read_upload(request), content_type)
+    finally:
+        # Shielded: a client that hangs up cancels the handler, and its concurrency slot must still be freed.
+        await asyncio.shield(admission.release())
+    return web.json_response(answer, headers=admission.headers)
+
+
+async def _read_upload(request: web.Request) -> bytes:
+    """The body, read within the asset store's receiving budget (else 503 overloaded) and the upload limit (413)."""
+    gateway = request.app[GATEWAY]
+    max_bytes = gateway.config.server.max_upload_bytes
+    declared = request.content_length
+    try:
+        # A chunked body may grow to the limit: it holds the limit's worth of the budget.
+        with gateway.assets.receiving(min(max_bytes, declared if declared is not None else max_bytes)):
+            data = await read_raw(request, max_bytes)
+    except AssetStoreFull as full:
+        raise overloaded(full) from None
     if not data:
         raise ApiError("invalid_request", "the upload is empty; send the file's bytes as the request body")
-    asset = gateway.assets.put(data, content_type)
-    return web.json_response(describe(asset, asset_url(request, asset)))
+    return data
+
+
+def upload_decision(plan: Decision) -> Decision:
+    """An upload counts as one request against the plan's request limits and holds a concurrency slot while it is
+    received. It has no model (model-scoped limits do not apply), uses no tokens and costs no credits."""
+    limits = tuple(rule for rule in plan.rate_limits if rule.unit == "requests" and "model" not in rule.per)
+    return replace(plan, rate_limits=limits, budget=None)
+
+
+def keep_asset(request: web.Request, data: bytes, content_type: str) -> dict[str, Any]:
+    """Keep `data` as an asset of the caller's account and describe it, or 503 overloaded when there is no room."""
+    principal = request[CONTEXT].principal
+    assert principal is not None  # authenticated before anything is kept
+    try:
+        asset = request.app[GATEWAY].assets.put(data, content_type, principal.account)
+    except AssetStoreFull as full:
+        raise overloaded(full) from None
+    return describe(asset, asset_url(request, asset))
+
+
+def overloaded(full: AssetStoreFull) -> ApiError:
+    return ApiError(
+        "overloaded", f"{full}; retry after {full.retry_after_s}s",
+        headers={"Retry-After": str(full.retry_after_s)}, retry_after=full.retry_after_s,
+    )
 
 
 async def serve_asset(request: web.Request) -> web.Response:
