@@ -52,6 +52,12 @@ def record(metrics: Metrics, request: web.Request, ctx: RequestContext, status: 
         })
 
 
+def record_protocol_refusal(metrics: Metrics, error: ApiError) -> None:
+    """A request aiohttp's parser refused before routing: counted under route "none" with its error code.
+    It gets no access-log line: the caller is unauthenticated and the server logs refusals rate-limited."""
+    metrics.request_done(None, None, None, None, error.status, 0.0, error_code=error.code)
+
+
 def _count_refusal(metrics: Metrics, error: ApiError) -> None:
     if error.status == 401:
         metrics.auth_failure(error.code)

@@ -20,11 +20,14 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
+from .api.state import GATEWAY
 from .app import create_app, error_response
 from .config import Config
 from .context import request_id_for
 from .errors import ApiError
 from .gateway import Gateway
+from .metrics import Metrics
+from .record import record_protocol_refusal
 
 log = logging.getLogger("edge_proxy.server")
 
@@ -70,11 +73,12 @@ def protocol_refusal(exc: BaseException | None, max_line_bytes: int, max_headers
 class _GatewayProtocol(web.RequestHandler):
     """aiohttp's connection protocol, except for the answer and the log line of its own refusals."""
 
-    __slots__ = ("_refusals",)
+    __slots__ = ("_refusals", "_metrics")
 
-    def __init__(self, manager: web.Server, *, refusals: RefusalLog, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, refusals: RefusalLog, metrics: Metrics, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._refusals = refusals
+        self._metrics = metrics
 
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -86,6 +90,7 @@ class _GatewayProtocol(web.RequestHandler):
             log.error("unhandled error outside the middlewares", exc_info=exc)
         else:
             self._refusals.note(error.code)
+        record_protocol_refusal(self._metrics, error)
         response = error_response(error)
         response.headers["X-Request-Id"] = request_id_for(request)
         response.force_close()
@@ -93,12 +98,15 @@ class _GatewayProtocol(web.RequestHandler):
 
 
 class _GatewayServer(web.Server):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._refusals = RefusalLog()
+        self._metrics = metrics
 
     def __call__(self) -> web.RequestHandler:
-        return _GatewayProtocol(self, loop=self._loop, refusals=self._refusals, **self._kwargs)
+        return _GatewayProtocol(
+            self, loop=self._loop, refusals=self._refusals, metrics=self._metrics, **self._kwargs
+        )
 
 
 class GatewayRunner(web.AppRunner):
@@ -107,7 +115,7 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         return _GatewayServer(
-            server.request_handler, request_factory=server.request_factory,
+            server.request_handler, request_factory=server.request_factory, metrics=self.app[GATEWAY].metrics,
             handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs,
         )
 

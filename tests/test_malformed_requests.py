@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 
 from proxy.server import RefusalLog
 
+from .test_metrics_e2e import samples, total
 from .gateway_harness import gateway_config, gateway_process
 from .mock_provider import MockProvider
 
@@ -130,3 +132,14 @@ def test_refusal_log_writes_one_line_per_interval_with_the_counts_since_the_last
     assert [r.getMessage().split(": ")[1] for r in caplog.records] == [
         "invalid_request 1", "headers_too_large 2, invalid_request 2",
     ]
+
+
+async def test_refused_requests_are_counted_by_status_and_code(gateway: str) -> None:
+    for _, raw, _, _ in MALFORMED:
+        await send_raw(gateway, raw)
+    async with aiohttp.ClientSession() as session, session.get(f"{gateway}/metrics") as response:
+        page = samples(await response.text())
+    refused = {code: sum(1 for case in MALFORMED if case[3] == code) for _, _, _, code in MALFORMED}
+    for code, count in refused.items():
+        assert total(page, "edge_proxy_errors_total", route="none", code=code) == count, code
+    assert total(page, "edge_proxy_requests_total", route="none", status_class="4xx") == len(MALFORMED)
