@@ -26,7 +26,7 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
     if not raw:
         raise ApiError("invalid_request", "the request body is empty; send a JSON object")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError("invalid_request", f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -34,6 +34,11 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "the request body must be a JSON object")
     return body
+
+
+def _reject_constant(name: str) -> None:
+    # Python accepts NaN and Infinity; JSON does not, and forwarding them would send the provider invalid JSON.
+    raise ValueError(f"{name} is not a JSON number")
 
 
 async def read_raw(request: web.Request, max_bytes: int) -> bytes:

@@ -21,6 +21,8 @@ from ..upstream.providers import Provider
 from ..upstream.relay import RelayOutcome
 
 _BYTES_PER_TOKEN = 4  # rough input estimate, used only when a stream is cut before the upstream reported usage
+MAX_OUTPUT_TOKENS = 2**31 - 1  # max_tokens above this is no real limit, only a way to overflow the pricing
+MAX_CHOICES = 128  # n and best_of (OpenAI allows at most 128 choices)
 
 
 async def authorize_and_admit(
@@ -94,15 +96,28 @@ def upstream_outcome(outcome: RelayOutcome) -> UpstreamOutcome:
 
 
 def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> RequestFacts:
-    """What bounds the cost of a call before it is made."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    n = body.get("n")
+    """What bounds the cost of a call before it is made; a count the bound relies on must be a sane integer."""
+    max_tokens = _count(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
+    if max_tokens is None:
+        max_tokens = _count(body, "max_tokens", MAX_OUTPUT_TOKENS)
+    n = _count(body, "n", MAX_CHOICES)
+    _count(body, "best_of", MAX_CHOICES)
     return RequestFacts(
         input_bytes=input_bytes,
-        max_output_tokens=0 if route == "/v1/embeddings" else (max_tokens if _positive_int(max_tokens) else None),
-        images=n if route == "/v1/images/generations" and _positive_int(n) else 1,
+        max_output_tokens=0 if route == "/v1/embeddings" else max_tokens,
+        images=(n or 1) if route == "/v1/images/generations" else 1,
         stream=body.get("stream") is True,
     )
+
+
+def _count(body: dict[str, Any], name: str, maximum: int) -> int | None:
+    """An optional count parameter: None when absent or null, else an integer 1..maximum or a 400 naming it."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ApiError("invalid_request", f"`{name}` must be an integer from 1 to {maximum}", param=name)
+    return value
 
 
 async def settle(
@@ -136,7 +151,3 @@ def used(outcome: RelayOutcome, input_bytes: int) -> Usage | None:
     if outcome.output_chunks == 0 and outcome.bytes_out == 0:
         return None
     return Usage(input_tokens=input_bytes // _BYTES_PER_TOKEN, output_tokens=outcome.output_chunks)
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
