@@ -23,7 +23,7 @@ from ..context import CONTEXT
 from ..errors import ApiError
 from ..upstream import openai_format, sse
 from ..upstream.providers import Provider
-from ..upstream.relay import RelayOutcome, open_upstream, read_chunks, upstream_failure
+from ..upstream.relay import RelayOutcome, open_upstream, read_chunks, stream_deadline, upstream_failure
 from .body import read_json_object
 from .inputs import validate_inputs
 from .metered import authorize_and_admit, metered_call, request_facts
@@ -234,7 +234,7 @@ async def _generate(
     """Call the upstream and read its answer into the `completed` output; fills `outcome` for settle."""
     gateway = request.app[GATEWAY]
     prepared = openai_format.prepare(call.route, call.body, model.upstream_model)
-    started = time.monotonic()
+    started, ends_at = time.monotonic(), stream_deadline(provider)
     upstream = await open_upstream(provider, call.route, prepared.body, request[CONTEXT].request_id, _UPSTREAM_HEADERS)
     try:
         outcome.first_byte_s = time.monotonic() - started
@@ -244,7 +244,7 @@ async def _generate(
         await events.send("generation.status", {"status": "running"})
 
         output = await _READERS[model.capability](UpstreamAnswer(
-            chunks=read_chunks(upstream, provider.timeouts.idle_s, gateway.relay.keepalive_s),
+            chunks=read_chunks(upstream, provider.timeouts, gateway.relay.keepalive_s, ends_at),
             content_type=upstream.content_type, events=events, outcome=outcome, keep=partial(keep_asset, request),
             max_bytes=gateway.config.server.max_upload_bytes,
         ))

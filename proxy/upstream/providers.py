@@ -58,8 +58,9 @@ def auth_headers(settings: ProviderSettings, credential: str | None) -> dict[str
 
 
 def new_session(settings: ProviderSettings) -> aiohttp.ClientSession:
-    """One pool per provider. Read timeouts are applied per chunk by the relay, not here."""
-    timeout = aiohttp.ClientTimeout(total=settings.timeouts.total_s, connect=settings.timeouts.connect_s)
+    """One pool per provider. Only connecting is bounded here: the relay enforces every read deadline itself
+    (`idle_s`, `total_s`); aiohttp's own `total` would make each later read fail at once, mid-stream."""
+    timeout = aiohttp.ClientTimeout(total=None, connect=settings.timeouts.connect_s)
     connector = aiohttp.TCPConnector(limit=settings.max_connections, ttl_dns_cache=300)
     # auto_decompress stays on: usage is read from the body, and the relay drops Content-Encoding.
     return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)

@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 from ..errors import ApiError
 from ..policy.types import Usage
 from . import openai_format, sse
+from ..config import Timeouts
 from .providers import Provider
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the relay recomputes.
@@ -62,6 +63,7 @@ async def relay(
 ) -> web.StreamResponse:
     """Forward the call and stream the answer back; fills `outcome` as it goes (also when cancelled)."""
     started = time.monotonic()
+    ends_at = stream_deadline(provider)
     upstream = await open_upstream(provider, route, prepared.body, request_id, forwarded_headers(request))
     try:
         outcome.first_byte_s = time.monotonic() - started
@@ -75,7 +77,7 @@ async def relay(
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"
         await response.prepare(request)
-        chunks = read_chunks(upstream, provider.timeouts.idle_s, settings.keepalive_s if is_sse else 0.0)
+        chunks = read_chunks(upstream, provider.timeouts, settings.keepalive_s if is_sse else 0.0, ends_at)
         if is_sse:
             await _relay_events(response, chunks, prepared.usage_injected, outcome)
         else:
@@ -149,29 +151,43 @@ def _response_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]
     return headers
 
 
+def stream_deadline(provider: Provider) -> float:
+    """When a call starting now must end (event-loop time): the provider's `total_s` from now."""
+    return asyncio.get_running_loop().time() + provider.timeouts.total_s
+
+
 async def read_chunks(
-    upstream: aiohttp.ClientResponse, idle_s: float, keepalive_s: float
+    upstream: aiohttp.ClientResponse, timeouts: Timeouts, keepalive_s: float, ends_at: float
 ) -> AsyncIterator[bytes | None]:
-    """Upstream chunks as they arrive; None when `keepalive_s` passes without one (time to send a ping)."""
+    """Upstream chunks as they arrive; None when `keepalive_s` passes without one (time to send a ping).
+
+    Every read deadline is enforced here: `idle_s` between chunks and the whole call's `ends_at`. A timeout
+    that is not this loop's own wait is a failure, never a quiet moment (else a stuck read spins the loop).
+    """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + idle_s
+    idle_until = loop.time() + timeouts.idle_s
     while True:
-        wait = deadline - loop.time()
-        if keepalive_s:
-            wait = min(wait, keepalive_s)
+        now = loop.time()
+        if now >= ends_at:
+            raise ApiError("upstream_timeout", f"the provider's answer took longer than {timeouts.total_s:g}s")
+        if now >= idle_until:
+            raise ApiError("upstream_timeout", f"no data from the provider for {timeouts.idle_s:g}s")
+        give_up_at = min(idle_until, ends_at)
+        wake_at = min(give_up_at, now + keepalive_s) if keepalive_s else give_up_at
         try:
-            async with asyncio.timeout(max(wait, 0)):
+            async with asyncio.timeout_at(wake_at) as waited:
                 chunk = await upstream.content.readany()
         except TimeoutError:
-            if loop.time() >= deadline:
-                raise ApiError("upstream_timeout", f"no data from the provider for {idle_s:g}s") from None
-            yield None
+            if not waited.expired():
+                raise ApiError("upstream_timeout", "the connection to the provider timed out") from None
+            if wake_at < give_up_at:
+                yield None  # a quiet moment: time for a keep-alive ping
             continue
         except aiohttp.ClientPayloadError:
             raise ApiError("upstream_error", "the provider closed the stream before it finished") from None
         if not chunk:
             return
-        deadline = loop.time() + idle_s
+        idle_until = loop.time() + timeouts.idle_s
         yield chunk
 
 
