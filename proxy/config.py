@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .auth.oidc import IssuerSettings
 from .auth.tokens import TokenSettings
@@ -145,6 +146,9 @@ class PoliciesSettings(_Strict):
     watch_interval_s: float = Field(2.0, ge=0)  # 0 disables the file watch (SIGHUP still reloads)
 
 
+_HOST_AND_PORT = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
 class ProviderSettings(_Strict):
     """An upstream. `kind: demo` starts the built-in demo upstream in-process instead of calling out."""
 
@@ -157,6 +161,19 @@ class ProviderSettings(_Strict):
     auth_scheme: str = "Bearer"  # prefix before the key; "" sends the bare key (e.g. `x-api-key`)
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(100, gt=0)
+    # Hosts (`host` or `host:port`) a 307/308 from this provider may lead to, credential included; none by default.
+    follow_redirects_to: tuple[str, ...] = ()
+
+    @field_validator("follow_redirects_to")
+    @classmethod
+    def _redirect_hosts_are_hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        for host in hosts:
+            if not _HOST_AND_PORT.fullmatch(host):
+                raise ValueError(
+                    f"entry {host!r} is not a host or host:port (no scheme, no path), "
+                    "e.g. eu.api.example.com or eu.api.example.com:8443"
+                )
+        return hosts
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> "ProviderSettings":

@@ -8,8 +8,33 @@ from pathlib import Path
 from typing import Callable, Mapping, MutableMapping
 
 import aiohttp
+from yarl import URL
 
 from ..config import ConfigError, ProviderSettings, Timeouts
+
+
+_KEEPS_METHOD_AND_BODY = frozenset({307, 308})
+
+
+@dataclass(frozen=True)
+class RedirectPolicy:
+    """Where a provider's redirect may lead: a 307/308 to a host the operator named, never to plain http from
+    https. Anything else is not followed, so the prompt and the credential go nowhere else."""
+
+    hosts: tuple[tuple[str, int | None], ...] = ()  # (host, port or None for any port)
+
+    @classmethod
+    def from_settings(cls, settings: ProviderSettings) -> "RedirectPolicy":
+        named = (URL(f"//{entry}") for entry in settings.follow_redirects_to)  # validated as host[:port]
+        return cls(tuple((url.host or "", url.explicit_port) for url in named))
+
+    def allows(self, status: int, source: URL, target: URL) -> bool:
+        if status not in _KEEPS_METHOD_AND_BODY or (source.scheme == "https" and target.scheme != "https"):
+            return False
+        return any(
+            target.host is not None and target.host.lower() == host.lower() and port in (None, target.port)
+            for host, port in self.hosts
+        )
 
 
 @dataclass
@@ -21,6 +46,7 @@ class Provider:
     timeouts: Timeouts
     auth_headers: Mapping[str, str]
     session: aiohttp.ClientSession
+    redirects: RedirectPolicy = RedirectPolicy()
     inject_trace: Callable[[MutableMapping[str, str]], None] = lambda headers: None  # adds traceparent if tracing
 
     def url(self, route: str) -> str:
@@ -63,4 +89,5 @@ def new_session(settings: ProviderSettings) -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.timeouts.connect_s)
     connector = aiohttp.TCPConnector(limit=settings.max_connections, ttl_dns_cache=300)
     # auto_decompress stays on: usage is read from the body, and the relay drops Content-Encoding.
+    # Redirects are never followed by the session (see RedirectPolicy): each call passes allow_redirects=False.
     return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)

@@ -11,6 +11,7 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from ..errors import ApiError
 from ..policy.types import Usage
@@ -28,6 +29,7 @@ _DROP_RESPONSE_HEADERS = frozenset(
     )
 )
 _FORWARD_REQUEST_HEADERS = ("Content-Type", "Accept", "Accept-Language", "User-Agent")
+_MAX_REDIRECTS = 3  # allowed hops (providers.<name>.follow_redirects_to) before the call fails
 _MAX_JSON_FOR_USAGE = 8 * 1024 * 1024  # non-streamed bodies larger than this are relayed without reading usage
 
 
@@ -114,7 +116,7 @@ async def open_upstream(
     provider.inject_trace(headers)
     try:
         async with asyncio.timeout(provider.timeouts.first_byte_s):
-            return await provider.session.post(provider.url(route), data=body, headers=headers)
+            return await _post_following_allowed_redirects(provider, URL(provider.url(route)), body, headers)
     except TimeoutError:
         raise ApiError(
             "upstream_timeout",
@@ -124,6 +126,28 @@ async def open_upstream(
         raise ApiError("generation_unavailable", f"provider {provider.name} is unreachable; try again later") from None
     except aiohttp.ClientError as exc:
         raise ApiError("upstream_error", f"provider {provider.name} failed: {type(exc).__name__}") from None
+
+
+async def _post_following_allowed_redirects(
+    provider: Provider, url: URL, body: bytes, headers: CIMultiDict[str]
+) -> aiohttp.ClientResponse:
+    """POST without letting aiohttp follow redirects; a redirect the provider's policy allows is re-sent as is."""
+    for _ in range(_MAX_REDIRECTS + 1):
+        response = await provider.session.post(url, data=body, headers=headers, allow_redirects=False)
+        if not 300 <= response.status < 400:
+            return response
+        response.release()
+        location = response.headers.get("Location")
+        target = url.join(URL(location)) if location else None
+        if target is None or not provider.redirects.allows(response.status, url, target):
+            raise ApiError(
+                "upstream_error",
+                f"provider {provider.name} answered a redirect ({response.status}) that is not followed; "
+                "allow its host in providers.<name>.follow_redirects_to if it is trusted",
+                upstream_status=response.status,
+            )
+        url = target
+    raise ApiError("upstream_error", f"provider {provider.name} redirected more than {_MAX_REDIRECTS} times")
 
 
 async def upstream_failure(provider: Provider, upstream: aiohttp.ClientResponse) -> ApiError:
