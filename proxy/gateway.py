@@ -43,7 +43,7 @@ class MetricsStoreObserver:
     metrics: Metrics
 
     def on_op(self, op: str, seconds: float, outcome: str) -> None:
-        self.metrics.store_op(op, seconds, outcome == "ok")
+        self.metrics.store_op(op, seconds, outcome)
 
     def on_breaker(self, state: str) -> None:
         self.metrics.store_up(state != "open")

@@ -43,6 +43,7 @@ BUILTIN_PRINCIPAL_TYPES: frozenset[str] = frozenset({"api_key", "gateway_token",
 UPSTREAM_OUTCOMES: frozenset[str] = frozenset({"ok", "error", "timeout", "cancelled"})
 DENIAL_KINDS: frozenset[str] = frozenset({"rate_limit", "budget", "concurrency", "scope"})
 CREDIT_ACTIONS: frozenset[str] = frozenset({"reserved", "settled", "released"})
+STORE_ERROR_KINDS: frozenset[str] = frozenset({"error", "script_error", "fallback", "refused"})
 ERROR_CODES: frozenset[str] = frozenset(CATALOGUE)
 
 # Latency buckets span a 5 ms JSON answer up to a 5 min generation stream.
@@ -146,7 +147,10 @@ class Metrics:
             f"{p}_store_operation_duration_seconds", "Metering store round trips, by operation.",
             ["op"], buckets=STORE_BUCKETS, registry=r)
         self._store_errors = Counter(
-            f"{p}_store_errors_total", "Failed metering store operations, by operation.", ["op"], registry=r)
+            f"{p}_store_errors_total",
+            "Failed metering store operations, by operation and kind (error: unreachable or timed out; "
+            "script_error: a script refused, a bug; fallback/refused: skipped while the store is down).",
+            ["op", "kind"], registry=r)
         # livemin: one worker that cannot reach the store is enough to show it down.
         self._store_up = Gauge(
             f"{p}_store_up", "1 if the metering store answered its last operation, else 0.",
@@ -253,12 +257,12 @@ class Metrics:
         """A failed authentication; reason is the error code (invalid_api_key, token_expired, ...)."""
         self._auth_failures.labels(_identifier(reason)).inc()
 
-    def store_op(self, op: str, seconds: float, ok: bool) -> None:
-        """One metering store round trip (reserve, settle, rate_limit, ping, ...)."""
+    def store_op(self, op: str, seconds: float, outcome: str = "ok") -> None:
+        """One metering store round trip (admit, settle, renew, ping, ...); outcome ok or the error kind."""
         op_l = _identifier(op)
         self._store_duration.labels(op_l).observe(seconds)
-        if not ok:
-            self._store_errors.labels(op_l).inc()
+        if outcome != "ok":
+            self._store_errors.labels(op_l, _capped(outcome, STORE_ERROR_KINDS)).inc()
 
     def store_up(self, up: bool) -> None:
         """Whether the store answered; set after each operation or health probe."""

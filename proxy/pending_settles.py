@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from proxy.store.base import Reservation, Store, StoreError
+from proxy.store.base import Reservation, Store, StoreError, StoreScriptError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class PendingSettles:
             pending = self._queue[0]
             try:
                 await self._store.settle(pending.reservation, pending.amount, pending.tokens, int(self._clock() * 1000))
+            except StoreScriptError:
+                pass  # logged by the store; retrying a refused script would fail forever: the hold's expiry charges it
             except StoreError as exc:
                 log.debug("queued settle of %s failed again: %s", pending.reservation.request.reservation_id, exc)
                 if self._queue and self._queue[0] is pending:

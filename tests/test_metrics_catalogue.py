@@ -61,8 +61,9 @@ def exercise_every_helper(m: Metrics) -> None:
     m.credits("released", 3.75)
     m.denied("rate_limit", "user:requests:1m")
     m.auth_failure("token_expired")
-    m.store_op("reserve", 0.002, ok=True)
-    m.store_op("settle", 0.3, ok=False)
+    m.store_op("reserve", 0.002, "ok")
+    m.store_op("settle", 0.3, "error")
+    m.store_op("admit", 0.001, "script_error")
     m.store_up(False)
     m.pending_settles(3)
     m.jwks_fetch("clerk", ok=False)
@@ -103,8 +104,9 @@ def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
     assert value(s, "edge_proxy_auth_failures_total", reason="token_expired") == 1
     assert value(s, "edge_proxy_store_operation_duration_seconds_count", op="reserve") == 1
     assert value(s, "edge_proxy_store_operation_duration_seconds_count", op="settle") == 1
-    assert value(s, "edge_proxy_store_errors_total", op="settle") == 1
-    assert value(s, "edge_proxy_store_errors_total", op="reserve") is None
+    assert value(s, "edge_proxy_store_errors_total", op="settle", kind="error") == 1
+    assert value(s, "edge_proxy_store_errors_total", op="admit", kind="script_error") == 1
+    assert value(s, "edge_proxy_store_errors_total", op="reserve", kind="error") is None
     assert value(s, "edge_proxy_store_up") == 0
     assert value(s, "edge_proxy_pending_settles") == 3
     assert value(s, "edge_proxy_jwks_fetches_total", issuer="clerk", outcome="failure") == 1

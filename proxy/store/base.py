@@ -16,8 +16,23 @@ EPSILON_MS = 1e-6
 DenialKind = Literal["rate_limit", "concurrency", "credits"]
 
 
+# Bounds of every amount a store accepts (validated before any script runs, identically in both stores):
+# one call may hold or charge at most MAX_AMOUNT micro-credits (a million credits) and MAX_TOKENS tokens,
+# and a budget is at most MAX_BUDGET micro-credits. The meter clamps to these; a store refuses beyond them
+# with ValueError. They keep every ledger sum an exact integer in Lua's doubles (below 2**53).
+MAX_AMOUNT = 10**12
+MAX_TOKENS = 10**12
+MAX_BUDGET = 10**15
+
+
 class StoreError(Exception):
     """The store could not be reached or did not answer in time."""
+
+
+class StoreScriptError(StoreError):
+    """The store answered with an error (a bug in a script or in its arguments): not an outage.
+
+    It changed nothing (scripts validate before they write). It must not open the circuit breaker."""
 
 
 class StoreUnavailable(StoreError):
@@ -78,6 +93,40 @@ class AdmitRequest:
     def estimated_tokens(self) -> int:
         """The token cost taken up front (the largest token-limit cost)."""
         return max((spec.cost for spec in self.limits if spec.tokens), default=0)
+
+
+def check_admit(request: AdmitRequest) -> None:
+    """Refuse (ValueError) an admit whose numbers a store could not apply exactly."""
+    _check("ttl_ms", request.ttl_ms, 1, 10**12)
+    _check("now_ms", request.now_ms, 0, 2**52)
+    for spec in request.limits:
+        _check("limit", spec.limit, 1, MAX_TOKENS)
+        _check("window_ms", spec.window_ms, 1, 10**12)
+        _check("cost", spec.cost, 0, MAX_TOKENS)
+    if request.lease is not None:
+        _check("lease limit", request.lease.limit, 0, 10**9)
+    if request.credits is not None:
+        _check("budget", request.credits.budget, 0, MAX_BUDGET)
+        _check("amount", request.credits.amount, 0, MAX_AMOUNT)
+        _check("expire_at_ms", request.credits.expire_at_ms, 0, 2**52)
+
+
+def check_settle(amount: int, tokens: int, now_ms: int) -> None:
+    """Refuse (ValueError) a settle whose numbers a store could not apply exactly."""
+    _check("amount", amount, 0, MAX_AMOUNT)
+    _check("tokens", tokens, 0, MAX_TOKENS)
+    _check("now_ms", now_ms, 0, 2**52)
+
+
+def check_renew(ttl_ms: int, now_ms: int) -> None:
+    """Refuse (ValueError) a renewal the stores could not apply exactly."""
+    _check("ttl_ms", ttl_ms, 1, 10**12)
+    _check("now_ms", now_ms, 0, 2**52)
+
+
+def _check(name: str, value: int, low: int, high: int) -> None:
+    if type(value) is not int or not low <= value <= high:  # noqa: E721 - bool and float are refused too
+        raise ValueError(f"store: {name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)

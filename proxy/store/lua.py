@@ -4,9 +4,16 @@ Every key a script touches is passed in KEYS and carries the same hash tag, so R
 """
 
 # Shared by both scripts: GCRA state, writing an arrival time, charging expired credit holds.
+# Every script reads and computes first and writes last, and every number it writes goes through `int`
+# (plain digits: never `-0`, an exponent or a fraction), so no input can make a script fail halfway.
+# The caller validates the arguments (proxy/store/base.py: check_admit, check_settle, check_renew).
 _COMMON = r"""
 local EPS = 1e-6
 local now = tonumber(ARGV[1])
+
+local function int(x)
+  return string.format('%d', x)
+end
 
 local function start_of(tat)
   if tat and tat >= now then return tat end
@@ -26,25 +33,31 @@ local function store_tat(key, tat)
   if (not tat) or tat <= now then
     redis.call('DEL', key)
   else
-    redis.call('SET', key, string.format('%.17g', tat), 'PX', math.max(1, math.ceil(tat - now)))
+    redis.call('SET', key, string.format('%.17g', tat), 'PX', int(math.max(1, math.ceil(tat - now))))
   end
+end
+
+local function add(ledger, field, delta)
+  if delta ~= 0 then redis.call('HINCRBY', ledger, field, int(delta)) end
 end
 
 -- Expired holds are charged at the amount they reserved (see docs/metering.md). Bounded per call.
 local function sweep(ledger, holds)
-  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'LIMIT', 0, 100)
+  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', int(now), 'LIMIT', 0, 100)
+  if #expired == 0 then return end
+  local total = 0
   for _, member in ipairs(expired) do
-    local reserved = tonumber(string.match(member, '^(%d+):'))
-    redis.call('HINCRBY', ledger, 'held', -reserved)
-    redis.call('HINCRBY', ledger, 'spent', reserved)
-    redis.call('ZREM', holds, member)
+    total = total + (tonumber(string.match(member, '^(%d+):')) or 0)
   end
+  redis.call('ZREM', holds, unpack(expired))
+  add(ledger, 'held', -total)
+  add(ledger, 'spent', total)
 end
 
 local function expire_ledger(ledger, holds, expire_at)
   if expire_at > 0 then
-    redis.call('PEXPIREAT', ledger, expire_at)
-    redis.call('PEXPIREAT', holds, expire_at)
+    redis.call('PEXPIREAT', ledger, int(expire_at))
+    redis.call('PEXPIREAT', holds, int(expire_at))
   end
 end
 """
@@ -118,21 +131,21 @@ if dry then return reply(1, tats) end
 for i = 1, n do store_tat(KEYS[4 + i], new_tats[i]) end
 local expiry = now + ttl
 if lease_limit >= 0 then
-  redis.call('ZADD', KEYS[2], expiry, rid)
-  if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+  redis.call('ZADD', KEYS[2], int(expiry), rid)
+  if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], int(ttl)) end
   in_flight = in_flight + 1
 end
-local reserved = '0'
+local reserved = 0
 if budget >= 0 then
-  reserved = ARGV[7]
-  redis.call('HINCRBY', KEYS[3], 'held', reserved)
-  redis.call('ZADD', KEYS[4], expiry, reserved .. ':' .. rid)
+  reserved = amount
+  add(KEYS[3], 'held', reserved)
+  redis.call('ZADD', KEYS[4], int(expiry), int(reserved) .. ':' .. rid)
   expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[8]))
   held = held + amount
 end
 -- the ticket's logical expiry is judged by `now`, like everything else; the TTL only collects garbage
-redis.call('HSET', KEYS[1], 'amt', reserved, 'tok', ARGV[9], 'exp', now + 2 * ttl)
-redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+redis.call('HSET', KEYS[1], 'amt', int(reserved), 'tok', int(tonumber(ARGV[9])), 'exp', int(now + 2 * ttl))
+redis.call('PEXPIRE', KEYS[1], int(2 * ttl))
 return reply(1, new_tats)
 """
 
@@ -143,27 +156,33 @@ return reply(1, new_tats)
 SETTLE = _COMMON + r"""
 local rid = ARGV[2]
 local ticket = redis.call('HMGET', KEYS[1], 'amt', 'tok', 'exp')
-redis.call('DEL', KEYS[1])
-if (not ticket[3]) or tonumber(ticket[3]) <= now then return 0 end
-local reserved, estimated = ticket[1], tonumber(ticket[2])
-if ARGV[5] == '1' then redis.call('ZREM', KEYS[2], rid) end
-if ARGV[6] == '1' then
-  local amount = tonumber(ARGV[3])
-  sweep(KEYS[3], KEYS[4])
-  if redis.call('ZREM', KEYS[4], reserved .. ':' .. rid) == 1 then
-    redis.call('HINCRBY', KEYS[3], 'held', -tonumber(reserved))
-    redis.call('HINCRBY', KEYS[3], 'spent', amount)
-  else
-    -- the hold expired and was charged at `reserved`: correct that charge to the actual amount
-    redis.call('HINCRBY', KEYS[3], 'spent', amount - tonumber(reserved))
-  end
-  expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[7]))
+if (not ticket[3]) or tonumber(ticket[3]) <= now then
+  redis.call('DEL', KEYS[1])
+  return 0
 end
+local reserved, estimated = tonumber(ticket[1]), tonumber(ticket[2])
+local amount = tonumber(ARGV[3])
+local new_tats = {}
 local delta = tonumber(ARGV[4]) - estimated
 for i = 5, #KEYS do
   local tat = tonumber(redis.call('GET', KEYS[i]))
-  store_tat(KEYS[i], start_of(tat) + delta * tonumber(ARGV[3 + i]))
+  new_tats[i] = start_of(tat) + delta * tonumber(ARGV[3 + i])
 end
+
+redis.call('DEL', KEYS[1])
+if ARGV[5] == '1' then redis.call('ZREM', KEYS[2], rid) end
+if ARGV[6] == '1' then
+  sweep(KEYS[3], KEYS[4])
+  if redis.call('ZREM', KEYS[4], int(reserved) .. ':' .. rid) == 1 then
+    add(KEYS[3], 'held', -reserved)
+    add(KEYS[3], 'spent', amount)
+  else
+    -- the hold expired and was charged at `reserved`: correct that charge to the actual amount
+    add(KEYS[3], 'spent', amount - reserved)
+  end
+  expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[7]))
+end
+for i = 5, #KEYS do store_tat(KEYS[i], new_tats[i]) end
 return 1
 """
 
@@ -181,14 +200,15 @@ local function alive(key, member)
 end
 if ARGV[4] == '1' and not alive(KEYS[2], rid) then return 0 end
 if ARGV[5] == '1' and not alive(KEYS[4], hold) then return 0 end
+local function int(x) return string.format('%d', x) end
 local expiry = now + ttl
 if ARGV[4] == '1' then
-  redis.call('ZADD', KEYS[2], 'XX', expiry, rid)
-  if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+  redis.call('ZADD', KEYS[2], 'XX', int(expiry), rid)
+  if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], int(ttl)) end
 end
-if ARGV[5] == '1' then redis.call('ZADD', KEYS[4], 'XX', expiry, hold) end
+if ARGV[5] == '1' then redis.call('ZADD', KEYS[4], 'XX', int(expiry), hold) end
 -- the ticket must outlive the renewed hold, so that the final settle still finds it
-redis.call('HSET', KEYS[1], 'exp', now + 2 * ttl)
-redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+redis.call('HSET', KEYS[1], 'exp', int(now + 2 * ttl))
+redis.call('PEXPIRE', KEYS[1], int(2 * ttl))
 return 1
 """

@@ -17,6 +17,9 @@ from proxy.store.base import (
     Denial,
     LimitState,
     Reservation,
+    check_admit,
+    check_renew,
+    check_settle,
 )
 from proxy.store.gcra import gcra_adjust, gcra_state, gcra_take
 
@@ -87,15 +90,19 @@ class MemoryStore:
         return None
 
     async def admit(self, request: AdmitRequest) -> AdmitResult:
+        check_admit(request)
         return self.admit_now(request, dry=False)
 
     async def peek(self, request: AdmitRequest) -> AdmitResult:
+        check_admit(request)
         return self.admit_now(request, dry=True)
 
     async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
+        check_settle(amount, tokens, now_ms)
         return self.settle_now(reservation.request, amount, tokens, now_ms)
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
+        check_renew(ttl_ms, now_ms)
         return self.renew_now(reservation.request, ttl_ms, now_ms)
 
     def admit_now(self, req: AdmitRequest, *, dry: bool) -> AdmitResult:

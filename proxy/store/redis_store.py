@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from proxy.store import lua
 from proxy.store.base import (
@@ -20,7 +21,13 @@ from proxy.store.base import (
     LimitState,
     Reservation,
     StoreError,
+    StoreScriptError,
+    check_admit,
+    check_renew,
+    check_settle,
 )
+
+log = logging.getLogger(__name__)
 
 _DENIALS: dict[int, DenialKind] = {1: "rate_limit", 2: "concurrency", 3: "credits"}
 
@@ -66,6 +73,7 @@ class RedisStore:
         return await self._run_admit(request, dry=True)
 
     async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
+        check_settle(amount, tokens, now_ms)
         req = reservation.request
         token_limits = [spec for spec in req.limits if spec.tokens]
         credits = req.credits
@@ -83,6 +91,7 @@ class RedisStore:
         return bool(await self._call(self._settle(keys=keys, args=args)))
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
+        check_renew(ttl_ms, now_ms)
         req = reservation.request
         args = [now_ms, req.reservation_id, ttl_ms, int(req.lease is not None), int(req.credits is not None)]
         return bool(await self._call(self._renew(keys=_fixed_keys(req), args=args)))
@@ -97,6 +106,7 @@ class RedisStore:
         await self._client.aclose()
 
     async def _run_admit(self, req: AdmitRequest, *, dry: bool) -> AdmitResult:
+        check_admit(req)
         credits = req.credits
         args: list[Any] = [
             req.now_ms,
@@ -120,11 +130,22 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 result = await awaitable
+        except ResponseError as exc:
+            if not _is_script_error(exc):
+                self._healthy = False  # e.g. OOM or READONLY: Redis cannot serve us
+                raise StoreError(f"redis: {type(exc).__name__}") from exc
+            log.error("metering script failed (a bug; nothing was written): %s", exc)
+            raise StoreScriptError(f"redis script: {exc}") from exc
         except (RedisError, OSError, TimeoutError) as exc:
             self._healthy = False
             raise StoreError(f"redis: {type(exc).__name__}") from exc
         self._healthy = True
         return result
+
+
+def _is_script_error(exc: ResponseError) -> bool:
+    """An error raised inside a script (Redis names the script in the message), as opposed to a refusal."""
+    return "user_script" in str(exc)
 
 
 def _fixed_keys(req: AdmitRequest) -> list[str]:

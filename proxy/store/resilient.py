@@ -15,6 +15,7 @@ from proxy.store.base import (
     Store,
     StoreError,
     StoreObserver,
+    StoreScriptError,
     StoreUnavailable,
 )
 from proxy.store.breaker import CircuitBreaker
@@ -89,7 +90,10 @@ class ResilientStore:
         """Renew where the reservation was taken; False (never an error) if the shared store is down."""
         if reservation.fallback:
             return await self._fallback.renew(reservation, ttl_ms, now_ms)
-        ok, result = await self._attempt("renew", lambda: self._primary.renew(reservation, ttl_ms, now_ms))
+        try:
+            ok, result = await self._attempt("renew", lambda: self._primary.renew(reservation, ttl_ms, now_ms))
+        except StoreScriptError:
+            return False  # logged and counted; the settle decides what is charged
         if not ok:
             # The next heartbeat retries; if none gets through, the hold expires and is charged by the rule.
             log.debug("renew of reservation %s skipped: store unavailable", reservation.request.reservation_id)
@@ -119,12 +123,19 @@ class ResilientStore:
         return dataclasses.replace(request, credits=None)
 
     async def _attempt(self, op: str, call: Callable[[], Awaitable[T]]) -> tuple[bool, T]:
-        """Call the shared store if the breaker allows; (False, None) when it is skipped or fails."""
+        """Call the shared store if the breaker allows; (False, None) when it is skipped or fails.
+
+        A StoreScriptError is raised on: Redis answered, so it counts as a success for the breaker (a bug in
+        a script must not turn every request of the replica into 503s)."""
         if not self._breaker.allow():
             return False, None  # type: ignore[return-value]
         started = time.perf_counter()
         try:
             result = await call()
+        except StoreScriptError:
+            self._breaker.success()
+            self._observer.on_op(op, time.perf_counter() - started, "script_error")
+            raise
         except StoreError:
             self._breaker.failure()
             self._observer.on_op(op, time.perf_counter() - started, "error")

@@ -1,0 +1,78 @@
+"""Amounts at the edges (0, the largest accepted, beyond) and script errors, against both stores."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.store import RedisStore, ResilientStore, Store
+from proxy.store.base import MAX_AMOUNT, MAX_TOKENS, StoreScriptError
+from tests.test_store import CREDIT, MINUTE_MS, T0, RecordingObserver, make_request, tokens_limit
+
+async def test_a_zero_hold_settles_at_the_real_cost(store: Store) -> None:
+    admitted = await store.admit(make_request(budget=10 * CREDIT, amount=0, lease=5))
+    assert admitted.reservation is not None
+    assert await store.settle(admitted.reservation, 3 * CREDIT, 0, T0 + 1)
+    state = await store.peek(make_request(T0 + 2, budget=10 * CREDIT, lease=5))
+    assert state.balance is not None and (state.balance.spent, state.balance.held) == (3 * CREDIT, 0)
+    assert state.in_flight == 0
+
+
+async def test_an_unsettled_zero_hold_expires_without_locking_a_lifetime_ledger(store: Store) -> None:
+    # period "none": the ledger never expires, so a hold that broke it would lock the account out for good
+    assert (await store.admit(make_request(budget=10 * CREDIT, amount=0, ttl_ms=1000))).allowed
+    later = await store.admit(make_request(T0 + 1001, budget=10 * CREDIT, amount=CREDIT))
+    assert later.allowed and later.balance is not None
+    assert (later.balance.spent, later.balance.held) == (0, CREDIT)
+
+
+async def test_the_largest_amounts_settle_whole_and_larger_ones_are_refused_before_anything_changes(
+    store: Store,
+) -> None:
+    admitted = await store.admit(
+        make_request(budget=2 * MAX_AMOUNT, amount=MAX_AMOUNT, lease=1, limits=(tokens_limit(10, 5),))
+    )
+    assert admitted.reservation is not None
+    for amount, tokens in ((MAX_AMOUNT + 1, 0), (0, MAX_TOKENS + 1), (-1, 0), (0, -1)):
+        with pytest.raises(ValueError):
+            await store.settle(admitted.reservation, amount, tokens, T0 + 1)
+    assert await store.settle(admitted.reservation, MAX_AMOUNT, MAX_TOKENS, T0 + 1)
+    state = await store.peek(make_request(T0 + 1, budget=2 * MAX_AMOUNT, lease=1, limits=(tokens_limit(10, 5),)))
+    assert state.balance is not None and (state.balance.spent, state.balance.held) == (MAX_AMOUNT, 0)
+    assert state.in_flight == 0 and state.limits[0].remaining == 0  # the token debt is charged too
+
+
+async def resilient(redis_url: str, observer: RecordingObserver) -> ResilientStore:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    await client.aclose()
+    return ResilientStore(RedisStore(redis_url, op_timeout_s=5), observer=observer)
+
+
+async def test_calls_to_a_free_model_do_not_open_the_breaker(redis_url: str) -> None:
+    observer = RecordingObserver()
+    store = await resilient(redis_url, observer)
+    for i in range(8):  # reserve 0, settle 0: a free model
+        admitted = await store.admit(make_request(T0 + i, budget=10 * CREDIT, amount=0, account="free"))
+        assert admitted.reservation is not None
+        assert await store.settle(admitted.reservation, 0, 0, T0 + i)
+    assert store.breaker_state == "closed" and observer.breaker_states == []
+    assert (await store.admit(make_request(T0 + 9, budget=10 * CREDIT, amount=CREDIT, account="other"))).allowed
+    await store.close()
+
+
+async def test_a_script_error_is_counted_but_never_opens_the_breaker(redis_url: str) -> None:
+    observer = RecordingObserver()
+    store = await resilient(redis_url, observer)
+    client = aioredis.Redis.from_url(redis_url)
+    await client.set("t:{broken}:cr", "not a hash")  # every script touching this ledger fails (WRONGTYPE)
+    await client.aclose()
+    for _ in range(8):
+        with pytest.raises(StoreScriptError):
+            await store.admit(make_request(budget=10 * CREDIT, amount=CREDIT, account="broken"))
+    assert store.breaker_state == "closed" and store.healthy
+    assert ("admit", "script_error") in observer.outcomes and ("admit", "error") not in observer.outcomes
+    assert (await store.admit(make_request(budget=10 * CREDIT, amount=CREDIT, account="fine"))).allowed
+    await store.close()
+
+
