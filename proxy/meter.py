@@ -22,6 +22,9 @@ from proxy.errors import ApiError
 from proxy.pending_settles import PendingSettle, PendingSettles
 from proxy.policy.types import Budget, Decision, Dimension, RateLimit
 from proxy.store.base import (
+    MAX_AMOUNT,
+    MAX_BUDGET,
+    MAX_TOKENS,
     AdmitRequest,
     AdmitResult,
     CreditSpec,
@@ -31,6 +34,7 @@ from proxy.store.base import (
     Reservation,
     Store,
     StoreError,
+    StoreScriptError,
 )
 
 log = logging.getLogger(__name__)
@@ -39,9 +43,23 @@ MICRO = 1_000_000
 
 
 def to_micro(credits: float, *, round_up: bool = False) -> int:
-    """Credits -> integer micro-credits; reservations round up so a hold never falls short."""
+    """Credits -> integer micro-credits in [0, MAX_AMOUNT]; reservations round up so a hold never falls short.
+
+    Never raises: negative amounts are 0, huge ones and +infinity are MAX_AMOUNT (NaN is the caller's to
+    avoid: it is 0 here; `Admission.settle` charges the reserve instead)."""
+    if isinstance(credits, float) and not math.isfinite(credits):
+        return MAX_AMOUNT if credits > 0 else 0
+    if credits <= 0:
+        return 0
+    if credits >= MAX_AMOUNT / MICRO:  # also keeps a 400-digit integer out of Decimal arithmetic
+        return MAX_AMOUNT
     rounding = ROUND_CEILING if round_up else ROUND_HALF_UP
     return int((Decimal(repr(credits)) * MICRO).to_integral_value(rounding=rounding))
+
+
+def clamp_tokens(tokens: int) -> int:
+    """A token count in [0, MAX_TOKENS]."""
+    return max(0, min(int(tokens), MAX_TOKENS))
 
 
 def from_micro(micro: int) -> float:
@@ -109,14 +127,33 @@ class Admission:
 
     async def settle(self, actual_credits: float, actual_tokens: int) -> bool:
         """Charge the real cost and free the lease; True if this call applied it. Never raises on store errors:
-        the settle is queued and retried in the background (docs/metering.md)."""
+        the settle is queued and retried in the background (docs/metering.md). Figures are clamped to the
+        store's bounds; a figure that is not a number at all (NaN) is charged at the reserve."""
         if self._settled or self._reservation is None:
             return False
+        request = self._reservation.request
+        if isinstance(actual_credits, float) and math.isnan(actual_credits):
+            actual_credits = from_micro(request.credits.amount) if request.credits else 0.0
+        return await self._apply(to_micro(actual_credits), clamp_tokens(actual_tokens))
+
+    async def settle_at_reserve(self) -> bool:
+        """Charge what was reserved (the most the call could cost) and free the lease: for a call whose real
+        cost could not be worked out. A no-op once settled."""
+        if self._settled or self._reservation is None:
+            return False
+        request = self._reservation.request
+        return await self._apply(request.credits.amount if request.credits else 0, request.estimated_tokens)
+
+    async def _apply(self, amount: int, tokens: int) -> bool:
+        assert self._reservation is not None
         self._stop_heartbeat()
         self._settled = True
-        pending = PendingSettle(self._reservation, to_micro(max(0.0, actual_credits)), max(0, actual_tokens))
+        pending = PendingSettle(self._reservation, amount, tokens)
         try:
             await self._store.settle(pending.reservation, pending.amount, pending.tokens, int(self._clock() * 1000))
+        except StoreScriptError:
+            # logged and counted by the store, and retrying would fail the same way: the hold's expiry charges it
+            return False
         except StoreError as exc:
             log.warning("settle of reservation %s failed (%s): queued for retry",
                         self._reservation.request.reservation_id, exc)
@@ -236,7 +273,7 @@ class Meter:
                 key=f"{base}:rl:{rule.name}:" + ":".join(_dimension(principal, dim, model_id) for dim in rule.per),
                 limit=rule.limit,
                 window_ms=int(rule.window_s * 1000),
-                cost=decision.estimated_tokens if rule.unit == "tokens" else 1,
+                cost=clamp_tokens(decision.estimated_tokens) if rule.unit == "tokens" else 1,
                 tokens=rule.unit == "tokens",
             )
             for rule in rules
@@ -257,8 +294,8 @@ class Meter:
         if period.ends_at is not None:
             ends_ms = int(period.ends_at.timestamp() * 1000)
             expire_at = max(ends_ms + self._retention_ms, now_ms + 2 * self._ttl_ms)
-        amount = to_micro(max(0.0, decision.reserve_credits), round_up=True)
-        return CreditSpec(ledger, f"{ledger}:holds", budget.credits * MICRO, amount, expire_at)
+        amount = to_micro(decision.reserve_credits, round_up=True)
+        return CreditSpec(ledger, f"{ledger}:holds", min(budget.credits * MICRO, MAX_BUDGET), amount, expire_at)
 
     async def _call(self, operation: Callable[[AdmitRequest], Any], request: AdmitRequest) -> AdmitResult:
         try:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.api.metered import settle_or_charge_reserve
+from proxy.auth.principal import Principal
+from proxy.meter import Meter
+from proxy.policy.types import Budget, Decision, Price, RateLimit, Usage
+from proxy.upstream.relay import RelayOutcome
 from proxy.store import RedisStore, ResilientStore, Store
 from proxy.store.base import MAX_AMOUNT, MAX_TOKENS, StoreScriptError
 from tests.test_store import CREDIT, MINUTE_MS, T0, RecordingObserver, make_request, tokens_limit
+
+ALICE = Principal(kind="api_key", account="acme", plan="pro", key_id="key1", subject="alice")
+
 
 async def test_a_zero_hold_settles_at_the_real_cost(store: Store) -> None:
     admitted = await store.admit(make_request(budget=10 * CREDIT, amount=0, lease=5))
@@ -76,3 +86,46 @@ async def test_a_script_error_is_counted_but_never_opens_the_breaker(redis_url: 
     await store.close()
 
 
+
+def metered_decision(reserve: float = 2.0) -> Decision:
+    return Decision(
+        allowed=True, plan="pro", concurrency=1, budget=Budget(100), reserve_credits=reserve,
+        price=Price(input_per_1k_tokens=1.0), rate_limits=(RateLimit(("user",), "tokens", 1000, 60),),
+        estimated_tokens=100,
+    )
+
+
+async def spent_and_in_flight(meter: Meter) -> tuple[float, int]:
+    state = await meter.state(ALICE, metered_decision(), "m/a")
+    return state["balance"]["spent"], state["concurrency"]["in_flight"]
+
+
+@pytest.mark.parametrize(
+    ("credits", "tokens", "charged"),
+    [
+        (float("inf"), 10**400, MAX_AMOUNT / CREDIT),  # clamped to the bounds, never an exception
+        (10**400, -5, MAX_AMOUNT / CREDIT),
+        (float("nan"), 7, 2.0),  # not a number at all: the reserve
+        (-3.0, 0, 0.0),
+        (1e-9, 0, 0.0),
+    ],
+    ids=["infinite", "400-digit", "nan", "negative", "below-a-micro-credit"],
+)
+async def test_hostile_settle_figures_are_clamped_and_free_the_slot(
+    store: Store, credits: float, tokens: int, charged: float
+) -> None:
+    meter = Meter(store, clock=lambda: T0 / 1000)
+    admission = await meter.admit(ALICE, "m/a", metered_decision(), "req")
+    assert await admission.settle(credits, tokens)
+    assert await spent_and_in_flight(meter) == (charged, 0)
+
+
+async def test_a_settle_whose_cost_cannot_be_worked_out_charges_the_reserve_and_frees_the_slot(store: Store) -> None:
+    meter = Meter(store, clock=lambda: T0 / 1000)
+    decision = metered_decision()
+    admission = await meter.admit(ALICE, "m/a", decision, "req")
+    outcome = RelayOutcome(status=200, usage=Usage(input_tokens=10**400), completed=True)  # cost() overflows
+    ctx = SimpleNamespace(usage=None, credits_charged=0.0)
+    await settle_or_charge_reserve(None, ctx, decision, admission, outcome, 0)  # type: ignore[arg-type]
+    assert admission.settled
+    assert await spent_and_in_flight(meter) == (2.0, 0)

@@ -4,6 +4,7 @@ upstream call; afterwards record the upstream metrics and settle what was really
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -19,6 +20,8 @@ from ..policy.pricing import cost
 from ..policy.types import Decision, RequestFacts, Usage
 from ..upstream.providers import Provider
 from ..upstream.relay import RelayOutcome
+
+log = logging.getLogger(__name__)
 
 _BYTES_PER_TOKEN = 4  # rough input estimate, used only when a stream is cut before the upstream reported usage
 MAX_OUTPUT_TOKENS = 2**31 - 1  # max_tokens above this is no real limit, only a way to overflow the pricing
@@ -60,7 +63,7 @@ async def metered_call(
         record_upstream(gateway, provider.name, outcome, result, started)
         span.end(outcome.status, result, outcome.error_code, failure)
         # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
-        await asyncio.shield(settle(gateway, ctx, decision, admission, outcome, facts.input_bytes))
+        await asyncio.shield(settle_or_charge_reserve(gateway, ctx, decision, admission, outcome, facts.input_bytes))
 
 
 def record_upstream(
@@ -118,6 +121,19 @@ def _count(body: dict[str, Any], name: str, maximum: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
         raise ApiError("invalid_request", f"`{name}` must be an integer from 1 to {maximum}", param=name)
     return value
+
+
+async def settle_or_charge_reserve(
+    gateway: Gateway, ctx: RequestContext, decision: Decision, admission: Admission, outcome: RelayOutcome,
+    input_bytes: int,
+) -> None:
+    """Settle; if working out the cost fails (a bug, or figures nothing can price), charge the reserve, so the
+    slot is freed now and the charge is never below what the call could have cost."""
+    try:
+        await settle(gateway, ctx, decision, admission, outcome, input_bytes)
+    except Exception:
+        log.exception("settle failed: charging the reserve")
+        await admission.settle_at_reserve()
 
 
 async def settle(
