@@ -1,0 +1,199 @@
+"""The chart rendered by a real Helm 3: lint-clean, valid Kubernetes objects, a config the gateway accepts."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from proxy.__main__ import main as cli_main
+from tests.helm_tool import CHART, Helm, find, helm_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+# The supported range, as docs/helm.md states it: the oldest is Chart.yaml's kubeVersion floor.
+NEWEST_KUBERNETES = "1.37.0"
+# Schemas the Kubernetes API server does not know without the Prometheus Operator's CRDs.
+CRD_GROUPS = ("monitoring.coreos.com/",)
+
+# Every switch of values.yaml turned on, and every list filled: what an elaborate install renders.
+ALL_ON: dict[str, Any] = {
+    "autoscaling": {"enabled": True},
+    "podDisruptionBudget": {"enabled": True},
+    "serviceAccount": {"create": True, "annotations": {"team": "gateway"}},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "podAnnotations": {"example.com/owner": "gateway"},
+    "podLabels": {"tier": "edge"},
+    "service": {"annotations": {"example.com/lb": "internal"}},
+    "redis": {"existingSecret": "edge-proxy-redis"},
+    "providerSecrets": {"existingSecret": "edge-proxy-providers"},
+    "signingKey": {"existingSecret": "edge-proxy-signing"},
+    "policiesExistingConfigMap": "edge-proxy-policies",
+    "env": [{"name": "EXTRA", "value": "1"}],
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+                "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Gateways"}}},
+    "extraVolumes": [{"name": "uploads", "emptyDir": {}}],
+    "extraVolumeMounts": [{"name": "uploads", "mountPath": "/var/lib/edge-proxy/uploads"}],
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gateway", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [
+            {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}]}}]}},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                   "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "edge-proxy"}}}],
+}
+VALUE_SETS = {"defaults": {}, "all-on": ALL_ON}
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return Helm(helm_binary(), tmp_path_factory.mktemp("helm"))
+
+
+def oldest_kubernetes() -> str:
+    floor = re.match(r">=\s*(\d+\.\d+\.\d+)", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])
+    assert floor, "Chart.yaml kubeVersion must state a lower bound"
+    return floor.group(1)
+
+
+def test_supported_range_is_documented() -> None:
+    oldest, newest = oldest_kubernetes().rsplit(".", 1)[0], NEWEST_KUBERNETES.rsplit(".", 1)[0]
+    assert f"Kubernetes {oldest} through {newest}" in (ROOT / "docs" / "helm.md").read_text()
+    assert NEWEST_KUBERNETES.rsplit(".", 1)[0] <= kubernetes_validate.latest_version(), "schemas too old"
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_helm_lint_strict_is_clean(helm: Helm, values: dict[str, Any]) -> None:
+    result = helm.run("lint", "--strict", str(CHART), values=values)
+    assert result.returncode == 0 and "0 chart(s) failed" in result.stdout, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+def _kubernetes_versions() -> list[str]:
+    # The oldest and newest claimed, and both sides of the preStop sleep action's arrival (1.30).
+    return sorted({oldest_kubernetes(), "1.29.0", "1.30.0", NEWEST_KUBERNETES}, key=lambda v: tuple(map(int, v.split("."))))
+
+
+@pytest.mark.parametrize("kube_version", _kubernetes_versions())
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_manifests_are_valid_kubernetes_objects(helm: Helm, values: dict[str, Any], kube_version: str) -> None:
+    manifests = helm.template(values, kube_version=kube_version)
+    checked = 0
+    for manifest in manifests:
+        if manifest["apiVersion"].startswith(CRD_GROUPS):
+            continue
+        try:
+            kubernetes_validate.validate(manifest, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{manifest['kind']} {manifest['metadata']['name']} invalid on Kubernetes {kube_version}: "
+                        f"{exc.message} at {list(exc.path)}")
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("kube_version,action", [("1.29.0", "exec"), ("1.30.0", "sleep")])
+def test_prestop_pause_uses_what_the_cluster_supports(helm: Helm, kube_version: str, action: str) -> None:
+    container = find(helm.template(kube_version=kube_version), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    pre_stop = container["lifecycle"]["preStop"]
+    assert list(pre_stop) == [action]
+    assert pre_stop == ({"sleep": {"seconds": 5}} if action == "sleep" else {"exec": {"command": ["sleep", "5"]}})
+
+
+def test_no_prestop_when_the_pause_is_off(helm: Helm) -> None:
+    container = find(helm.template({"shutdown": {"preStopSleepSeconds": 0}}), "Deployment")[
+        "spec"]["template"]["spec"]["containers"][0]
+    assert "lifecycle" not in container
+
+
+# -- the files the pod sees, and `edge-proxy check` on them ------------------------------------------------
+
+def _volume_files(volume: dict[str, Any], manifests: list[dict[str, Any]],
+                  external: dict[str, dict[str, str]]) -> dict[str, str]:
+    """key -> content of the ConfigMap or Secret a volume projects: rendered by the chart, or `external`."""
+    if "configMap" in volume:
+        name, kind, field = volume["configMap"]["name"], "ConfigMap", "data"
+    elif "secret" in volume:
+        name, kind, field = volume["secret"]["secretName"], "Secret", "data"
+    else:
+        return {}
+    rendered = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
+    if not rendered:
+        assert name in external, f"{kind} {name} is neither rendered by the chart nor supplied by the test"
+        return external[name]
+    data = rendered[0].get(field) or {}
+    return {key: base64.b64decode(value).decode() if kind == "Secret" else value for key, value in data.items()}
+
+
+def materialize_pod_files(manifests: list[dict[str, Any]], root: Path,
+                          external: dict[str, dict[str, str]] | None = None) -> None:
+    """Write what the kubelet would mount into the gateway container, under `root` instead of `/`."""
+    pod = find(manifests, "Deployment")["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    for mount in pod["containers"][0]["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        files = _volume_files(volume, manifests, external or {})
+        items = (volume.get("configMap") or volume.get("secret") or {}).get("items")
+        if items:
+            files = {item["path"]: files[item["key"]] for item in items}
+        target = root / mount["mountPath"].lstrip("/")
+        if "subPath" in mount:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(files[mount["subPath"]])
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for key, content in files.items():
+            (target / key).write_text(content)
+
+
+def rooted_config(root: Path) -> Path:
+    """The pod's config.yaml with its absolute paths moved under `root`, next to the original."""
+    config_path = root / "etc/edge-proxy/config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["policies"]["dir"] = str(root / config["policies"]["dir"].lstrip("/"))
+    for key in config.get("auth", {}).get("signing_keys", []):
+        key["file"] = str(root / key["file"].lstrip("/"))
+    rooted = config_path.with_name("config.rooted.yaml")
+    rooted.write_text(yaml.safe_dump(config))
+    return rooted
+
+
+def _pod_env(manifests: list[dict[str, Any]]) -> Iterator[str]:
+    for env in find(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0].get("env", []):
+        yield env["name"]
+
+
+def _check(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["check", "--config", str(config)]) == 0, capsys.readouterr().err
+    assert ": OK (" in capsys.readouterr().out
+
+
+def test_default_install_config_passes_check(helm: Helm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Defaults: the chart's own ConfigMaps and generated key, mounted where the Deployment mounts them."""
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    manifests = helm.template()
+    materialize_pod_files(manifests, tmp_path)
+    assert "REDIS_URL" not in set(_pod_env(manifests))
+    _check(rooted_config(tmp_path), capsys)
+
+
+def test_all_on_config_passes_check(helm: Helm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Every toggle on: the operator's Secrets and ConfigMap stand in for the chart's, Redis comes from env."""
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6390/0")  # from the Secret, as the Deployment wires it
+    manifests = helm.template(ALL_ON)
+    defaults = helm.template()
+    policies = find(defaults, "ConfigMap", "-policies")["data"]
+    key = base64.b64decode(find(defaults, "Secret", "-signing-key")["data"]["signing-key.pem"]).decode()
+    materialize_pod_files(manifests, tmp_path, {"edge-proxy-policies": policies,
+                                                "edge-proxy-signing": {"signing-key.pem": key}})
+    assert "REDIS_URL" in set(_pod_env(manifests))
+    config = yaml.safe_load((tmp_path / "etc/edge-proxy/config.yaml").read_text())
+    assert config["store"] == {**config["store"], "kind": "redis", "redis_url_env": "REDIS_URL"}
+    _check(rooted_config(tmp_path), capsys)
