@@ -35,6 +35,7 @@ from proxy.store.base import (
     Store,
     StoreError,
     StoreScriptError,
+    StoreOverloaded,
 )
 
 log = logging.getLogger(__name__)
@@ -300,6 +301,12 @@ class Meter:
     async def _call(self, operation: Callable[[AdmitRequest], Any], request: AdmitRequest) -> AdmitResult:
         try:
             return await operation(request)
+        except StoreOverloaded as exc:
+            raise ApiError(
+                "overloaded",
+                f"This gateway has too many metering calls waiting; retry after {exc.retry_after_s}s.",
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from exc
         except StoreError as exc:
             raise ApiError(
                 "store_unavailable",

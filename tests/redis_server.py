@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -54,9 +55,20 @@ class RedisServer:
             self._process.wait(timeout=5)
             self._process = None
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, commands queue up unanswered, as in a long stall."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server run again (SIGCONT): it then executes everything that queued up meanwhile."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Terminate the server and wait for it to exit."""
         if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)  # a paused server could not act on SIGTERM
             self._process.terminate()
             try:
                 self._process.wait(timeout=5)

@@ -14,6 +14,7 @@ from proxy.store.base import (
     Store,
     StoreError,
     StoreObserver,
+    StoreOverloaded,
     StoreUnavailable,
 )
 from proxy.store.memory import MemoryStore
@@ -39,6 +40,7 @@ __all__ = [
     "StoreConfigError",
     "StoreError",
     "StoreObserver",
+    "StoreOverloaded",
     "StoreSettings",
     "StoreUnavailable",
     "build_store",

@@ -26,7 +26,15 @@ MAX_BUDGET = 10**15
 
 
 class StoreError(Exception):
-    """The store could not be reached or did not answer in time."""
+    """The store could not be reached or did not answer in time.
+
+    `certain` is True when the operation surely did not run (it never went on the wire); otherwise Redis may
+    still run it after the caller gave up, and an admit must be cancelled (see Store.cancel).
+    """
+
+    def __init__(self, message: str, *, certain: bool = False) -> None:
+        super().__init__(message)
+        self.certain = certain
 
 
 class StoreScriptError(StoreError):
@@ -34,9 +42,20 @@ class StoreScriptError(StoreError):
 
     It changed nothing (scripts validate before they write). It must not open the circuit breaker."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, certain=True)
+
 
 class StoreUnavailable(StoreError):
     """The store is down and the fail mode for this request says: refuse (fail closed)."""
+
+
+class StoreOverloaded(StoreError):
+    """Too many calls already wait for the store on this replica; nothing was sent. Not a sign of an outage."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, certain=True)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -218,7 +237,7 @@ class StoreObserver(Protocol):
     """Hooks for metrics; the gateway connects these to Prometheus. Must not block."""
 
     def on_op(self, op: str, seconds: float, outcome: str) -> None:
-        """One store operation: outcome is ok, error, fallback or refused."""
+        """One store operation: outcome is ok, error, overloaded, fallback or refused."""
         ...
 
     def on_breaker(self, state: str) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -12,6 +11,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from proxy.store import lua
+from proxy.store.admission import CallGate, LoopLag, deadline
 from proxy.store.base import (
     AdmitRequest,
     AdmitResult,
@@ -21,6 +21,7 @@ from proxy.store.base import (
     LimitState,
     Reservation,
     StoreError,
+    StoreOverloaded,
     StoreScriptError,
     check_admit,
     check_renew,
@@ -28,12 +29,19 @@ from proxy.store.base import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DENIALS: dict[int, DenialKind] = {1: "rate_limit", 2: "concurrency", 3: "credits"}
 
 
 class RedisStore:
-    """Redis-backed store; every call is bounded by `op_timeout_s` and raises StoreError on failure."""
+    """Redis-backed store; raises StoreError when Redis fails and StoreOverloaded when too many calls wait.
+
+    Calls pass a CallGate first (at most `max_connections` on the wire, `max_waiting_calls` more queued for at
+    most `queue_timeout_s`), so no call ever waits inside the connection pool. A call on the wire is given up
+    after `connect_timeout_s + op_timeout_s` (room to open a connection when no idle one is left), not counting
+    time this process's event loop was stalled: a busy replica is not a Redis outage.
+    """
 
     def __init__(
         self,
@@ -42,19 +50,24 @@ class RedisStore:
         connect_timeout_s: float = 0.25,
         op_timeout_s: float = 0.5,
         max_connections: int = 64,
+        max_waiting_calls: int = 1000,
+        queue_timeout_s: float = 2.0,
     ) -> None:
-        # No client-side retries: the breaker decides what happens next, and a retry would double the wait.
-        # A blocking pool queues callers beyond max_connections (a plain pool would raise at once).
+        # No client-side retries (the breaker decides what happens next) and no client-side timeouts: redis-py
+        # would count event-loop stalls against them; `deadline` below does not. Cancelling a call closes its
+        # connection, so a late reply can never be read by the next call.
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=op_timeout_s,
+            socket_connect_timeout=None,
+            socket_timeout=None,
             max_connections=max_connections,
-            timeout=op_timeout_s,
+            timeout=None,
             retry=Retry(NoBackoff(), 0),
         )
         self._client = aioredis.Redis.from_pool(pool)
-        self._op_timeout_s = op_timeout_s
+        self._wire_timeout_s = connect_timeout_s + op_timeout_s
+        self._lag = LoopLag()
+        self._gate = CallGate(max_connections, max_waiting_calls, queue_timeout_s, self._lag)
         # Registered once; calls go by EVALSHA and reload the script on NOSCRIPT (e.g. after a restart).
         self._admit = self._client.register_script(lua.ADMIT)
         self._settle = self._client.register_script(lua.SETTLE)
@@ -88,22 +101,25 @@ class RedisStore:
             *(repr(spec.interval_ms) for spec in token_limits),
         ]
         keys = [*_fixed_keys(req), *(spec.key for spec in token_limits)]
-        return bool(await self._call(self._settle(keys=keys, args=args)))
+        return bool(await self._call(lambda: self._settle(keys=keys, args=args)))
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
         check_renew(ttl_ms, now_ms)
         req = reservation.request
         args = [now_ms, req.reservation_id, ttl_ms, int(req.lease is not None), int(req.credits is not None)]
-        return bool(await self._call(self._renew(keys=_fixed_keys(req), args=args)))
+        return bool(await self._call(lambda: self._renew(keys=_fixed_keys(req), args=args)))
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._call(self._client.ping()))
+            return bool(await self._call(self._client.ping))
+        except StoreOverloaded:
+            return self._healthy  # busy, not down: calls are being answered
         except StoreError:
             return False
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._lag.close()
 
     async def _run_admit(self, req: AdmitRequest, *, dry: bool) -> AdmitResult:
         check_admit(req)
@@ -122,23 +138,27 @@ class RedisStore:
         for spec in req.limits:
             args += [repr(spec.interval_ms), spec.window_ms, spec.cost]
         keys = [*_fixed_keys(req), *(spec.key for spec in req.limits)]
-        reply = await self._call(self._admit(keys=keys, args=args))
+        reply = await self._call(lambda: self._admit(keys=keys, args=args))
         return _parse_admit(req, reply, dry=dry)
 
-    async def _call(self, awaitable: Any) -> Any:
-        """Await one Redis call within the operation timeout, turning every failure into StoreError."""
-        try:
-            async with asyncio.timeout(self._op_timeout_s):
-                result = await awaitable
-        except ResponseError as exc:
-            if not _is_script_error(exc):
-                self._healthy = False  # e.g. OOM or READONLY: Redis cannot serve us
+    async def _call(self, send: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis call through the gate and within the wire deadline; every failure becomes StoreError.
+
+        A failure on the wire is uncertain (Redis may have run the call); StoreOverloaded from the gate is not.
+        """
+        async with self._gate.slot():
+            try:
+                async with deadline(self._wire_timeout_s, self._lag):
+                    result = await send()
+            except ResponseError as exc:
+                if not _is_script_error(exc):
+                    self._healthy = False  # e.g. OOM or READONLY: Redis cannot serve us
+                    raise StoreError(f"redis: {type(exc).__name__}") from exc
+                log.error("metering script failed (a bug; nothing was written): %s", exc)
+                raise StoreScriptError(f"redis script: {exc}") from exc
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._healthy = False
                 raise StoreError(f"redis: {type(exc).__name__}") from exc
-            log.error("metering script failed (a bug; nothing was written): %s", exc)
-            raise StoreScriptError(f"redis script: {exc}") from exc
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._healthy = False
-            raise StoreError(f"redis: {type(exc).__name__}") from exc
         self._healthy = True
         return result
 

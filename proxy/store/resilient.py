@@ -16,6 +16,7 @@ from proxy.store.base import (
     StoreError,
     StoreObserver,
     StoreScriptError,
+    StoreOverloaded,
     StoreUnavailable,
 )
 from proxy.store.breaker import CircuitBreaker
@@ -125,16 +126,25 @@ class ResilientStore:
     async def _attempt(self, op: str, call: Callable[[], Awaitable[T]]) -> tuple[bool, T]:
         """Call the shared store if the breaker allows; (False, None) when it is skipped or fails.
 
-        A StoreScriptError is raised on: Redis answered, so it counts as a success for the breaker (a bug in
-        a script must not turn every request of the replica into 503s)."""
+        Only failures on the wire count against the breaker. A StoreScriptError is raised on: Redis answered, so
+        it counts as a success (a bug in a script must not turn every request of the replica into 503s).
+        StoreOverloaded (this replica is busy) passes through without a verdict. After the cooldown one caller
+        probes with a PING before its own call goes out.
+        """
         if not self._breaker.allow():
             return False, None  # type: ignore[return-value]
         started = time.perf_counter()
         try:
+            if self._breaker.state == "half_open" and not await self._primary.ping():
+                raise StoreError("probe failed", certain=True)
             result = await call()
         except StoreScriptError:
             self._breaker.success()
             self._observer.on_op(op, time.perf_counter() - started, "script_error")
+            raise
+        except StoreOverloaded:
+            self._breaker.abandon()
+            self._observer.on_op(op, time.perf_counter() - started, "overloaded")
             raise
         except StoreError:
             self._breaker.failure()

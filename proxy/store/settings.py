@@ -18,13 +18,15 @@ class StoreConfigError(ValueError):
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """`store: {kind, redis_url | redis_url_env, timeouts, breaker, fail_mode, reservation_ttl_s}`."""
+    """`store: {kind, redis_url | redis_url_env, timeouts, pool and queue, breaker, fail_mode, reservation_ttl_s}`."""
 
     kind: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
     connect_timeout_s: float = 0.25
     op_timeout_s: float = 0.5
     max_connections: int = 64
+    max_waiting_calls: int = 1000
+    queue_timeout_s: float = 2.0
     breaker_failures: int = 3
     breaker_reset_s: float = 2.0
     fail_rate_limits: FailMode = "open"
@@ -62,7 +64,7 @@ class StoreSettings:
         for name in ("fail_rate_limits", "fail_credits"):
             if getattr(self, name) not in ("open", "closed"):
                 _fail(f"{source}: store.fail_mode.{name[5:]} must be open or closed")
-        for name in ("connect_timeout_s", "op_timeout_s", "breaker_reset_s", "reservation_ttl_s"):
+        for name in ("connect_timeout_s", "op_timeout_s", "queue_timeout_s", "breaker_reset_s", "reservation_ttl_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 _fail(f"{source}: store.{name} must be a positive number of seconds")
@@ -70,6 +72,8 @@ class StoreSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(f"{source}: store.{name} must be a positive integer")
+        if not isinstance(self.max_waiting_calls, int) or self.max_waiting_calls < 0:
+            _fail(f"{source}: store.max_waiting_calls must be an integer >= 0 (0: never queue, answer 503 overloaded)")
 
 
 def build_store(settings: StoreSettings, observer: StoreObserver | None = None) -> Store:
@@ -82,6 +86,8 @@ def build_store(settings: StoreSettings, observer: StoreObserver | None = None) 
         connect_timeout_s=settings.connect_timeout_s,
         op_timeout_s=settings.op_timeout_s,
         max_connections=settings.max_connections,
+        max_waiting_calls=settings.max_waiting_calls,
+        queue_timeout_s=settings.queue_timeout_s,
     )
     return ResilientStore(
         redis_store,
