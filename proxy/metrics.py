@@ -139,6 +139,8 @@ class Metrics:
             ["model", "direction"], registry=r)
         self._credits = Counter(
             f"{p}_credits_total", "Credits moved, by action (reserved|settled|released).", ["action"], registry=r)
+        self._credit_overruns = Counter(
+            f"{p}_credit_overrun_total", "Calls whose reported usage cost more than their reservation.", registry=r)
         self._denials = Counter(
             f"{p}_denials_total", "Requests refused by policy, by kind and rule.", ["kind", "rule"], registry=r)
         self._auth_failures = Counter(
@@ -248,6 +250,10 @@ class Metrics:
     def credits(self, action: CreditAction, amount: float) -> None:
         """Credits reserved before forwarding, settled to the real cost, or released on failure."""
         self._credits.labels(_capped(action, CREDIT_ACTIONS)).inc(amount)
+
+    def credit_overrun(self) -> None:
+        """A call whose usage cost more than its reserve: the provider ignored the bound it was sent."""
+        self._credit_overruns.inc()
 
     def denied(self, kind: DenialKind, rule: str | None) -> None:
         """A request refused by policy; rule is the policy's limit name (bounded by the policy files)."""

@@ -59,6 +59,7 @@ def exercise_every_helper(m: Metrics) -> None:
     m.credits("reserved", 5.0)
     m.credits("settled", 1.25)
     m.credits("released", 3.75)
+    m.credit_overrun()
     m.denied("rate_limit", "user:requests:1m")
     m.auth_failure("token_expired")
     m.store_op("reserve", 0.002, "ok")
@@ -100,6 +101,7 @@ def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
     assert value(s, "edge_proxy_credits_total", action="reserved") == 5.0
     assert value(s, "edge_proxy_credits_total", action="settled") == 1.25
     assert value(s, "edge_proxy_credits_total", action="released") == 3.75
+    assert value(s, "edge_proxy_credit_overrun_total") == 1
     assert value(s, "edge_proxy_denials_total", kind="rate_limit", rule="user:requests:1m") == 1
     assert value(s, "edge_proxy_auth_failures_total", reason="token_expired") == 1
     assert value(s, "edge_proxy_store_operation_duration_seconds_count", op="reserve") == 1

@@ -4,13 +4,18 @@ bound is forwarded upstream, and the charge afterwards never goes missing nor ru
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from .gateway_harness import TEST_KEY
-from .mock_provider import MockProvider
+from proxy.policy.pricing import MEDIA_PART_TOKENS
+from proxy.server import RunningServer
+
+from .gateway_harness import TEST_KEY, gateway_config, start_gateway, write_policy
+from .mock_provider import Handler, MockProvider
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"}
 CHAT = {"model": "mock/chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -57,3 +62,146 @@ async def test_huge_image_count_is_400_not_a_pricing_crash(gateway: str, provide
 async def test_null_counts_mean_the_default(gateway: str, provider: MockProvider) -> None:
     status, _ = await post_raw(gateway, json.dumps({**CHAT, "max_tokens": None, "n": None}).encode())
     assert status == 200
+
+
+BUDGET = 100
+OUTPUT_PRICED = f"""
+plans:
+  demo:
+    models: ["mock/*"]
+    max_output_tokens: 10
+    budget: {{credits: {BUDGET}, period: month, scope: account}}
+prices:
+  "mock/*": {{per_request: 1}}
+  mock/chat: {{output_per_1k_tokens: 1000}}
+"""
+ALL_PRICED = OUTPUT_PRICED.replace(f"credits: {BUDGET}", "credits: 1000000").replace(
+    "{output_per_1k_tokens: 1000}", "{input_per_1k_tokens: 1000, output_per_1k_tokens: 1000}")
+
+StartGateway = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def start_with(provider: MockProvider, gateway_env: None, tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """Start a gateway on the memory store with this policy; `model_caps` sets models' max_output_tokens."""
+    servers: list[RunningServer] = []
+
+    async def start(policy: str, model_caps: dict[str, int] | None = None) -> str:
+        config = gateway_config(provider.url, write_policy(tmp_path / "policies", policy))
+        for model in config["models"]:
+            if model["id"] in (model_caps or {}):
+                model["max_output_tokens"] = model_caps[model["id"]]
+        servers.append(await start_gateway(config))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+def answers_with_usage(tokens_per_choice: Callable[[int | None], int]) -> Handler:
+    """A chat provider producing `tokens_per_choice(its output limit)` tokens for each of the `n` choices."""
+
+    async def answer(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        completion = (body.get("n") or 1) * (body.get("best_of") or 1) * tokens_per_choice(limit)
+        return web.json_response({
+            "id": "cmpl-mock", "object": "chat.completion", "model": body["model"],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": "x"}, "finish_reason": "length"}
+                        for i in range(body.get("n") or 1)],
+            "usage": {"prompt_tokens": 3, "completion_tokens": completion, "total_tokens": 3 + completion},
+        })
+
+    return answer
+
+
+def honest(limit: int | None) -> int:
+    return limit if limit is not None else 1000  # a provider's own default: far more than the gateway's bound
+
+
+async def post_json(gateway: str, body: dict[str, Any], route: str = "/v1/chat/completions") -> tuple[int, dict[str, str]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gateway}{route}", json=body, headers=AUTH) as response:
+            await response.read()
+            return response.status, dict(response.headers)
+
+
+async def balance(gateway: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gateway}/v1/me", headers=AUTH) as response:
+            return (await response.json())["balance"]
+
+
+async def metric(gateway: str, name: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"{gateway}/metrics") as response:
+        text = await response.text()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def test_n_choices_are_reserved_so_a_budget_is_never_overspent(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    """n: 8 with max_tokens 10 reserves 80 output tokens: one call fits in 100 credits, a second does not."""
+    provider.handler = answers_with_usage(honest)
+    gateway = await start_with(OUTPUT_PRICED)
+    statuses = [(await post_json(gateway, {**CHAT, "n": 8, "max_tokens": 10}))[0] for _ in range(4)]
+    assert statuses == [200, 402, 402, 402]
+    state = await balance(gateway)
+    assert (state["spent"], state["held"]) == (80, 0)
+
+
+async def test_without_max_tokens_the_gateways_bound_is_forwarded_upstream(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    provider.handler = answers_with_usage(honest)
+    gateway = await start_with(OUTPUT_PRICED)
+    assert (await post_json(gateway, {**CHAT, "n": 8}))[0] == 200
+    assert provider.received[-1].body["max_completion_tokens"] == 10  # the plan's max_output_tokens
+    assert "max_tokens" not in provider.received[-1].body
+    assert (await balance(gateway))["spent"] == 80
+
+
+async def test_a_limit_above_the_models_cap_is_lowered_to_the_cap_upstream(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    provider.handler = answers_with_usage(honest)
+    gateway = await start_with(ALL_PRICED, model_caps={"mock/chat": 16})
+    body = {**CHAT, "max_tokens": 5000, "max_completion_tokens": 9000}
+    assert (await post_json(gateway, body))[0] == 200
+    forwarded = provider.received[-1].body
+    assert (forwarded["max_tokens"], forwarded["max_completion_tokens"]) == (16, 16)
+    assert (await balance(gateway))["spent"] == 3 + 16
+
+
+async def test_usage_over_the_reserve_is_charged_up_to_one_more_bound_and_counted(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    """A provider that ignores the forwarded bound: the overrun is charged, but at most twice the reserve, so
+    the balance goes below zero by at most one request's bound; the overrun is counted."""
+    provider.handler = answers_with_usage(lambda limit: 50 * (limit or 1000))
+    gateway = await start_with(OUTPUT_PRICED)
+    assert await metric(gateway, "edge_proxy_credit_overrun_total") == 0
+    assert (await post_json(gateway, {**CHAT, "n": 8, "max_tokens": 10}))[0] == 200
+    state = await balance(gateway)
+    assert (state["spent"], state["held"], state["remaining"]) == (160, 0, 0)  # 60 over: less than one bound (80)
+    assert await metric(gateway, "edge_proxy_credit_overrun_total") == 1
+    assert (await post_json(gateway, CHAT))[0] == 402
+
+
+async def test_image_parts_and_every_prompt_and_best_of_are_reserved(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    gateway = await start_with(ALL_PRICED)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    chat = {"model": "mock/chat", "max_tokens": 1, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what is this"}, image, image]}]}
+    _, headers = await post_json(gateway, chat)
+    budget = 1_000_000
+    assert headers["X-Credits-Balance"] == str(budget - (len(json.dumps(chat)) + 2 * MEDIA_PART_TOKENS + 1))
+
+    completions = {"model": "mock/chat", "prompt": ["a", "b", "c"], "n": 2, "best_of": 4, "max_tokens": 5}
+    provider.handler = answers_with_usage(honest)
+    spent = (await balance(gateway))["spent"]
+    _, headers = await post_json(gateway, completions, "/v1/completions")
+    reserve = len(json.dumps(completions)) + 3 * 4 * 5
+    assert headers["X-Credits-Balance"] == str(budget - int(spent) - reserve)

@@ -103,13 +103,34 @@ def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> Request
     max_tokens = _count(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
     if max_tokens is None:
         max_tokens = _count(body, "max_tokens", MAX_OUTPUT_TOKENS)
-    n = _count(body, "n", MAX_CHOICES)
-    _count(body, "best_of", MAX_CHOICES)
+    n = _count(body, "n", MAX_CHOICES) or 1
+    best_of = _count(body, "best_of", MAX_CHOICES) or 1  # generated server-side, billed, n of them returned
+    images = route == "/v1/images/generations"
     return RequestFacts(
         input_bytes=input_bytes,
         max_output_tokens=0 if route == "/v1/embeddings" else max_tokens,
-        images=(n or 1) if route == "/v1/images/generations" else 1,
+        choices=1 if images else _prompts(body.get("prompt")) * max(n, best_of),
+        media_parts=_media_parts(body.get("messages")),
+        images=n if images else 1,
         stream=body.get("stream") is True,
+    )
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a completions request carries: a string, a token array, or a list of either."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+        return len(prompt)
+    return 1
+
+
+def _media_parts(messages: Any) -> int:
+    """Non-text content parts (images, audio, files) across all messages."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(
+        1
+        for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"] if not (isinstance(part, dict) and part.get("type") == "text")
     )
 
 
@@ -151,9 +172,22 @@ async def settle(
     if outcome.usage is None:
         # Only an estimate (a cut stream): never charge more than the most the request could have cost.
         ctx.credits_charged = min(ctx.credits_charged, decision.reserve_credits)
+    elif ctx.credits_charged > decision.reserve_credits:
+        ctx.credits_charged = overrun_charge(gateway, ctx, decision, ctx.credits_charged)
     await admission.settle(ctx.credits_charged, usage.input_tokens + usage.output_tokens)
     gateway.metrics.credits("settled", ctx.credits_charged)
     gateway.metrics.credits("released", max(0.0, decision.reserve_credits - ctx.credits_charged))
+
+
+def overrun_charge(gateway: Gateway, ctx: RequestContext, decision: Decision, charge: float) -> float:
+    """Usage costing more than the reserve means the provider ignored the bound it was sent (or an allowance
+    was too small). Charged, counted and logged, but at most one more reserve: the balance can go below zero
+    by at most the request's own bound, whatever a provider reports."""
+    gateway.metrics.credit_overrun()
+    capped = min(charge, 2 * decision.reserve_credits)
+    log.warning("request %s: usage costs %.6f credits, over its reserve of %.6f; charged %.6f",
+                ctx.request_id, charge, decision.reserve_credits, capped)
+    return capped
 
 
 def used(outcome: RelayOutcome, input_bytes: int) -> Usage | None:

@@ -32,7 +32,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     facts = request_facts(request.path, body, len(await request.read()))  # the body is cached by now
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     provider = gateway.providers[model.provider]
-    prepared = openai_format.prepare(request.path, body, model.upstream_model)
+    prepared = openai_format.prepare(request.path, body, model.upstream_model, decision.max_output_tokens)
     async with metered_call(gateway, ctx, provider, decision, admission, facts) as outcome:
         return await relay(
             request, provider, request.path, prepared, ctx.request_id, gateway.relay, outcome, admission.headers

@@ -217,7 +217,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         outcome.response = events.response
         await events.send("generation.status", {"status": "queued"})
         try:
-            output = await _generate(request, provider, model, call, events, outcome)
+            output = await _generate(request, provider, model, call, decision.max_output_tokens, events, outcome)
         except ApiError as exc:
             outcome.error_code = outcome.error_code or exc.code
             await events.send("generation.failed", exc.body())
@@ -228,12 +228,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(
-    request: web.Request, provider: Provider, model: Model, call: UpstreamCall, events: EventStream,
-    outcome: RelayOutcome,
+    request: web.Request, provider: Provider, model: Model, call: UpstreamCall, max_output_tokens: int,
+    events: EventStream, outcome: RelayOutcome,
 ) -> dict[str, Any]:
     """Call the upstream and read its answer into the `completed` output; fills `outcome` for settle."""
     gateway = request.app[GATEWAY]
-    prepared = openai_format.prepare(call.route, call.body, model.upstream_model)
+    prepared = openai_format.prepare(call.route, call.body, model.upstream_model, max_output_tokens)
     started, ends_at = time.monotonic(), stream_deadline(provider)
     upstream = await open_upstream(provider, call.route, prepared.body, request[CONTEXT].request_id, _UPSTREAM_HEADERS)
     try:

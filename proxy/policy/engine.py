@@ -123,6 +123,7 @@ class Policy:
             price=price,
             reserve_credits=charge_bounds(price, limit) if price is not None else 0.0,
             estimated_tokens=limit.tokens,
+            max_output_tokens=limit.output_tokens_per_choice,
         )
 
     def allows(self, principal: Principal, model: Model) -> bool:

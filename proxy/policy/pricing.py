@@ -13,6 +13,9 @@ FREE = Price()
 # Only these produce text whose length the caller bounds with max_tokens; for images, audio and
 # embeddings a default output cap would only inflate token limits (a model's own cap still counts).
 TEXT_OUTPUT_CAPABILITIES = frozenset({"text2text", "speech2text"})
+# Input tokens allowed per image, audio or file part of a message: a URL of a few bytes can cost many tokens.
+# OpenAI's dearest image (high detail, patch-based models) is ~3.8k tokens; inline data is also bounded by its bytes.
+MEDIA_PART_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -20,9 +23,10 @@ class Bounds:
     """Upper bounds of what one request can use; `Usage` within these never costs more than `estimate`."""
 
     input_tokens: int
-    output_tokens: int
+    output_tokens: int  # all choices
     images: int
     seconds: float
+    output_tokens_per_choice: int = 0
 
     @property
     def tokens(self) -> int:
@@ -31,16 +35,18 @@ class Bounds:
 
 def bounds(facts: RequestFacts, model: Model, default_output_tokens: int, default_seconds: float) -> Bounds:
     """Bound a request without a tokenizer: a BPE token is at least one byte, so tokens <= body bytes."""
+    per_choice = _output_bound(facts, model, default_output_tokens)
     return Bounds(
-        input_tokens=max(facts.input_bytes, 0),
-        output_tokens=_output_bound(facts, model, default_output_tokens),
+        input_tokens=max(facts.input_bytes, 0) + max(facts.media_parts, 0) * MEDIA_PART_TOKENS,
+        output_tokens=max(facts.choices, 1) * per_choice,
         images=max(facts.images, 0),
         seconds=facts.seconds if facts.seconds is not None else default_seconds,
+        output_tokens_per_choice=per_choice,
     )
 
 
 def _output_bound(facts: RequestFacts, model: Model, default: int) -> int:
-    """The request's max tokens, clamped by the model's cap (the upstream cannot exceed it)."""
+    """Per choice: the request's max tokens, clamped by the model's cap; else the cap; else the plan's default."""
     caps = [c for c in (facts.max_output_tokens, model.max_output_tokens) if c is not None]
     if caps:
         return max(min(caps), 0)

@@ -51,7 +51,9 @@ class RequestFacts:
     """What the gateway knows about a request before forwarding it (used to bound its cost)."""
 
     input_bytes: int = 0
-    max_output_tokens: int | None = None
+    max_output_tokens: int | None = None  # per choice
+    choices: int = 1  # completions generated: prompts x max(n, best_of)
+    media_parts: int = 0  # image/audio/file parts in messages: their tokens are not bounded by the body's bytes
     images: int = 1
     seconds: float | None = None
     stream: bool = False
@@ -81,3 +83,4 @@ class Decision:
     price: Price | None = None
     reserve_credits: float = 0.0  # the most this request can cost
     estimated_tokens: int = 0  # the most tokens it can use, taken from token limits up front
+    max_output_tokens: int = 0  # per choice, forwarded upstream so the provider cannot exceed the reserve (0: none)

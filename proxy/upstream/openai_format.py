@@ -11,6 +11,11 @@ from ..policy.types import Usage
 
 # Routes whose streams support `stream_options.include_usage`.
 _USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# The output limit each text route takes; the first is the one to send when the client sent none.
+_OUTPUT_LIMIT_FIELDS = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/completions": ("max_tokens",),
+}
 
 
 @dataclass(frozen=True)
@@ -20,9 +25,12 @@ class PreparedBody:
     usage_injected: bool  # we asked for a usage event the client did not: drop it before the client sees it
 
 
-def prepare(route: str, body: dict[str, Any], upstream_model: str) -> PreparedBody:
-    """Rewrite the public model id to the upstream's and ask streams for their final usage event."""
+def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_tokens: int = 0) -> PreparedBody:
+    """Rewrite the public model id to the upstream's, cap the output per choice at the reservation's bound
+    (0: no cap to send), and ask streams for their final usage event."""
     out = dict(body, model=upstream_model)
+    if max_output_tokens > 0:
+        _cap_output(route, out, max_output_tokens)
     stream = out.get("stream") is True
     injected = False
     if stream and route in _USAGE_STREAM_ROUTES:
@@ -33,6 +41,16 @@ def prepare(route: str, body: dict[str, Any], upstream_model: str) -> PreparedBo
             out["stream_options"] = options
             injected = True
     return PreparedBody(json.dumps(out, separators=(",", ":")).encode(), stream, injected)
+
+
+def _cap_output(route: str, body: dict[str, Any], cap: int) -> None:
+    """The provider must not produce more than was reserved: lower the client's limits, or send the cap."""
+    fields = _OUTPUT_LIMIT_FIELDS.get(route, ())
+    present = [name for name in fields if body.get(name) is not None]
+    for name in present:
+        body[name] = min(body[name], cap)  # validated integers by now (request_facts)
+    if fields and not present:
+        body[fields[0]] = cap
 
 
 def usage_of(answer: dict[str, Any]) -> Usage | None:
