@@ -1,8 +1,7 @@
-"""The Helm chart without helm: its static files parse, its queries name real metrics, its templates use real values."""
+"""The Helm chart's static parts: its files parse, its queries name real metrics, its templates use real values."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -11,13 +10,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-
 from proxy import __version__
-from proxy.__main__ import main as cli_main
-from proxy.auth.tokens import KeyRing, SigningKeySettings
-from proxy.config import parse_config
 from proxy.metrics import METRIC_NAMES
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "edge-proxy"
@@ -175,55 +168,14 @@ def test_deployment_runs_the_contracted_command_and_probes() -> None:
     assert shutdown["marginSeconds"] > 0 and shutdown["drainSeconds"] > 0
 
 
-# -- the config.yaml the chart renders ---------------------------------------------------------------
+# -- what the pod mounts (tests/test_helm_render.py renders the chart with helm and checks the config itself)
 
 SIGNING_KEY_MOUNT = "/var/run/secrets/edge-proxy/signing/signing-key.pem"
 POLICIES_MOUNT = "/etc/edge-proxy/policies"
 
 
-def render_config(values: dict[str, Any]) -> dict[str, Any]:
-    """What the `edge-proxy.configYaml` helper renders: values.config plus the keys the chart owns."""
-    config = copy.deepcopy(values["config"])
-    server = config.setdefault("server", {})
-    server["port"] = values["containerPort"]
-    server["shutdown_grace_s"] = values["shutdown"]["drainSeconds"]
-    if values["redis"]["existingSecret"]:
-        config.setdefault("store", {}).update(kind="redis", redis_url_env="REDIS_URL")
-    return config
-
-
-def chart_values(**overrides: Any) -> dict[str, Any]:
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split("__")
-        values[section][key] = value
-    return values
-
-
-def test_render_config_mirrors_the_helper() -> None:
-    """The Python mirror above sets exactly the keys the template helper sets, from the same values."""
-    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
-    body = helpers[helpers.index('define "edge-proxy.configYaml"'):helpers.index('define "edge-proxy.terminationGracePeriod"')]
-    assert set(re.findall(r'set \$server "(\w+)" \.Values\.([\w.]+)', body)) == {
-        ("port", "containerPort"), ("shutdown_grace_s", "shutdown.drainSeconds")}
-    assert set(re.findall(r'set \$store "(\w+)" "(\w+)"', body)) == {("kind", "redis"), ("redis_url_env", "REDIS_URL")}
-    assert "if .Values.redis.existingSecret" in body and "toYaml $config" in body
-
-
-@pytest.mark.parametrize("redis_secret", ["", "edge-proxy-redis"])
-def test_rendered_config_is_valid(redis_secret: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if redis_secret:  # the deployment sets REDIS_URL from the Secret only then
-        monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6390/0")
-    else:
-        monkeypatch.delenv("REDIS_URL", raising=False)
-    rendered = render_config(chart_values(redis__existingSecret=redis_secret))
-    config = parse_config(yaml.safe_load(yaml.safe_dump(rendered)), "rendered config.yaml")
-    assert config.server.shutdown_grace_s == chart_values()["shutdown"]["drainSeconds"]
-    assert config.server.port == chart_values()["containerPort"] and config.server.log_json
-    assert config.policies.dir == POLICIES_MOUNT
-    assert [(k.file, k.active) for k in config.auth.signing_keys] == [(SIGNING_KEY_MOUNT, True)]
-    store = config.store_settings()
-    assert (store.kind, store.redis_url) == (("redis", "redis://127.0.0.1:6390/0") if redis_secret else ("memory", None))
+def chart_values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
 
 
 def test_deployment_mounts_what_the_config_names() -> None:
@@ -232,45 +184,12 @@ def test_deployment_mounts_what_the_config_names() -> None:
     assert f"mountPath: {mount_dir}\n" in deployment and f"path: {file_name}" in deployment
     assert f"mountPath: {POLICIES_MOUNT}\n" in deployment
     assert "name: REDIS_URL" in deployment
-
-
-def _generated_pem(algorithm: str) -> bytes:
-    """The PEM Helm's genPrivateKey writes: SEC1 "EC PRIVATE KEY" (P-256) for ecdsa, PKCS#8 for ed25519."""
-    if algorithm == "ecdsa":
-        key: Any = ec.generate_private_key(ec.SECP256R1())
-        pem_format = serialization.PrivateFormat.TraditionalOpenSSL
-    else:
-        key = ed25519.Ed25519PrivateKey.generate()
-        pem_format = serialization.PrivateFormat.PKCS8
-    return key.private_bytes(serialization.Encoding.PEM, pem_format, serialization.NoEncryption())
-
-
-@pytest.mark.parametrize("algorithm,jwt_alg", [("ecdsa", "ES256"), ("ed25519", "EdDSA")])
-def test_generated_signing_key_loads(algorithm: str, jwt_alg: str, tmp_path: Path) -> None:
-    pem = _generated_pem(algorithm)
-    assert (b"BEGIN EC PRIVATE KEY" in pem) == (algorithm == "ecdsa")
-    (tmp_path / "signing-key.pem").write_bytes(pem)
-    ring = KeyRing.from_settings([SigningKeySettings(file=str(tmp_path / "signing-key.pem"), active=True)])
-    assert ring.active.algorithm == jwt_alg and ring.active.private_key is not None
+    config = chart_values()["config"]
+    assert config["policies"]["dir"] == POLICIES_MOUNT
+    assert config["auth"]["signing_keys"] == [{"file": SIGNING_KEY_MOUNT, "active": True}]
 
 
 def test_chart_only_offers_key_types_the_gateway_loads() -> None:
     template = (CHART / "templates" / "signing-key-secret.yaml").read_text()
     assert re.search(r'has \.Values\.signingKey\.algorithm \(list "ecdsa" "ed25519"\)', template)
     assert chart_values()["signingKey"]["algorithm"] in ("ecdsa", "ed25519")
-
-
-def test_edge_proxy_check_accepts_the_rendered_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`edge-proxy check` on the rendered config, with the mounts replaced by files in a temp folder."""
-    values = chart_values()
-    rendered = render_config(values)
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    for name, content in values["policies"].items():
-        (policies / name).write_text(content if isinstance(content, str) else yaml.safe_dump(content))
-    (tmp_path / "signing-key.pem").write_bytes(_generated_pem(values["signingKey"]["algorithm"]))
-    rendered["policies"]["dir"] = str(policies)
-    rendered["auth"]["signing_keys"][0]["file"] = str(tmp_path / "signing-key.pem")
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(rendered))
-    assert cli_main(["check", "--config", str(tmp_path / "config.yaml")]) == 0
-    assert ": OK (" in capsys.readouterr().out

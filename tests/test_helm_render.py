@@ -197,3 +197,119 @@ def test_all_on_config_passes_check(helm: Helm, tmp_path: Path, monkeypatch: pyt
     config = yaml.safe_load((tmp_path / "etc/edge-proxy/config.yaml").read_text())
     assert config["store"] == {**config["store"], "kind": "redis", "redis_url_env": "REDIS_URL"}
     _check(rooted_config(tmp_path), capsys)
+
+
+# -- values that replace instead of merging; the docs' examples -------------------------------------------
+
+DOCS_WITH_VALUES = ("helm.md", "deploy.md")
+
+
+def docs_values_examples() -> list[tuple[str, dict[str, Any]]]:
+    """Every ```yaml block of the deployment docs: each is a values file an operator may copy."""
+    examples = []
+    for doc in DOCS_WITH_VALUES:
+        blocks = re.findall(r"^```yaml\n(.*?)^```", (ROOT / "docs" / doc).read_text(), re.MULTILINE | re.DOTALL)
+        examples += [(f"{doc}#{i}", yaml.safe_load(block)) for i, block in enumerate(blocks, 1)]
+    return examples
+
+
+def _operator_objects(helm: Helm) -> dict[str, dict[str, str]]:
+    """Stand-ins for the Secrets and ConfigMaps the docs tell the operator to create."""
+    defaults = helm.template()
+    key = base64.b64decode(find(defaults, "Secret", "-signing-key")["data"]["signing-key.pem"]).decode()
+    return {"edge-proxy-signing": {"signing-key.pem": key},
+            "edge-proxy-policies": find(defaults, "ConfigMap", "-policies")["data"]}
+
+
+def _check_values(helm: Helm, values: dict[str, Any], root: Path, monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """Render, mount, export what the pod's Secrets would, run `edge-proxy check`; the pod's config."""
+    manifests = helm.template(values)
+    materialize_pod_files(manifests, root, _operator_objects(helm))
+    config = yaml.safe_load((root / "etc/edge-proxy/config.yaml").read_text())
+    for provider in config["providers"].values():  # from providerSecrets.existingSecret in the pod
+        if provider.get("api_key_env"):
+            monkeypatch.setenv(provider["api_key_env"], "sk-test")
+    monkeypatch.setenv("REDIS_URL", "rediss://:secret@redis.example.internal:6380/0")
+    _check(rooted_config(root), capsys)
+    return config
+
+
+@pytest.mark.parametrize("name,values", docs_values_examples(), ids=[n for n, _ in docs_values_examples()])
+def test_docs_examples_render_configs_that_pass_check(helm: Helm, name: str, values: dict[str, Any], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert helm.run("lint", "--strict", str(CHART), values=values).returncode == 0
+    _check_values(helm, values, tmp_path, monkeypatch, capsys)
+
+
+def test_docs_have_values_examples() -> None:
+    assert len(docs_values_examples()) >= 2
+
+
+def test_own_providers_replace_the_demo(helm: Helm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's crash loop: overriding providers, models and policies must leave nothing of the demo."""
+    values = dict(docs_values_examples()[0][1])
+    assert values["demo"] == {"enabled": False}
+    config = _check_values(helm, values, tmp_path, monkeypatch, capsys)
+    assert list(config["providers"]) == ["openai"] and [m["provider"] for m in config["models"]] == ["openai"]
+    assert sorted(p.name for p in (tmp_path / "etc/edge-proxy/policies").iterdir()) == ["production.yaml"]
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"demo": {"enabled": False}}, "config.providers is empty"),
+    ({"demo": {"enabled": False}, "config": {"providers": {"p": {"base_url": "https://p.example"}}}},
+     "policies is empty"),
+])
+def test_nothing_to_serve_fails_at_render(helm: Helm, values: dict[str, Any], message: str) -> None:
+    assert message in helm.template_error(values)
+
+
+def test_chart_owned_config_keys_follow_values(helm: Helm) -> None:
+    manifests = helm.template({"containerPort": 9090, "shutdown": {"drainSeconds": 45}})
+    config = yaml.safe_load(find(manifests, "ConfigMap", "-config")["data"]["config.yaml"])
+    assert config["server"]["port"] == 9090 and config["server"]["shutdown_grace_s"] == 45
+    pod = find(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 5 + 45 + 15  # preStop + drain + margin
+    assert pod["containers"][0]["ports"][0]["containerPort"] == 9090
+
+
+@pytest.mark.parametrize("algorithm,jwt_alg", [("ecdsa", "ES256"), ("ed25519", "EdDSA")])
+def test_generated_signing_key_loads(helm: Helm, algorithm: str, jwt_alg: str, tmp_path: Path) -> None:
+    """The key Helm's genPrivateKey writes is one the gateway signs with."""
+    from proxy.auth.tokens import KeyRing, SigningKeySettings
+
+    secret = find(helm.template({"signingKey": {"algorithm": algorithm}}), "Secret", "-signing-key")
+    (tmp_path / "key.pem").write_bytes(base64.b64decode(secret["data"]["signing-key.pem"]))
+    ring = KeyRing.from_settings([SigningKeySettings(file=str(tmp_path / "key.pem"), active=True)])
+    assert ring.active.algorithm == jwt_alg and ring.active.private_key is not None
+
+
+# -- values.schema.json ---------------------------------------------------------------------------------
+
+def test_values_schema_is_generated_from_the_config_model() -> None:
+    """The committed schema is what helm/values_schema.py makes now: it cannot drift from proxy/config.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("values_schema", ROOT / "helm" / "values_schema.py")
+    assert spec and spec.loader
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert (CHART / "values.schema.json").read_text() == generator.render(), (
+        "values.schema.json is stale: run `python helm/values_schema.py` and commit the result")
+
+
+@pytest.mark.parametrize("values,complaint", [
+    ({"replicaCount": "two"}, "replicaCount: Invalid type"),
+    ({"image": {"tga": "1.0"}}, "Additional property tga is not allowed"),
+    ({"config": {"server": {"prot": 8081}}}, "Additional property prot is not allowed"),
+    ({"config": {"store": {"kind": "redsi"}}}, "config.store.kind"),
+    ({"config": {"store": {"fail_mode": {"credits": "maybe"}}}}, "config.store.fail_mode.credits"),
+    ({"config": {"models": [{"id": "x/y"}]}}, "name is required"),
+    ({"signingKey": {"algorithm": "rsa"}}, "signingKey.algorithm"),
+    ({"shutdown": {"drainSeconds": -1}}, "shutdown.drainSeconds"),
+])
+def test_schema_refuses_typos_and_wrong_types_at_lint(helm: Helm, values: dict[str, Any], complaint: str) -> None:
+    result = helm.run("lint", "--strict", str(CHART), values=values)
+    assert result.returncode != 0 and complaint in result.stdout + result.stderr, result.stdout + result.stderr

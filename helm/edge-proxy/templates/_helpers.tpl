@@ -54,6 +54,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
      with the pod: its port, its drain deadline (the grace period is built from it) and the Redis env var. */}}
 {{- define "edge-proxy.configYaml" -}}
 {{- $config := deepCopy .Values.config }}
+{{- if .Values.demo.enabled }}
+{{- $providers := get $config "providers" | default dict }}
+{{- $_ := set $providers "demo" (dict "kind" "demo") }}
+{{- $_ := set $config "providers" $providers }}
+{{- $_ := set $config "models" (prepend (get $config "models" | default list) (include "edge-proxy.demoModel" . | fromYaml)) }}
+{{- end }}
+{{- if not (get $config "providers") }}
+{{- fail "config.providers is empty: give your providers and models under config, or set demo.enabled=true" }}
+{{- end }}
 {{- $server := get $config "server" | default dict }}
 {{- $_ := set $server "port" .Values.containerPort }}
 {{- $_ := set $server "shutdown_grace_s" .Values.shutdown.drainSeconds }}
@@ -70,4 +79,34 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Grace period: preStop pause + drain deadline + margin, so SIGKILL never cuts a draining stream. */}}
 {{- define "edge-proxy.terminationGracePeriod" -}}
 {{- add .Values.shutdown.preStopSleepSeconds .Values.shutdown.drainSeconds .Values.shutdown.marginSeconds }}
+{{- end }}
+
+{{/* What demo.enabled adds: one model on the built-in demo upstream, and a policy plan for it. */}}
+{{- define "edge-proxy.demoModel" -}}
+{id: demo/chat, name: Demo Chat, creator: edge-proxy, capability: text2text, provider: demo, upstream_model: demo-chat}
+{{- end }}
+
+{{- define "edge-proxy.demoPolicy" -}}
+# Added by demo.enabled (set it false to drop it). Keys: `edge-proxy keys new --plan demo`.
+plans:
+  demo:
+    models: ["demo/*"]
+    rate_limits:
+      - {per: user, requests: 60, window: 1m}
+keys: []
+{{- end }}
+
+{{/* policies/*.yaml as the pod sees them: values.policies plus the demo's file while demo.enabled. */}}
+{{- define "edge-proxy.policyFiles" -}}
+{{- $files := dict }}
+{{- range $file, $content := .Values.policies }}
+{{- $_ := set $files $file (kindIs "string" $content | ternary $content (toYaml $content)) }}
+{{- end }}
+{{- if .Values.demo.enabled }}
+{{- $_ := set $files "edge-proxy-demo.yaml" (include "edge-proxy.demoPolicy" .) }}
+{{- end }}
+{{- if not $files }}
+{{- fail "policies is empty: give policy files under policies, set policiesExistingConfigMap, or set demo.enabled=true" }}
+{{- end }}
+{{- toYaml $files }}
 {{- end }}
