@@ -48,6 +48,21 @@ def problems(tmp_path, files: dict[str, str], **kwargs) -> str:
             id="zero duration",
         ),
         pytest.param(
+            {"a.yaml": PLAN.replace("window: 1m", "window: 0.0001")},
+            ["policies/a.yaml: plans.members.rate_limits[0].window: 0.0001 is outside 1ms..1e+09s", "e.g. 30s"],
+            id="window under a millisecond",
+        ),
+        pytest.param(
+            {"a.yaml": PLAN.replace("window: 1m", "window: .inf")},
+            ["plans.members.rate_limits[0].window: inf is outside 1ms..1e+09s"],
+            id="infinite window",
+        ),
+        pytest.param(
+            {"a.yaml": PLAN.replace("requests: 30", "requests: 1000000000000000")},
+            ["plans.members.rate_limits[0].requests: 1000000000000000 is more than the store counts"],
+            id="limit beyond the store's bound",
+        ),
+        pytest.param(
             {"a.yaml": PLAN.replace("requests: 30", "requests: 30, tokens: 5")},
             ["plans.members.rate_limits[0]: needs exactly one of requests: or tokens:"],
             id="requests and tokens",

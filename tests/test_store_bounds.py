@@ -12,7 +12,7 @@ from proxy.auth.principal import Principal
 from proxy.meter import Meter
 from proxy.policy.types import Budget, Decision, Price, RateLimit, Usage
 from proxy.upstream.relay import RelayOutcome
-from proxy.store import RedisStore, ResilientStore, Store
+from proxy.store import LimitSpec, MemoryStore, RedisStore, ResilientStore, Store
 from proxy.store.base import MAX_AMOUNT, MAX_TOKENS, StoreScriptError
 from tests.test_store import CREDIT, MINUTE_MS, T0, RecordingObserver, make_request, tokens_limit
 
@@ -129,3 +129,18 @@ async def test_a_settle_whose_cost_cannot_be_worked_out_charges_the_reserve_and_
     await settle_or_charge_reserve(None, ctx, decision, admission, outcome, 0)  # type: ignore[arg-type]
     assert admission.settled
     assert await spent_and_in_flight(meter) == (2.0, 0)
+
+
+async def test_the_memory_stores_expiry_heap_stays_bounded_over_120k_requests() -> None:
+    store = MemoryStore()
+    limits = (LimitSpec("t:{acme}:rl:req", 10**6, MINUTE_MS, 1),)
+    now = T0
+    for i in range(120_000):  # every request moves the deadlines of its limits, lease, ledger and holds
+        now += 1
+        admitted = await store.admit(
+            make_request(now, limits=limits, lease=100, budget=10**15, amount=CREDIT, account=f"a{i % 60}")
+        )
+        assert admitted.reservation is not None
+        assert await store.settle(admitted.reservation, CREDIT // 2, 40, now)
+    live = store.key_count(now)
+    assert store.deadline_entries <= 2 * live + 1024, (live, store.deadline_entries)

@@ -22,6 +22,8 @@ HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_LIMIT = 10**12  # the store's bound on a limit and on a token count (proxy/store/base.py MAX_TOKENS)
+MAX_WINDOW_S = 10**9  # about 31 years, in the store's bound of 10**12 ms
 DURATION_FIX = "write a number of seconds or a number with a unit ms, s, m, h or d (e.g. 30s, 1m, 1h, 1d)"
 
 
@@ -238,11 +240,17 @@ def parse_rate_limit(path: str, raw: Any) -> RateLimit:
         choice(dim, child(child(path, "per"), i), DIMENSIONS)
     if len(set(per)) != len(per) or not per:
         raise Invalid(child(path, "per"), f"{per!r} repeats a dimension or is empty", "list each dimension once")
+    limit = integer(raw[unit], child(path, unit), minimum=1)
+    if limit > MAX_LIMIT:
+        raise Invalid(child(path, unit), f"{limit} is more than the store counts ({MAX_LIMIT})", "drop the limit instead")
+    window_s = duration(raw["window"], child(path, "window"))
+    if not 0.001 <= window_s <= MAX_WINDOW_S:  # limits count whole milliseconds
+        raise Invalid(child(path, "window"), f"{raw['window']!r} is outside 1ms..{MAX_WINDOW_S:g}s", DURATION_FIX)
     return RateLimit(
         per=tuple(per),  # type: ignore[arg-type]
         unit=unit,  # type: ignore[arg-type]
-        limit=integer(raw[unit], child(path, unit), minimum=1),
-        window_s=duration(raw["window"], child(path, "window")),
+        limit=limit,
+        window_s=window_s,
     )
 
 

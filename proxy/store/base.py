@@ -1,17 +1,13 @@
 """The store interface: one atomic admit per request, an idempotent settle, and the plain data they exchange.
 
-Everything inside the store is an integer (milliseconds, micro-credits, tokens) except the GCRA
-theoretical arrival time, which is a float of milliseconds (an emission interval is rarely whole).
+Everything inside the store is an integer: milliseconds, micro-credits, tokens, and GCRA arrival times
+as whole milliseconds plus a fraction in units of 1/limit ms (see gcra.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
-
-# Comparisons of float arrival times tolerate this much rounding (milliseconds), so that
-# `limit` requests of `window/limit` each fit exactly into `window`.
-EPSILON_MS = 1e-6
 
 DenialKind = Literal["rate_limit", "concurrency", "credits"]
 
@@ -67,11 +63,6 @@ class LimitSpec:
     window_ms: int
     cost: int
     tokens: bool = False  # settle corrects the cost of token limits from the estimate to the actual
-
-    @property
-    def interval_ms(self) -> float:
-        """The emission interval T: how long one unit takes to refill."""
-        return self.window_ms / self.limit
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,55 @@
 """The Redis scripts. `memory.py` and `gcra.py` implement the same steps in Python; one test suite checks both.
 
 Every key a script touches is passed in KEYS and carries the same hash tag, so Redis Cluster accepts it.
+Every argument is an integer (the caller validates them: proxy/store/base.py check_admit, check_settle,
+check_renew, and computes GCRA products exactly in Python: gcra.Step). Every script reads and computes
+first and writes last, and every number it writes goes through `int` (plain digits: never `-0`, an
+exponent or a fraction), so no input can make a script fail halfway.
 """
 
-# Shared by both scripts: GCRA state, writing an arrival time, charging expired credit holds.
-# Every script reads and computes first and writes last, and every number it writes goes through `int`
-# (plain digits: never `-0`, an exponent or a fraction), so no input can make a script fail halfway.
-# The caller validates the arguments (proxy/store/base.py: check_admit, check_settle, check_renew).
+# Shared by admit and settle: GCRA arrival times, charging expired credit holds.
 _COMMON = r"""
-local EPS = 1e-6
 local now = tonumber(ARGV[1])
 
 local function int(x)
   return string.format('%d', x)
 end
 
+-- An arrival time is {ms, num}: ms + num / limit, 0 <= num < limit (gcra.py). Stored as "ms:num:limit".
+local function read_tat(key, limit)
+  local raw = redis.call('GET', key)
+  if not raw then return nil end
+  local ms, num, den = string.match(raw, '^(%-?%d+):(%d+):(%d+)$')
+  if not ms then return nil end  -- not ours (an older format): the limit starts afresh
+  ms, num = tonumber(ms), tonumber(num)
+  if tonumber(den) ~= limit then  -- kept under another limit: round up to the next ms
+    if num > 0 then ms = ms + 1 end
+    num = 0
+  end
+  return {ms, num}
+end
+
 local function start_of(tat)
-  if tat and tat >= now then return tat end
-  return now
+  if tat and tat[1] >= now then return tat end
+  return {now, 0}
 end
 
-local function state(tat, interval, window)
-  local busy = start_of(tat) - now
-  local remaining = math.floor((window - busy + EPS) / interval)
-  if remaining < 0 then remaining = 0 end
-  local reset = math.ceil(busy - EPS)
-  if reset < 0 then reset = 0 end
-  return remaining, reset
+local function shifted(tat, whole, rem, limit)
+  local ms, num = tat[1] + whole, tat[2] + rem
+  if num >= limit then return {ms + 1, num - limit} end
+  return {ms, num}
 end
 
-local function store_tat(key, tat)
-  if (not tat) or tat <= now then
+local function ceil_ms(tat)
+  if tat[2] > 0 then return tat[1] + 1 end
+  return tat[1]
+end
+
+local function store_tat(key, tat, limit)
+  if (not tat) or tat[1] < now or (tat[1] == now and tat[2] == 0) then
     redis.call('DEL', key)
   else
-    redis.call('SET', key, string.format('%.17g', tat), 'PX', int(math.max(1, math.ceil(tat - now))))
+    redis.call('SET', key, int(tat[1]) .. ':' .. int(tat[2]) .. ':' .. int(limit), 'PX', int(ceil_ms(tat) - now))
   end
 end
 
@@ -64,41 +80,38 @@ end
 
 # KEYS: ticket, lease zset, ledger hash, holds zset, then one key per rate limit.
 # ARGV: now_ms, reservation id, ttl_ms, dry (0|1), lease limit (-1 = none), budget (-1 = none),
-#       amount, ledger expire-at (0 = keep), estimated tokens, then (interval, window, cost) per limit.
+#       amount, ledger expire-at (0 = keep), then per limit: limit, window ms, cost·T as (whole ms, rem),
+#       fits (0 if the cost exceeds the limit: it never fits).
 # Reply: allowed, denial kind (0 none, 1 rate, 2 concurrency, 3 credits), denied limit index,
-#        retry ms (-1 never), in flight, spent, held, then (remaining, reset ms) per limit.
+#        retry ms (-1 never), in flight, spent, held, then the arrival time (ms, num) per limit (-1, 0: idle).
 ADMIT = _COMMON + r"""
 local rid, ttl, dry = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local lease_limit, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 local amount = tonumber(ARGV[7])
 local n = #KEYS - 4
 
-local intervals, windows, tats, new_tats = {}, {}, {}, {}
+local limits, tats, new_tats = {}, {}, {}
 local kind, index, retry = 0, 0, 0
 for i = 1, n do
-  local base = 9 + (i - 1) * 3
-  local interval, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  local cost = tonumber(ARGV[base + 3])
-  if dry then cost = 0 end
-  intervals[i], windows[i] = interval, window
-  tats[i] = tonumber(redis.call('GET', KEYS[4 + i]))
-  local new_tat = start_of(tats[i]) + cost * interval
-  local allow_at = new_tat - window
-  if allow_at <= now + EPS then
-    new_tats[i] = new_tat
-  else
-    local wait = -1
-    if cost * interval <= window + EPS then wait = math.ceil(allow_at - now - EPS) end
-    -- report the limit to wait longest for; one that never fits outranks all
-    if kind == 0 or (retry ~= -1 and (wait == -1 or wait > retry)) then
-      kind, index, retry = 1, i - 1, wait
-    end
+  local base = 8 + (i - 1) * 5
+  local limit, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local fits = ARGV[base + 5] == '1'
+  limits[i] = limit
+  tats[i] = read_tat(KEYS[4 + i], limit)
+  local wait = -1
+  if fits then
+    new_tats[i] = shifted(start_of(tats[i]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), limit)
+    wait = ceil_ms(new_tats[i]) - window - now
+  end
+  -- report the limit to wait longest for; one that never fits outranks all
+  if ((not fits) or wait > 0) and (kind == 0 or (retry ~= -1 and (wait == -1 or wait > retry))) then
+    kind, index, retry = 1, i - 1, wait
   end
 end
 
 local in_flight = 0
 if lease_limit >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now))
   in_flight = redis.call('ZCARD', KEYS[2])
 end
 local spent, held = 0, 0
@@ -118,9 +131,9 @@ end
 local function reply(allowed, arrivals)
   local out = {allowed, kind, index, retry, in_flight, spent, held}
   for i = 1, n do
-    local remaining, reset = state(arrivals[i], intervals[i], windows[i])
-    out[#out + 1] = remaining
-    out[#out + 1] = reset
+    local tat = arrivals[i] or {-1, 0}
+    out[#out + 1] = tat[1]
+    out[#out + 1] = tat[2]
   end
   return out
 end
@@ -128,7 +141,7 @@ end
 if kind ~= 0 then return reply(0, tats) end
 if dry then return reply(1, tats) end
 
-for i = 1, n do store_tat(KEYS[4 + i], new_tats[i]) end
+for i = 1, n do store_tat(KEYS[4 + i], new_tats[i], limits[i]) end
 local expiry = now + ttl
 if lease_limit >= 0 then
   redis.call('ZADD', KEYS[2], int(expiry), rid)
@@ -144,34 +157,35 @@ if budget >= 0 then
   held = held + amount
 end
 -- the ticket's logical expiry is judged by `now`, like everything else; the TTL only collects garbage
-redis.call('HSET', KEYS[1], 'amt', int(reserved), 'tok', int(tonumber(ARGV[9])), 'exp', int(now + 2 * ttl))
+redis.call('HSET', KEYS[1], 'amt', int(reserved), 'exp', int(now + 2 * ttl))
 redis.call('PEXPIRE', KEYS[1], int(2 * ttl))
 return reply(1, new_tats)
 """
 
 # KEYS: ticket, lease zset, ledger hash, holds zset, then one key per token limit.
-# ARGV: now_ms, reservation id, actual amount, actual tokens, has lease (0|1), has credits (0|1),
-#       ledger expire-at (0 = keep), then the interval of each token limit.
+# ARGV: now_ms, reservation id, actual amount, has lease (0|1), has credits (0|1), ledger expire-at (0 = keep),
+#       then per token limit: limit, (actual − estimated tokens)·T as (whole ms, rem).
 # Reply: 1 if settled now, 0 if it was already settled (or its ticket expired).
 SETTLE = _COMMON + r"""
 local rid = ARGV[2]
-local ticket = redis.call('HMGET', KEYS[1], 'amt', 'tok', 'exp')
-if (not ticket[3]) or tonumber(ticket[3]) <= now then
+local ticket = redis.call('HMGET', KEYS[1], 'amt', 'exp')
+if (not ticket[2]) or tonumber(ticket[2]) <= now then
   redis.call('DEL', KEYS[1])
   return 0
 end
-local reserved, estimated = tonumber(ticket[1]), tonumber(ticket[2])
+local reserved = tonumber(ticket[1])
 local amount = tonumber(ARGV[3])
-local new_tats = {}
-local delta = tonumber(ARGV[4]) - estimated
+local limits, new_tats = {}, {}
 for i = 5, #KEYS do
-  local tat = tonumber(redis.call('GET', KEYS[i]))
-  new_tats[i] = start_of(tat) + delta * tonumber(ARGV[3 + i])
+  local base = 6 + (i - 5) * 3
+  local limit = tonumber(ARGV[base + 1])
+  limits[i] = limit
+  new_tats[i] = shifted(start_of(read_tat(KEYS[i], limit)), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), limit)
 end
 
 redis.call('DEL', KEYS[1])
-if ARGV[5] == '1' then redis.call('ZREM', KEYS[2], rid) end
-if ARGV[6] == '1' then
+if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], rid) end
+if ARGV[5] == '1' then
   sweep(KEYS[3], KEYS[4])
   if redis.call('ZREM', KEYS[4], int(reserved) .. ':' .. rid) == 1 then
     add(KEYS[3], 'held', -reserved)
@@ -180,9 +194,9 @@ if ARGV[6] == '1' then
     -- the hold expired and was charged at `reserved`: correct that charge to the actual amount
     add(KEYS[3], 'spent', amount - reserved)
   end
-  expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[7]))
+  expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[6]))
 end
-for i = 5, #KEYS do store_tat(KEYS[i], new_tats[i]) end
+for i = 5, #KEYS do store_tat(KEYS[i], new_tats[i], limits[i]) end
 return 1
 """
 

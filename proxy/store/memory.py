@@ -6,7 +6,6 @@ Atomicity comes from the event loop: no method awaits between reading and writin
 from __future__ import annotations
 
 import heapq
-import math
 from typing import Any
 
 from proxy.store.base import (
@@ -15,20 +14,27 @@ from proxy.store.base import (
     Balance,
     CreditSpec,
     Denial,
+    LimitSpec,
     LimitState,
     Reservation,
     check_admit,
     check_renew,
     check_settle,
 )
-from proxy.store.gcra import gcra_adjust, gcra_state, gcra_take
+from proxy.store.gcra import Tat, ceil_ms, gcra_adjust, gcra_state, gcra_take
 
 # At most this many expired holds are charged per call, as in the Lua script (bounded work per request).
 SWEEP_BATCH = 100
 
 
 class _Keyspace:
-    """A dict of keys with millisecond expiry, purged lazily by a heap of deadlines."""
+    """A dict of keys with millisecond expiry, purged lazily by a heap of deadlines.
+
+    A changed or dropped deadline leaves its old heap entry behind (skipped when popped); once stale entries
+    outnumber live ones the heap is rebuilt from the live deadlines, so it never holds more than
+    2 × live keys + COMPACT_SLACK entries, at amortised O(1) per change."""
+
+    COMPACT_SLACK = 1024
 
     def __init__(self) -> None:
         self._values: dict[str, Any] = {}
@@ -37,6 +43,11 @@ class _Keyspace:
 
     def __len__(self) -> int:
         return len(self._values)
+
+    @property
+    def heap_size(self) -> int:
+        """Entries in the deadline heap, stale ones included (bounded, see the class docstring)."""
+        return len(self._deadlines)
 
     def purge(self, now: int) -> None:
         """Drop every key whose deadline has passed (like Redis expiry)."""
@@ -57,6 +68,9 @@ class _Keyspace:
         if key in self._values and self._expiry.get(key) != deadline:
             self._expiry[key] = deadline
             heapq.heappush(self._deadlines, (deadline, key))
+            if len(self._deadlines) > 2 * len(self._expiry) + self.COMPACT_SLACK:
+                self._deadlines = [(when, name) for name, when in self._expiry.items()]
+                heapq.heapify(self._deadlines)
 
     def ttl_at_least(self, key: str, deadline: int) -> None:
         """Extend the expiry to `deadline` if it is shorter (never shorten)."""
@@ -77,6 +91,11 @@ class MemoryStore:
     @property
     def healthy(self) -> bool:
         return True
+
+    @property
+    def deadline_entries(self) -> int:
+        """Size of the expiry heap, for tests and benchmarks."""
+        return self._keys.heap_size
 
     def key_count(self, now_ms: int) -> int:
         """Live keys (the in-memory DBSIZE), for tests and benchmarks."""
@@ -109,11 +128,11 @@ class MemoryStore:
         """The body of the admit script: check all, then take all or nothing."""
         now = req.now_ms
         self._keys.purge(now)
-        tats: list[float | None] = [self._keys.get(spec.key) for spec in req.limits]
-        new_tats: list[float | None] = []
+        tats = [self._tat(spec) for spec in req.limits]
+        new_tats: list[Tat | None] = []
         worst: Denial | None = None
         for index, (spec, tat) in enumerate(zip(req.limits, tats)):
-            new_tat, retry = gcra_take(tat, now, spec.interval_ms, spec.window_ms, 0 if dry else spec.cost)
+            new_tat, retry = gcra_take(tat, now, spec.limit, spec.window_ms, 0 if dry else spec.cost)
             new_tats.append(new_tat)
             if new_tat is None and _waits_longer(retry, worst):
                 worst = Denial("rate_limit", index, retry)
@@ -124,7 +143,7 @@ class MemoryStore:
         if worst is not None or dry:
             return AdmitResult(worst is None, self._states(req, tats), in_flight, balance, worst)
         for spec, tat in zip(req.limits, new_tats):
-            self._store_tat(spec.key, tat, now)
+            self._store_tat(spec, tat, now)
         return self._take(req, self._states(req, new_tats), in_flight, balance)
 
     def settle_now(self, req: AdmitRequest, amount: int, tokens: int, now: int) -> bool:
@@ -143,8 +162,8 @@ class MemoryStore:
             self._settle_credits(req.credits, req.reservation_id, ticket["amt"], amount, now)
         for spec in req.limits:
             if spec.tokens:
-                new_tat = gcra_adjust(self._keys.get(spec.key), now, spec.interval_ms, tokens - ticket["tok"])
-                self._store_tat(spec.key, new_tat, now)
+                new_tat = gcra_adjust(self._tat(spec), now, spec.limit, spec.window_ms, tokens - req.estimated_tokens)
+                self._store_tat(spec, new_tat, now)
         return True
 
     def renew_now(self, req: AdmitRequest, ttl: int, now: int) -> bool:
@@ -171,17 +190,23 @@ class MemoryStore:
         return True
 
     @staticmethod
-    def _states(req: AdmitRequest, tats: list[float | None]) -> tuple[LimitState, ...]:
-        return tuple(
-            gcra_state(tat, req.now_ms, spec.interval_ms, spec.window_ms) for spec, tat in zip(req.limits, tats)
-        )
+    def _states(req: AdmitRequest, tats: list[Tat | None]) -> tuple[LimitState, ...]:
+        return tuple(gcra_state(tat, req.now_ms, spec.limit, spec.window_ms) for spec, tat in zip(req.limits, tats))
 
-    def _store_tat(self, key: str, tat: float | None, now: int) -> None:
-        if tat is None or tat <= now:
-            self._keys.delete(key)
+    def _tat(self, spec: LimitSpec) -> Tat | None:
+        """The arrival time in units of this limit; one kept under another limit rounds up to the next ms."""
+        stored: tuple[int, int, int] | None = self._keys.get(spec.key)
+        if stored is None:
+            return None
+        ms, num, limit = stored
+        return (ms, num) if limit == spec.limit else (ceil_ms((ms, num)), 0)
+
+    def _store_tat(self, spec: LimitSpec, tat: Tat | None, now: int) -> None:
+        if tat is None or tat <= (now, 0):
+            self._keys.delete(spec.key)
             return
-        self._keys.put(key, tat)
-        self._keys.expire_at(key, now + max(1, math.ceil(tat - now)))
+        self._keys.put(spec.key, (tat[0], tat[1], spec.limit))
+        self._keys.expire_at(spec.key, ceil_ms(tat))
 
     def _live_leases(self, req: AdmitRequest, now: int) -> int:
         if req.lease is None:
@@ -239,7 +264,7 @@ class MemoryStore:
             amount = req.credits.amount
             self._hold(req.credits, req.reservation_id, expiry, now)
             balance = Balance(balance.budget, balance.spent, balance.held + amount)
-        self._keys.put(req.ticket_key, {"amt": amount, "tok": req.estimated_tokens})
+        self._keys.put(req.ticket_key, {"amt": amount})
         self._keys.expire_at(req.ticket_key, now + 2 * req.ttl_ms)
         return AdmitResult(True, states, in_flight, balance, reservation=Reservation(req))
 

@@ -12,13 +12,13 @@ from redis.exceptions import RedisError, ResponseError
 
 from proxy.store import lua
 from proxy.store.admission import CallGate, LoopLag, deadline
+from proxy.store.gcra import Step, gcra_state
 from proxy.store.base import (
     AdmitRequest,
     AdmitResult,
     Balance,
     Denial,
     DenialKind,
-    LimitState,
     Reservation,
     StoreError,
     StoreOverloaded,
@@ -90,16 +90,17 @@ class RedisStore:
         req = reservation.request
         token_limits = [spec for spec in req.limits if spec.tokens]
         credits = req.credits
-        args: list[Any] = [
+        args: list[int | str] = [
             now_ms,
             req.reservation_id,
             amount,
-            tokens,
             int(req.lease is not None),
             int(credits is not None),
             credits.expire_at_ms if credits else 0,
-            *(repr(spec.interval_ms) for spec in token_limits),
         ]
+        for spec in token_limits:
+            step = Step.of(tokens - req.estimated_tokens, spec.window_ms, spec.limit)
+            args += [spec.limit, step.whole, step.rem]
         keys = [*_fixed_keys(req), *(spec.key for spec in token_limits)]
         return bool(await self._call(lambda: self._settle(keys=keys, args=args)))
 
@@ -124,7 +125,7 @@ class RedisStore:
     async def _run_admit(self, req: AdmitRequest, *, dry: bool) -> AdmitResult:
         check_admit(req)
         credits = req.credits
-        args: list[Any] = [
+        args: list[int | str] = [
             req.now_ms,
             req.reservation_id,
             req.ttl_ms,
@@ -133,10 +134,11 @@ class RedisStore:
             credits.budget if credits else -1,
             credits.amount if credits else 0,
             credits.expire_at_ms if credits else 0,
-            req.estimated_tokens,
         ]
         for spec in req.limits:
-            args += [repr(spec.interval_ms), spec.window_ms, spec.cost]
+            cost = 0 if dry else spec.cost
+            step = Step.of(cost, spec.window_ms, spec.limit) if cost <= spec.limit else Step(0, 0)
+            args += [spec.limit, spec.window_ms, step.whole, step.rem, int(cost <= spec.limit)]
         keys = [*_fixed_keys(req), *(spec.key for spec in req.limits)]
         reply = await self._call(lambda: self._admit(keys=keys, args=args))
         return _parse_admit(req, reply, dry=dry)
@@ -181,9 +183,8 @@ def _fixed_keys(req: AdmitRequest) -> list[str]:
 
 def _parse_admit(req: AdmitRequest, reply: Sequence[int], *, dry: bool) -> AdmitResult:
     allowed, kind, index, retry, in_flight, spent, held = (int(v) for v in reply[:7])
-    states = tuple(
-        LimitState(remaining=int(reply[i]), reset_ms=int(reply[i + 1])) for i in range(7, len(reply), 2)
-    )
+    tats = [None if int(ms) < 0 else (int(ms), int(num)) for ms, num in zip(reply[7::2], reply[8::2])]
+    states = tuple(gcra_state(tat, req.now_ms, spec.limit, spec.window_ms) for spec, tat in zip(req.limits, tats))
     balance = Balance(req.credits.budget, spent, held) if req.credits else None
     denial = None
     if kind:
