@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Awaitable, Callable
 
@@ -55,6 +56,12 @@ async def _answer(request: web.Request, handler: Handler, ctx: RequestContext) -
         return await handler(request)
     except ApiError as exc:
         ctx.error = exc
+    except ConnectionResetError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise
+        # The client hung up as its answer was being written: aiohttp raises this instead of cancelling the
+        # handler when the transport is closing but not yet lost. Nothing can be sent; a 499, not a bug.
+        raise asyncio.CancelledError from None
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -24,6 +24,8 @@ _DENIALS = {
 
 def record(metrics: Metrics, request: web.Request, ctx: RequestContext, status: int, access_log: bool) -> None:
     duration = time.monotonic() - ctx.started
+    if status == CLIENT_CLOSED and ctx.outcome is not None and ctx.outcome.delivered:
+        status = ctx.outcome.status  # the client left after it had the whole answer: that answer is the status
     model = ctx.model.id if ctx.model else None
     provider = ctx.model.provider if ctx.model else None
     principal_type = ctx.principal.label if ctx.principal else None

@@ -91,7 +91,7 @@ def upstream_error_reason(outcome: RelayOutcome) -> str | None:
 
 
 def upstream_outcome(outcome: RelayOutcome) -> UpstreamOutcome:
-    if outcome.completed:
+    if outcome.completed or outcome.delivered:
         return "ok"
     if outcome.error_code == "upstream_timeout":
         return "timeout"

@@ -30,6 +30,7 @@ _DROP_RESPONSE_HEADERS = frozenset(
 )
 _FORWARD_REQUEST_HEADERS = ("Content-Type", "Accept", "Accept-Language", "User-Agent")
 _MAX_REDIRECTS = 3  # allowed hops (providers.<name>.follow_redirects_to) before the call fails
+_READ_REST_S = 1.0  # how long the end of a delivered answer is awaited to keep its connection; else it is closed
 _MAX_JSON_FOR_USAGE = 8 * 1024 * 1024  # non-streamed bodies larger than this are relayed without reading usage
 
 
@@ -44,6 +45,7 @@ class RelayOutcome:
     events_out: int = 0
     output_chunks: int = 0  # content-bearing stream chunks, the usage estimate when a stream is cut short
     completed: bool = False
+    delivered: bool = False  # the client has the whole answer: a 200 even if it hangs up before the body's end
     error_code: str | None = None
     response: web.StreamResponse | None = field(default=None, repr=False)
 
@@ -90,12 +92,26 @@ async def relay(
             if request.transport is not None:
                 request.transport.close()
             return response
-        outcome.completed = outcome.error_code is None
+        outcome.completed = outcome.delivered = outcome.error_code is None
+        upstream.release()  # before write_eof: a client that hangs up after the last byte cannot cost the connection
         await response.write_eof()
         return response
     finally:
-        # A finished body lets the connection go back to the pool; anything else must not be reused.
-        if outcome.completed:
+        await release_or_close(upstream, outcome)
+
+
+async def release_or_close(upstream: aiohttp.ClientResponse, outcome: RelayOutcome) -> None:
+    """A delivered answer's connection goes back to the pool once its body has ended (what is left, such as the
+    end of a chunked body after `[DONE]`, is read for a moment); anything else is closed, never reused."""
+    try:
+        if outcome.delivered and not upstream.content.at_eof():
+            async with asyncio.timeout(_READ_REST_S):
+                while await upstream.content.readany():
+                    pass
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    finally:
+        if outcome.delivered and upstream.content.at_eof():
             upstream.release()
         else:
             upstream.close()
@@ -229,13 +245,16 @@ async def _relay_events(
                 if splitter.at_boundary:
                     await _write(response, sse.comment("ping"), outcome)
                 continue
-            out = bytearray()
+            out, ends = bytearray(), False
             for event in splitter.feed(chunk):
                 if _inspect_event(event, drop_usage_event, outcome):
                     out += event
                     outcome.events_out += 1
+                    ends = ends or (b"[DONE]" in event and sse.event_data(event) == b"[DONE]")
             if out:
                 await _write(response, bytes(out), outcome)
+            # Clients stop at `[DONE]` and may hang up before the upstream's body has ended.
+            outcome.delivered = outcome.delivered or ends
         if rest := splitter.flush():
             await _write(response, rest, outcome)
     except ApiError as exc:
