@@ -308,20 +308,23 @@ async def gateway_on_own_redis(
 async def test_redis_killed_and_restarted_under_a_running_gateway(
     provider: MockProvider, gateway_env: None, tmp_path: Path
 ) -> None:
-    """Credits fail closed: 503 at once while Redis is down, not ready; back by itself once Redis is."""
+    """Credits fail closed: 503 at once while Redis is down; the replica stays ready (a shared outage must not
+    empty the Service); the probe sees the outage and the recovery by itself, without traffic."""
     store = {"breaker_reset_s": 0.3, "fail_mode": {"credits": "closed"}}
     async with gateway_on_own_redis(provider, tmp_path, POLICY, **store) as (gateway, redis_server):
         assert (await post(gateway))[0] == 200
         redis_server.kill()
-        # Readiness notices by itself, before any request has tripped the breaker.
-        assert await asyncio.wait_for(ready_status(gateway), 2.0) == 503
+        # Readiness notices by itself, before any request has tripped the breaker, and stays 200.
+        assert await asyncio.wait_for(readiness(gateway), 2.0) == (200, False)
+        assert await store_up(gateway) == 0
         for _ in range(5):
             status, headers, body = await asyncio.wait_for(post(gateway), 2.0)
             assert status == 503 and json.loads(body)["error"]["code"] == "store_unavailable"
             assert headers["Retry-After"] == "1"
         redis_server.start()
-        # A replica that is not ready gets no traffic, so readiness alone must find Redis back.
-        assert await eventually(lambda: ready_status(gateway), 200, timeout_s=5.0) == 200
+        # No traffic needed: the probe alone finds Redis back.
+        assert await eventually(lambda: store_up(gateway), 1, timeout_s=5.0) == 1
+        assert await readiness(gateway) == (200, True)
         assert (await post(gateway))[0] == 200
 
 
@@ -373,16 +376,31 @@ async def test_a_request_finishing_while_redis_is_down_is_charged_its_usage_once
 
 async def pending_settles(gateway: str) -> int:
     """The gateway's edge_proxy_pending_settles gauge."""
+    return await gauge(gateway, "edge_proxy_pending_settles")
+
+
+async def gauge(gateway: str, name: str) -> int:
     async with aiohttp.ClientSession() as http, http.get(f"{gateway}/metrics") as response:
         text = await response.text()
-    gauge = next(line for line in text.splitlines() if line.startswith("edge_proxy_pending_settles "))
-    return int(float(gauge.split()[1]))
+    line = next(line for line in text.splitlines() if line.startswith(f"{name} "))
+    return int(float(line.split()[1]))
 
 
 async def ready_status(gateway: str) -> int:
+    return (await readiness(gateway))[0]
+
+
+async def readiness(gateway: str) -> tuple[int, bool]:
+    """/readyz's status and what it reports about the store."""
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{gateway}/readyz") as response:
-            return response.status
+            return response.status, (await response.json()).get("dependencies", {}).get("store")
+
+
+async def store_up(gateway: str) -> int:
+    """The edge_proxy_store_up gauge, refreshed by a readiness probe as the kubelet's would."""
+    await readiness(gateway)
+    return await gauge(gateway, "edge_proxy_store_up")
 
 
 async def eventually(probe: Callable[[], Awaitable[int]], wanted: int, timeout_s: float) -> int:

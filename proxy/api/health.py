@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..gateway import Gateway
 from .state import GATEWAY
 
 
@@ -13,28 +12,23 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when not draining, the store answers (or its fail mode covers it) and upstream pools exist.
+    """Ready when this pod can serve: it is not draining and its upstream pools exist.
 
-    A rejected policy reload is reported but does not fail readiness: the previous policy keeps serving.
+    Shared dependencies are reported, not counted: with Redis down every replica would turn unready at once and
+    the Service would lose all its endpoints, also for the routes and fail-open limits that need no Redis. A store
+    outage shows in `dependencies`, in edge_proxy_store_up and as a 503 store_unavailable on the requests that
+    need the store. A rejected policy reload is reported too: the previous policy keeps serving.
     """
     gateway = request.app[GATEWAY]
-    # Probe, not just read the breaker: an unready replica gets no traffic, so no request would ever
-    # trip the breaker or close it again. The ping is bounded by the store timeouts and skips an open breaker.
+    # Probe, not just read the breaker: with no traffic no request would trip the breaker or close it again,
+    # and store_up would go stale. The ping is bounded by the store timeouts and skips an open breaker.
     store_up = await gateway.store.ping()
-    checks = {
-        "accepting": not gateway.draining,
-        "store": store_up,
-        "upstreams": len(gateway.providers) == len(gateway.config.providers),
-    }
+    gateway.metrics.store_up(store_up)
+    checks = {"accepting": not gateway.draining, "upstreams": len(gateway.providers) == len(gateway.config.providers)}
     policy = {"version": gateway.policy.current.version, "last_reload_ok": gateway.policy.last_error is None}
-    ready = checks["accepting"] and checks["upstreams"] and (checks["store"] or _store_fails_open(gateway))
-    gateway.metrics.store_up(checks["store"])
-    return web.json_response({"ready": ready, "checks": checks, "policy": policy}, status=200 if ready else 503)
-
-
-def _store_fails_open(gateway: Gateway) -> bool:
-    settings = gateway.store_settings
-    return settings.fail_credits == "open" and settings.fail_rate_limits == "open"
+    ready = all(checks.values())
+    body = {"ready": ready, "checks": checks, "dependencies": {"store": store_up}, "policy": policy}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
