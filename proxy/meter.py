@@ -281,7 +281,7 @@ class Meter:
         )
         lease = None
         if decision.concurrency is not None:
-            lease = LeaseSpec(f"{base}:cc:{quote(principal.user, safe='')}", decision.concurrency)
+            lease = LeaseSpec(f"{base}:cc:{_user_id(principal)}", decision.concurrency)
         credits = self._credits(base, principal, decision, now_ms)
         return AdmitRequest(rid, f"{base}:tk:{rid}", now_ms, self._ttl_ms, limits, lease, credits)
 
@@ -290,7 +290,7 @@ class Meter:
         if budget is None:
             return None
         period = _period_of(budget.period, _utc(now_ms))
-        ledger = f"{base}:cr:{budget.scope}:{quote(_budget_owner(principal, budget), safe='')}:{period.label}"
+        ledger = f"{base}:cr:{budget.scope}:{_budget_owner(principal, budget)}:{period.label}"
         expire_at = 0
         if period.ends_at is not None:
             ends_ms = int(period.ends_at.timestamp() * 1000)
@@ -374,22 +374,43 @@ def _applicable(decision: Decision, model_id: str | None) -> tuple[RateLimit, ..
 
 
 def _dimension(principal: Principal, dim: Dimension, model_id: str | None) -> str:
-    """The principal's value along one limit dimension, escaped so it cannot forge another key."""
-    values = {
-        "key": principal.key_id or principal.user,
-        "user": principal.user,
-        "account": principal.account,
-        "model": model_id or "",
-    }
-    return quote(values[dim], safe="")
+    """The principal's identity along one limit dimension (escaped and namespaced: see `_user_id`)."""
+    if dim == "key":
+        return _key_id(principal)
+    if dim == "user":
+        return _user_id(principal)
+    return _escaped(principal.account if dim == "account" else model_id or "")
+
+
+def _user_id(principal: Principal) -> str:
+    """The end user in the namespace of its kind, so that no two kinds of identity ever share a counter:
+    `u:i:<issuer>:<sub>` (an identity provider's user), `u:g:<sub>` (the sub of a gateway-minted token), else
+    the API key (bare), else `a:<account>`. Values are percent-encoded and so never contain `:`: a bare value
+    is always an API key, and no value can forge another."""
+    if principal.subject:
+        if principal.kind == "issuer":
+            return f"u:i:{_escaped(principal.issuer or '')}:{_escaped(principal.subject)}"
+        return f"u:g:{_escaped(principal.subject)}"
+    if principal.key_id:
+        return _escaped(principal.key_id)
+    return f"a:{_escaped(principal.account)}"
+
+
+def _key_id(principal: Principal) -> str:
+    """The API key behind the credential; callers without one (identity-provider sessions) count as their user."""
+    return _escaped(principal.key_id) if principal.key_id else _user_id(principal)
+
+
+def _escaped(value: str) -> str:
+    return quote(value, safe="")
 
 
 def _budget_owner(principal: Principal, budget: Budget) -> str:
     if budget.scope == "key":
-        return principal.key_id or principal.user
+        return _key_id(principal)
     if budget.scope == "user":
-        return principal.user
-    return principal.account
+        return _user_id(principal)
+    return _escaped(principal.account)
 
 
 def _ratelimit_headers(rule: RateLimit, state: LimitState) -> dict[str, str]:

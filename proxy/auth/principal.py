@@ -30,8 +30,3 @@ class Principal:
     def label(self) -> str:
         """Low-cardinality caller type for metrics and logs: api_key, gateway_token or the issuer name."""
         return self.issuer if self.kind == "issuer" and self.issuer else self.kind
-
-    @property
-    def user(self) -> str:
-        """The identity per-user limits apply to: the end user if known, else the key, else the account."""
-        return self.subject or self.key_id or self.account
