@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway, write_policy
 from tests.mock_provider import MockProvider
+from proxy.server import RunningServer
 from proxy.store import MemoryStore, RedisStore, Store
 from tests.redis_server import RedisServer
 
@@ -64,3 +65,24 @@ async def gateway(provider: MockProvider, gateway_env: None, policies_dir: Path)
     server = await start_gateway(gateway_config(provider.url, policies_dir))
     yield server.url
     await server.stop()
+
+
+StartGateway = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def start_with(provider: MockProvider, gateway_env: None, tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """Start a gateway on the memory store with this policy; `model_caps` sets models' max_output_tokens."""
+    servers: list[RunningServer] = []
+
+    async def start(policy: str, model_caps: dict[str, int] | None = None) -> str:
+        config = gateway_config(provider.url, write_policy(tmp_path / "policies", policy))
+        for model in config["models"]:
+            if model["id"] in (model_caps or {}):
+                model["max_output_tokens"] = model_caps[model["id"]]
+        servers.append(await start_gateway(config))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        await server.stop()

@@ -35,6 +35,16 @@ prices:
 """
 
 
+def budget_policy(budget: int, prices: dict[str, str], plan_lines: tuple[str, ...] = ()) -> str:
+    """Policy text: plan `demo` on every mock model with a monthly account budget, `plan_lines` added to the
+    plan, every mock model at 1 per request unless `prices` (model -> YAML flow mapping) says otherwise."""
+    plan = "".join(f"    {line}\n" for line in plan_lines)
+    priced = "".join(f"  {model}: {price}\n" for model, price in prices.items())
+    return (f'plans:\n  demo:\n    models: ["mock/*"]\n{plan}'
+            f"    budget: {{credits: {budget}, period: month, scope: account}}\n"
+            f'prices:\n  "mock/*": {{per_request: 1}}\n{priced}')
+
+
 def write_policy(directory: Path, text: str = DEFAULT_POLICY) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "test.yaml").write_text(text)

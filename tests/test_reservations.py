@@ -4,17 +4,16 @@ bound is forwarded upstream, and the charge afterwards never goes missing nor ru
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from proxy.policy.pricing import MEDIA_PART_TOKENS
-from proxy.server import RunningServer
 
-from .gateway_harness import TEST_KEY, gateway_config, start_gateway, write_policy
+from .conftest import StartGateway
+from .gateway_harness import TEST_KEY, budget_policy
 from .mock_provider import Handler, MockProvider
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"}
@@ -65,39 +64,9 @@ async def test_null_counts_mean_the_default(gateway: str, provider: MockProvider
 
 
 BUDGET = 100
-OUTPUT_PRICED = f"""
-plans:
-  demo:
-    models: ["mock/*"]
-    max_output_tokens: 10
-    budget: {{credits: {BUDGET}, period: month, scope: account}}
-prices:
-  "mock/*": {{per_request: 1}}
-  mock/chat: {{output_per_1k_tokens: 1000}}
-"""
-ALL_PRICED = OUTPUT_PRICED.replace(f"credits: {BUDGET}", "credits: 1000000").replace(
-    "{output_per_1k_tokens: 1000}", "{input_per_1k_tokens: 1000, output_per_1k_tokens: 1000}")
-
-StartGateway = Callable[..., Awaitable[str]]
-
-
-@pytest.fixture
-async def start_with(provider: MockProvider, gateway_env: None, tmp_path: Path) -> AsyncIterator[StartGateway]:
-    """Start a gateway on the memory store with this policy; `model_caps` sets models' max_output_tokens."""
-    servers: list[RunningServer] = []
-
-    async def start(policy: str, model_caps: dict[str, int] | None = None) -> str:
-        config = gateway_config(provider.url, write_policy(tmp_path / "policies", policy))
-        for model in config["models"]:
-            if model["id"] in (model_caps or {}):
-                model["max_output_tokens"] = model_caps[model["id"]]
-        servers.append(await start_gateway(config))
-        return servers[-1].url
-
-    yield start
-    for server in servers:
-        await server.stop()
-
+OUTPUT_PRICED = budget_policy(BUDGET, {"mock/chat": "{output_per_1k_tokens: 1000}"}, ("max_output_tokens: 10",))
+ALL_PRICED = budget_policy(
+    1_000_000, {"mock/chat": "{input_per_1k_tokens: 1000, output_per_1k_tokens: 1000}"}, ("max_output_tokens: 10",))
 
 def answers_with_usage(tokens_per_choice: Callable[[int | None], int]) -> Handler:
     """A chat provider producing `tokens_per_choice(its output limit)` tokens for each of the `n` choices."""

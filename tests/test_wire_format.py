@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 
 import pytest
 
-from proxy.upstream import openai_format, sse
+from proxy.policy.types import Usage
+from proxy.upstream import body_usage, openai_format, sse
 from tests.mock_provider import chat_chunk, usage_chunk
 
 
@@ -41,3 +44,49 @@ def test_done_and_comments_are_neither() -> None:
     for raw in (b"data: [DONE]\n\n", b": ping\n\n"):
         assert not openai_format.is_output_event(raw)
         assert not openai_format.may_carry_usage(raw)
+
+
+def test_usage_at_the_end_of_an_oversized_event_survives_the_splitter() -> None:
+    content = "x" * 3_000_000
+    raw = event({**chat_chunk(content), "usage": {"prompt_tokens": 11, "completion_tokens": 22}}, compact=True)
+    splitter, pieces, usage = sse.EventSplitter(), [], None
+    for start in range(0, len(raw), 7_000):
+        for piece in splitter.feed(raw[start : start + 7_000]):
+            pieces.append(piece)
+            usage = openai_format.event_usage(usage, piece)
+    assert b"".join(pieces) == raw and splitter.at_boundary
+    assert max(len(p) for p in pieces) <= 1024 * 1024 + 7_000  # never held whole
+    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (11, 22)
+
+
+@pytest.mark.parametrize("chunk_size", [997, 4096, 1 << 20])
+def test_a_large_images_answer_counts_every_image_and_reads_the_usage_at_its_end(chunk_size: int) -> None:
+    image = base64.b64encode(b"i" * 3_500_000).decode()
+    answer = json.dumps({"created": 1, "data": [{"b64_json": image}] * 3,
+                         "usage": {"input_tokens": 9, "output_tokens": 4000}}).encode()
+    assert len(answer) > body_usage.MAX_WHOLE_JSON
+    reader = body_usage.BodyUsage("application/json")
+    for start in range(0, len(answer), chunk_size):
+        reader.feed(answer[start : start + chunk_size])
+    assert reader.usage() == Usage(input_tokens=9, output_tokens=4000, images=3)
+
+
+def test_wav_length_comes_from_its_header_and_the_bytes_received() -> None:
+    rate, data = 8_000, b"\x01\x00" * 12_000  # 1.5 s of 16-bit mono
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+    list_chunk = b"LIST" + struct.pack("<I", 3) + b"abc\x00"  # odd-sized chunk before data: padded
+    head = b"RIFF\xff\xff\xff\xffWAVEfmt " + struct.pack("<I", 16) + fmt + list_chunk + b"data\xff\xff\xff\xff"
+    assert body_usage.wav_seconds(head, len(head) + len(data)) == 1.5
+    assert body_usage.wav_seconds(b"ID3\x04" + b"\x00" * 100, 5000) is None
+
+
+@pytest.mark.parametrize("ending", [b"\n\n", b"\r\n\r\n", b"\r\r"])
+def test_events_split_alike_wherever_the_chunks_break(ending: bytes) -> None:
+    raw = b"data: one" + ending + b": ping" + ending + b"data: two\r\ndata: more" + ending
+    whole = sse.EventSplitter().feed(raw)
+    assert len(whole) == 3
+    for cut in range(1, len(raw)):
+        for second_cut in range(cut, len(raw)):
+            splitter = sse.EventSplitter()
+            parts = [raw[:cut], raw[cut:second_cut], raw[second_cut:]]
+            assert [e for part in parts for e in splitter.feed(part)] == whole, (cut, second_cut)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 from ..auth.principal import Principal
@@ -161,8 +162,8 @@ async def settle(
     gateway: Gateway, ctx: RequestContext, decision: Decision, admission: Admission, outcome: RelayOutcome,
     input_bytes: int,
 ) -> None:
-    """Charge what was used: the upstream's usage; an estimate if cut short; nothing if nothing came back."""
-    usage = used(outcome, input_bytes)
+    """Charge what was used: the upstream's usage; an estimate without it; nothing if nothing came back."""
+    usage = used(outcome, decision, input_bytes)
     if usage is None:
         await admission.release()
         gateway.metrics.credits("released", decision.reserve_credits)
@@ -170,7 +171,7 @@ async def settle(
     ctx.usage = usage
     ctx.credits_charged = cost(decision.price, usage) if decision.price else 0.0
     if outcome.usage is None:
-        # Only an estimate (a cut stream): never charge more than the most the request could have cost.
+        # Only an estimate: never charge more than the most the request could have cost.
         ctx.credits_charged = min(ctx.credits_charged, decision.reserve_credits)
     elif ctx.credits_charged > decision.reserve_credits:
         ctx.credits_charged = overrun_charge(gateway, ctx, decision, ctx.credits_charged)
@@ -190,14 +191,18 @@ def overrun_charge(gateway: Gateway, ctx: RequestContext, decision: Decision, ch
     return capped
 
 
-def used(outcome: RelayOutcome, input_bytes: int) -> Usage | None:
-    """None when the call produced nothing (failure before any output): the reservation is released."""
+def used(outcome: RelayOutcome, decision: Decision, input_bytes: int) -> Usage | None:
+    """The provider's usage; without it, the reserve's bounds for a completed call (it may have used them all)
+    or an estimate from the output relayed for a cut one; None when the call produced nothing (released).
+    A measured audio length replaces the seconds."""
     if outcome.status == 0 or outcome.status >= 400:
         return None
     if outcome.usage is not None:
-        return outcome.usage
-    if outcome.completed:
-        return Usage()  # an answer without usage (e.g. audio): per-request prices still apply
-    if outcome.output_chunks == 0 and outcome.bytes_out == 0:
+        usage = outcome.usage
+    elif outcome.completed:
+        usage = decision.bound
+    elif outcome.output_chunks == 0 and outcome.bytes_out == 0:
         return None
-    return Usage(input_tokens=input_bytes // _BYTES_PER_TOKEN, output_tokens=outcome.output_chunks)
+    else:
+        usage = Usage(input_tokens=input_bytes // _BYTES_PER_TOKEN, output_tokens=outcome.output_chunks)
+    return usage if outcome.seconds is None else replace(usage, seconds=outcome.seconds)

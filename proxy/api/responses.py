@@ -22,6 +22,7 @@ from ..catalog import Model
 from ..context import CONTEXT
 from ..errors import ApiError
 from ..upstream import openai_format, sse
+from ..upstream.body_usage import BodyUsage
 from ..upstream.providers import Provider
 from ..upstream.relay import RelayOutcome, open_upstream, read_chunks, stream_deadline, upstream_failure
 from .body import read_json_object
@@ -151,6 +152,9 @@ async def _image_output(answer: UpstreamAnswer) -> dict[str, Any]:
 async def _speech_output(answer: UpstreamAnswer) -> dict[str, Any]:
     """The audio, kept as an asset: the client gets a short-lived URL like for uploads."""
     audio = await _read_all(answer)
+    length = BodyUsage(answer.content_type)
+    length.feed(audio)
+    answer.outcome.seconds = length.seconds()
     return answer.keep(audio, answer.content_type or "audio/mpeg")
 
 

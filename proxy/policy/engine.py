@@ -12,7 +12,7 @@ from proxy.catalog import Model
 from proxy.policy.pricing import FREE, bounds, charge_bounds, price_table, resolve_price
 from proxy.policy.schema import Defaults, KeySpec, Plan, PolicyError
 from proxy.policy.scopes import split_scope_entries, token_scope
-from proxy.policy.types import Decision, Price, RequestFacts
+from proxy.policy.types import Decision, Price, RequestFacts, Usage
 
 # Shared with the HTTP layer so that a hidden model is indistinguishable from a missing one.
 MODEL_NOT_FOUND_MESSAGE = "model {model!r} does not exist; GET /v1/models lists the models you may use"
@@ -124,6 +124,7 @@ class Policy:
             reserve_credits=charge_bounds(price, limit) if price is not None else 0.0,
             estimated_tokens=limit.tokens,
             max_output_tokens=limit.output_tokens_per_choice,
+            bound=Usage(limit.input_tokens, limit.output_tokens, limit.images, limit.seconds),
         )
 
     def allows(self, principal: Principal, model: Model) -> bool:

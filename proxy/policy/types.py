@@ -84,3 +84,4 @@ class Decision:
     reserve_credits: float = 0.0  # the most this request can cost
     estimated_tokens: int = 0  # the most tokens it can use, taken from token limits up front
     max_output_tokens: int = 0  # per choice, forwarded upstream so the provider cannot exceed the reserve (0: none)
+    bound: Usage = field(default_factory=Usage)  # the usage that costs exactly reserve_credits

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..policy.types import Usage
+from . import sse
+
+MAX_USAGE_TOKENS = 2**31 - 1  # per usage figure: anything more is no real count
 
 # Routes whose streams support `stream_options.include_usage`.
 _USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -54,16 +57,49 @@ def _cap_output(route: str, body: dict[str, Any], cap: int) -> None:
 
 
 def usage_of(answer: dict[str, Any]) -> Usage | None:
-    """Usage from a JSON answer or a stream chunk; None when the object carries none."""
+    """Usage from a JSON answer or a stream chunk; None when the object carries none, or only broken figures
+    (then the call is charged an estimate that never undercharges, docs/metering.md)."""
     usage = answer.get("usage")
     if isinstance(usage, dict):
-        return Usage(
-            input_tokens=_int(usage.get("prompt_tokens", usage.get("input_tokens"))),
-            output_tokens=_int(usage.get("completion_tokens", usage.get("output_tokens"))),
-            images=_images(answer),
-        )
+        input_tokens = _figure(usage.get("prompt_tokens", usage.get("input_tokens")))
+        output_tokens = _figure(usage.get("completion_tokens", usage.get("output_tokens")))
+        if input_tokens is None or output_tokens is None:
+            return None
+        return Usage(input_tokens=input_tokens, output_tokens=output_tokens, images=_images(answer))
     images = _images(answer)
     return Usage(images=images) if images else None
+
+
+def usage_in_tail(data: bytes) -> Usage | None:
+    """Usage from the end of an answer too large to parse whole (or a fragment of an oversized event): the last
+    `"usage": {...}` object, which OpenAI answers put after their data. None if it is not there whole."""
+    matches = list(_USAGE_OBJECT.finditer(data))
+    if not matches:
+        return None
+    start = matches[-1].end() - 1
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(data[start:].decode(errors="replace"))
+    except (ValueError, RecursionError):
+        return None
+    return usage_of({"usage": usage}) if isinstance(usage, dict) else None
+
+
+def event_usage(previous: Usage | None, event: bytes) -> Usage | None:
+    """The stream's usage after this raw SSE event: token counts are the latest reported (some providers repeat
+    running totals); each `image_generation.completed` event counts one image."""
+    image_done = _IMAGE_COMPLETED.search(event) is not None
+    if not image_done and not may_carry_usage(event):
+        return previous
+    chunk = sse.event_json(event)
+    usage = usage_of(chunk) if chunk is not None else usage_in_tail(event)
+    if usage is None and not image_done:
+        return previous
+    tokens = usage or previous or Usage()
+    return replace(tokens, images=_images_of(previous) + _images_of(usage) + int(image_done))
+
+
+def _images_of(usage: Usage | None) -> int:
+    return usage.images if usage is not None else 0
 
 
 def is_usage_only_chunk(chunk: dict[str, Any]) -> bool:
@@ -74,6 +110,7 @@ def is_usage_only_chunk(chunk: dict[str, Any]) -> bool:
 # On raw event bytes. A quote inside generated text is escaped (\"), so these cannot match content.
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _NON_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\{')
+_IMAGE_COMPLETED = re.compile(rb'"type"\s*:\s*"image_generation\.completed"')  # one streamed image, done
 
 
 def may_carry_usage(event: bytes) -> bool:
@@ -99,5 +136,11 @@ def _images(answer: dict[str, Any]) -> int:
     return 0
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
+def _figure(value: Any) -> int | None:
+    """A usage figure as a token count (absent or null: 0); None if it is broken or hostile: not an integer,
+    negative, or beyond any real count (10^400 would also make pricing raise)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE_TOKENS:
+        return None
+    return value

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Mapping
@@ -16,6 +15,7 @@ from yarl import URL
 from ..errors import ApiError
 from ..policy.types import Usage
 from . import openai_format, sse
+from .body_usage import BodyUsage
 from ..config import Timeouts
 from .providers import Provider
 
@@ -31,7 +31,6 @@ _DROP_RESPONSE_HEADERS = frozenset(
 _FORWARD_REQUEST_HEADERS = ("Content-Type", "Accept", "Accept-Language", "User-Agent")
 _MAX_REDIRECTS = 3  # allowed hops (providers.<name>.follow_redirects_to) before the call fails
 _READ_REST_S = 1.0  # how long the end of a delivered answer is awaited to keep its connection; else it is closed
-_MAX_JSON_FOR_USAGE = 8 * 1024 * 1024  # non-streamed bodies larger than this are relayed without reading usage
 
 
 @dataclass
@@ -39,7 +38,8 @@ class RelayOutcome:
     """What happened, for metering and records."""
 
     status: int = 0
-    usage: Usage | None = None
+    usage: Usage | None = None  # as the provider reported it
+    seconds: float | None = None  # audio length measured from the answer, for per_second prices
     first_byte_s: float | None = None
     bytes_out: int = 0
     events_out: int = 0
@@ -271,15 +271,11 @@ def _inspect_event(event: bytes, drop_usage_event: bool, outcome: RelayOutcome) 
     """
     if openai_format.is_output_event(event):
         outcome.output_chunks += 1
-    if not openai_format.may_carry_usage(event):
+    outcome.usage = openai_format.event_usage(outcome.usage, event)
+    if not (drop_usage_event and openai_format.may_carry_usage(event)):
         return True
     chunk = sse.event_json(event)
-    if chunk is None:
-        return True
-    usage = openai_format.usage_of(chunk)
-    if usage is not None:
-        outcome.usage = usage
-    return not (drop_usage_event and openai_format.is_usage_only_chunk(chunk))
+    return chunk is None or not openai_format.is_usage_only_chunk(chunk)
 
 
 async def _relay_body(
@@ -288,26 +284,19 @@ async def _relay_body(
     content_type: str,
     outcome: RelayOutcome,
 ) -> None:
-    keep = content_type == "application/json"
-    body = bytearray()
+    reader = BodyUsage(content_type)
     try:
         async for chunk in chunks:
             if chunk is None:
                 continue
             await _write(response, chunk, outcome)
-            if keep:
-                body += chunk
-                keep = len(body) <= _MAX_JSON_FOR_USAGE
+            reader.feed(chunk)
     except ApiError as exc:
         outcome.error_code = exc.code
         return
-    if keep:
-        try:
-            answer = json.loads(body)
-        except (ValueError, RecursionError):  # a malformed or hostile upstream body
-            return
-        if isinstance(answer, dict):
-            outcome.usage = openai_format.usage_of(answer)
+    finally:
+        outcome.seconds = reader.seconds()  # what was received was played, even if cut
+    outcome.usage = reader.usage()
 
 
 async def _write(response: web.StreamResponse, data: bytes, outcome: RelayOutcome) -> None:

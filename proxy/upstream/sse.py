@@ -8,7 +8,8 @@ from typing import Any
 
 # An event ends at a blank line; SSE allows \n, \r\n and \r line endings.
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_MAX_PENDING = 1024 * 1024  # an event larger than this is passed on unsplit rather than held
+_MAX_PENDING = 1024 * 1024  # an event larger than this is passed on in pieces rather than held whole
+_KEEP_TAIL = 64 * 1024  # of such an event, kept for its last piece: a usage object at its end stays whole
 
 
 class EventSplitter:
@@ -26,14 +27,17 @@ class EventSplitter:
         data = self._pending + chunk
         events: list[bytes] = []
         start = 0
-        for match in _EVENT_END.finditer(data):
+        # The held bytes hold no terminator, so only a terminator that reaches into the new chunk is new:
+        # searching from there keeps a large event's pieces linear, not quadratic.
+        for match in _EVENT_END.finditer(data, max(0, len(self._pending) - 3)):
             events.append(data[start : match.end()])
             start = match.end()
         self._pending = data[start:]
         if len(self._pending) > _MAX_PENDING:
-            # A malformed upstream must not make us hold unbounded memory: give it up as it is.
-            events.append(self._pending)
-            self._pending = b""
+            # An oversized event (or a malformed upstream) must not make us hold unbounded memory: pass on all
+            # but its tail, so that the piece ending the event still carries the usage an OpenAI event ends with.
+            events.append(self._pending[:-_KEEP_TAIL])
+            self._pending = self._pending[-_KEEP_TAIL:]
         return events
 
     def flush(self) -> bytes:
