@@ -40,6 +40,9 @@ class ServerSettings(_Strict):
     cors_allow_origins: tuple[str, ...] = ()
     sse_keepalive_s: float = Field(15.0, ge=0)  # 0 disables `: ping` comments
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # A connection is closed when no complete request head arrives this long after it opened or after the
+    # previous answer: bounds idle keep-alive connections and headers sent slowly (slowloris).
+    idle_timeout_s: float = Field(75.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True  # one JSON object per line (access log included); false for human-readable text
     access_log: bool = True

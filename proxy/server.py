@@ -131,7 +131,12 @@ class RunningServer:
 
 def runner_options(config: Config) -> dict[str, Any]:
     # handler_cancellation: a client that hangs up cancels its handler, which closes the upstream call.
-    return {"handler_cancellation": True, "shutdown_timeout": config.server.shutdown_grace_s, "access_log": None}
+    # keepalive_timeout: aiohttp closes a connection still waiting for a whole request head after it; its own
+    # default (an hour) let a client dribbling header lines hold a connection that long.
+    return {
+        "handler_cancellation": True, "shutdown_timeout": config.server.shutdown_grace_s, "access_log": None,
+        "keepalive_timeout": config.server.idle_timeout_s,
+    }
 
 
 async def start_server(
