@@ -176,3 +176,23 @@ async def test_broken_usage_figures_charge_the_reserve_and_free_the_slot(
     assert (state["balance"]["spent"], state["balance"]["held"]) == (reserved(headers), 0)
     assert state["concurrency"]["in_flight"] == 0
     assert (await call(gateway, "/v1/chat/completions", CHAT))[0] == 200  # the slot (limit 1) is free
+
+
+async def test_responses_reads_usage_from_an_oversized_final_chunk(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    """Some providers put the usage on the last content chunk; a huge one must not lose it."""
+    last = {**chat_chunk("y" * 1_500_000, finish="stop"),
+            "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}}
+
+    async def usage_on_the_last_chunk(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        await response.write(sse(chat_chunk("x")) + sse(last) + sse("[DONE]"))
+        return response
+
+    provider.handler = usage_on_the_last_chunk
+    gateway = await start_with(POLICY)
+    status, _, _ = await call(gateway, "/v1/responses", {"model": "mock/chat", "prompt": "hi", "max_tokens": 50})
+    assert status == 200
+    state = (await me(gateway))["balance"]
+    assert (state["spent"], state["held"]) == (4 + 6, 0)

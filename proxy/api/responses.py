@@ -122,13 +122,12 @@ async def _text_output(answer: UpstreamAnswer) -> dict[str, Any]:
             await answer.events.ping()
             continue
         for event in splitter.feed(chunk):
+            answer.outcome.usage = openai_format.event_usage(answer.outcome.usage, event)
             data = sse.event_json(event)
             if data is None:
-                continue  # `[DONE]`, comments
+                continue  # `[DONE]`, comments, pieces of an oversized event
             if "error" in data:
                 raise ApiError("upstream_error", f"the provider failed mid-stream: {_message(data['error'])}")
-            if (usage := openai_format.usage_of(data)) is not None:
-                answer.outcome.usage = usage
             if openai_format.counts_as_output(data):
                 answer.outcome.output_chunks += 1
             if delta := _delta_text(data):
