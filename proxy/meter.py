@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from proxy.auth.principal import Principal
 from proxy.errors import ApiError
-from proxy.pending_settles import PendingSettle, PendingSettles
+from proxy.pending_settles import PendingCancel, PendingSettle, PendingSettles
 from proxy.policy.types import Budget, Decision, Dimension, RateLimit
 from proxy.store.base import (
     MAX_AMOUNT,
@@ -228,17 +228,37 @@ class Meter:
         request = self._request(principal, model_id, decision, rules, rid, now_ms)
         if not _touches_store(request):
             return Admission(self._store, self._clock, None, {}, self._pending)
-        result = await self._call(self._store.admit, request)
+        result = await self._admit(request)
         if result.denial is not None or result.reservation is None:
             raise _denial(rules, request, result)
         return Admission(self._store, self._clock, result.reservation, _headers(rules, result), self._pending)
+
+    async def _admit(self, request: AdmitRequest) -> AdmitResult:
+        """Admit; if the store may run the admit although its answer was lost, queue a cancel by its ticket."""
+        try:
+            result = await self._store.admit(request)
+        except StoreError as exc:
+            if not exc.certain:
+                self._cancel_later(request, str(exc))
+            raise _store_error(exc) from exc
+        except asyncio.CancelledError:  # the caller went away while the admit was under way
+            self._cancel_later(request, "cancelled")
+            raise
+        if result.shared_uncertain:
+            self._cancel_later(request, "answered by the local fallback")
+        return result
+
+    def _cancel_later(self, request: AdmitRequest, why: str) -> None:
+        log.warning("admit of reservation %s may still run in the store (%s): cancel queued",
+                    request.reservation_id, why)
+        self._pending.add(PendingCancel(request))
 
     async def state(self, principal: Principal, decision: Decision, model_id: str | None = None) -> dict[str, Any]:
         """Balance and per-limit state for GET /v1/me, taking nothing. Model-scoped limits need `model_id`."""
         now_ms = int(self._clock() * 1000)
         rules = _applicable(decision, model_id)
         request = self._request(principal, model_id, decision, rules, "peek", now_ms)
-        result = await self._call(self._store.peek, request) if _touches_store(request) else AdmitResult(True)
+        result = await self._peek(request) if _touches_store(request) else AdmitResult(True)
         limits = [
             {"rule": rule.name, "unit": rule.unit, "limit": rule.limit, "window_s": rule.window_s,
              "remaining": state.remaining, "reset_s": math.ceil(state.reset_ms / 1000)}
@@ -298,21 +318,24 @@ class Meter:
         amount = to_micro(decision.reserve_credits, round_up=True)
         return CreditSpec(ledger, f"{ledger}:holds", min(budget.credits * MICRO, MAX_BUDGET), amount, expire_at)
 
-    async def _call(self, operation: Callable[[AdmitRequest], Any], request: AdmitRequest) -> AdmitResult:
+    async def _peek(self, request: AdmitRequest) -> AdmitResult:
         try:
-            return await operation(request)
-        except StoreOverloaded as exc:
-            raise ApiError(
-                "overloaded",
-                f"This gateway has too many metering calls waiting; retry after {exc.retry_after_s}s.",
-                headers={"Retry-After": str(exc.retry_after_s)},
-            ) from exc
+            return await self._store.peek(request)
         except StoreError as exc:
-            raise ApiError(
-                "store_unavailable",
-                "The metering store is unavailable; try again shortly.",
-                headers={"Retry-After": "1"},
-            ) from exc
+            raise _store_error(exc) from exc
+
+
+def _store_error(exc: StoreError) -> ApiError:
+    """503 overloaded (this replica has too many store calls waiting) or 503 store_unavailable."""
+    if isinstance(exc, StoreOverloaded):
+        return ApiError(
+            "overloaded",
+            f"This gateway has too many metering calls waiting; retry after {exc.retry_after_s}s.",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+    return ApiError(
+        "store_unavailable", "The metering store is unavailable; try again shortly.", headers={"Retry-After": "1"}
+    )
 
 
 def _headers(rules: tuple[RateLimit, ...], result: AdmitResult) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Settles the store could not take, kept in a bounded queue and retried in the background until they land,
-so that a short store outage does not charge requests that finished during it at their full reserve."""
+so that a short store outage does not charge requests that finished during it at their full reserve; and
+cancels of admits whose answer was lost, so that they hold no slot and are charged nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from proxy.store.base import Reservation, Store, StoreError, StoreScriptError
+from proxy.store.base import AdmitRequest, Reservation, Store, StoreError, StoreScriptError
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,34 @@ class PendingSettle:
     amount: int  # micro-credits
     tokens: int
 
+    @property
+    def reservation_id(self) -> str:
+        return self.reservation.request.reservation_id
+
+    async def apply(self, store: Store, now_ms: int) -> None:
+        await store.settle(self.reservation, self.amount, self.tokens, now_ms)
+
+
+@dataclass(frozen=True)
+class PendingCancel:
+    """An admit that failed uncertainly (timed out, cancelled, cut off): the store may still run it; undo it."""
+
+    request: AdmitRequest
+
+    @property
+    def reservation_id(self) -> str:
+        return self.request.reservation_id
+
+    async def apply(self, store: Store, now_ms: int) -> None:
+        await store.cancel(self.request, now_ms)
+
+
+Pending = PendingSettle | PendingCancel
+
 
 class PendingSettles:
-    """A bounded queue of settles and the task retrying them with backoff; safe to retry because a settle is
-    idempotent in the store (its ticket), and a late one still corrects an expired, charged hold."""
+    """A bounded queue of settles and cancels and the task retrying them with backoff; safe to retry because
+    both are idempotent in the store (the ticket), and a late one still corrects an expired, charged hold."""
 
     def __init__(
         self,
@@ -43,20 +68,20 @@ class PendingSettles:
         self._first_delay_s = first_delay_s
         self._max_delay_s = max_delay_s
         self._on_length = on_length
-        self._queue: deque[PendingSettle] = deque()
+        self._queue: deque[Pending] = deque()
         self._queued = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, pending: PendingSettle) -> None:
+    def add(self, pending: Pending) -> None:
         """Queue a settle; when full, the longest-waiting one is dropped (its hold expires and is charged)."""
         if len(self._queue) >= self._max_pending:
             dropped = self._queue.popleft()
             log.warning(
                 "settle queue full (%d): dropped reservation %s; its hold will expire and be charged at the reserve",
-                self._max_pending, dropped.reservation.request.reservation_id,
+                self._max_pending, dropped.reservation_id,
             )
         self._queue.append(pending)
         self._queued.set()
@@ -88,11 +113,11 @@ class PendingSettles:
         while self._queue:
             pending = self._queue[0]
             try:
-                await self._store.settle(pending.reservation, pending.amount, pending.tokens, int(self._clock() * 1000))
+                await pending.apply(self._store, int(self._clock() * 1000))
             except StoreScriptError:
                 pass  # logged by the store; retrying a refused script would fail forever: the hold's expiry charges it
             except StoreError as exc:
-                log.debug("queued settle of %s failed again: %s", pending.reservation.request.reservation_id, exc)
+                log.debug("queued %s of %s failed again: %s", type(pending).__name__, pending.reservation_id, exc)
                 if self._queue and self._queue[0] is pending:
                     self._queue.rotate(-1)  # to the back: one settle the store keeps refusing must not block the rest
                 return False

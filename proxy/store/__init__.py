@@ -1,6 +1,7 @@
 """Shared counters behind one interface: Redis (Lua scripts, exact across replicas) and in-memory."""
 
 from proxy.store.base import (
+    AdmitCancelled,
     AdmitRequest,
     AdmitResult,
     Balance,
@@ -23,6 +24,7 @@ from proxy.store.resilient import ResilientStore
 from proxy.store.settings import StoreConfigError, StoreSettings, build_store
 
 __all__ = [
+    "AdmitCancelled",
     "AdmitRequest",
     "AdmitResult",
     "Balance",

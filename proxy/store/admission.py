@@ -1,5 +1,5 @@
 """Admission to the shared store: at most `max_in_flight` calls on the wire, a bounded queue for the rest, and
-deadlines that count only time spent waiting for Redis, never time this process's own event loop was stalled.
+deadlines that count only time spent waiting for Redis, never time this process's own event loop was busy.
 
 A burst of requests on one replica must show up as latency (or as a clear `overloaded`), not as a Redis
 outage: a reply that sat in the socket while the loop was busy with other requests is not a timeout.
@@ -8,6 +8,7 @@ outage: a reply that sat in the socket while the loop was busy with other reques
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -15,7 +16,8 @@ from proxy.store.base import StoreOverloaded
 
 # How often the lag monitor wakes while calls are running; its lateness is what the loop was stalled.
 LAG_TICK_S = 0.02
-# A stalled loop extends a deadline by the stall, but never by more than this (a wedged process must still fail).
+# A busy or stalled loop extends a deadline by that time, but never by more than this (a wedged process must
+# still fail).
 MAX_STALL_EXTENSION_S = 5.0
 
 
@@ -28,17 +30,24 @@ class LoopLag:
         self._watchers = 0
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def stalled_s(self) -> float:
-        """Seconds the loop ran late so far (monotonic; compare two readings)."""
-        return self._stalled_s
+    def mark(self) -> tuple[float, float]:
+        """A reading to measure from (see `busy_since`)."""
+        return self._stalled_s, time.process_time()
+
+    def busy_since(self, mark: tuple[float, float]) -> float:
+        """Seconds since `mark` that this process could not have been waiting for a reply: the CPU it spent (the
+        loop serving other requests, in short steps or long), or the lateness of the ticker (the loop blocked,
+        or the process not scheduled), whichever is more."""
+        stalled_at, cpu_at = mark
+        return max(self._stalled_s - stalled_at, time.process_time() - cpu_at)
 
     @asynccontextmanager
     async def watching(self) -> AsyncIterator[None]:
         """Keep the ticker running for the duration of the block."""
         self._watchers += 1
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._tick())
+            # The first tick is due from now: a stall that starts before the ticker first runs counts too.
+            self._task = asyncio.get_running_loop().create_task(self._tick(asyncio.get_running_loop().time()))
         try:
             yield
         finally:
@@ -50,8 +59,9 @@ class LoopLag:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def _tick(self) -> None:
+    async def _tick(self, started: float) -> None:
         loop = asyncio.get_running_loop()
+        self._stalled_s += max(0.0, loop.time() - started - self._tick_s)
         while self._watchers > 0:
             due = loop.time() + self._tick_s
             await asyncio.sleep(self._tick_s)
@@ -60,20 +70,20 @@ class LoopLag:
 
 @asynccontextmanager
 async def deadline(seconds: float, lag: LoopLag) -> AsyncIterator[None]:
-    """Like `asyncio.timeout(seconds)`, but time the event loop was stalled does not count (up to a cap).
+    """Like `asyncio.timeout(seconds)`, but time this process was busy or stalled does not count (up to a cap).
 
-    When the budget seems spent, the check first subtracts the stall measured since the start (or its own
-    lateness, if larger) and re-arms itself for what is left. The final expiry goes through `asyncio.timeout`
-    one loop step later, so a reply that arrived during the stall is delivered rather than cancelled.
+    When the budget seems spent, the check subtracts what `lag` measured since the start (or its own lateness,
+    if larger) and re-arms itself for what is left. The final expiry goes through `asyncio.timeout` one loop
+    step later, so a reply that arrived while the loop was busy is delivered rather than cancelled.
     """
     loop = asyncio.get_running_loop()
-    started, stall_at_start = loop.time(), lag.stalled_s
+    started, mark = loop.time(), lag.mark()
     async with lag.watching(), asyncio.timeout(None) as timeout:
 
         def check(due: float) -> None:
             now = loop.time()
-            stalled = min(max(lag.stalled_s - stall_at_start, now - due), MAX_STALL_EXTENSION_S)
-            left = seconds - (now - started - stalled)
+            busy = min(max(lag.busy_since(mark), now - due), MAX_STALL_EXTENSION_S)
+            left = seconds - (now - started - busy)
             if left > 0:
                 nonlocal handle
                 handle = loop.call_at(now + left, check, now + left)

@@ -188,6 +188,16 @@ class AdmitResult:
     balance: Balance | None = None
     denial: Denial | None = None
     reservation: Reservation | None = None
+    # The shared store failed uncertainly and this answer came from the local fallback: the shared admit may
+    # still run there, so it must be cancelled (Store.cancel).
+    shared_uncertain: bool = False
+
+
+class AdmitCancelled(StoreError):
+    """An admit reached the store after it was cancelled by its ticket: it took nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("admit arrived after its cancel: nothing taken", certain=True)
 
 
 class Store(Protocol):
@@ -208,6 +218,12 @@ class Store(Protocol):
 
     async def peek(self, request: AdmitRequest) -> AdmitResult:
         """The state `admit` would see, taking nothing (costs and amount are ignored)."""
+        ...
+
+    async def cancel(self, request: AdmitRequest, now_ms: int) -> bool:
+        """Undo the admit with this ticket, whose answer was lost: release what it took (as a release does:
+        nothing charged, lease freed, token estimate returned) and leave a tombstone, so that the admit, if it
+        reaches the store later, takes nothing (AdmitCancelled). Idempotent; True if it undid a taken admit."""
         ...
 
     async def ping(self) -> bool:

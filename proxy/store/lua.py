@@ -82,13 +82,15 @@ end
 # ARGV: now_ms, reservation id, ttl_ms, dry (0|1), lease limit (-1 = none), budget (-1 = none),
 #       amount, ledger expire-at (0 = keep), then per limit: limit, window ms, cost·T as (whole ms, rem),
 #       fits (0 if the cost exceeds the limit: it never fits).
-# Reply: allowed, denial kind (0 none, 1 rate, 2 concurrency, 3 credits), denied limit index,
+# Reply: allowed, denial kind (0 none, 1 rate, 2 concurrency, 3 credits, 4 cancelled), denied limit index,
 #        retry ms (-1 never), in flight, spent, held, then the arrival time (ms, num) per limit (-1, 0: idle).
 ADMIT = _COMMON + r"""
 local rid, ttl, dry = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local lease_limit, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 local amount = tonumber(ARGV[7])
 local n = #KEYS - 4
+-- a tombstone: this admit was cancelled (its caller gave up on it) before it got here; take nothing
+if not dry and redis.call('EXISTS', KEYS[1]) == 1 then return {0, 4, 0, -1, 0, 0, 0} end
 
 local limits, tats, new_tats = {}, {}, {}
 local kind, index, retry = 0, 0, 0
@@ -166,7 +168,7 @@ return reply(1, new_tats)
 # ARGV: now_ms, reservation id, actual amount, has lease (0|1), has credits (0|1), ledger expire-at (0 = keep),
 #       then per token limit: limit, (actual − estimated tokens)·T as (whole ms, rem).
 # Reply: 1 if settled now, 0 if it was already settled (or its ticket expired).
-SETTLE = _COMMON + r"""
+_SETTLE_BODY = r"""
 local rid = ARGV[2]
 local ticket = redis.call('HMGET', KEYS[1], 'amt', 'exp')
 if (not ticket[2]) or tonumber(ticket[2]) <= now then
@@ -198,6 +200,17 @@ if ARGV[5] == '1' then
 end
 for i = 5, #KEYS do store_tat(KEYS[i], new_tats[i], limits[i]) end
 return 1
+"""
+SETTLE = _COMMON + _SETTLE_BODY
+
+# Undo an admit whose answer was lost: settle it at 0 (if it ran) and leave a tombstone in its ticket key, so
+# that the admit, if it arrives later, takes nothing. KEYS and ARGV: those of SETTLE with amount and tokens 0,
+# then the tombstone's lifetime in ms. Reply: 1 if it undid a taken admit, else 0.
+CANCEL = _COMMON + "local function settle()\n" + _SETTLE_BODY + r"""end
+local undone = settle()
+redis.call('HSET', KEYS[1], 'cancelled', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[#ARGV])
+return undone
 """
 
 # KEYS: ticket, lease zset, ledger hash (unused: the key layout of SETTLE), holds zset.

@@ -9,6 +9,7 @@ import heapq
 from typing import Any
 
 from proxy.store.base import (
+    AdmitCancelled,
     AdmitRequest,
     AdmitResult,
     Balance,
@@ -22,6 +23,9 @@ from proxy.store.base import (
     check_settle,
 )
 from proxy.store.gcra import Tat, ceil_ms, gcra_adjust, gcra_state, gcra_take
+
+# The ticket of a cancelled admit (see Store.cancel).
+_TOMBSTONE = "cancelled"
 
 # At most this many expired holds are charged per call, as in the Lua script (bounded work per request).
 SWEEP_BATCH = 100
@@ -124,10 +128,16 @@ class MemoryStore:
         check_renew(ttl_ms, now_ms)
         return self.renew_now(reservation.request, ttl_ms, now_ms)
 
+    async def cancel(self, request: AdmitRequest, now_ms: int) -> bool:
+        check_settle(0, 0, now_ms)
+        return self.cancel_now(request, now_ms)
+
     def admit_now(self, req: AdmitRequest, *, dry: bool) -> AdmitResult:
         """The body of the admit script: check all, then take all or nothing."""
         now = req.now_ms
         self._keys.purge(now)
+        if not dry and self._keys.get(req.ticket_key) is not None:
+            raise AdmitCancelled()  # the tombstone of its cancel: take nothing
         tats = [self._tat(spec) for spec in req.limits]
         new_tats: list[Tat | None] = []
         worst: Denial | None = None
@@ -150,7 +160,8 @@ class MemoryStore:
         """The body of the settle script: a no-op unless the ticket still exists."""
         self._keys.purge(now)
         ticket = self._keys.get(req.ticket_key)
-        if ticket is None:
+        if ticket is None or _TOMBSTONE in ticket:
+            self._keys.delete(req.ticket_key)
             return False
         self._keys.delete(req.ticket_key)
         if req.lease is not None:
@@ -166,11 +177,18 @@ class MemoryStore:
                 self._store_tat(spec, new_tat, now)
         return True
 
+    def cancel_now(self, req: AdmitRequest, now: int) -> bool:
+        """The body of the cancel script: settle at 0 if the admit ran, then leave a tombstone in its ticket."""
+        undone = self.settle_now(req, 0, 0, now)
+        self._keys.put(req.ticket_key, {_TOMBSTONE: True})
+        self._keys.expire_at(req.ticket_key, now + 2 * req.ttl_ms)
+        return undone
+
     def renew_now(self, req: AdmitRequest, ttl: int, now: int) -> bool:
         """The body of the renew script: push the lease and hold expiry to now + ttl unless either is gone."""
         self._keys.purge(now)
         ticket = self._keys.get(req.ticket_key)
-        if ticket is None:
+        if ticket is None or _TOMBSTONE in ticket:
             return False
         leases: dict[str, int] = (self._keys.get(req.lease.key) or {}) if req.lease else {}
         holds: dict[str, int] = (self._keys.get(req.credits.holds_key) or {}) if req.credits else {}

@@ -14,6 +14,7 @@ from proxy.store import lua
 from proxy.store.admission import CallGate, LoopLag, deadline
 from proxy.store.gcra import Step, gcra_state
 from proxy.store.base import (
+    AdmitCancelled,
     AdmitRequest,
     AdmitResult,
     Balance,
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DENIALS: dict[int, DenialKind] = {1: "rate_limit", 2: "concurrency", 3: "credits"}
+_CANCELLED = 4  # the admit script found the tombstone of its cancel
 
 
 class RedisStore:
@@ -72,6 +74,7 @@ class RedisStore:
         self._admit = self._client.register_script(lua.ADMIT)
         self._settle = self._client.register_script(lua.SETTLE)
         self._renew = self._client.register_script(lua.RENEW)
+        self._cancel = self._client.register_script(lua.CANCEL)
         self._healthy = True
 
     @property
@@ -87,22 +90,14 @@ class RedisStore:
 
     async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
         check_settle(amount, tokens, now_ms)
-        req = reservation.request
-        token_limits = [spec for spec in req.limits if spec.tokens]
-        credits = req.credits
-        args: list[int | str] = [
-            now_ms,
-            req.reservation_id,
-            amount,
-            int(req.lease is not None),
-            int(credits is not None),
-            credits.expire_at_ms if credits else 0,
-        ]
-        for spec in token_limits:
-            step = Step.of(tokens - req.estimated_tokens, spec.window_ms, spec.limit)
-            args += [spec.limit, step.whole, step.rem]
-        keys = [*_fixed_keys(req), *(spec.key for spec in token_limits)]
+        keys, args = _settle_call(reservation.request, amount, tokens, now_ms)
         return bool(await self._call(lambda: self._settle(keys=keys, args=args)))
+
+    async def cancel(self, request: AdmitRequest, now_ms: int) -> bool:
+        check_settle(0, 0, now_ms)
+        keys, args = _settle_call(request, 0, 0, now_ms)
+        tombstone_ms = 2 * request.ttl_ms  # as long as the ticket of the admit would have lived
+        return bool(await self._call(lambda: self._cancel(keys=keys, args=[*args, tombstone_ms])))
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
         check_renew(ttl_ms, now_ms)
@@ -181,8 +176,28 @@ def _fixed_keys(req: AdmitRequest) -> list[str]:
     ]
 
 
+def _settle_call(req: AdmitRequest, amount: int, tokens: int, now_ms: int) -> tuple[list[str], list[int | str]]:
+    """KEYS and ARGV of the settle script (and of cancel, which settles at 0)."""
+    token_limits = [spec for spec in req.limits if spec.tokens]
+    credits = req.credits
+    args: list[int | str] = [
+        now_ms,
+        req.reservation_id,
+        amount,
+        int(req.lease is not None),
+        int(credits is not None),
+        credits.expire_at_ms if credits else 0,
+    ]
+    for spec in token_limits:
+        step = Step.of(tokens - req.estimated_tokens, spec.window_ms, spec.limit)
+        args += [spec.limit, step.whole, step.rem]
+    return [*_fixed_keys(req), *(spec.key for spec in token_limits)], args
+
+
 def _parse_admit(req: AdmitRequest, reply: Sequence[int], *, dry: bool) -> AdmitResult:
     allowed, kind, index, retry, in_flight, spent, held = (int(v) for v in reply[:7])
+    if kind == _CANCELLED:
+        raise AdmitCancelled()
     tats = [None if int(ms) < 0 else (int(ms), int(num)) for ms, num in zip(reply[7::2], reply[8::2])]
     states = tuple(gcra_state(tat, req.now_ms, spec.limit, spec.window_ms) for spec, tat in zip(req.limits, tats))
     balance = Balance(req.credits.budget, spent, held) if req.credits else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Awaitable, Callable, Literal, TypeVar
+from typing import Any, Awaitable, Callable, Literal, TypeVar
 
 from proxy.store.base import (
     AdmitRequest,
@@ -64,13 +64,15 @@ class ResilientStore:
         return self._breaker.state
 
     async def admit(self, request: AdmitRequest) -> AdmitResult:
+        """Admit on the shared store, else per the fail modes. If the shared admit failed uncertainly (it may
+        still run there), the answer says so (`shared_uncertain`, or StoreUnavailable with certain=False)."""
         ok, result = await self._attempt("admit", lambda: self._primary.admit(request))
         if ok:
             return result
-        outcome = await self._fallback.admit(self._degraded(request, "admit"))
-        if outcome.reservation is None:
-            return outcome
-        return dataclasses.replace(outcome, reservation=dataclasses.replace(outcome.reservation, fallback=True))
+        uncertain = isinstance(result, StoreError) and not result.certain
+        outcome = await self._fallback.admit(self._degraded(request, "admit", certain=not uncertain))
+        reservation = outcome.reservation and dataclasses.replace(outcome.reservation, fallback=True)
+        return dataclasses.replace(outcome, reservation=reservation, shared_uncertain=uncertain)
 
     async def peek(self, request: AdmitRequest) -> AdmitResult:
         ok, result = await self._attempt("peek", lambda: self._primary.peek(request))
@@ -85,6 +87,14 @@ class ResilientStore:
         ok, result = await self._attempt("settle", lambda: self._primary.settle(reservation, amount, tokens, now_ms))
         if not ok:
             raise StoreError("store unavailable")  # the meter queues the settle and retries it
+        return result
+
+    async def cancel(self, request: AdmitRequest, now_ms: int) -> bool:
+        """Cancel a lost admit on the shared store (fallback admits never get lost); raises StoreError if it is
+        down, and the meter retries."""
+        ok, result = await self._attempt("cancel", lambda: self._primary.cancel(request, now_ms))
+        if not ok:
+            raise StoreError("store unavailable")
         return result
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
@@ -112,19 +122,21 @@ class ResilientStore:
             raise StoreError("ping failed")
         return True
 
-    def _degraded(self, request: AdmitRequest, op: str) -> AdmitRequest:
-        """The request to run locally, or StoreUnavailable if a concern it touches fails closed."""
+    def _degraded(self, request: AdmitRequest, op: str, *, certain: bool = True) -> AdmitRequest:
+        """The request to run locally, or StoreUnavailable if a concern it touches fails closed (`certain`:
+        whether the shared store surely did not run it)."""
         if request.credits is not None and self._fail_credits == "closed":
             self._observer.on_op(op, 0.0, "refused")
-            raise StoreUnavailable("store unavailable; credits fail closed")
+            raise StoreUnavailable("store unavailable; credits fail closed", certain=certain)
         if (request.limits or request.lease) and self._fail_rate_limits == "closed":
             self._observer.on_op(op, 0.0, "refused")
-            raise StoreUnavailable("store unavailable; rate limits fail closed")
+            raise StoreUnavailable("store unavailable; rate limits fail closed", certain=certain)
         self._observer.on_op(op, 0.0, "fallback")
         return dataclasses.replace(request, credits=None)
 
-    async def _attempt(self, op: str, call: Callable[[], Awaitable[T]]) -> tuple[bool, T]:
-        """Call the shared store if the breaker allows; (False, None) when it is skipped or fails.
+    async def _attempt(self, op: str, call: Callable[[], Awaitable[T]]) -> tuple[bool, Any]:
+        """Call the shared store if the breaker allows: (True, result); (False, None) when the breaker skipped
+        it, (False, the StoreError) when it failed.
 
         Only failures on the wire count against the breaker. A StoreScriptError is raised on: Redis answered, so
         it counts as a success (a bug in a script must not turn every request of the replica into 503s).
@@ -132,7 +144,7 @@ class ResilientStore:
         probes with a PING before its own call goes out.
         """
         if not self._breaker.allow():
-            return False, None  # type: ignore[return-value]
+            return False, None
         started = time.perf_counter()
         try:
             if self._breaker.state == "half_open" and not await self._primary.ping():
@@ -146,10 +158,10 @@ class ResilientStore:
             self._breaker.abandon()
             self._observer.on_op(op, time.perf_counter() - started, "overloaded")
             raise
-        except StoreError:
+        except StoreError as exc:
             self._breaker.failure()
             self._observer.on_op(op, time.perf_counter() - started, "error")
-            return False, None  # type: ignore[return-value]
+            return False, exc
         except BaseException:
             self._breaker.abandon()
             raise
