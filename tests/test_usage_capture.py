@@ -196,3 +196,14 @@ async def test_responses_reads_usage_from_an_oversized_final_chunk(
     assert status == 200
     state = (await me(gateway))["balance"]
     assert (state["spent"], state["held"]) == (4 + 6, 0)
+
+
+async def test_a_per_second_price_is_charged_the_reserves_seconds_when_no_length_is_known(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    """Usage in tokens says nothing about seconds: a per_second price still applies, at `max_seconds`."""
+    gateway = await start_with(budget_policy(BUDGET, {"mock/chat": "{per_second: 2}"}))
+    status, _, _ = await call(gateway, "/v1/chat/completions", CHAT)  # the mock reports 7 + 4 tokens
+    assert status == 200
+    state = (await me(gateway))["balance"]
+    assert (state["spent"], state["held"]) == (2 * 60, 0)

@@ -194,7 +194,7 @@ def overrun_charge(gateway: Gateway, ctx: RequestContext, decision: Decision, ch
 def used(outcome: RelayOutcome, decision: Decision, input_bytes: int) -> Usage | None:
     """The provider's usage; without it, the reserve's bounds for a completed call (it may have used them all)
     or an estimate from the output relayed for a cut one; None when the call produced nothing (released).
-    A measured audio length replaces the seconds."""
+    Seconds (for per_second prices): the audio length measured, else the usage's, else the reserve's bound."""
     if outcome.status == 0 or outcome.status >= 400:
         return None
     if outcome.usage is not None:
@@ -205,4 +205,5 @@ def used(outcome: RelayOutcome, decision: Decision, input_bytes: int) -> Usage |
         return None
     else:
         usage = Usage(input_tokens=input_bytes // _BYTES_PER_TOKEN, output_tokens=outcome.output_chunks)
-    return usage if outcome.seconds is None else replace(usage, seconds=outcome.seconds)
+    seconds = outcome.seconds if outcome.seconds is not None else usage.seconds or decision.bound.seconds
+    return replace(usage, seconds=seconds)
