@@ -29,6 +29,7 @@ BOOLEAN = {"type": "boolean"}
 OBJECT = {"type": "object"}  # a Kubernetes object passed through as is (the API server validates it)
 LIST = {"type": "array"}
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+SECRET_KEY = {"type": "string", "pattern": "^[-._a-zA-Z0-9]+$"}  # what Kubernetes allows as a key of a Secret
 
 
 def integer(minimum: int = 0) -> dict[str, Any]:
@@ -89,7 +90,8 @@ def values_schema() -> dict[str, Any]:
         "policies": {"type": "object", "additionalProperties": {"type": ["string", "object"]}},
         "demo": section({"enabled": BOOLEAN}),
         "policiesExistingConfigMap": STRING,
-        "signingKey": section({"existingSecret": STRING, "secretKey": STRING,
+        "signingKey": section({"existingSecret": STRING, "secretKey": SECRET_KEY,
+                               "verifyOnlyKeys": {"type": "array", "items": SECRET_KEY, "uniqueItems": True},
                                "algorithm": {"enum": ["ecdsa", "ed25519"]}}),
         "providerSecrets": section({"existingSecret": STRING}),
         "redis": section({"existingSecret": STRING, "secretKey": STRING}),

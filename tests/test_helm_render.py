@@ -313,3 +313,52 @@ def test_values_schema_is_generated_from_the_config_model() -> None:
 def test_schema_refuses_typos_and_wrong_types_at_lint(helm: Helm, values: dict[str, Any], complaint: str) -> None:
     result = helm.run("lint", "--strict", str(CHART), values=values)
     assert result.returncode != 0 and complaint in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+# -- signing keys from an existing Secret, rotation, rolling on change -------------------------------------
+
+def _pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+
+
+ROTATION_STEPS = [  # docs/deploy.md, "Rotate the signing key"
+    {"secretKey": "signing-key.pem", "verifyOnlyKeys": ["next.pem"]},
+    {"secretKey": "next.pem", "verifyOnlyKeys": ["signing-key.pem"]},
+    {"secretKey": "next.pem", "verifyOnlyKeys": []},
+]
+
+
+def test_rotation_with_two_keys_from_one_secret(helm: Helm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Each step of the documented rotation passes check, signs with one key, verifies the other, rolls pods."""
+    from proxy.auth.tokens import KeyRing, SigningKeySettings
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    secret = {"signing-key.pem": _pem(), "next.pem": _pem()}
+    checksums = []
+    for step, keys in enumerate(ROTATION_STEPS):
+        manifests = helm.template({"signingKey": {"existingSecret": "edge-proxy-signing", **keys}})
+        assert not [m for m in manifests if m["kind"] == "Secret"], "an existing Secret: the chart makes none"
+        root = tmp_path / str(step)
+        materialize_pod_files(manifests, root, {"edge-proxy-signing": secret})
+        config = yaml.safe_load(rooted_config(root).read_text())
+        ring = KeyRing.from_settings([SigningKeySettings(**key) for key in config["auth"]["signing_keys"]])
+        signer = Path(next(k["file"] for k in config["auth"]["signing_keys"] if k["active"])).name
+        assert signer == keys["secretKey"] and len(ring.jwks()["keys"]) == 1 + len(keys["verifyOnlyKeys"])
+        _check(rooted_config(root), capsys)
+        annotations = find(manifests, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        assert "checksum/secrets" in annotations
+        checksums.append(annotations["checksum/config"])
+    assert len(set(checksums)) == len(ROTATION_STEPS), "every rotation step must roll the pods"
+
+
+@pytest.mark.parametrize("signing_key,complaint", [
+    ({"verifyOnlyKeys": ["old.pem"]}, "signingKey.verifyOnlyKeys needs signingKey.existingSecret"),
+    ({"existingSecret": "s", "verifyOnlyKeys": ["signing-key.pem"]}, "cannot also be verify-only"),
+])
+def test_impossible_key_sets_fail_at_render(helm: Helm, signing_key: dict[str, Any], complaint: str) -> None:
+    assert complaint in helm.template_error({"signingKey": signing_key})

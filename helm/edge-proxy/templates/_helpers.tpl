@@ -46,6 +46,31 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-signing-key" (include "edge-proxy.fullname" .)) .Values.signingKey.existingSecret }}
 {{- end }}
 
+{{/* auth.signing_keys: the Secret's active key signs, its verify-only keys (a rotation's previous key) verify. */}}
+{{- define "edge-proxy.signingKeys" -}}
+{{- if and .Values.signingKey.verifyOnlyKeys (not .Values.signingKey.existingSecret) }}
+{{- fail "signingKey.verifyOnlyKeys needs signingKey.existingSecret: the generated Secret holds one key" }}
+{{- end }}
+{{- if has .Values.signingKey.secretKey .Values.signingKey.verifyOnlyKeys }}
+{{- fail "signingKey.verifyOnlyKeys lists signingKey.secretKey: the active key cannot also be verify-only" }}
+{{- end }}
+- {file: {{ printf "/var/run/secrets/edge-proxy/signing/%s" .Values.signingKey.secretKey | quote }}, active: true}
+{{- range .Values.signingKey.verifyOnlyKeys }}
+- {file: {{ printf "/var/run/secrets/edge-proxy/signing/%s" . | quote }}, active: false}
+{{- end }}
+{{- end }}
+
+{{/* Restart pods when a Secret they read at start-up changes (env vars, signing keys). lookup sees nothing
+     under `helm template`: GitOps renders hash nothing and stay stable; there, rename the Secret to roll. */}}
+{{- define "edge-proxy.secretsChecksum" -}}
+{{- $data := dict }}
+{{- range $name := compact (list .Values.signingKey.existingSecret .Values.redis.existingSecret .Values.providerSecrets.existingSecret) | uniq }}
+{{- $secret := lookup "v1" "Secret" $.Release.Namespace $name | default dict }}
+{{- $_ := set $data $name (get $secret "data" | default dict) }}
+{{- end }}
+{{- toJson $data | sha256sum }}
+{{- end }}
+
 {{- define "edge-proxy.policiesConfigMap" -}}
 {{- default (printf "%s-policies" (include "edge-proxy.fullname" .)) .Values.policiesExistingConfigMap }}
 {{- end }}
@@ -60,6 +85,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $config "providers" $providers }}
 {{- $_ := set $config "models" (prepend (get $config "models" | default list) (include "edge-proxy.demoModel" . | fromYaml)) }}
 {{- end }}
+{{- $auth := get $config "auth" | default dict }}
+{{- $_ := set $auth "signing_keys" (include "edge-proxy.signingKeys" . | fromYamlArray) }}
+{{- $_ := set $config "auth" $auth }}
 {{- if not (get $config "providers") }}
 {{- fail "config.providers is empty: give your providers and models under config, or set demo.enabled=true" }}
 {{- end }}
