@@ -17,7 +17,7 @@ from proxy.upstream.body_usage import MAX_WHOLE_JSON
 
 from .conftest import StartGateway
 from .gateway_harness import TEST_KEY, budget_policy
-from .mock_provider import MockProvider, chat_chunk, open_sse, sse
+from .mock_provider import MockProvider, chat_chunk, open_sse, sse, usage_chunk
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 BUDGET = 1_000_000
@@ -207,3 +207,19 @@ async def test_a_per_second_price_is_charged_the_reserves_seconds_when_no_length
     assert status == 200
     state = (await me(gateway))["balance"]
     assert (state["spent"], state["held"]) == (2 * 60, 0)
+
+
+async def test_usage_in_a_last_event_without_its_blank_line_is_read(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    async def ends_without_blank_line(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        await response.write(sse(chat_chunk("one", finish="stop")) + sse(usage_chunk(5, 1))[:-1])
+        return response
+
+    provider.handler = ends_without_blank_line
+    gateway = await start_with(POLICY)
+    status, _, body = await call(gateway, "/v1/chat/completions", {**CHAT, "stream": True})
+    assert status == 200 and b"usage" not in body  # the usage chunk the gateway asked for stays hidden
+    state = (await me(gateway))["balance"]
+    assert (state["spent"], state["held"]) == (5 + 1, 0)

@@ -255,7 +255,8 @@ async def _relay_events(
                 await _write(response, bytes(out), outcome)
             # Clients stop at `[DONE]` and may hang up before the upstream's body has ended.
             outcome.delivered = outcome.delivered or ends
-        if rest := splitter.flush():
+        rest = splitter.flush()  # a last event without its blank line still counts, usage included
+        if rest and _inspect_event(rest, drop_usage_event, outcome):
             await _write(response, rest, outcome)
     except ApiError as exc:
         outcome.error_code = exc.code
