@@ -164,6 +164,10 @@ class ProviderSettings(_Strict):
     auth_scheme: str = "Bearer"  # prefix before the key; "" sends the bare key (e.g. `x-api-key`)
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(100, gt=0)
+    # The most of the pool one account may hold (default: half of it), and how long a call waits for a free
+    # connection when the pool is busy (proxy/upstream/shares.py).
+    max_connections_per_account: int | None = Field(None, gt=0)
+    pool_wait_s: float = Field(5.0, gt=0)
     # Hosts (`host` or `host:port`) a 307/308 from this provider may lead to, credential included; none by default.
     follow_redirects_to: tuple[str, ...] = ()
 
@@ -177,6 +181,19 @@ class ProviderSettings(_Strict):
                     "e.g. eu.api.example.com or eu.api.example.com:8443"
                 )
         return hosts
+
+    @property
+    def connections_per_account(self) -> int:
+        return self.max_connections_per_account or max(1, self.max_connections // 2)
+
+    @model_validator(mode="after")
+    def _account_share_fits_the_pool(self) -> "ProviderSettings":
+        if self.connections_per_account > self.max_connections:
+            raise ValueError(
+                f"max_connections_per_account ({self.max_connections_per_account}) exceeds max_connections "
+                f"({self.max_connections}); an account's share must fit in the pool: lower it or raise the pool"
+            )
+        return self
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> "ProviderSettings":

@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
 from .store import Store, StoreSettings, build_store
 from .upstream.demo import start_demo_upstream
-from .upstream.providers import Provider, RedirectPolicy, auth_headers, new_session, read_credential
+from .upstream.providers import Provider, RedirectPolicy, auth_headers, new_session, pool_shares, read_credential
 from .tracing import NO_TRACING, Tracing, build_tracing
 from .upstream.relay import RelaySettings
 
@@ -94,6 +94,7 @@ class Gateway:
                 timeouts=settings.timeouts,
                 auth_headers=auth_headers(settings, credential),
                 session=new_session(settings),
+                pool=pool_shares(name, settings),
                 redirects=RedirectPolicy.from_settings(settings),
                 inject_trace=self.tracing.inject,
             )

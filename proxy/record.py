@@ -16,7 +16,7 @@ CLIENT_CLOSED = 499  # nginx's convention for "the client hung up before the ans
 # error code -> (denial kind, rule name when the error does not carry one)
 _DENIALS = {
     "rate_limit": ("rate_limit", None),
-    "concurrency_limit": ("concurrency", "concurrency"),
+    "concurrency_limit": ("concurrency", None),  # the plan's `concurrency`, or `provider_connections`
     "insufficient_credits": ("budget", "budget"),
     "provider_not_authorized": ("scope", "scope"),
 }

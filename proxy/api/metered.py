@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from typing import Any, AsyncIterator
 
@@ -39,6 +39,22 @@ async def authorize_and_admit(
     admission = await gateway.meter.admit(principal, model.id, decision, ctx.request_id)
     gateway.metrics.credits("reserved", decision.reserve_credits)
     return decision, admission
+
+
+@asynccontextmanager
+async def connection_share(
+    gateway: Gateway, provider: Provider, account: str, decision: Decision, admission: Admission
+) -> AsyncIterator[None]:
+    """The account's share of the provider's connections (upstream/shares.py), held until the call is over. A call
+    that gets none (refused, or its client left while it waited) used nothing: its admission is released."""
+    async with AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(provider.pool.slot(account))
+        except BaseException:
+            await asyncio.shield(admission.release())
+            gateway.metrics.credits("released", decision.reserve_credits)
+            raise
+        yield
 
 
 @asynccontextmanager

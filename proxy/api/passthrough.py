@@ -12,7 +12,7 @@ from ..context import CONTEXT
 from ..upstream import openai_format
 from ..upstream.relay import relay
 from .body import read_json_object
-from .metered import authorize_and_admit, metered_call, request_facts
+from .metered import authorize_and_admit, connection_share, metered_call, request_facts
 from .state import GATEWAY, authenticated
 
 ROUTES = (
@@ -33,10 +33,11 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     provider = gateway.providers[model.provider]
     prepared = openai_format.prepare(request.path, body, model.upstream_model, decision.max_output_tokens)
-    async with metered_call(gateway, ctx, provider, decision, admission, facts) as outcome:
-        return await relay(
-            request, provider, request.path, prepared, ctx.request_id, gateway.relay, outcome, admission.headers
-        )
+    async with connection_share(gateway, provider, principal.account, decision, admission):
+        async with metered_call(gateway, ctx, provider, decision, admission, facts) as outcome:
+            return await relay(
+                request, provider, request.path, prepared, ctx.request_id, gateway.relay, outcome, admission.headers
+            )
 
 
 def add_routes(app: web.Application) -> None:

@@ -27,7 +27,7 @@ from ..upstream.providers import Provider
 from ..upstream.relay import RelayOutcome, open_upstream, read_chunks, stream_deadline, upstream_failure
 from .body import read_json_object
 from .inputs import validate_inputs
-from .metered import authorize_and_admit, metered_call, request_facts
+from .metered import authorize_and_admit, connection_share, metered_call, request_facts
 from .schema import INPUTS
 from .state import GATEWAY, authenticated
 from .uploads import keep_asset
@@ -215,17 +215,18 @@ async def responses(request: web.Request) -> web.StreamResponse:
     facts = request_facts(call.route, call.body, len(await request.read()))  # the body is cached by now
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     provider = gateway.providers[model.provider]
-    async with metered_call(gateway, ctx, provider, decision, admission, facts) as outcome:
-        events = await EventStream.open(request, admission.headers, outcome)
-        outcome.response = events.response
-        await events.send("generation.status", {"status": "queued"})
-        try:
-            output = await _generate(request, provider, model, call, decision.max_output_tokens, events, outcome)
-        except ApiError as exc:
-            outcome.error_code = outcome.error_code or exc.code
-            await events.send("generation.failed", exc.body())
-        else:
-            await events.send("generation.completed", {"output": output})
+    async with connection_share(gateway, provider, principal.account, decision, admission):
+        async with metered_call(gateway, ctx, provider, decision, admission, facts) as outcome:
+            events = await EventStream.open(request, admission.headers, outcome)
+            outcome.response = events.response
+            await events.send("generation.status", {"status": "queued"})
+            try:
+                output = await _generate(request, provider, model, call, decision.max_output_tokens, events, outcome)
+            except ApiError as exc:
+                outcome.error_code = outcome.error_code or exc.code
+                await events.send("generation.failed", exc.body())
+            else:
+                await events.send("generation.completed", {"output": output})
     await events.response.write_eof()
     return events.response
 

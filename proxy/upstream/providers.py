@@ -11,6 +11,7 @@ import aiohttp
 from yarl import URL
 
 from ..config import ConfigError, ProviderSettings, Timeouts
+from .shares import PoolShares
 
 
 _KEEPS_METHOD_AND_BODY = frozenset({307, 308})
@@ -46,6 +47,7 @@ class Provider:
     timeouts: Timeouts
     auth_headers: Mapping[str, str]
     session: aiohttp.ClientSession
+    pool: PoolShares  # every call holds a slot of the session's pool; no account more than its share
     redirects: RedirectPolicy = RedirectPolicy()
     inject_trace: Callable[[MutableMapping[str, str]], None] = lambda headers: None  # adds traceparent if tracing
 
@@ -81,6 +83,10 @@ def auth_headers(settings: ProviderSettings, credential: str | None) -> dict[str
         return {}
     value = f"{settings.auth_scheme} {credential}" if settings.auth_scheme else credential
     return {settings.auth_header: value}
+
+
+def pool_shares(name: str, settings: ProviderSettings) -> PoolShares:
+    return PoolShares(name, settings.max_connections, settings.connections_per_account, settings.pool_wait_s)
 
 
 def new_session(settings: ProviderSettings) -> aiohttp.ClientSession:
