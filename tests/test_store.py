@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import subprocess
 import sys
 import time
@@ -255,39 +254,6 @@ async def test_exactly_the_budget_is_admitted_under_400_concurrent_admits(store:
     state = await store.peek(make_request(budget=budget, lease=1000))
     assert state.balance is not None and (state.balance.spent, state.balance.held) == (budget, 0)
     assert state.in_flight == 0
-
-
-async def test_memory_and_redis_agree_on_a_random_workload(redis_url: str) -> None:
-    """Differential check: the Lua scripts and the Python store give identical answers, step by step."""
-    client = aioredis.Redis.from_url(redis_url)
-    await client.flushdb()
-    await client.aclose()
-    memory, redis_store = MemoryStore(), RedisStore(redis_url)
-    rng = random.Random(7)
-    limits = (requests_limit(20), tokens_limit(20_000, 0))
-    open_reservations = []
-    now = T0
-    for _ in range(300):
-        now += rng.choice([0, 0, 37, 500, 4000, 15_000])
-        if open_reservations and rng.random() < 0.2:
-            res_m, res_r = rng.choice(open_reservations)
-            assert await memory.renew(res_m, 9000, now) == await redis_store.renew(res_r, 9000, now)
-            continue
-        if open_reservations and rng.random() < 0.4:
-            res_m, res_r = open_reservations.pop(rng.randrange(len(open_reservations)))
-            amount, tokens = rng.randrange(0, CREDIT), rng.randrange(0, 3000)
-            assert await memory.settle(res_m, amount, tokens, now) == await redis_store.settle(
-                res_r, amount, tokens, now
-            )
-            continue
-        estimate = rng.randrange(0, 6000)
-        spec = (limits[0], LimitSpec(limits[1].key, 20_000, MINUTE_MS, estimate, tokens=True))
-        req = make_request(now, limits=spec, lease=3, budget=40 * CREDIT, amount=rng.randrange(CREDIT), ttl_ms=9000)
-        got_m, got_r = await memory.admit(req), await redis_store.admit(req)
-        assert got_m == got_r
-        if got_m.reservation is not None and got_r.reservation is not None:
-            open_reservations.append((got_m.reservation, got_r.reservation))
-    await redis_store.close()
 
 
 WORKER = """
