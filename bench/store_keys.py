@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0, help="how long users keep arriving")
     parser.add_argument("--users-per-second", type=int, default=300)
     parser.add_argument("--accounts", type=int, default=5)
-    parser.add_argument("--idle-seconds", type=float, default=5.0, help="quiet time at the end to watch keys expire")
+    parser.add_argument("--idle-seconds", type=float, default=8.0, help="quiet time at the end to watch keys expire")
     args = parser.parse_args()
     asyncio.run(run(args.seconds, args.users_per_second, args.accounts, args.idle_seconds))
 

@@ -7,8 +7,15 @@ first and writes last, and every number it writes goes through `int` (plain digi
 exponent or a fraction), so no input can make a script fail halfway.
 """
 
+# Every expiry is judged by the gateway's clock (`now`); Redis TTLs only collect garbage, and run GRACE ms
+# past the logical expiry, so that a replica whose clock lags (or a call that reached Redis late) never finds
+# a key gone that is still alive by its clock. A present but logically expired key reads as absent.
+_GRACE = r"""
+local GRACE = 2000
+"""
+
 # Shared by admit and settle: GCRA arrival times, charging expired credit holds.
-_COMMON = r"""
+_COMMON = _GRACE + r"""
 local now = tonumber(ARGV[1])
 
 local function int(x)
@@ -49,7 +56,7 @@ local function store_tat(key, tat, limit)
   if (not tat) or tat[1] < now or (tat[1] == now and tat[2] == 0) then
     redis.call('DEL', key)
   else
-    redis.call('SET', key, int(tat[1]) .. ':' .. int(tat[2]) .. ':' .. int(limit), 'PX', int(ceil_ms(tat) - now))
+    redis.call('SET', key, int(tat[1]) .. ':' .. int(tat[2]) .. ':' .. int(limit), 'PX', int(ceil_ms(tat) - now + GRACE))
   end
 end
 
@@ -147,7 +154,7 @@ for i = 1, n do store_tat(KEYS[4 + i], new_tats[i], limits[i]) end
 local expiry = now + ttl
 if lease_limit >= 0 then
   redis.call('ZADD', KEYS[2], int(expiry), rid)
-  if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], int(ttl)) end
+  if redis.call('PTTL', KEYS[2]) < ttl + GRACE then redis.call('PEXPIRE', KEYS[2], int(ttl + GRACE)) end
   in_flight = in_flight + 1
 end
 local reserved = 0
@@ -160,7 +167,7 @@ if budget >= 0 then
 end
 -- the ticket's logical expiry is judged by `now`, like everything else; the TTL only collects garbage
 redis.call('HSET', KEYS[1], 'amt', int(reserved), 'exp', int(now + 2 * ttl))
-redis.call('PEXPIRE', KEYS[1], int(2 * ttl))
+redis.call('PEXPIRE', KEYS[1], int(2 * ttl + GRACE))
 return reply(1, new_tats)
 """
 
@@ -216,7 +223,7 @@ return undone
 # KEYS: ticket, lease zset, ledger hash (unused: the key layout of SETTLE), holds zset.
 # ARGV: now_ms, reservation id, ttl_ms, has lease (0|1), has credits (0|1).
 # Reply: 1 if renewed; 0 if settled, or if its lease or hold already expired (never revived: it was charged).
-RENEW = r"""
+RENEW = _GRACE + r"""
 local now, rid, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local ticket = redis.call('HMGET', KEYS[1], 'amt', 'exp')
 if (not ticket[2]) or tonumber(ticket[2]) <= now then return 0 end
@@ -231,11 +238,11 @@ local function int(x) return string.format('%d', x) end
 local expiry = now + ttl
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[2], 'XX', int(expiry), rid)
-  if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], int(ttl)) end
+  if redis.call('PTTL', KEYS[2]) < ttl + GRACE then redis.call('PEXPIRE', KEYS[2], int(ttl + GRACE)) end
 end
 if ARGV[5] == '1' then redis.call('ZADD', KEYS[4], 'XX', int(expiry), hold) end
 -- the ticket must outlive the renewed hold, so that the final settle still finds it
 redis.call('HSET', KEYS[1], 'exp', int(now + 2 * ttl))
-redis.call('PEXPIRE', KEYS[1], int(2 * ttl))
+redis.call('PEXPIRE', KEYS[1], int(2 * ttl + GRACE))
 return 1
 """
