@@ -133,12 +133,14 @@ BENCH_POLICY: dict = {
 }
 
 
-def gateway_config(upstream_port: int, directory: str, policy: dict = BENCH_POLICY) -> str:
-    """Write a config (one model `bench/chat` on the upstream) and `policy` into `directory`; return the config path."""
+def gateway_config(upstream_port: int, directory: str, policy: dict = BENCH_POLICY, store: dict | None = None) -> str:
+    """Write a config (one model `bench/chat` on the upstream, `store` or the memory store) and `policy` into
+    `directory`; return the config path."""
     path = Path(directory) / "config.yaml"
     Path(directory, "policies").mkdir()
     Path(directory, "policies", "bench.yaml").write_text(json.dumps(policy))
     path.write_text(json.dumps({
+        "store": store or {"kind": "memory"},
         "server": {"sse_keepalive_s": 0, "log_level": "warning"},
         "demo": {"enabled": True, "plan": "demo"},
         "providers": {"up": {"base_url": f"http://127.0.0.1:{upstream_port}/v1", "max_connections": 1000}},
