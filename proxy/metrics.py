@@ -43,7 +43,7 @@ BUILTIN_PRINCIPAL_TYPES: frozenset[str] = frozenset({"api_key", "gateway_token",
 UPSTREAM_OUTCOMES: frozenset[str] = frozenset({"ok", "error", "timeout", "cancelled"})
 DENIAL_KINDS: frozenset[str] = frozenset({"rate_limit", "budget", "concurrency", "scope"})
 CREDIT_ACTIONS: frozenset[str] = frozenset({"reserved", "settled", "released"})
-STORE_ERROR_KINDS: frozenset[str] = frozenset({"error", "script_error", "fallback", "refused"})
+STORE_ERROR_KINDS: frozenset[str] = frozenset({"error", "script_error", "overloaded", "fallback", "refused"})
 ERROR_CODES: frozenset[str] = frozenset(CATALOGUE)
 
 # Latency buckets span a 5 ms JSON answer up to a 5 min generation stream.

@@ -17,7 +17,7 @@ from proxy.policy.types import Budget, Decision
 from proxy.auth.principal import Principal
 from proxy.store import RedisStore, ResilientStore, StoreError, StoreOverloaded
 from tests.redis_server import RedisServer
-from tests.test_store import CREDIT, make_request
+from tests.test_store import CREDIT, RecordingObserver, make_request
 
 BURST = 400
 # About what a gateway spends on the event loop per request besides the store call (parsing, auth, policy,
@@ -66,7 +66,8 @@ async def test_a_full_admission_queue_is_503_overloaded_with_retry_after(server:
     """2 calls on the wire and 2 waiting while Redis stalls: the 3rd waiting call is refused at once, without
     touching the breaker; the others are answered once Redis moves again."""
     redis_store = RedisStore(server.url, max_connections=2, max_waiting_calls=2)
-    store = ResilientStore(redis_store)
+    observer = RecordingObserver()
+    store = ResilientStore(redis_store, observer=observer)
     meter = Meter(store)
     principal, decision = meter_principal()
     assert await store.ping()
@@ -82,7 +83,8 @@ async def test_a_full_admission_queue_is_503_overloaded_with_retry_after(server:
     assert refused.value.headers["Retry-After"] == "1"
     admitted = await asyncio.gather(*calls)
     assert all(admission.headers for admission in admitted)
-    assert store.breaker_state == "closed"
+    assert store.breaker_state == "closed" and observer.breaker_states == []
+    assert ("admit", "overloaded") in observer.outcomes and ("admit", "error") not in observer.outcomes
     await store.close()
 
 
