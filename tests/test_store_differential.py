@@ -1,20 +1,21 @@
-"""Differential property test: random sequences of admit, peek, settle, renew and clock steps, with amounts
-from 0 to beyond the bounds, give identical answers from MemoryStore and RedisStore (a real redis-server)
+"""Differential property test: random sequences of admit, peek, settle, renew, cancel (of a lost admit), a
+late replay of an admit, and clock steps, with amounts from 0 to beyond the bounds, give identical answers from MemoryStore and RedisStore (a real redis-server)
 at every step. One Python reference, one Lua twin: any divergence is a bug in one of them."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from typing import Any, Awaitable, Callable
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, multiple, rule, run_state_machine_as_test
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from proxy.store import AdmitRequest, CreditSpec, LeaseSpec, LimitSpec, MemoryStore, RedisStore, Reservation, Store
-from proxy.store.base import MAX_AMOUNT, MAX_BUDGET, MAX_TOKENS
+from proxy.store.base import MAX_AMOUNT, MAX_BUDGET, MAX_TOKENS, AdmitCancelled
 
 CREDIT = 1_000_000
 LEDGER_LIFETIME_MS = 30 * 86_400_000  # beyond any clock the steps reach: both stores keep the ledger
@@ -38,8 +39,8 @@ steps = st.sampled_from([0, 1, 7, 699, 700, 4999, 5000, 20_000, 60_001, 3_600_00
 def outcome(call: Callable[[], Awaitable[Any]], loop: asyncio.AbstractEventLoop) -> tuple[str, Any]:
     try:
         return "ok", loop.run_until_complete(call())
-    except ValueError as exc:
-        return "ValueError", str(exc)
+    except (ValueError, AdmitCancelled) as exc:
+        return type(exc).__name__, str(exc)
 
 
 class MemoryVersusRedis(RuleBasedStateMachine):
@@ -47,7 +48,7 @@ class MemoryVersusRedis(RuleBasedStateMachine):
     keys by its own clock, which must never get ahead of the logical expiry the stores judge by)."""
 
     redis_url = ""
-    reservations = Bundle("reservations")
+    requests = Bundle("requests")  # every admit sent, taken or not: settling one never taken is a no-op
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,29 +91,41 @@ class MemoryVersusRedis(RuleBasedStateMachine):
         )
 
     @rule(
-        target=reservations,
+        target=requests,
         tokens=token_counts, amount=amounts, budget=st.one_of(st.none(), budgets),
         lease=st.sampled_from([None, 0, 1, 3]), ttl=ttls, who=st.integers(0, 1),
     )
     def admit(self, tokens: int, amount: int, budget: int | None, lease: int | None, ttl: int, who: int) -> Any:
         req = self.request(tokens, amount, budget, lease, ttl, who)
-        result = self.both(lambda store: store.admit(req))
-        return multiple() if result is None or result.reservation is None else multiple(result.reservation)
+        self.both(lambda store: store.admit(req))
+        return req
+
+    @rule(req=requests)
+    def cancel(self, req: AdmitRequest) -> None:
+        now = self.now()
+        self.both(lambda store: store.cancel(req, now))
+
+    @rule(req=requests)
+    def replay_admit(self, req: AdmitRequest) -> None:
+        """The same admit (same ticket) reaching the store again, later (Redis running a call whose answer was
+        lost). With the time of its arrival: the memory store, like time, only moves forward."""
+        late = dataclasses.replace(req, now_ms=self.now())
+        self.both(lambda store: store.admit(late))
 
     @rule(budget=st.one_of(st.none(), budgets), lease=st.sampled_from([None, 3]), who=st.integers(0, 1))
     def peek(self, budget: int | None, lease: int | None, who: int) -> None:
         req = self.request(0, 0, budget, lease, 1000, who)
         self.both(lambda store: store.peek(req))
 
-    @rule(reservation=reservations, amount=amounts, tokens=token_counts)
-    def settle(self, reservation: Reservation, amount: int, tokens: int) -> None:
+    @rule(req=requests, amount=amounts, tokens=token_counts)
+    def settle(self, req: AdmitRequest, amount: int, tokens: int) -> None:
         now = self.now()
-        self.both(lambda store: store.settle(reservation, amount, tokens, now))
+        self.both(lambda store: store.settle(Reservation(req), amount, tokens, now))
 
-    @rule(reservation=reservations, ttl=ttls)
-    def renew(self, reservation: Reservation, ttl: int) -> None:
+    @rule(req=requests, ttl=ttls)
+    def renew(self, req: AdmitRequest, ttl: int) -> None:
         now = self.now()
-        self.both(lambda store: store.renew(reservation, ttl, now))
+        self.both(lambda store: store.renew(Reservation(req), ttl, now))
 
     @rule(step=steps)
     def clock_step(self, step: int) -> None:

@@ -97,7 +97,9 @@ local lease_limit, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 local amount = tonumber(ARGV[7])
 local n = #KEYS - 4
 -- a tombstone: this admit was cancelled (its caller gave up on it) before it got here; take nothing
-if not dry and redis.call('EXISTS', KEYS[1]) == 1 then return {0, 4, 0, -1, 0, 0, 0} end
+-- (judged by `now`, like every expiry: a key Redis still keeps for its grace period is gone)
+local ticket_exp = tonumber(redis.call('HGET', KEYS[1], 'exp'))
+if not dry and ticket_exp and ticket_exp > now then return {0, 4, 0, -1, 0, 0, 0} end
 
 local limits, tats, new_tats = {}, {}, {}
 local kind, index, retry = 0, 0, 0
@@ -178,7 +180,7 @@ return reply(1, new_tats)
 _SETTLE_BODY = r"""
 local rid = ARGV[2]
 local ticket = redis.call('HMGET', KEYS[1], 'amt', 'exp')
-if (not ticket[2]) or tonumber(ticket[2]) <= now then
+if (not ticket[1]) or (not ticket[2]) or tonumber(ticket[2]) <= now then  -- gone, expired or a tombstone
   redis.call('DEL', KEYS[1])
   return 0
 end
@@ -215,8 +217,9 @@ SETTLE = _COMMON + _SETTLE_BODY
 # then the tombstone's lifetime in ms. Reply: 1 if it undid a taken admit, else 0.
 CANCEL = _COMMON + "local function settle()\n" + _SETTLE_BODY + r"""end
 local undone = settle()
-redis.call('HSET', KEYS[1], 'cancelled', '1')
-redis.call('PEXPIRE', KEYS[1], ARGV[#ARGV])
+local tombstone_ms = tonumber(ARGV[#ARGV])
+redis.call('HSET', KEYS[1], 'cancelled', '1', 'exp', int(now + tombstone_ms))
+redis.call('PEXPIRE', KEYS[1], int(tombstone_ms + GRACE))
 return undone
 """
 
@@ -226,7 +229,7 @@ return undone
 RENEW = _GRACE + r"""
 local now, rid, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local ticket = redis.call('HMGET', KEYS[1], 'amt', 'exp')
-if (not ticket[2]) or tonumber(ticket[2]) <= now then return 0 end
+if (not ticket[1]) or (not ticket[2]) or tonumber(ticket[2]) <= now then return 0 end  -- tombstones too
 local hold = ticket[1] .. ':' .. rid
 local function alive(key, member)
   local expiry = redis.call('ZSCORE', key, member)
