@@ -54,7 +54,7 @@ class MemoryVersusRedis(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.memory = MemoryStore()
-        self.redis = RedisStore(self.redis_url, connect_timeout_s=5, op_timeout_s=5)
+        self.redis = RedisStore(self.redis_url)  # the shipped timeouts
         self.tag = f"d{uuid.uuid4().hex[:12]}"
         self.skew = 0
         self.started = self.wall_ms()
