@@ -174,3 +174,13 @@ async def test_image_parts_and_every_prompt_and_best_of_are_reserved(
     _, headers = await post_json(gateway, completions, "/v1/completions")
     reserve = len(json.dumps(completions)) + 3 * 4 * 5
     assert headers["X-Credits-Balance"] == str(budget - int(spent) - reserve)
+
+
+async def test_token_priced_image_models_reserve_their_output_cap_for_every_image(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    """An image model billed in output tokens (its cap set in the catalogue) reserves the cap n times."""
+    gateway = await start_with(budget_policy(1_000_000, {"mock/image": "{output_per_1k_tokens: 1000}"}),
+                               model_caps={"mock/image": 100})
+    _, headers = await post_json(gateway, {"model": "mock/image", "prompt": "cats", "n": 3}, "/v1/images/generations")
+    assert headers["X-Credits-Balance"] == str(1_000_000 - 3 * 100)

@@ -126,7 +126,7 @@ def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> Request
     return RequestFacts(
         input_bytes=input_bytes,
         max_output_tokens=0 if route == "/v1/embeddings" else max_tokens,
-        choices=1 if images else _prompts(body.get("prompt")) * max(n, best_of),
+        choices=_prompts(body.get("prompt")) * max(n, best_of),  # images: each of the n bounded like a choice
         media_parts=_media_parts(body.get("messages")),
         images=n if images else 1,
         stream=body.get("stream") is True,
