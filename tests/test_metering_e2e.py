@@ -411,3 +411,28 @@ async def eventually(probe: Callable[[], Awaitable[int]], wanted: int, timeout_s
         if status == wanted or time.monotonic() > deadline:
             return status
         await asyncio.sleep(0.1)
+
+
+FREE_EMBED_POLICY = """
+plans:
+  demo:
+    models: ["mock/*"]
+    budget: {credits: 100, period: none, scope: account}
+prices:
+  mock/chat: {per_request: 1}
+  mock/embed: {output_per_1k_tokens: 1}  # embeddings produce no output: reserved and charged 0
+"""
+
+
+async def test_calls_to_a_free_model_neither_poison_a_lifetime_budget_nor_open_the_breaker(
+    start_metered: StartGateway,
+) -> None:
+    """A reserve of 0 (mock/embed is priced by output only) once broke the Redis settle halfway: every such call counted
+    against the breaker, so after a few of them every budgeted request answered 503."""
+    gateway = await start_metered(FREE_EMBED_POLICY)
+    embed = json.dumps({"model": "mock/embed", "input": "hi"}).encode()
+    answers = await asyncio.gather(*(post(gateway, embed, "/v1/embeddings") for _ in range(8)))
+    assert [status for status, _, _ in answers] == [200] * 8
+    status, _, body = await post(gateway)  # a priced call of the same account
+    assert status == 200, body
+    assert (await settled_balance(gateway))["spent"] == 1
