@@ -48,7 +48,9 @@ async def context_and_errors(request: web.Request, handler: Handler) -> web.Stre
         return response
     finally:
         gateway = request.app[GATEWAY]
-        record(gateway.metrics, request, ctx, status, gateway.config.server.access_log)
+        server = gateway.config.server
+        record(gateway.metrics, request, ctx, status,
+               server.access_log and request.path not in server.access_log_skip_paths)
 
 
 async def _answer(request: web.Request, handler: Handler, ctx: RequestContext) -> web.StreamResponse:

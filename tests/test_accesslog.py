@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 from typing import Callable, Iterator
 
+import aiohttp
 import pytest
 
 from proxy.accesslog import ACCESS_FIELDS, REDACTED, configure_logging, log_access, principal_log_id
 from proxy.auth.principal import Principal
+from tests.gateway_harness import gateway_config, start_gateway
+from tests.mock_provider import MockProvider
 
 
 Reader = Callable[[], list[dict]]
@@ -164,3 +168,25 @@ def test_text_mode_redacts_tracebacks_too() -> None:
     stop()
     logging.getLogger().handlers.clear()
     assert SECRETS[2] not in buffer.getvalue() and f"RuntimeError: Authorization: {REDACTED}" in buffer.getvalue()
+
+
+async def test_probe_and_scrape_paths_can_be_kept_out_of_the_access_log(
+    read_lines: Reader, provider: MockProvider, gateway_env: None, policies_dir: Path
+) -> None:
+    """Probes every few seconds per pod drown the requests in the log; skipped paths are still counted."""
+    config = gateway_config(provider.url, policies_dir)
+    config["server"]["access_log_skip_paths"] = ["/healthz", "/readyz", "/metrics"]
+    server = await start_gateway(config)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/healthz", "/readyz", "/metrics", "/v1/models", "/healthz"):
+                async with http.get(f"{server.url}{path}") as response:
+                    await response.read()
+            async with http.get(f"{server.url}/metrics") as response:
+                metrics = await response.text()
+    finally:
+        await server.stop()
+    assert [line["path"] for line in read_lines() if line["logger"] == "edge_proxy.access"] == ["/v1/models"]
+    healthz = [line for line in metrics.splitlines()
+               if line.startswith("edge_proxy_requests_total{") and 'route="/healthz"' in line]
+    assert len(healthz) == 1 and healthz[0].endswith(" 2.0"), healthz
