@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 
 from .api.state import GATEWAY
 from .app import create_app, error_response
-from .config import Config
+from .config import Config, ConfigError
 from .context import request_id_for
 from .errors import ApiError
 from .gateway import Gateway
@@ -139,24 +141,49 @@ def runner_options(config: Config) -> dict[str, Any]:
     }
 
 
+LISTEN_BACKLOG = 128  # aiohttp's TCPSite default
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts, so a busy port is a one-line error instead of a
+    traceback after a demo key that could never be used. `::` listens on every IPv6 and IPv4 address (one
+    dual-stack socket, as IPv6-only and dual-stack clusters need); another host binds its first address."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        dual_stack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
+        return socket.create_server(address[:2], family=family, backlog=LISTEN_BACKLOG, dualstack_ipv6=dual_stack)
+    except OSError as exc:
+        raise ConfigError(
+            f"server.host/server.port: cannot listen on {_url(host, port)}: {os.strerror(exc.errno) if exc.errno else exc}. Fix: stop what "
+            "is using that address, or choose another with server.port (--port) or server.host (--host)"
+        ) from None
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 async def start_server(
-    config: Config, host: str | None = None, port: int | None = None, gateway: Gateway | None = None
+    config: Config, host: str | None = None, port: int | None = None, gateway: Gateway | None = None,
+    sock: socket.socket | None = None,
 ) -> RunningServer:
-    """Start serving in the running loop (used by tests and embedders); port 0 picks a free one."""
+    """Start serving in the running loop (used by tests and embedders); port 0 picks a free one.
+    `sock`: an already bound listening socket (see `listen_socket`) instead of host and port."""
+    if sock is None:
+        sock = listen_socket(host or config.server.host, config.server.port if port is None else port)
     runner = GatewayRunner(create_app(config, gateway), **runner_options(config))
     await runner.setup()
-    site = web.TCPSite(runner, host or config.server.host, config.server.port if port is None else port)
-    await site.start()
-    bound_host, bound_port = runner.addresses[0][:2]
-    return RunningServer(runner, f"http://{bound_host}:{bound_port}")
+    await web.SockSite(runner, sock).start()
+    bound_host, bound_port = sock.getsockname()[:2]
+    return RunningServer(runner, _url(bound_host, bound_port))
 
 
-async def _serve_until_signalled(config: Config, host: str | None, port: int | None) -> None:
+async def _serve_until_signalled(config: Config, sock: socket.socket) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = await start_server(config, host, port)
+    server = await start_server(config, sock=sock)
     print(f"edge-proxy: serving on {server.url} (SIGINT or SIGTERM to stop)", flush=True)
     try:
         await stop.wait()
@@ -166,4 +193,5 @@ async def _serve_until_signalled(config: Config, host: str | None, port: int | N
 
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then finish requests in flight up to `server.shutdown_grace_s`."""
-    asyncio.run(_serve_until_signalled(config, host, port))
+    sock = listen_socket(host or config.server.host, config.server.port if port is None else port)
+    asyncio.run(_serve_until_signalled(config, sock))
