@@ -39,6 +39,19 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _new_key(args: argparse.Namespace) -> int:
+    """A key for a plan that exists: a key naming an unknown plan would be refused by the next policy load."""
+    from .policy.loader import PolicyError, load_policy
+
+    config = load_config(args.config)
+    try:
+        plans = load_policy(config.path(config.policies.dir), config.catalog()).plans
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.plan not in plans:
+        raise ConfigError(
+            f"{config.source}: plan {args.plan!r} is not defined in {config.policies.dir}/ (plans: "
+            f"{', '.join(sorted(plans))}). Fix: use one of them, or add plans.{args.plan} to a policy file first"
+        )
     key = generate_key()
     print(f"API key (shown once, store it now): {key}")
     print("Add to policies/*.yaml under keys:")
@@ -62,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     new = key_commands.add_parser("new", help="print a new API key once and its policy line")
     new.add_argument("--plan", required=True)
     new.add_argument("--id", default="my-key")
+    new.add_argument("--config", default="config.yaml", help="the config whose policies must define --plan")
     new.set_defaults(run=_new_key)
     return root
 

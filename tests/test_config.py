@@ -91,3 +91,12 @@ def test_keys_new_prints_a_key_and_its_hash_line() -> None:
 
     assert key.startswith("sk_") and len(key) > 40
     assert f'{{id: backend, hash: "{hash_key(key)}", plan: members}}' in result.stdout
+
+
+def test_keys_new_refuses_a_plan_the_policies_do_not_define() -> None:
+    """Before, it printed a key for any plan; the policy line then failed the next policy load."""
+    result = run_cli("keys", "new", "--plan", "premium", "--config", "config.yaml")
+    assert result.returncode == 2 and "API key" not in result.stdout
+    assert result.stderr.strip() == (
+        "edge-proxy: config.yaml: plan 'premium' is not defined in policies/ (plans: demo, members). "
+        "Fix: use one of them, or add plans.premium to a policy file first")
