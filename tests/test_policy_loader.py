@@ -63,6 +63,16 @@ def problems(tmp_path, files: dict[str, str], **kwargs) -> str:
             id="limit beyond the store's bound",
         ),
         pytest.param(
+            {"a.yaml": PLAN.replace("rate_limits:", "concurrency: 10000000000\n    rate_limits:")},
+            ["plans.members.concurrency: 10000000000 is more than the store counts (1000000000)", "at most"],
+            id="concurrency beyond the store's bound",
+        ),
+        pytest.param(
+            {"a.yaml": PLAN.replace("rate_limits:", "budget: {credits: 2000000000}\n    rate_limits:")},
+            ["plans.members.budget.credits: 2000000000 is more than the store counts (1000000000)"],
+            id="budget beyond the store's bound",
+        ),
+        pytest.param(
             {"a.yaml": PLAN.replace("requests: 30", "requests: 30, tokens: 5")},
             ["plans.members.rate_limits[0]: needs exactly one of requests: or tokens:"],
             id="requests and tokens",

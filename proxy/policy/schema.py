@@ -22,7 +22,10 @@ HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-MAX_LIMIT = 10**12  # the store's bound on a limit and on a token count (proxy/store/base.py MAX_TOKENS)
+# The store's bounds (proxy/store/base.py): a limit and a token count, a budget, requests in flight.
+MAX_LIMIT = 10**12
+MAX_BUDGET_CREDITS = 10**9
+MAX_CONCURRENCY = 10**9
 MAX_WINDOW_S = 10**9  # about 31 years, in the store's bound of 10**12 ms
 DURATION_FIX = "write a number of seconds or a number with a unit ms, s, m, h or d (e.g. 30s, 1m, 1h, 1d)"
 
@@ -142,9 +145,11 @@ def mapping(value: Any, path: str, allowed: Iterable[str], required: Iterable[st
     return value
 
 
-def integer(value: Any, path: str, minimum: int = 0) -> int:
+def integer(value: Any, path: str, minimum: int = 0, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise Invalid(path, f"{value!r} is not a whole number >= {minimum}", f"write an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise Invalid(path, f"{value} is more than the store counts ({maximum})", f"write at most {maximum}")
     return value
 
 
@@ -240,9 +245,7 @@ def parse_rate_limit(path: str, raw: Any) -> RateLimit:
         choice(dim, child(child(path, "per"), i), DIMENSIONS)
     if len(set(per)) != len(per) or not per:
         raise Invalid(child(path, "per"), f"{per!r} repeats a dimension or is empty", "list each dimension once")
-    limit = integer(raw[unit], child(path, unit), minimum=1)
-    if limit > MAX_LIMIT:
-        raise Invalid(child(path, unit), f"{limit} is more than the store counts ({MAX_LIMIT})", "drop the limit instead")
+    limit = integer(raw[unit], child(path, unit), minimum=1, maximum=MAX_LIMIT)
     window_s = duration(raw["window"], child(path, "window"))
     if not 0.001 <= window_s <= MAX_WINDOW_S:  # limits count whole milliseconds
         raise Invalid(child(path, "window"), f"{raw['window']!r} is outside 1ms..{MAX_WINDOW_S:g}s", DURATION_FIX)
@@ -259,7 +262,7 @@ def parse_budget_fields(raw: Any, path: str, required: tuple[str, ...]) -> dict[
     raw = mapping(raw, path, BUDGET_FIELDS, required=required)
     fields: dict[str, Any] = {}
     if "credits" in raw:
-        fields["credits"] = integer(raw["credits"], child(path, "credits"))
+        fields["credits"] = integer(raw["credits"], child(path, "credits"), maximum=MAX_BUDGET_CREDITS)
     if "period" in raw:
         fields["period"] = choice(raw["period"], child(path, "period"), PERIODS)
     if "scope" in raw:
@@ -276,7 +279,7 @@ def parse_limits(raw: dict[str, Any], path: str) -> dict[str, Any]:
             raise Invalid(child(path, "rate_limits"), "expected a list", "write - {per: user, requests: 60, window: 1m}")
         out["rate_limits"] = tuple(parse_rate_limit(child(child(path, "rate_limits"), i), r) for i, r in enumerate(items))
     if "concurrency" in raw:
-        out["concurrency"] = integer(raw["concurrency"], child(path, "concurrency"), minimum=1)
+        out["concurrency"] = integer(raw["concurrency"], child(path, "concurrency"), minimum=1, maximum=MAX_CONCURRENCY)
     if "max_output_tokens" in raw:
         out["max_output_tokens"] = integer(raw["max_output_tokens"], child(path, "max_output_tokens"), minimum=1)
     if "max_seconds" in raw:
