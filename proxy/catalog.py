@@ -14,6 +14,17 @@ CAPABILITIES: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """One place a model is served: a provider, the model's id there, and its share of the traffic. `name` (the
+    tag, else the provider) is unique within the model and names it in metrics and the access log."""
+
+    name: str
+    provider: str
+    upstream_model: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class Model:
     """A model as callers see it (`id`, `name`, `creator`, `capability`) and how it is served."""
 
@@ -24,6 +35,12 @@ class Model:
     provider: str
     upstream_model: str
     max_output_tokens: int | None = None  # cap used to bound a reservation when the request sets none
+    # Where it is served; empty: the one deployment `provider`/`upstream_model` (the first deployment otherwise).
+    deployments: tuple[Deployment, ...] = ()
+    fallbacks: tuple[str, ...] = ()  # model ids tried, in order, once every deployment of this one failed
+
+    def served_by(self) -> tuple[Deployment, ...]:
+        return self.deployments or (Deployment(self.provider, self.provider, self.upstream_model),)
 
     def public(self) -> dict[str, str]:
         return {"id": self.id, "name": self.name, "creator": self.creator, "capability": self.capability}

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .auth.oidc import IssuerSettings
 from .auth.tokens import TokenSettings
-from .catalog import CAPABILITIES, Model
+from .catalog import CAPABILITIES, Deployment, Model
 from .store.settings import StoreConfigError, StoreSettings
 
 
@@ -206,13 +206,31 @@ class ProviderSettings(_Strict):
         return self
 
 
+class DeploymentSettings(_Strict):
+    """One place a model is served. `tag` names it (metrics, access log) when a model has several at one provider."""
+
+    provider: str
+    upstream_model: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0)  # share of the traffic, relative to the model's other deployments
+    tag: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
+    @property
+    def name(self) -> str:
+        return self.tag or self.provider
+
+    def to_deployment(self) -> Deployment:
+        return Deployment(self.name, self.provider, self.upstream_model, self.weight)
+
+
 class ModelSettings(_Strict):
     id: str = Field(min_length=1)
     name: str
     creator: str
     capability: str
-    provider: str
-    upstream_model: str
+    provider: str | None = None  # with upstream_model: the single-deployment form
+    upstream_model: str | None = Field(None, min_length=1)
+    deployments: tuple[DeploymentSettings, ...] = ()
+    fallbacks: tuple[str, ...] = ()  # other model ids (same capability) tried once every deployment failed
     max_output_tokens: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -221,8 +239,52 @@ class ModelSettings(_Strict):
             raise ValueError(f"capability {self.capability!r} is not one of {', '.join(CAPABILITIES)}")
         return self
 
+    @model_validator(mode="after")
+    def _served_one_way(self) -> "ModelSettings":
+        single = self.provider is not None or self.upstream_model is not None
+        if self.deployments and single:
+            raise ValueError("give either provider and upstream_model, or a deployments list, not both")
+        if not self.deployments and (self.provider is None or self.upstream_model is None):
+            raise ValueError("needs provider and upstream_model, or a deployments list")
+        names = [d.name for d in self.deployments]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(
+                    f"deployments[{i}] is named {name!r} like an earlier one; give each deployment at the same "
+                    "provider a distinct tag"
+                )
+        return self
+
+    def served_by(self) -> tuple[DeploymentSettings, ...]:
+        if self.deployments:
+            return self.deployments
+        return (DeploymentSettings(provider=self.provider or "", upstream_model=self.upstream_model or ""),)
+
     def to_model(self) -> Model:
-        return Model(**self.model_dump())
+        deployments = tuple(d.to_deployment() for d in self.served_by())
+        return Model(
+            id=self.id, name=self.name, creator=self.creator, capability=self.capability,
+            provider=deployments[0].provider, upstream_model=deployments[0].upstream_model,
+            max_output_tokens=self.max_output_tokens, deployments=deployments, fallbacks=self.fallbacks,
+        )
+
+
+class BreakerSettings(_Strict):
+    """A deployment's circuit breaker (local to each replica): `failures` in a row open it; after `cooldown_s`
+    one call probes it; the probe's success closes it, its failure opens it again."""
+
+    failures: int = Field(5, ge=1)
+    cooldown_s: float = Field(30.0, gt=0)
+
+
+class RoutingSettings(_Strict):
+    """Retries and fallbacks, only before anything of an answer reached the client (docs/routing.md)."""
+
+    max_attempts: int = Field(3, ge=1, le=10)  # upstream calls per request, the first one included
+    deadline_s: float = Field(30.0, gt=0)  # no further attempt starts this long after the request's first one
+    throttle_cooldown_s: float = Field(5.0, ge=0)  # a deployment's rest after a 429 without Retry-After
+    max_cooldown_s: float = Field(300.0, gt=0)  # a longer Retry-After is capped to this
+    breaker: BreakerSettings = BreakerSettings()
 
 
 class MetricsSettings(_Strict):
@@ -251,6 +313,7 @@ class Config(_Strict):
     policies: PoliciesSettings = PoliciesSettings()
     providers: dict[str, ProviderSettings] = {}
     models: tuple[ModelSettings, ...] = ()
+    routing: RoutingSettings = RoutingSettings()
     base_dir: str = "."  # set by the loader: relative paths resolve against the config file's folder
     source: str = "config.yaml"  # set by the loader: the file named in errors
 
@@ -264,14 +327,34 @@ class Config(_Strict):
     def _models_reference_providers(self) -> "Config":
         seen: set[str] = set()
         for i, m in enumerate(self.models):
-            if m.provider not in self.providers:
-                raise ValueError(
-                    f"models[{i}] ({m.id}) names provider {m.provider!r}, which is not under providers; "
-                    f"declare it or use one of: {', '.join(self.providers) or '(none declared)'}"
-                )
+            for j, d in enumerate(m.served_by()):
+                if d.provider not in self.providers:
+                    where = f"models[{i}].deployments[{j}]" if m.deployments else f"models[{i}]"
+                    raise ValueError(
+                        f"{where} ({m.id}) names provider {d.provider!r}, which is not under providers; "
+                        f"declare it or use one of: {', '.join(self.providers) or '(none declared)'}"
+                    )
             if m.id in seen:
                 raise ValueError(f"models[{i}]: id {m.id!r} is declared twice; model ids must be unique")
             seen.add(m.id)
+        return self
+
+    @model_validator(mode="after")
+    def _fallbacks_are_models(self) -> "Config":
+        by_id = {m.id: m for m in self.models}
+        for i, m in enumerate(self.models):
+            for j, other in enumerate(m.fallbacks):
+                target = by_id.get(other)
+                if target is None or other == m.id:
+                    raise ValueError(
+                        f"models[{i}].fallbacks[{j}] ({m.id}): {other!r} is not another model in models; "
+                        "name a declared model id"
+                    )
+                if target.capability != m.capability:
+                    raise ValueError(
+                        f"models[{i}].fallbacks[{j}] ({m.id}): {other!r} is {target.capability}, not {m.capability}; "
+                        "a fallback must answer the same kind of call"
+                    )
         return self
 
     @model_validator(mode="after")

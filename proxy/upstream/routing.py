@@ -1,0 +1,209 @@
+"""Route: which deployment serves a call, and how each upstream is doing.
+
+A request walks its model's deployments in a weighted random order, then its fallback models' deployments,
+each at most once, within `routing.max_attempts` and `routing.deadline_s` (`Router.plan` -> `Attempts`). The
+caller reports each attempt's outcome to the upstream's `Health` (one per provider and model id there, shared
+by every catalogue entry that lists it): a circuit breaker (consecutive failures open it; after the cooldown
+one probe may go; its success closes it) and a throttle rest (a 429's Retry-After). State is local to the
+replica: choosing never waits for the network.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Callable, Iterator, Literal, Mapping
+
+from ..catalog import Deployment, Model
+from ..config import BreakerSettings, RoutingSettings
+
+BreakerState = Literal["closed", "half_open", "open"]
+
+
+OnBreaker = Callable[[str, str, BreakerState], None]  # (model, deployment, new state), e.g. for metrics
+
+
+def _ignore(model: str, deployment: str, state: BreakerState) -> None:
+    pass
+
+
+class Health:
+    """One upstream's breaker and throttle cooldown (a provider and its model id there, whichever catalogue
+    models list it). Times are `clock()` seconds."""
+
+    def __init__(self, settings: BreakerSettings, clock: Callable[[], float], on_breaker: OnBreaker) -> None:
+        self.labels: list[tuple[str, str]] = []  # (model, deployment name) of every catalogue entry served here
+        self._settings = settings
+        self._clock = clock
+        self._on_breaker = on_breaker
+        self._failures = 0  # in a row
+        self._open_until: float | None = None  # None: closed
+        self._probing = False  # half-open: the one call allowed through is under way
+        self._rest_until = 0.0  # a 429's Retry-After
+
+    def _changed(self, state: BreakerState) -> None:
+        for model, deployment in self.labels:
+            self._on_breaker(model, deployment, state)
+
+    @property
+    def state(self) -> BreakerState:
+        if self._open_until is None:
+            return "closed"
+        return "half_open" if self._clock() >= self._open_until else "open"
+
+    def available(self, now: float) -> bool:
+        """May a call go here now (without taking the half-open probe)?"""
+        if now < self._rest_until:
+            return False
+        return self._open_until is None or (now >= self._open_until and not self._probing)
+
+    def take(self, now: float) -> bool:
+        """Claim a call here: always when closed; when half-open, only the single probe."""
+        if not self.available(now):
+            return False
+        if self._open_until is not None:
+            self._probing = True
+            self._changed("half_open")
+        return True
+
+    def ready_in(self, now: float) -> float:
+        """Seconds until a call may go here again (0: now)."""
+        until = max(self._rest_until, self._open_until or 0.0)
+        return max(0.0, until - now)
+
+    def succeeded(self) -> None:
+        was_open = self._open_until is not None
+        self._failures, self._open_until, self._probing = 0, None, False
+        if was_open:
+            self._changed("closed")
+
+    def failed(self) -> None:
+        """A connect error, a timeout, a 5xx or a stream that broke off."""
+        self._failures += 1
+        if self._probing or self._failures >= self._settings.failures:
+            self._open_until = self._clock() + self._settings.cooldown_s
+            self._probing = False
+            self._changed("open")
+
+    def throttled(self, seconds: float) -> None:
+        """A 429: rest for `seconds`; throttling says nothing about health, so the breaker keeps its count."""
+        self._rest_until = max(self._rest_until, self._clock() + seconds)
+        self.abandoned()
+
+    def abandoned(self) -> None:
+        """The call ended without a verdict (the client left): a half-open probe may go again."""
+        self._probing = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """A candidate for one attempt: the model that would answer (the requested one or a fallback) and where."""
+
+    model: Model
+    deployment: Deployment
+    health: Health
+
+    @property
+    def label(self) -> str:
+        return self.deployment.name
+
+
+class Attempts:
+    """One request's way through its targets. `next()` claims the next one that is available now."""
+
+    def __init__(self, targets: Iterator[Target], settings: RoutingSettings, clock: Callable[[], float]) -> None:
+        self._pending = list(targets)
+        self._settings = settings
+        self._clock = clock
+        self._started: float | None = None
+        self.made = 0
+
+    def _open(self, now: float) -> bool:
+        if self.made >= self._settings.max_attempts:
+            return False
+        return self._started is None or now - self._started < self._settings.deadline_s
+
+    def has_next(self) -> bool:
+        """Would `next()` find a target now? (Decides whether a failed answer is retried or passed on.)"""
+        now = self._clock()
+        return self._open(now) and any(t.health.available(now) for t in self._pending)
+
+    def next(self) -> Target | None:
+        now = self._clock()
+        if not self._open(now):
+            return None
+        for i, target in enumerate(self._pending):
+            if target.health.take(now):
+                del self._pending[i]
+                self._started = self._started if self._started is not None else now
+                self.made += 1
+                return target
+        return None
+
+    def ready_in(self) -> float:
+        """Seconds until one of the targets not tried yet may take a call."""
+        now = self._clock()
+        return min((t.health.ready_in(now) for t in self._pending), default=0.0)
+
+
+class Router:
+    """Built once at start-up from the catalogue: every deployment's health, every model's fallbacks."""
+
+    def __init__(
+        self, models: Mapping[str, Model], settings: RoutingSettings, *, rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic, on_breaker: OnBreaker = _ignore,
+    ) -> None:
+        self.settings = settings
+        self._rng = rng or random.Random()
+        self._clock = clock
+        healths: dict[tuple[str, str], Health] = {}
+        self._targets: dict[str, tuple[Target, ...]] = {}
+        for model in models.values():
+            targets = []
+            for d in model.served_by():
+                health = healths.setdefault(
+                    (d.provider, d.upstream_model), Health(settings.breaker, clock, on_breaker)
+                )
+                health.labels.append((model.id, d.name))
+                targets.append(Target(model, d, health))
+            self._targets[model.id] = tuple(targets)
+        self._fallbacks = {m.id: tuple(self._targets[f] for f in m.fallbacks) for m in models.values()}
+
+    def health(self, model: str, deployment: str) -> Health:
+        return next(t.health for t in self._targets[model] if t.deployment.name == deployment)
+
+    def plan(self, model: Model, permits: Callable[[Model], bool] = lambda m: True) -> Attempts:
+        """The request's targets: the model's deployments in a weighted order, then each permitted fallback's."""
+        fallbacks = (self._weighted(targets) for targets in self._fallbacks[model.id] if permits(targets[0].model))
+        return Attempts(_chain(self._weighted(self._targets[model.id]), fallbacks), self.settings, self._clock)
+
+    def _weighted(self, targets: tuple[Target, ...]) -> Iterator[Target]:
+        """All targets, ordered by weighted sampling without replacement (Efraimidis-Spirakis keys)."""
+        if len(targets) == 1:
+            return iter(targets)
+        keys = [self._rng.random() ** (1.0 / t.deployment.weight) for t in targets]
+        return iter([t for _, t in sorted(zip(keys, targets), key=lambda pair: pair[0], reverse=True)])
+
+
+def _chain(first: Iterator[Target], rest: Iterator[Iterator[Target]]) -> Iterator[Target]:
+    yield from first
+    for targets in rest:
+        yield from targets
+
+
+def retry_after_s(value: str | None, default_s: float, max_s: float) -> float:
+    """A Retry-After header (seconds or an HTTP date) as seconds from now, within [0, max_s]; else the default."""
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                seconds = default_s
+        if math.isfinite(seconds):
+            return min(max(seconds, 0.0), max_s)
+    return min(default_s, max_s)

@@ -1,0 +1,185 @@
+"""The router on its own: config of deployments, weighted order, attempt budget, breaker and throttle states."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from proxy.config import BreakerSettings, ConfigError, RoutingSettings, parse_config
+from proxy.upstream.routing import Router, retry_after_s
+
+PROVIDERS = {"a": {"kind": "demo"}, "b": {"kind": "demo"}, "c": {"kind": "demo"}}
+
+
+def model(model_id: str = "m/x", **serving: Any) -> dict[str, Any]:
+    return {"id": model_id, "name": model_id, "creator": "t", "capability": "text2text", **serving}
+
+
+def config(*models: dict[str, Any], **routing: Any) -> Any:
+    return parse_config({"providers": PROVIDERS, "models": list(models), "routing": routing}, "cfg.yaml")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def router(cfg: Any, seed: int = 7, clock: Clock | None = None, events: list[tuple[str, str, str]] | None = None) -> Router:
+    models = {m.id: m for m in cfg.catalog()}
+    return Router(
+        models, cfg.routing, rng=random.Random(seed), clock=clock or Clock(),
+        on_breaker=lambda m, d, s: events.append((m, d, s)) if events is not None else None,
+    )
+
+
+# -- config ------------------------------------------------------------------------------------------------
+
+def test_single_provider_form_is_one_implicit_deployment() -> None:
+    (m,) = config(model(provider="a", upstream_model="up")).catalog()
+    assert [(d.name, d.provider, d.upstream_model, d.weight) for d in m.served_by()] == [("a", "a", "up", 1.0)]
+    assert (m.provider, m.upstream_model) == ("a", "up")
+
+
+def test_deployments_form_keeps_order_weights_and_tags() -> None:
+    (m,) = config(model(deployments=[
+        {"provider": "a", "upstream_model": "up-a", "weight": 3},
+        {"provider": "a", "upstream_model": "up-a2", "tag": "a-eu"},
+    ])).catalog()
+    assert [(d.name, d.upstream_model, d.weight) for d in m.deployments] == [("a", "up-a", 3.0), ("a-eu", "up-a2", 1.0)]
+    assert (m.provider, m.upstream_model) == ("a", "up-a")  # the first deployment stands for the model
+
+
+@pytest.mark.parametrize(("models", "expected"), [
+    ([model(provider="a", upstream_model="x", deployments=[{"provider": "a", "upstream_model": "x"}])],
+     "models.0: give either provider and upstream_model, or a deployments list"),
+    ([model(provider="a")], "models.0: needs provider and upstream_model, or a deployments list"),
+    ([model(deployments=[{"provider": "a", "upstream_model": "x"}, {"provider": "nope", "upstream_model": "y"}])],
+     "models[0].deployments[1] (m/x) names provider 'nope'"),
+    ([model(deployments=[{"provider": "a", "upstream_model": "x"}, {"provider": "a", "upstream_model": "y"}])],
+     "deployments[1] is named 'a' like an earlier one; give each deployment at the same provider a distinct tag"),
+    ([model(deployments=[{"provider": "a", "upstream_model": "x", "weight": 0}])], "models.0.deployments.0.weight"),
+    ([model(provider="a", upstream_model="x", fallbacks=["m/none"])],
+     "models[0].fallbacks[0] (m/x): 'm/none' is not another model"),
+    ([model(provider="a", upstream_model="x", fallbacks=["m/x"])], "'m/x' is not another model"),
+    ([model(provider="a", upstream_model="x", fallbacks=["m/img"]),
+      {**model("m/img", provider="b", upstream_model="i"), "capability": "text2image"}],
+     "'m/img' is text2image, not text2text; a fallback must answer the same kind of call"),
+])
+def test_bad_routing_config_names_file_key_and_fix(models: list[dict[str, Any]], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config(*models)
+    assert "cfg.yaml" in str(caught.value) and expected in str(caught.value)
+
+
+def test_routing_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="routing.max_attempts"):
+        config(model(provider="a", upstream_model="x"), max_attempts=0)
+
+
+# -- selection ---------------------------------------------------------------------------------------------
+
+def test_weighted_selection_spreads_first_choices_as_configured() -> None:
+    cfg = config(model(deployments=[
+        {"provider": "a", "upstream_model": "x", "weight": 6},
+        {"provider": "b", "upstream_model": "x", "weight": 3},
+        {"provider": "c", "upstream_model": "x", "weight": 1},
+    ]))
+    r = router(cfg, seed=20261126)
+    m = cfg.catalog()[0]
+    firsts = Counter()
+    for _ in range(10_000):
+        target = r.plan(m).next()
+        assert target is not None
+        firsts[target.label] += 1
+    # Expected 6000/3000/1000; a binomial's 4 standard deviations is under 200 at n = 10 000.
+    assert abs(firsts["a"] - 6000) < 200 and abs(firsts["b"] - 3000) < 200 and abs(firsts["c"] - 1000) < 130
+
+
+def test_a_request_tries_each_deployment_once_then_fallbacks_within_max_attempts() -> None:
+    cfg = config(
+        model(deployments=[{"provider": "a", "upstream_model": "x"}, {"provider": "b", "upstream_model": "x"}],
+              fallbacks=["m/y"]),
+        model("m/y", provider="c", upstream_model="y"),
+        max_attempts=3,
+    )
+    r = router(cfg)
+    attempts = r.plan(cfg.catalog()[0])
+    seen = [attempts.next() for _ in range(4)]
+    assert {t.label for t in seen[:2] if t} == {"a", "b"}
+    assert seen[2] is not None and (seen[2].model.id, seen[2].label) == ("m/y", "c")
+    assert seen[3] is None and attempts.made == 3
+    denied = r.plan(cfg.catalog()[0], permits=lambda fallback: False)
+    assert [denied.next() is not None for _ in range(3)] == [True, True, False]
+
+
+def test_no_attempt_starts_after_the_deadline() -> None:
+    clock = Clock()
+    cfg = config(model(deployments=[{"provider": "a", "upstream_model": "x"}, {"provider": "b", "upstream_model": "x"}]),
+                 deadline_s=5)
+    attempts = router(cfg, clock=clock).plan(cfg.catalog()[0])
+    assert attempts.next() is not None
+    clock.now += 5
+    assert not attempts.has_next() and attempts.next() is None
+
+
+# -- health ------------------------------------------------------------------------------------------------
+
+def test_breaker_opens_after_consecutive_failures_half_opens_with_one_probe_and_closes() -> None:
+    clock, events = Clock(), []
+    cfg = config(model(provider="a", upstream_model="x"), breaker={"failures": 3, "cooldown_s": 10})
+    r = router(cfg, clock=clock, events=events)
+    m, health = cfg.catalog()[0], r.health("m/x", "a")
+
+    for _ in range(2):
+        health.failed()
+    health.succeeded()  # a success in between: the count starts again
+    for _ in range(3):
+        assert r.plan(m).next() is not None
+        health.failed()
+    assert health.state == "open" and r.plan(m).next() is None and events == [("m/x", "a", "open")]
+    assert r.plan(m).ready_in() == 10
+
+    clock.now += 10
+    assert health.state == "half_open"
+    probe = r.plan(m).next()
+    assert probe is not None and r.plan(m).next() is None  # one probe at a time
+    health.failed()  # the probe failed: open for another cooldown
+    assert health.state == "open" and r.plan(m).next() is None
+
+    clock.now += 10
+    assert r.plan(m).next() is not None
+    health.abandoned()  # the probe's client left: no verdict, another probe may go
+    assert r.plan(m).next() is not None
+    health.succeeded()
+    assert health.state == "closed" and r.plan(m).next() is not None and r.plan(m).next() is not None
+    assert [s for _, _, s in events] == ["open", "half_open", "open", "half_open", "half_open", "closed"]
+
+
+def test_a_throttled_deployment_rests_without_counting_as_a_failure() -> None:
+    clock = Clock()
+    cfg = config(model(provider="a", upstream_model="x"), breaker={"failures": 1})
+    r = router(cfg, clock=clock)
+    health = r.health("m/x", "a")
+    health.throttled(2.5)
+    assert health.state == "closed" and r.plan(cfg.catalog()[0]).next() is None
+    assert r.plan(cfg.catalog()[0]).ready_in() == 2.5
+    clock.now += 2.5
+    assert r.plan(cfg.catalog()[0]).next() is not None
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("7", 7.0), ("0", 0.0), ("-3", 0.0), ("100000", 300.0), (None, 5.0), ("soon", 5.0), ("nan", 5.0),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: no rest
+])
+def test_retry_after_is_read_as_seconds_or_a_date_and_capped(header: str | None, expected: float) -> None:
+    assert retry_after_s(header, 5.0, 300.0) == expected
+
+
+def test_settings_defaults() -> None:
+    assert RoutingSettings().max_attempts == 3 and BreakerSettings().failures == 5
