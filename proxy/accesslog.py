@@ -24,7 +24,7 @@ ACCESS_LOGGER = "edge_proxy.access"
 ACCESS_FIELDS: tuple[str, ...] = (
     "request_id", "method", "path", "route", "status", "principal_type", "principal_id",
     "model", "provider", "upstream_status", "duration_ms", "ttfb_ms",
-    "tokens_in", "tokens_out", "credits", "error",
+    "tokens_in", "tokens_out", "credits", "error", "deployment", "attempts",
 )
 LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from .auth.principal import Principal
 from .catalog import Model
 from .errors import ApiError
-from .policy.types import Usage
+from .policy.types import Decision, Usage
 from .upstream.relay import RelayOutcome
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
@@ -26,6 +26,10 @@ class RequestContext:
     principal: Principal | None = None
     model: Model | None = None
     outcome: RelayOutcome | None = None
+    provider: str | None = None  # the provider of the deployment that answered
+    deployment: str | None = None  # its name (the model's own, or a fallback model's: `model/deployment`)
+    attempts: int = 0  # upstream calls made, the answering one included
+    charged_as: Decision | None = None  # the answering model's price and bounds under the request's hold
     usage: Usage | None = None
     credits_charged: float | None = None
     error: ApiError | None = None

@@ -29,6 +29,7 @@ from .upstream.demo import start_demo_upstream
 from .upstream.providers import Provider, RedirectPolicy, auth_headers, new_session, pool_shares, read_credential
 from .tracing import NO_TRACING, Tracing, build_tracing
 from .upstream.relay import RelaySettings
+from .upstream.routing import Router
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -63,6 +64,7 @@ class Gateway:
     meter: Meter
     metrics: Metrics
     relay: RelaySettings
+    router: Router
     assets: AssetStore
     tracing: Tracing = NO_TRACING
     providers: dict[str, Provider] = field(default_factory=dict)
@@ -161,6 +163,7 @@ def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExpo
         CollectorRegistry(),
         models=[m.id for m in catalog],
         providers=config.providers.keys(),
+        deployments=[(m.id, d.name) for m in catalog for d in m.served_by()],
         issuers=config.issuers.keys(),
         per_principal_labels=config.metrics.per_principal_labels,
     )
@@ -196,6 +199,7 @@ def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExpo
         ),
         metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
+        router=Router({m.id: m for m in catalog}, config.routing, on_breaker=metrics.breaker),
         assets=AssetStore(config.assets),
         tracing=tracing,
     )

@@ -44,6 +44,9 @@ UPSTREAM_OUTCOMES: frozenset[str] = frozenset({"ok", "error", "timeout", "cancel
 DENIAL_KINDS: frozenset[str] = frozenset({"rate_limit", "budget", "concurrency", "scope"})
 CREDIT_ACTIONS: frozenset[str] = frozenset({"reserved", "settled", "released"})
 STORE_ERROR_KINDS: frozenset[str] = frozenset({"error", "script_error", "overloaded", "fallback", "refused"})
+ATTEMPT_RESULTS: frozenset[str] = frozenset({"ok", "error", "timeout", "throttled", "cancelled"})
+RETRY_KINDS: frozenset[str] = frozenset({"retry", "fallback"})
+BREAKER_STATES: dict[str, int] = {"closed": 0, "half_open": 1, "open": 2}
 ERROR_CODES: frozenset[str] = frozenset(CATALOGUE)
 
 # Latency buckets span a 5 ms JSON answer up to a 5 min generation stream.
@@ -58,6 +61,8 @@ _IDENTIFIER = re.compile(r"[A-Za-z0-9_.:/*-]{1,64}")
 CreditAction = Literal["reserved", "settled", "released"]
 DenialKind = Literal["rate_limit", "budget", "concurrency", "scope"]
 UpstreamOutcome = Literal["ok", "error", "timeout", "cancelled"]
+AttemptResult = Literal["ok", "error", "timeout", "throttled", "cancelled"]
+RetryKind = Literal["retry", "fallback"]
 
 
 def _capped(value: str | None, allowed: frozenset[str]) -> str:
@@ -93,6 +98,7 @@ class Metrics:
         *,
         models: Iterable[str] = (),
         providers: Iterable[str] = (),
+        deployments: Iterable[tuple[str, str]] = (),
         issuers: Iterable[str] = (),
         routes: Iterable[str] = ROUTES,
         per_principal_labels: bool = False,
@@ -101,12 +107,16 @@ class Metrics:
         self._registry = registry
         self._models = frozenset(models)
         self._providers = frozenset(providers)
+        deployments = tuple(deployments)  # (model id, deployment name)
+        self._deployments = frozenset(name for _, name in deployments)
         self._issuers = frozenset(issuers)
         self._routes = frozenset(routes)
         self._principal_types = BUILTIN_PRINCIPAL_TYPES | self._issuers
         self._render_registry = self._registry_to_render(registry)
         self._register(registry, per_principal_labels)
         self._build_info.labels(version=version).set(1)
+        for model, name in deployments:
+            self.breaker(model, name, "closed")
 
     def _register(self, r: CollectorRegistry, per_principal_labels: bool) -> None:
         p = PREFIX
@@ -127,6 +137,22 @@ class Metrics:
         self._upstream_errors = Counter(
             f"{p}_upstream_errors_total", "Failed upstream calls, by provider and reason.",
             ["provider", "reason"], registry=r)
+        self._deployment_attempts = Counter(
+            f"{p}_deployment_attempts_total",
+            "Upstream calls per model deployment, by result (ok|error|timeout|throttled|cancelled); a request "
+            "retried on another deployment counts one attempt at each.",
+            ["model", "deployment", "result"], registry=r)
+        self._route_retries = Counter(
+            f"{p}_route_retries_total",
+            "Attempts after a request's first, by requested model and kind (retry: another deployment of the "
+            "model; fallback: a deployment of a fallback model).", ["model", "kind"], registry=r)
+        self._breaker_state = Gauge(
+            f"{p}_deployment_breaker_state",
+            "A deployment's circuit breaker on this replica: 0 closed, 1 half-open (probing), 2 open (ejected).",
+            ["model", "deployment"], multiprocess_mode="livemax", registry=r)
+        self._ejections = Counter(
+            f"{p}_deployment_ejections_total", "Times a deployment's breaker opened, by model and deployment.",
+            ["model", "deployment"], registry=r)
         self._streams = Gauge(
             f"{p}_streams_in_flight", "Streaming responses currently being relayed.",
             multiprocess_mode="livesum", registry=r)
@@ -224,6 +250,23 @@ class Metrics:
     def upstream_error(self, provider: str | None, reason: str) -> None:
         """A failed upstream call; reason e.g. connect, timeout, status_5xx, status_4xx, stream_interrupted."""
         self._upstream_errors.labels(_capped(provider, self._providers), _identifier(reason)).inc()
+
+    def deployment_attempt(self, model: str | None, deployment: str | None, result: AttemptResult) -> None:
+        """One upstream call to a model's deployment ended (or was given up before its answer was relayed)."""
+        self._deployment_attempts.labels(
+            _capped(model, self._models), _capped(deployment, self._deployments), _capped(result, ATTEMPT_RESULTS),
+        ).inc()
+
+    def route_retry(self, model: str | None, kind: RetryKind) -> None:
+        """A request's attempt after its first: another deployment (retry) or a fallback model (fallback)."""
+        self._route_retries.labels(_capped(model, self._models), _capped(kind, RETRY_KINDS)).inc()
+
+    def breaker(self, model: str, deployment: str, state: str) -> None:
+        """A deployment's breaker changed state (closed, half_open, open); opening counts an ejection."""
+        labels = (_capped(model, self._models), _capped(deployment, self._deployments))
+        self._breaker_state.labels(*labels).set(BREAKER_STATES.get(state, 0))
+        if state == "open":
+            self._ejections.labels(*labels).inc()
 
     def stream_started(self) -> None:
         """A streaming response began relaying; pair with `stream_ended` in a finally block."""

@@ -27,7 +27,7 @@ def record(metrics: Metrics, request: web.Request, ctx: RequestContext, status: 
     if status == CLIENT_CLOSED and ctx.outcome is not None and ctx.outcome.delivered:
         status = ctx.outcome.status  # the client left after it had the whole answer: that answer is the status
     model = ctx.model.id if ctx.model else None
-    provider = ctx.model.provider if ctx.model else None
+    provider = ctx.provider or (ctx.model.provider if ctx.model else None)
     principal_type = ctx.principal.label if ctx.principal else None
     error_code = ctx.error_code
     metrics.request_done(
@@ -51,6 +51,7 @@ def record(metrics: Metrics, request: web.Request, ctx: RequestContext, status: 
             "tokens_in": ctx.usage.input_tokens if ctx.usage else None,
             "tokens_out": ctx.usage.output_tokens if ctx.usage else None,
             "credits": ctx.credits_charged, "error": error_code,
+            "deployment": ctx.deployment, "attempts": ctx.attempts or None,
         })
 
 

@@ -38,6 +38,7 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
 def metrics() -> Metrics:
     return Metrics(
         CollectorRegistry(), models=MODELS, providers=("openai", "bfl"), issuers=("clerk",),
+        deployments=(("openai/gpt-5.4-mini", "openai"), ("openai/gpt-5.4-mini", "azure")),
         per_principal_labels=True,
     )
 
@@ -50,6 +51,9 @@ def exercise_every_helper(m: Metrics) -> None:
     m.first_byte("/v1/chat/completions", "openai/gpt-5.4-mini", 0.2)
     m.upstream_done("openai", "ok", 1.5)
     m.upstream_error("openai", "status_5xx")
+    m.deployment_attempt("openai/gpt-5.4-mini", "azure", "throttled")
+    m.route_retry("openai/gpt-5.4-mini", "fallback")
+    m.breaker("openai/gpt-5.4-mini", "azure", "open")
     m.stream_started()
     m.stream_started()
     m.stream_ended()
@@ -93,6 +97,12 @@ def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
                  model="openai/gpt-5.4-mini") == 1
     assert value(s, "edge_proxy_upstream_request_duration_seconds_sum", provider="openai", outcome="ok") == 1.5
     assert value(s, "edge_proxy_upstream_errors_total", provider="openai", reason="status_5xx") == 1
+    assert value(s, "edge_proxy_deployment_attempts_total", model="openai/gpt-5.4-mini", deployment="azure",
+                 result="throttled") == 1
+    assert value(s, "edge_proxy_route_retries_total", model="openai/gpt-5.4-mini", kind="fallback") == 1
+    assert value(s, "edge_proxy_deployment_breaker_state", model="openai/gpt-5.4-mini", deployment="azure") == 2
+    assert value(s, "edge_proxy_deployment_breaker_state", model="openai/gpt-5.4-mini", deployment="openai") == 0
+    assert value(s, "edge_proxy_deployment_ejections_total", model="openai/gpt-5.4-mini", deployment="azure") == 1
     assert value(s, "edge_proxy_streams_in_flight") == 1
     assert value(s, "edge_proxy_relayed_bytes_total") == 1024
     assert value(s, "edge_proxy_sse_events_total") == 3
@@ -132,6 +142,7 @@ def test_unknown_label_values_are_capped(metrics: Metrics) -> None:
     metrics.jwks_fetch("https://unknown.example", ok=True)
     metrics.auth_failure("Traceback: something went wrong with user input")
     metrics.denied("invented", "a rule with spaces")
+    metrics.deployment_attempt("attacker/model-789", "attacker-deployment", "made-up")
     s = scrape(metrics)
 
     assert value(s, "edge_proxy_requests_total", route="other", model="other", provider="other",
@@ -143,6 +154,7 @@ def test_unknown_label_values_are_capped(metrics: Metrics) -> None:
     assert value(s, "edge_proxy_jwks_fetches_total", issuer="other", outcome="success") == 1
     assert value(s, "edge_proxy_auth_failures_total", reason="other") == 1
     assert value(s, "edge_proxy_denials_total", kind="other", rule="other") == 1
+    assert value(s, "edge_proxy_deployment_attempts_total", model="other", deployment="other", result="other") == 1
     all_label_values = {v for _, labels in s for _, v in labels}
     assert not any("attacker" in v or "unknown.example" in v for v in all_label_values)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, AsyncIterator
 
@@ -19,7 +19,6 @@ from ..meter import Admission
 from ..metrics import UpstreamOutcome
 from ..policy.pricing import cost
 from ..policy.types import Decision, RequestFacts, Usage
-from ..upstream.providers import Provider
 from ..upstream.relay import RelayOutcome
 
 log = logging.getLogger(__name__)
@@ -42,31 +41,18 @@ async def authorize_and_admit(
 
 
 @asynccontextmanager
-async def connection_share(
-    gateway: Gateway, provider: Provider, account: str, decision: Decision, admission: Admission
-) -> AsyncIterator[None]:
-    """The account's share of the provider's connections (upstream/shares.py), held until the call is over. A call
-    that gets none (refused, or its client left while it waited) used nothing: its admission is released."""
-    async with AsyncExitStack() as stack:
-        try:
-            await stack.enter_async_context(provider.pool.slot(account))
-        except BaseException:
-            await asyncio.shield(admission.release())
-            gateway.metrics.credits("released", decision.reserve_credits)
-            raise
-        yield
-
-
-@asynccontextmanager
 async def metered_call(
-    gateway: Gateway, ctx: RequestContext, provider: Provider, decision: Decision, admission: Admission,
-    facts: RequestFacts,
+    gateway: Gateway, ctx: RequestContext, decision: Decision, admission: Admission, facts: RequestFacts,
 ) -> AsyncIterator[RelayOutcome]:
-    """Around the upstream call: renew the hold while it runs; after it, record and settle whatever happened."""
+    """Around the upstream call (routed.py: every attempt): renew the hold while it runs; after it, record the
+    answering call and settle whatever happened, at the price of the model that answered (`ctx.charged_as`).
+    Nothing answered (a refusal, or every attempt failed): the admission is released."""
+    assert ctx.model is not None
     ctx.outcome = outcome = RelayOutcome()
     gateway.metrics.stream_started()
     started = time.monotonic()
-    span = gateway.tracing.upstream_span(provider.name)  # current until ended, so the traceparent sent is its own
+    # Current until ended, so the traceparent sent upstream is its own.
+    span = gateway.tracing.upstream_span(ctx.model.provider)
     failure: ApiError | None = None
     try:
         async with admission.keepalive():  # a stream may outlive the reservation ttl: renew while it runs
@@ -77,17 +63,19 @@ async def metered_call(
         raise
     finally:
         result = upstream_outcome(outcome)
-        record_upstream(gateway, provider.name, outcome, result, started)
+        gateway.metrics.stream_ended()
+        if ctx.provider is not None:  # attempts that got no answer were recorded as they failed (routed.py)
+            record_upstream(gateway, ctx.provider, outcome, result, started)
         span.end(outcome.status, result, outcome.error_code, failure)
         # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
-        await asyncio.shield(settle_or_charge_reserve(gateway, ctx, decision, admission, outcome, facts.input_bytes))
+        charged_as = ctx.charged_as or decision
+        await asyncio.shield(settle_or_charge_reserve(gateway, ctx, charged_as, admission, outcome, facts.input_bytes))
 
 
 def record_upstream(
     gateway: Gateway, provider: str, outcome: RelayOutcome, result: UpstreamOutcome, started: float
 ) -> None:
-    """The upstream call's metrics: in-flight gauge, bytes and events, duration by outcome, errors by reason."""
-    gateway.metrics.stream_ended()
+    """The answering upstream call's metrics: bytes and events, duration by outcome, errors by reason."""
     gateway.metrics.relayed(outcome.bytes_out, outcome.events_out)
     gateway.metrics.upstream_done(provider, result, time.monotonic() - started)
     if (reason := upstream_error_reason(outcome)) is not None:

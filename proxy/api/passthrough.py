@@ -1,18 +1,20 @@
 """OpenAI-compatible routes: the whole pipeline for one generation call.
 
-authenticate -> authorize + meter -> route -> relay -> settle (see metered.py); recording happens in the
-app middleware.
+authenticate -> authorize + meter -> route (routed.py) -> relay -> settle (metered.py); recording happens in
+the app middleware.
 """
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 from aiohttp import web
 
 from ..context import CONTEXT
-from ..upstream import openai_format
-from ..upstream.relay import relay
+from ..upstream.relay import forwarded_headers, relay
 from .body import read_json_object
-from .metered import authorize_and_admit, connection_share, metered_call, request_facts
+from .metered import authorize_and_admit, metered_call, request_facts
+from .routed import open_routed
 from .state import GATEWAY, authenticated
 
 ROUTES = (
@@ -31,13 +33,11 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     ctx.model = model = gateway.model(body.get("model"))
     facts = request_facts(request.path, body, len(await request.read()))  # the body is cached by now
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
-    provider = gateway.providers[model.provider]
-    prepared = openai_format.prepare(request.path, body, model.upstream_model, decision.max_output_tokens)
-    async with connection_share(gateway, provider, principal.account, decision, admission):
-        async with metered_call(gateway, ctx, provider, decision, admission, facts) as outcome:
-            return await relay(
-                request, provider, request.path, prepared, ctx.request_id, gateway.relay, outcome, admission.headers
-            )
+    async with metered_call(gateway, ctx, decision, admission, facts) as outcome, AsyncExitStack() as call_scope:
+        call = await open_routed(
+            gateway, ctx, principal, decision, facts, request.path, body, forwarded_headers(request), call_scope
+        )
+        return await relay(request, call, gateway.relay, outcome, admission.headers)
 
 
 def add_routes(app: web.Application) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
@@ -23,11 +23,11 @@ from ..context import CONTEXT
 from ..errors import ApiError
 from ..upstream import openai_format, sse
 from ..upstream.body_usage import BodyUsage
-from ..upstream.providers import Provider
-from ..upstream.relay import RelayOutcome, open_upstream, read_chunks, stream_deadline, upstream_failure
+from ..upstream.relay import OpenedCall, RelayOutcome, read_chunks, upstream_failure
 from .body import read_json_object
 from .inputs import validate_inputs
-from .metered import authorize_and_admit, connection_share, metered_call, request_facts
+from .metered import authorize_and_admit, metered_call, request_facts
+from .routed import open_routed
 from .schema import INPUTS
 from .state import GATEWAY, authenticated
 from .uploads import keep_asset
@@ -214,41 +214,38 @@ async def responses(request: web.Request) -> web.StreamResponse:
     call = upstream_call(model, {k: v for k, v in body.items() if k != "model"})
     facts = request_facts(call.route, call.body, len(await request.read()))  # the body is cached by now
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
-    provider = gateway.providers[model.provider]
-    async with connection_share(gateway, provider, principal.account, decision, admission):
-        async with metered_call(gateway, ctx, provider, decision, admission, facts) as outcome:
-            events = await EventStream.open(request, admission.headers, outcome)
-            outcome.response = events.response
-            await events.send("generation.status", {"status": "queued"})
-            try:
-                output = await _generate(request, provider, model, call, decision.max_output_tokens, events, outcome)
-            except ApiError as exc:
-                outcome.error_code = outcome.error_code or exc.code
-                await events.send("generation.failed", exc.body())
-            else:
-                await events.send("generation.completed", {"output": output})
+    async with metered_call(gateway, ctx, decision, admission, facts) as outcome:
+        events = await EventStream.open(request, admission.headers, outcome)
+        outcome.response = events.response
+        await events.send("generation.status", {"status": "queued"})
+        try:
+            async with AsyncExitStack() as call_scope:
+                opened = await open_routed(
+                    gateway, ctx, principal, decision, facts, call.route, call.body, _UPSTREAM_HEADERS, call_scope
+                )
+                output = await _generate(request, opened, model.capability, events, outcome)
+        except ApiError as exc:
+            outcome.error_code = outcome.error_code or exc.code
+            await events.send("generation.failed", exc.body())
+        else:
+            await events.send("generation.completed", {"output": output})
     await events.response.write_eof()
     return events.response
 
 
 async def _generate(
-    request: web.Request, provider: Provider, model: Model, call: UpstreamCall, max_output_tokens: int,
-    events: EventStream, outcome: RelayOutcome,
+    request: web.Request, call: OpenedCall, capability: str, events: EventStream, outcome: RelayOutcome,
 ) -> dict[str, Any]:
-    """Call the upstream and read its answer into the `completed` output; fills `outcome` for settle."""
-    gateway = request.app[GATEWAY]
-    prepared = openai_format.prepare(call.route, call.body, model.upstream_model, max_output_tokens)
-    started, ends_at = time.monotonic(), stream_deadline(provider)
-    upstream = await open_upstream(provider, call.route, prepared.body, request[CONTEXT].request_id, _UPSTREAM_HEADERS)
+    """Read the opened call's answer into the `completed` output; fills `outcome` for settle."""
+    gateway, upstream = request.app[GATEWAY], call.upstream
     try:
-        outcome.first_byte_s = time.monotonic() - started
         outcome.status = upstream.status
         if upstream.status >= 400:
-            raise await upstream_failure(provider, upstream)
+            raise await upstream_failure(call.provider, upstream)
         await events.send("generation.status", {"status": "running"})
 
-        output = await _READERS[model.capability](UpstreamAnswer(
-            chunks=read_chunks(upstream, provider.timeouts, gateway.relay.keepalive_s, ends_at),
+        output = await _READERS[capability](UpstreamAnswer(
+            chunks=read_chunks(upstream, call.provider.timeouts, gateway.relay.keepalive_s, call.ends_at),
             content_type=upstream.content_type, events=events, outcome=outcome, keep=partial(keep_asset, request),
             max_bytes=gateway.config.server.max_upload_bytes,
         ))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Mapping
 
@@ -55,22 +54,26 @@ class RelaySettings:
     keepalive_s: float  # 0 = no `: ping` comments
 
 
+@dataclass
+class OpenedCall:
+    """An upstream call whose response headers arrived: where it went and what was sent."""
+
+    provider: Provider
+    upstream: aiohttp.ClientResponse
+    prepared: openai_format.PreparedBody
+    ends_at: float  # event-loop time when the whole call must end (the provider's `total_s` from its start)
+
+
 async def relay(
     request: web.Request,
-    provider: Provider,
-    route: str,
-    prepared: openai_format.PreparedBody,
-    request_id: str,
+    call: OpenedCall,
     settings: RelaySettings,
     outcome: RelayOutcome,
     extra_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
-    """Forward the call and stream the answer back; fills `outcome` as it goes (also when cancelled)."""
-    started = time.monotonic()
-    ends_at = stream_deadline(provider)
-    upstream = await open_upstream(provider, route, prepared.body, request_id, forwarded_headers(request))
+    """Stream the opened call's answer back; fills `outcome` as it goes (also when cancelled)."""
+    provider, upstream = call.provider, call.upstream
     try:
-        outcome.first_byte_s = time.monotonic() - started
         outcome.status = upstream.status
         if upstream.status >= 500:
             raise await upstream_failure(provider, upstream)
@@ -81,9 +84,9 @@ async def relay(
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"
         await response.prepare(request)
-        chunks = read_chunks(upstream, provider.timeouts, settings.keepalive_s if is_sse else 0.0, ends_at)
+        chunks = read_chunks(upstream, provider.timeouts, settings.keepalive_s if is_sse else 0.0, call.ends_at)
         if is_sse:
-            await _relay_events(response, chunks, prepared.usage_injected, outcome)
+            await _relay_events(response, chunks, call.prepared.usage_injected, outcome)
         else:
             await _relay_body(response, chunks, upstream.content_type, outcome)
         if outcome.error_code is not None and not is_sse:

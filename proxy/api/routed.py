@@ -1,0 +1,149 @@
+"""Open a generation call on the first deployment that answers, retrying only while nothing reached the client.
+
+A connect error, a timeout before the headers, a 5xx or a 429 moves on to the next target the router offers
+(upstream/routing.py): another deployment of the model, then its fallback models, within the attempt budget
+and deadline. The last target's answer is passed on as it is (a 5xx becomes `upstream_error`, a 429 is
+relayed). Once headers are accepted the call is the request's: whatever happens to it later is never retried.
+The hold taken at admission covers every attempt; a fallback is tried only if the policy allows it for this
+caller and its bound fits under that hold, and the call is settled at the price of the model that answered.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from typing import Any, Mapping
+
+import aiohttp
+
+from ..auth.principal import Principal
+from ..catalog import Model
+from ..context import RequestContext
+from ..errors import ApiError
+from ..gateway import Gateway
+from ..metrics import AttemptResult
+from ..policy.types import Decision, RequestFacts
+from ..upstream import openai_format
+from ..upstream.relay import OpenedCall, RelayOutcome, open_upstream, stream_deadline
+from ..upstream.routing import Attempts, Target, retry_after_s
+
+
+def _retryable(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+async def open_routed(
+    gateway: Gateway, ctx: RequestContext, principal: Principal, decision: Decision, facts: RequestFacts,
+    route: str, body: dict[str, Any], forward: Mapping[str, str], stack: AsyncExitStack,
+) -> OpenedCall:
+    """The first answer worth relaying. Its connection share and its health report stay on `stack`."""
+    model = ctx.model
+    assert model is not None and ctx.outcome is not None
+    charges = {model.id: decision}
+
+    def permits(fallback: Model) -> bool:
+        other = gateway.policy.current.decide(principal, fallback, facts)
+        if not other.allowed or other.reserve_credits > decision.reserve_credits:
+            return False  # not this caller's, or it could cost more than the hold taken for the request
+        charges[fallback.id] = replace(
+            decision, price=other.price, bound=other.bound, max_output_tokens=other.max_output_tokens
+        )
+        return True
+
+    attempts = gateway.router.plan(model, permits)
+    while (target := attempts.next()) is not None:
+        ctx.attempts = attempts.made
+        if attempts.made > 1:
+            gateway.metrics.route_retry(model.id, "retry" if target.model is model else "fallback")
+        charged = charges[target.model.id]
+        provider = gateway.providers[target.deployment.provider]
+        prepared = openai_format.prepare(route, body, target.deployment.upstream_model, charged.max_output_tokens)
+        attempt = AsyncExitStack()
+        try:
+            await attempt.enter_async_context(provider.pool.slot(principal.account))  # refused: not retried
+        except BaseException:
+            target.health.abandoned()  # nothing was sent
+            raise
+        started, ends_at = time.monotonic(), stream_deadline(provider)
+        try:
+            upstream = await open_upstream(provider, route, prepared.body, ctx.request_id, forward)
+        except ApiError as exc:
+            await attempt.aclose()
+            target.health.failed()
+            _attempt_failed(gateway, target, provider.name, exc.code, started)
+            if not attempts.has_next():
+                raise
+            continue
+        except BaseException:
+            target.health.abandoned()
+            await attempt.aclose()
+            raise
+        ctx.outcome.first_byte_s = time.monotonic() - started
+        if _retryable(upstream.status) and attempts.has_next():
+            _answer_refused(gateway, target, provider.name, upstream, started)
+            upstream.close()
+            await attempt.aclose()
+            continue
+        ctx.provider = provider.name
+        ctx.deployment = target.label if target.model is model else f"{target.model.id}:{target.label}"
+        ctx.charged_as = charged
+        attempt.callback(_report, gateway, target, ctx.outcome, upstream.headers.get("Retry-After"))
+        stack.push_async_exit(attempt)
+        return OpenedCall(provider, upstream, prepared, ends_at)
+    raise _all_out(model, attempts)
+
+
+def _answer_refused(
+    gateway: Gateway, target: Target, provider: str, upstream: aiohttp.ClientResponse, started: float
+) -> None:
+    """A 429 or 5xx that another target can make up for: the deployment rests or counts a failure."""
+    settings = gateway.router.settings
+    if upstream.status == 429:
+        target.health.throttled(retry_after_s(
+            upstream.headers.get("Retry-After"), settings.throttle_cooldown_s, settings.max_cooldown_s
+        ))
+        result, reason = "throttled", "status_429"
+    else:
+        target.health.failed()
+        result, reason = "error", "status_5xx"
+    gateway.metrics.upstream_done(provider, "error", time.monotonic() - started)
+    gateway.metrics.upstream_error(provider, reason)
+    gateway.metrics.deployment_attempt(target.model.id, target.label, result)  # type: ignore[arg-type]
+
+
+def _attempt_failed(gateway: Gateway, target: Target, provider: str, code: str, started: float) -> None:
+    """No answer at all: the connection failed or the headers did not come in time."""
+    timeout = code == "upstream_timeout"
+    gateway.metrics.upstream_done(provider, "timeout" if timeout else "error", time.monotonic() - started)
+    gateway.metrics.upstream_error(provider, "timeout" if timeout else "connect")
+    gateway.metrics.deployment_attempt(target.model.id, target.label, "timeout" if timeout else "error")
+
+
+def _report(gateway: Gateway, target: Target, outcome: RelayOutcome, retry_after: str | None) -> None:
+    """The answering deployment's verdict once its call is over."""
+    result: AttemptResult
+    if outcome.status == 429:
+        settings = gateway.router.settings
+        target.health.throttled(retry_after_s(retry_after, settings.throttle_cooldown_s, settings.max_cooldown_s))
+        result = "throttled"
+    elif outcome.completed or outcome.delivered:
+        target.health.succeeded()
+        result = "ok"
+    elif outcome.status >= 500 or outcome.error_code is not None:
+        target.health.failed()  # a 5xx passed on, or a stream that broke off
+        result = "timeout" if outcome.error_code == "upstream_timeout" else "error"
+    else:
+        target.health.abandoned()  # the client left: no verdict on the deployment
+        result = "cancelled"
+    gateway.metrics.deployment_attempt(target.model.id, target.label, result)
+
+
+def _all_out(model: Model, attempts: Attempts) -> ApiError:
+    wait = max(1, math.ceil(attempts.ready_in()))
+    return ApiError(
+        "generation_unavailable",
+        f"no deployment of model {model.id} can take calls now (failing or throttled); retry in {wait}s",
+        headers={"Retry-After": str(wait)},
+    )
