@@ -102,3 +102,20 @@ async def test_a_call_that_waits_longer_than_the_queue_timeout_is_overloaded_not
     assert (await on_the_wire).allowed
     assert redis_store.healthy
     await redis_store.close()
+
+
+async def test_a_renewal_refused_by_a_full_queue_is_false_not_an_error(server: RedisServer) -> None:
+    store = ResilientStore(RedisStore(server.url, max_connections=1, max_waiting_calls=0))
+    admitted = await store.admit(make_request(budget=CREDIT, amount=1))
+    assert admitted.reservation is not None
+    server.pause()
+    try:
+        on_the_wire = asyncio.create_task(store.peek(make_request(budget=CREDIT)))
+        await asyncio.sleep(0.02)
+        assert await store.renew(admitted.reservation, 60_000, admitted.reservation.request.now_ms + 1) is False
+    finally:
+        server.resume()
+    await on_the_wire
+    assert store.breaker_state == "closed"
+    await store.close()
+

@@ -105,6 +105,8 @@ class ResilientStore:
             ok, result = await self._attempt("renew", lambda: self._primary.renew(reservation, ttl_ms, now_ms))
         except StoreScriptError:
             return False  # logged and counted; the settle decides what is charged
+        except StoreOverloaded:
+            return False  # this replica is busy: the next heartbeat tries again
         if not ok:
             # The next heartbeat retries; if none gets through, the hold expires and is charged by the rule.
             log.debug("renew of reservation %s skipped: store unavailable", reservation.request.reservation_id)
