@@ -36,6 +36,20 @@ def integer(minimum: int = 0) -> dict[str, Any]:
     return {"type": "integer", "minimum": minimum}
 
 
+ALERTS = ("targetDown", "errorRate", "latencyP95", "upstreamErrors", "deploymentEjected", "highFallbackRate",
+          "storeDown", "pendingSettles", "storeErrors", "jwksFetchFailing", "creditsExhaustion", "policyReloadFailed",
+          "authFailureSpike")
+THRESHOLDED_ALERTS = frozenset(ALERTS) - {"targetDown", "deploymentEjected", "storeDown", "policyReloadFailed"}
+
+
+def alert(threshold: bool) -> dict[str, Any]:
+    properties = {"for": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"},
+                  "severity": {"enum": ["critical", "warning", "info"]}}
+    if threshold:
+        properties["threshold"] = {"type": "number", "minimum": 0}
+    return section(properties, required=list(properties))
+
+
 def section(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """An object of the chart's own keys: a misspelt key fails `helm lint` and `helm install`."""
     return {"type": "object", "additionalProperties": False, "properties": properties, **extra}
@@ -110,6 +124,8 @@ def values_schema() -> dict[str, Any]:
             "serviceMonitor": section({"enabled": BOOLEAN, "interval": STRING, "scrapeTimeout": STRING,
                                        "labels": STRING_MAP}),
             "prometheusRule": section({"enabled": BOOLEAN, "labels": STRING_MAP}),
+            "alerts": section({"job": STRING, **{name: alert(threshold=name in THRESHOLDED_ALERTS)
+                                                  for name in ALERTS}}),
             "dashboard": section({"enabled": BOOLEAN, "labels": STRING_MAP, "annotations": STRING_MAP,
                                   "namespace": STRING}),
         }),

@@ -191,6 +191,11 @@ class Metrics:
             ["issuer", "outcome"], registry=r)
         self._policy_reloads = Counter(
             f"{p}_policy_reloads_total", "Policy reloads, by outcome.", ["outcome"], registry=r)
+        # A gauge, not just the counter: an alert must keep firing for as long as the bad files stay in place.
+        self._policy_reload_failing = Gauge(
+            f"{p}_policy_reload_failing",
+            "1 from a rejected policy reload until the next one succeeds (the previous policy serves meanwhile).",
+            multiprocess_mode="livemax", registry=r)
         self._build_info = Gauge(
             f"{p}_build_info", "Always 1; the gateway version as a label.", ["version"],
             multiprocess_mode="max", registry=r)
@@ -328,6 +333,7 @@ class Metrics:
     def policy_reload(self, ok: bool) -> None:
         """A policy hot reload attempt (a failed one keeps the previous policy)."""
         self._policy_reloads.labels("success" if ok else "failure").inc()
+        self._policy_reload_failing.set(0 if ok else 1)
 
     # -- exposition ------------------------------------------------------------------------------
 

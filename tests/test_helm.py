@@ -14,8 +14,10 @@ from proxy import __version__
 from proxy.metrics import METRIC_NAMES
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "edge-proxy"
-TEMPLATES = sorted((CHART / "templates").glob("*.yaml")) + [CHART / "templates" / "_helpers.tpl"]
+TEMPLATES = sorted((CHART / "templates").glob("*.yaml")) + sorted((CHART / "templates").glob("_*.tpl"))
 
+# Series Prometheus itself writes for every scrape target.
+PROMETHEUS_SERIES = frozenset({"up"})
 # Words in PromQL that look like identifiers but are not metric names.
 PROMQL_KEYWORDS = frozenset({
     "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
@@ -90,6 +92,7 @@ def test_dashboard_covers_the_operator_questions() -> None:
         "edge_proxy_time_to_first_byte_seconds_bucket", "edge_proxy_errors_total", "edge_proxy_streams_in_flight",
         "edge_proxy_credits_total", "edge_proxy_denials_total", "edge_proxy_store_up",
         "edge_proxy_auth_failures_total", "edge_proxy_jwks_fetches_total", "edge_proxy_policy_reloads_total",
+        "edge_proxy_pending_settles", "edge_proxy_policy_reload_failing",
     }
     assert required <= used, f"dashboard lacks {sorted(required - used)}"
     dashboard = load_dashboard()
@@ -102,10 +105,12 @@ def test_every_alert_uses_exported_metrics_and_is_complete() -> None:
     rules = load_rules()
     names = {rule["alert"] for rule in rules}
     assert {"EdgeProxyHighErrorRate", "EdgeProxyHighLatencyP95", "EdgeProxyStoreDown", "EdgeProxyJwksFetchFailing",
-            "EdgeProxyCreditsExhaustion", "EdgeProxyPolicyReloadFailed"} <= names
+            "EdgeProxyCreditsExhaustion", "EdgeProxyPolicyReloadFailed", "EdgeProxyTargetDown",
+            "EdgeProxyPendingSettles"} <= names
+    known = METRIC_NAMES | PROMETHEUS_SERIES
     for rule in rules:
         used = promql_metric_names(rule["expr"])
-        assert used and used <= METRIC_NAMES, f"alert {rule['alert']} uses unknown {sorted(used - METRIC_NAMES)}"
+        assert used and used <= known, f"alert {rule['alert']} uses unknown {sorted(used - known)}"
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
@@ -152,7 +157,7 @@ def test_template_blocks_balance(template: Path) -> None:
 
 def test_files_the_templates_embed_exist() -> None:
     embedded = {m for t in TEMPLATES for m in re.findall(r'\.Files\.Get "([^"]+)"', t.read_text())}
-    assert embedded == {"alerts/rules.yaml", "dashboards/edge-proxy.json"}
+    assert embedded == {"dashboards/edge-proxy.json"}  # the alerts are templates/_alerts.tpl
     assert all((CHART / path).is_file() for path in embedded)
 
 

@@ -123,6 +123,7 @@ def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
     assert value(s, "edge_proxy_pending_settles") == 3
     assert value(s, "edge_proxy_jwks_fetches_total", issuer="clerk", outcome="failure") == 1
     assert value(s, "edge_proxy_policy_reloads_total", outcome="success") == 1
+    assert value(s, "edge_proxy_policy_reload_failing") == 0
     assert value(s, "edge_proxy_build_info", version=__version__) == 1
     assert value(s, "edge_proxy_principal_requests_total", principal="backend", status_class="2xx") == 1
 
@@ -195,3 +196,12 @@ def test_multiprocess_mode_sums_workers(tmp_path: Path) -> None:
         if s.name == "edge_proxy_requests_total" and s.labels.get("model") == "bfl/flux-2"
     ]
     assert counts == [5]
+
+
+def test_policy_reload_failing_holds_until_a_reload_succeeds(metrics: Metrics) -> None:
+    """The counter's increase fades out of any rate window while the bad files stay; this gauge does not."""
+    metrics.policy_reload(ok=False)
+    assert value(scrape(metrics), "edge_proxy_policy_reload_failing") == 1
+    assert value(scrape(metrics), "edge_proxy_policy_reload_failing") == 1
+    metrics.policy_reload(ok=True)
+    assert value(scrape(metrics), "edge_proxy_policy_reload_failing") == 0
