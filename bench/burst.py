@@ -50,7 +50,7 @@ def _hash(key: str) -> str:
 def burst_policy(rounds: int) -> dict:
     """Plan `demo` (the demo key) never refuses; each round's budget key has BUDGET credits of its own."""
     roomy = {"rate_limits": [{"per": "user", "requests": 10**9, "window": "1m"}],
-             "budget": {"credits": 10**12, "period": "month", "scope": "account"}}
+             "budget": {"credits": 10**9, "period": "month", "scope": "account"}}
     return {
         "plans": {"demo": {"models": ["bench/*"], **roomy},
                   "hundred": {"models": ["bench/*"], "budget": {"credits": BUDGET, "period": "none", "scope": "key"}}},

@@ -128,7 +128,7 @@ def rss_mib(pid: int) -> float:
 # Limits far above what the bench sends: the bench measures the relay, not the limiter's refusals.
 BENCH_POLICY: dict = {
     "plans": {"demo": {"models": ["bench/*"], "rate_limits": [{"per": "user", "requests": 10**9, "window": "1m"}],
-                       "budget": {"credits": 10**12, "period": "month", "scope": "account"}}},
+                       "budget": {"credits": 10**9, "period": "month", "scope": "account"}}},
     "prices": {"bench/chat": {"per_request": 1}},
 }
 
