@@ -30,7 +30,9 @@ class Clock:
         return self.now
 
 
-def router(cfg: Any, seed: int = 7, clock: Clock | None = None, events: list[tuple[str, str, str]] | None = None) -> Router:
+def router(
+    cfg: Any, seed: int = 7, clock: Clock | None = None, events: list[tuple[str, str, str]] | None = None
+) -> Router:
     models = {m.id: m for m in cfg.catalog()}
     return Router(
         models, cfg.routing, rng=random.Random(seed), clock=clock or Clock(),
@@ -120,8 +122,8 @@ def test_a_request_tries_each_deployment_once_then_fallbacks_within_max_attempts
 
 def test_no_attempt_starts_after_the_deadline() -> None:
     clock = Clock()
-    cfg = config(model(deployments=[{"provider": "a", "upstream_model": "x"}, {"provider": "b", "upstream_model": "x"}]),
-                 deadline_s=5)
+    both = [{"provider": "a", "upstream_model": "x"}, {"provider": "b", "upstream_model": "x"}]
+    cfg = config(model(deployments=both), deadline_s=5)
     attempts = router(cfg, clock=clock).plan(cfg.catalog()[0])
     assert attempts.next() is not None
     clock.now += 5
@@ -183,3 +185,15 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_capped(header: str | None,
 
 def test_settings_defaults() -> None:
     assert RoutingSettings().max_attempts == 3 and BreakerSettings().failures == 5
+
+
+def test_a_fallback_is_looked_at_only_once_the_request_gets_that_far() -> None:
+    cfg = config(
+        model(provider="a", upstream_model="x", fallbacks=["m/y"]), model("m/y", provider="b", upstream_model="y")
+    )
+    asked: list[str] = []
+    attempts = router(cfg).plan(cfg.catalog()[0], permits=lambda fallback: asked.append(fallback.id) is None)
+    assert attempts.next() is not None and asked == []
+    assert attempts.has_next() and asked == ["m/y"]
+    target = attempts.next()
+    assert target is not None and target.model.id == "m/y" and asked == ["m/y"]

@@ -84,7 +84,9 @@ async def start(upstreams: Upstreams, tmp_path: Path) -> AsyncIterator[Start]:
         await server.stop()
 
 
-async def post(gateway: str, body: dict[str, Any], path: str = "/v1/chat/completions") -> tuple[int, dict[str, str], bytes]:
+async def post(
+    gateway: str, body: dict[str, Any], path: str = "/v1/chat/completions"
+) -> tuple[int, dict[str, str], bytes]:
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{gateway}{path}", json=body, headers=AUTH) as response:
             return response.status, dict(response.headers), await response.read()

@@ -112,10 +112,12 @@ class Target:
 
 
 class Attempts:
-    """One request's way through its targets. `next()` claims the next one that is available now."""
+    """One request's way through its targets. `next()` claims the next one that is available now. Targets are
+    drawn from `targets` only as needed: a fallback's policy check runs only once the request gets that far."""
 
     def __init__(self, targets: Iterator[Target], settings: RoutingSettings, clock: Callable[[], float]) -> None:
-        self._pending = list(targets)
+        self._pending: list[Target] = []
+        self._more = targets
         self._settings = settings
         self._clock = clock
         self._started: float | None = None
@@ -126,10 +128,14 @@ class Attempts:
             return False
         return self._started is None or now - self._started < self._settings.deadline_s
 
+    def _remaining(self) -> list[Target]:
+        self._pending.extend(self._more)
+        return self._pending
+
     def has_next(self) -> bool:
         """Would `next()` find a target now? (Decides whether a failed answer is retried or passed on.)"""
         now = self._clock()
-        return self._open(now) and any(t.health.available(now) for t in self._pending)
+        return self._open(now) and any(t.health.available(now) for t in self._remaining())
 
     def next(self) -> Target | None:
         now = self._clock()
@@ -138,15 +144,22 @@ class Attempts:
         for i, target in enumerate(self._pending):
             if target.health.take(now):
                 del self._pending[i]
-                self._started = self._started if self._started is not None else now
-                self.made += 1
-                return target
+                return self._claimed(target, now)
+        for target in self._more:
+            if target.health.take(now):
+                return self._claimed(target, now)
+            self._pending.append(target)
         return None
+
+    def _claimed(self, target: Target, now: float) -> Target:
+        self._started = self._started if self._started is not None else now
+        self.made += 1
+        return target
 
     def ready_in(self) -> float:
         """Seconds until one of the targets not tried yet may take a call."""
         now = self._clock()
-        return min((t.health.ready_in(now) for t in self._pending), default=0.0)
+        return min((t.health.ready_in(now) for t in self._remaining()), default=0.0)
 
 
 class Router:
