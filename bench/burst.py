@@ -142,7 +142,8 @@ async def main() -> None:
             for round_no in range(args.rounds):
                 rows.append((round_no + 1, "direct", await burst(direct, KEY, args.concurrency)))
                 rows.append((round_no + 1, "roomy", await burst(running.gateways, KEY, args.concurrency)))
-                rows.append((round_no + 1, "budget", await burst(running.gateways, budget_key(round_no), args.concurrency)))
+                budget = await burst(running.gateways, budget_key(round_no), args.concurrency)
+                rows.append((round_no + 1, "budget", budget))
 
     print(f"\n{args.concurrency} concurrent calls per burst, {args.replicas} gateway replicas on one redis-server, "
           f"store defaults; budget rounds: {BUDGET} credits at 1 per call\n")

@@ -108,10 +108,6 @@ class CallGate:
         self._lag = lag
         self._waiting = 0
 
-    @property
-    def waiting(self) -> int:
-        return self._waiting
-
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one in-flight slot for the block; raises StoreOverloaded (nothing was sent) if none comes free."""
@@ -132,6 +128,7 @@ class CallGate:
             async with deadline(self._queue_timeout_s, self._lag):
                 await self._slots.acquire()
         except TimeoutError:
-            raise StoreOverloaded(f"no store connection came free within {self._queue_timeout_s}s", retry_after_s=1) from None
+            message = f"no store connection came free within {self._queue_timeout_s}s"
+            raise StoreOverloaded(message, retry_after_s=1) from None
         finally:
             self._waiting -= 1
