@@ -281,7 +281,9 @@ class RoutingSettings(_Strict):
     """Retries and fallbacks, only before anything of an answer reached the client (docs/routing.md)."""
 
     max_attempts: int = Field(3, ge=1, le=10)  # upstream calls per request, the first one included
-    deadline_s: float = Field(30.0, gt=0)  # no further attempt starts this long after the request's first one
+    # No further attempt starts this long after the request's first one; above the default first_byte_s, so a
+    # deployment that stalls before its headers is retried with the shipped defaults.
+    deadline_s: float = Field(90.0, gt=0)
     throttle_cooldown_s: float = Field(5.0, ge=0)  # a deployment's rest after a 429 without Retry-After
     max_cooldown_s: float = Field(300.0, gt=0)  # a longer Retry-After is capped to this
     breaker: BreakerSettings = BreakerSettings()

@@ -183,7 +183,12 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_capped(header: str | None,
     assert retry_after_s(header, 5.0, 300.0) == expected
 
 
-def test_settings_defaults() -> None:
+def test_shipped_defaults_retry_a_deployment_that_stalls_before_its_headers() -> None:
+    """The deadline bounds when a further attempt may start: a first attempt that waited its whole first_byte_s
+    must still leave room for a second."""
+    from proxy.config import Timeouts
+
+    assert RoutingSettings().deadline_s > Timeouts().first_byte_s + Timeouts().connect_s
     assert RoutingSettings().max_attempts == 3 and BreakerSettings().failures == 5
 
 

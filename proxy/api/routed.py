@@ -59,12 +59,12 @@ async def open_routed(
             gateway.metrics.route_retry(model.id, "retry" if target.model is model else "fallback")
         charged = charges[target.model.id]
         provider = gateway.providers[target.deployment.provider]
-        prepared = openai_format.prepare(route, body, target.deployment.upstream_model, charged.max_output_tokens)
         attempt = AsyncExitStack()
         try:
+            prepared = openai_format.prepare(route, body, target.deployment.upstream_model, charged.max_output_tokens)
             await attempt.enter_async_context(provider.pool.slot(principal.account))  # refused: not retried
         except BaseException:
-            target.health.abandoned()  # nothing was sent
+            target.health.abandoned()  # nothing was sent: a half-open probe it claimed may go to another call
             raise
         started, ends_at = time.monotonic(), stream_deadline(provider)
         try:
