@@ -14,7 +14,7 @@ from proxy import __version__
 from proxy.metrics import METRIC_NAMES
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "edge-proxy"
-TEMPLATES = sorted((CHART / "templates").glob("*.yaml")) + sorted((CHART / "templates").glob("_*.tpl"))
+TEMPLATES = sorted((CHART / "templates").rglob("*.yaml")) + sorted((CHART / "templates").glob("_*.tpl"))
 
 # Series Prometheus itself writes for every scrape target.
 PROMETHEUS_SERIES = frozenset({"up"})
@@ -157,7 +157,7 @@ def test_template_blocks_balance(template: Path) -> None:
 
 def test_files_the_templates_embed_exist() -> None:
     embedded = {m for t in TEMPLATES for m in re.findall(r'\.Files\.Get "([^"]+)"', t.read_text())}
-    assert embedded == {"dashboards/edge-proxy.json"}  # the alerts are templates/_alerts.tpl
+    assert embedded == {"dashboards/edge-proxy.json", "files/helm-test.py"}  # the alerts are templates/_alerts.tpl
     assert all((CHART / path).is_file() for path in embedded)
 
 

@@ -18,11 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # The supported range, as docs/helm.md states it: the oldest is Chart.yaml's kubeVersion floor.
 NEWEST_KUBERNETES = "1.37.0"
 # Schemas the Kubernetes API server does not know without the Prometheus Operator's CRDs.
-CRD_GROUPS = ("monitoring.coreos.com/",)
+CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/")
 
 # Every switch of values.yaml turned on, and every list filled: what an elaborate install renders.
 ALL_ON: dict[str, Any] = {
-    "autoscaling": {"enabled": True},
+    "autoscaling": {"enabled": True, "streamsInFlightPerPod": 20},
+    "ingress": {"enabled": True, "className": "nginx", "tls": [{"secretName": "ai-tls", "hosts": ["ai.example.com"]}]},
+    "httpRoute": {"enabled": True, "parentRefs": [{"name": "public", "namespace": "gateways"}],
+                  "hostnames": ["ai.example.com"], "requestTimeout": "0s"},
+    "networkPolicy": {"enabled": True, "from": [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "ingress-nginx"}}}]},
+    "test": {"apiKeySecret": {"name": "edge-proxy-test-key", "key": "api-key"}},
     "podDisruptionBudget": {"enabled": True},
     "serviceAccount": {"create": True, "annotations": {"team": "gateway"}},
     "imagePullSecrets": [{"name": "regcred"}],
@@ -362,3 +368,72 @@ def test_rotation_with_two_keys_from_one_secret(helm: Helm, tmp_path: Path, monk
 ])
 def test_impossible_key_sets_fail_at_render(helm: Helm, signing_key: dict[str, Any], complaint: str) -> None:
     assert complaint in helm.template_error({"signingKey": signing_key})
+
+
+# -- safe defaults, exposure, the helm test hook ------------------------------------------------------------
+
+def test_defaults_agree_one_replica_no_pdb_spread_over_zones_and_nodes(helm: Helm) -> None:
+    manifests = helm.template()
+    deployment = find(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 1  # the in-memory store meters per pod
+    assert not [m for m in manifests if m["kind"] == "PodDisruptionBudget"], "a PDB of 1 with 1 pod blocks drains"
+    spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in spread] == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    assert {c["whenUnsatisfiable"] for c in spread} == {"ScheduleAnyway"}
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert all(c["labelSelector"]["matchLabels"] == selector for c in spread)
+
+
+@pytest.mark.parametrize("values", [{"replicaCount": 3, "redis": {"existingSecret": "r"}},
+                                    {"autoscaling": {"enabled": True}}], ids=["replicas", "autoscaling"])
+def test_several_replicas_get_a_pdb(helm: Helm, values: dict[str, Any]) -> None:
+    assert find(helm.template(values), "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+
+
+def test_ingress_is_streaming_safe_and_hpa_can_scale_on_streams(helm: Helm) -> None:
+    manifests = helm.template(ALL_ON)
+    annotations = find(manifests, "Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    route = find(manifests, "HTTPRoute")["spec"]
+    assert route["rules"][0]["timeouts"] == {"request": "0s"} and route["parentRefs"][0]["name"] == "public"
+    assert find(manifests, "NetworkPolicy")["spec"]["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+    metrics = find(manifests, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert [m["type"] for m in metrics] == ["Resource", "Pods"]
+    assert metrics[1]["pods"]["metric"]["name"] == "edge_proxy_streams_in_flight"
+
+
+def test_helm_test_hook_runs_the_checked_script(helm: Helm) -> None:
+    pod = find(helm.template(ALL_ON), "Pod", "-test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    container = pod["spec"]["containers"][0]
+    assert container["command"] == ["python", "-c"]
+    assert container["args"][0].strip() == (CHART / "files" / "helm-test.py").read_text().strip()
+    assert {e["name"] for e in container["env"]} == {"BASE_URL", "EDGE_PROXY_API_KEY"}
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+
+
+@pytest.mark.parametrize("with_key", [True, False], ids=["api-key", "made-up-key"])
+async def test_helm_test_script_passes_against_a_real_gateway(provider: Any, gateway_env: None, policies_dir: Path,
+                                                             with_key: bool) -> None:
+    """The hook's script, run as the pod runs it, against a gateway on loopback."""
+    import asyncio
+    import os
+    import sys
+
+    from tests.gateway_harness import TEST_KEY, gateway_config, start_gateway
+
+    server = await start_gateway(gateway_config(provider.url, policies_dir))
+    try:
+        env = {**os.environ, "BASE_URL": server.url}
+        env.pop("EDGE_PROXY_API_KEY", None)
+        if with_key:
+            env["EDGE_PROXY_API_KEY"] = TEST_KEY
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", (CHART / "files" / "helm-test.py").read_text(), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        await server.stop()
+    assert process.returncode == 0, out.decode() + err.decode()
+    assert out.decode().splitlines()[-2:] == [f"GET /v1/models {200 if with_key else 401}", "ok"]
