@@ -38,6 +38,7 @@ class Model:
     # Where it is served; empty: the one deployment `provider`/`upstream_model` (the first deployment otherwise).
     deployments: tuple[Deployment, ...] = ()
     fallbacks: tuple[str, ...] = ()  # model ids tried, in order, once every deployment of this one failed
+    selection: str = "weighted"  # how the first deployment is chosen: weighted, least_in_flight or sticky
 
     def served_by(self) -> tuple[Deployment, ...]:
         return self.deployments or (Deployment(self.provider, self.provider, self.upstream_model),)

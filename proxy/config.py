@@ -231,6 +231,9 @@ class ModelSettings(_Strict):
     upstream_model: str | None = Field(None, min_length=1)
     deployments: tuple[DeploymentSettings, ...] = ()
     fallbacks: tuple[str, ...] = ()  # other model ids (same capability) tried once every deployment failed
+    # weighted: random by weight; least_in_flight: fewest calls under way per unit of weight on this replica;
+    # sticky: the same end user to the same deployment while it is available (weighted rendezvous hashing).
+    selection: Literal["weighted", "least_in_flight", "sticky"] = "weighted"
     max_output_tokens: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -266,6 +269,7 @@ class ModelSettings(_Strict):
             id=self.id, name=self.name, creator=self.creator, capability=self.capability,
             provider=deployments[0].provider, upstream_model=deployments[0].upstream_model,
             max_output_tokens=self.max_output_tokens, deployments=deployments, fallbacks=self.fallbacks,
+            selection=self.selection,
         )
 
 

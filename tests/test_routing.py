@@ -202,3 +202,61 @@ def test_a_fallback_is_looked_at_only_once_the_request_gets_that_far() -> None:
     assert attempts.has_next() and asked == ["m/y"]
     target = attempts.next()
     assert target is not None and target.model.id == "m/y" and asked == ["m/y"]
+
+
+def three_ways(selection: str, weights: tuple[float, float, float] = (1, 1, 1)) -> Any:
+    return config(model(selection=selection, deployments=[
+        {"provider": name, "upstream_model": "x", "weight": weight} for name, weight in zip("abc", weights)
+    ]))
+
+
+def test_least_in_flight_picks_the_deployment_with_the_fewest_calls_under_way() -> None:
+    cfg = three_ways("least_in_flight", (2, 1, 1))
+    r, m = router(cfg), cfg.catalog()[0]
+    busy = [r.plan(m).next() for _ in range(4)]
+    # a (weight 2) takes two calls for each one of b and c: in flight 2/2, 1/1, 1/1 after four claims.
+    assert Counter(t.label for t in busy if t) == {"a": 2, "b": 1, "c": 1}
+    for target in busy[:3]:
+        assert target is not None
+        target.health.succeeded()
+    still_busy, picked = busy[3], r.plan(m).next()
+    assert still_busy is not None and picked is not None and picked.label != still_busy.label
+    assert sum(r.health("m/x", name).in_flight for name in "abc") == 2
+
+
+def test_sticky_keeps_a_user_on_one_deployment_spreads_users_by_weight_and_moves_only_while_it_rests() -> None:
+    cfg, clock = three_ways("sticky", (2, 1, 1)), Clock()
+    r, m = router(cfg, clock=clock), cfg.catalog()[0]
+
+    def first(user: str) -> str:
+        target = r.plan(m, user=user).next()
+        assert target is not None
+        target.health.succeeded()
+        return target.label
+
+    assert len({first("alice") for _ in range(20)}) == 1
+    spread = Counter(first(f"user-{i}") for i in range(4000))
+    assert abs(spread["a"] - 2000) < 150 and abs(spread["b"] - 1000) < 120 and abs(spread["c"] - 1000) < 120
+    home = first("alice")
+    r.health("m/x", home).throttled(60)
+    assert first("alice") != home
+    clock.now += 60  # the rest is over
+    assert first("alice") == home
+
+
+def test_selection_is_validated() -> None:
+    with pytest.raises(ConfigError, match="models.0.selection"):
+        three_ways("round_robin")
+
+
+def test_sticky_follows_the_end_user_not_the_account() -> None:
+    from proxy.api.routed import _end_user
+    from proxy.auth.principal import Principal
+
+    def user(**who: Any) -> str:
+        return _end_user(Principal(kind=who.pop("kind", "issuer"), account="acct", plan="p", **who))
+
+    assert user(issuer="clerk", subject="u1") == user(issuer="clerk", subject="u1")
+    assert len({user(issuer="clerk", subject="u1"), user(issuer="clerk", subject="u2"),
+                user(issuer="okta", subject="u1"), user(kind="api_key", key_id="k1"), user(kind="api_key", key_id="k2"),
+                user(kind="api_key")}) == 6

@@ -43,6 +43,9 @@ def models() -> list[dict[str, Any]]:
             {"provider": "a", "upstream_model": "up-a"}, {"provider": "b", "upstream_model": "up-b"},
             {"provider": "c", "upstream_model": "up-c"},
         ]),
+        entry("mock/sticky", selection="sticky", deployments=[
+            {"provider": "a", "upstream_model": "up-a"}, {"provider": "b", "upstream_model": "up-b"},
+        ]),
         entry("mock/solo", provider="a", upstream_model="up-a"),
         entry("mock/primary", provider="a", upstream_model="up-a", fallbacks=["mock/pricey", "mock/backup"]),
         entry("mock/pricey", provider="c", upstream_model="up-c"),
@@ -234,3 +237,9 @@ async def test_a_total_outage_is_bounded_attempts_then_fast_refusals(start: Star
     assert statuses == [502] * 5 + [503] * 25
     assert answered_by(upstreams) == {"a": 5, "b": 5, "c": 5}
     assert await spent(gateway) == 0
+
+
+async def test_a_sticky_model_keeps_one_caller_on_one_deployment(start: Start, upstreams: Upstreams) -> None:
+    gateway = await start()
+    assert [(await post(gateway, chat("mock/sticky")))[0] for _ in range(12)] == [200] * 12
+    assert sorted(answered_by(upstreams).values()) == [0, 0, 12]

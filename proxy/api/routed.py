@@ -30,6 +30,11 @@ from ..upstream.relay import OpenedCall, RelayOutcome, open_upstream, stream_dea
 from ..upstream.routing import Attempts, Target, retry_after_s
 
 
+def _end_user(principal: Principal) -> str:
+    """Who a sticky model keeps on one deployment: the end user, else the key, else the account."""
+    return f"{principal.kind}\0{principal.issuer or ''}\0{principal.subject or principal.key_id or principal.account}"
+
+
 def _retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
@@ -52,7 +57,7 @@ async def open_routed(
         )
         return True
 
-    attempts = gateway.router.plan(model, permits)
+    attempts = gateway.router.plan(model, permits, _end_user(principal) if model.selection == "sticky" else "")
     while (target := attempts.next()) is not None:
         ctx.attempts = attempts.made
         if attempts.made > 1:

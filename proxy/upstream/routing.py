@@ -10,6 +10,7 @@ replica: choosing never waits for the network.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -43,6 +44,7 @@ class Health:
         self._open_until: float | None = None  # None: closed
         self._probing = False  # half-open: the one call allowed through is under way
         self._rest_until = 0.0  # a 429's Retry-After
+        self.in_flight = 0  # calls claimed here and not ended yet (least_in_flight selection)
 
     def _changed(self, state: BreakerState) -> None:
         for model, deployment in self.labels:
@@ -61,9 +63,11 @@ class Health:
         return self._open_until is None or (now >= self._open_until and not self._probing)
 
     def take(self, now: float) -> bool:
-        """Claim a call here: always when closed; when half-open, only the single probe."""
+        """Claim a call here: always when closed; when half-open, only the single probe. Every claim ends with
+        exactly one of `succeeded`, `failed`, `throttled` or `abandoned`."""
         if not self.available(now):
             return False
+        self.in_flight += 1
         if self._open_until is not None:
             self._probing = True
             self._changed("half_open")
@@ -74,28 +78,35 @@ class Health:
         until = max(self._rest_until, self._open_until or 0.0)
         return max(0.0, until - now)
 
+    def _ended(self) -> bool:
+        """A claimed call is over; True if it was the half-open probe."""
+        probe, self._probing = self._probing, False
+        self.in_flight = max(0, self.in_flight - 1)
+        return probe
+
     def succeeded(self) -> None:
+        self._ended()
         was_open = self._open_until is not None
-        self._failures, self._open_until, self._probing = 0, None, False
+        self._failures, self._open_until = 0, None
         if was_open:
             self._changed("closed")
 
     def failed(self) -> None:
         """A connect error, a timeout, a 5xx or a stream that broke off."""
+        probe = self._ended()
         self._failures += 1
-        if self._probing or self._failures >= self._settings.failures:
+        if probe or self._failures >= self._settings.failures:
             self._open_until = self._clock() + self._settings.cooldown_s
-            self._probing = False
             self._changed("open")
 
     def throttled(self, seconds: float) -> None:
         """A 429: rest for `seconds`; throttling says nothing about health, so the breaker keeps its count."""
+        self._ended()
         self._rest_until = max(self._rest_until, self._clock() + seconds)
-        self.abandoned()
 
     def abandoned(self) -> None:
-        """The call ended without a verdict (the client left): a half-open probe may go again."""
-        self._probing = False
+        """The call ended without a verdict (the client left, nothing was sent): a half-open probe may go again."""
+        self._ended()
 
 
 @dataclass(frozen=True)
@@ -188,17 +199,33 @@ class Router:
     def health(self, model: str, deployment: str) -> Health:
         return next(t.health for t in self._targets[model] if t.deployment.name == deployment)
 
-    def plan(self, model: Model, permits: Callable[[Model], bool] = lambda m: True) -> Attempts:
-        """The request's targets: the model's deployments in a weighted order, then each permitted fallback's."""
-        fallbacks = (self._weighted(targets) for targets in self._fallbacks[model.id] if permits(targets[0].model))
-        return Attempts(_chain(self._weighted(self._targets[model.id]), fallbacks), self.settings, self._clock)
+    def plan(self, model: Model, permits: Callable[[Model], bool] = lambda m: True, user: str = "") -> Attempts:
+        """The request's targets: the model's deployments in its selection's order (`user`: the end user, for
+        sticky models), then each permitted fallback's deployments in that model's order."""
+        own = self._ordered(model, self._targets[model.id], user)
+        fallbacks = (
+            self._ordered(targets[0].model, targets, user)
+            for targets in self._fallbacks[model.id] if permits(targets[0].model)
+        )
+        return Attempts(_chain(own, fallbacks), self.settings, self._clock)
 
-    def _weighted(self, targets: tuple[Target, ...]) -> Iterator[Target]:
-        """All targets, ordered by weighted sampling without replacement (Efraimidis-Spirakis keys)."""
+    def _ordered(self, model: Model, targets: tuple[Target, ...], user: str) -> Iterator[Target]:
         if len(targets) == 1:
             return iter(targets)
+        if model.selection == "least_in_flight":
+            return iter(sorted(targets, key=lambda t: (t.health.in_flight / t.deployment.weight, self._rng.random())))
+        if model.selection == "sticky":
+            return iter(sorted(targets, key=lambda t: _rendezvous(user, t.deployment), reverse=True))
+        # Weighted sampling without replacement (Efraimidis-Spirakis keys).
         keys = [self._rng.random() ** (1.0 / t.deployment.weight) for t in targets]
         return iter([t for _, t in sorted(zip(keys, targets), key=lambda pair: pair[0], reverse=True)])
+
+
+def _rendezvous(user: str, deployment: Deployment) -> float:
+    """Weighted rendezvous hashing: a user's highest-scoring deployment is stable, and users spread by weight."""
+    digest = hashlib.blake2b(f"{user}\0{deployment.name}".encode(), digest_size=8).digest()
+    unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)  # in (0, 1)
+    return -deployment.weight / math.log(unit)
 
 
 def _chain(first: Iterator[Target], rest: Iterator[Iterator[Target]]) -> Iterator[Target]:
