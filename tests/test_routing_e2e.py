@@ -13,7 +13,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.server import RunningServer
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from proxy.config import parse_config
+from proxy.gateway import build_gateway
+from proxy.server import RunningServer, start_server
 from tests.gateway_harness import TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
 from tests.mock_provider import MockProvider, chat_chunk, open_sse, sse
 from tests.redis_server import free_port
@@ -71,7 +76,7 @@ async def start(upstreams: Upstreams, tmp_path: Path) -> AsyncIterator[Start]:
     servers: list[RunningServer] = []
 
     async def starter(urls: dict[str, str] | None = None, timeouts: dict[str, dict[str, float]] | None = None,
-                      **routing: Any) -> str:
+                      spans: InMemorySpanExporter | None = None, **routing: Any) -> str:
         providers = {
             name: {"base_url": (urls or {}).get(name, mock.url), "api_key_env": "MOCK_PROVIDER_KEY",
                    "timeouts": {**TIMEOUTS, **(timeouts or {}).get(name, {})}}
@@ -79,7 +84,12 @@ async def start(upstreams: Upstreams, tmp_path: Path) -> AsyncIterator[Start]:
         }
         policies = write_policy(tmp_path / "policies", budget_policy(1_000_000, PRICES))
         config = gateway_config(upstreams["a"].url, policies, providers=providers, models=models(), routing=routing)
-        servers.append(await start_gateway(config))
+        if spans is None:
+            servers.append(await start_gateway(config))
+        else:
+            parsed = parse_config({**config, "tracing": {"enabled": True, "exporter": "none"}}, "test-config")
+            gateway = build_gateway(parsed, span_exporter=spans)
+            servers.append(await start_server(parsed, "127.0.0.1", 0, gateway=gateway))
         return servers[-1].url
 
     yield starter
@@ -243,3 +253,17 @@ async def test_a_sticky_model_keeps_one_caller_on_one_deployment(start: Start, u
     gateway = await start()
     assert [(await post(gateway, chat("mock/sticky")))[0] for _ in range(12)] == [200] * 12
     assert sorted(answered_by(upstreams).values()) == [0, 0, 12]
+
+
+async def test_each_attempt_is_its_own_client_span(start: Start, upstreams: Upstreams) -> None:
+    upstreams["a"].handler = failing(500)
+    spans = InMemorySpanExporter()
+    gateway = await start(spans=spans)
+    assert (await post(gateway, chat("mock/routed")))[0] == 200
+    server = next(s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER)
+    clients = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert [(s.attributes["edge_proxy.provider"], s.attributes["http.response.status_code"],
+             s.attributes["edge_proxy.upstream_outcome"]) for s in clients] == [("a", 500, "error"), ("b", 200, "ok")]
+    assert all(s.parent is not None and s.parent.span_id == server.context.span_id for s in clients)
+    for name, span in zip("ab", clients):  # each upstream saw its own attempt's span as its parent
+        assert upstreams[name].received[-1].headers["traceparent"].split("-")[2] == format(span.context.span_id, "016x")

@@ -45,28 +45,21 @@ async def metered_call(
     gateway: Gateway, ctx: RequestContext, decision: Decision, admission: Admission, facts: RequestFacts,
 ) -> AsyncIterator[RelayOutcome]:
     """Around the upstream call (routed.py: every attempt): renew the hold while it runs; after it, record the
-    answering call and settle whatever happened, at the price of the model that answered (`ctx.charged_as`).
+    answering call and settle whatever happened (each attempt has its own trace span, routed.py), at the price of the model that answered (`ctx.charged_as`).
     Nothing answered (a refusal, or every attempt failed): the admission is released."""
-    assert ctx.model is not None
     ctx.outcome = outcome = RelayOutcome()
     gateway.metrics.stream_started()
     started = time.monotonic()
-    # Current until ended, so the traceparent sent upstream is its own.
-    span = gateway.tracing.upstream_span(ctx.model.provider)
-    failure: ApiError | None = None
     try:
         async with admission.keepalive():  # a stream may outlive the reservation ttl: renew while it runs
             yield outcome
     except ApiError as exc:
         outcome.error_code = outcome.error_code or exc.code
-        failure = exc
         raise
     finally:
-        result = upstream_outcome(outcome)
         gateway.metrics.stream_ended()
         if ctx.provider is not None:  # attempts that got no answer were recorded as they failed (routed.py)
-            record_upstream(gateway, ctx.provider, outcome, result, started)
-        span.end(outcome.status, result, outcome.error_code, failure)
+            record_upstream(gateway, ctx.provider, outcome, upstream_outcome(outcome), started)
         # Shielded: a client that hangs up cancels the handler, but what it used must still be charged.
         charged_as = ctx.charged_as or decision
         await asyncio.shield(settle_or_charge_reserve(gateway, ctx, charged_as, admission, outcome, facts.input_bytes))

@@ -14,7 +14,7 @@ import math
 import time
 from contextlib import AsyncExitStack
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import aiohttp
 
@@ -25,9 +25,11 @@ from ..errors import ApiError
 from ..gateway import Gateway
 from ..metrics import AttemptResult
 from ..policy.types import Decision, RequestFacts
+from ..tracing import UpstreamSpan
 from ..upstream import openai_format
 from ..upstream.relay import OpenedCall, RelayOutcome, open_upstream, stream_deadline
 from ..upstream.routing import Attempts, Target, retry_after_s
+from .metered import upstream_outcome
 
 
 def _end_user(principal: Principal) -> str:
@@ -72,9 +74,11 @@ async def open_routed(
             target.health.abandoned()  # nothing was sent: a half-open probe it claimed may go to another call
             raise
         started, ends_at = time.monotonic(), stream_deadline(provider)
+        span = gateway.tracing.upstream_span(provider.name)  # current until ended: the traceparent sent is its own
         try:
             upstream = await open_upstream(provider, route, prepared.body, ctx.request_id, forward)
         except ApiError as exc:
+            span.end(0, "timeout" if exc.code == "upstream_timeout" else "error", exc.code, exc)
             await attempt.aclose()
             target.health.failed()
             _attempt_failed(gateway, target, provider.name, exc.code, started)
@@ -82,11 +86,13 @@ async def open_routed(
                 raise
             continue
         except BaseException:
+            span.end(0, "cancelled", None, None)
             target.health.abandoned()
             await attempt.aclose()
             raise
         ctx.outcome.first_byte_s = time.monotonic() - started
         if _retryable(upstream.status) and attempts.has_next():
+            span.end(upstream.status, "error", "upstream_error", None)
             _answer_refused(gateway, target, provider.name, upstream, started)
             upstream.close()
             await attempt.aclose()
@@ -95,9 +101,21 @@ async def open_routed(
         ctx.deployment = target.label if target.model is model else f"{target.model.id}:{target.label}"
         ctx.charged_as = charged
         attempt.callback(_report, gateway, target, ctx.outcome, upstream.headers.get("Retry-After"))
+        attempt.push(_span_ender(span, ctx.outcome))
         stack.push_async_exit(attempt)
         return OpenedCall(provider, upstream, prepared, ends_at)
     raise _all_out(model, attempts)
+
+
+def _span_ender(span: UpstreamSpan, outcome: RelayOutcome) -> Callable[..., bool]:
+    """Ends the answering attempt's span once its call is over, with the failure that ended it, if any."""
+
+    def end(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        error_code = outcome.error_code or (exc.code if isinstance(exc, ApiError) else None)
+        span.end(outcome.status, upstream_outcome(outcome), error_code, exc if isinstance(exc, Exception) else None)
+        return False  # never swallows the exception
+
+    return end
 
 
 def _answer_refused(
