@@ -267,3 +267,22 @@ async def test_each_attempt_is_its_own_client_span(start: Start, upstreams: Upst
     assert all(s.parent is not None and s.parent.span_id == server.context.span_id for s in clients)
     for name, span in zip("ab", clients):  # each upstream saw its own attempt's span as its parent
         assert upstreams[name].received[-1].headers["traceparent"].split("-")[2] == format(span.context.span_id, "016x")
+
+
+async def test_a_burst_into_a_total_outage_is_bounded_by_max_attempts_then_refused_at_once(
+    start: Start, upstreams: Upstreams
+) -> None:
+    async def slow_500(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        await asyncio.sleep(0.05)  # the burst's calls overlap: breakers learn only as answers come back
+        return web.json_response({"error": {"message": "down"}}, status=500)
+
+    for mock in upstreams.values():
+        mock.handler = slow_500
+    gateway = await start()
+    burst = await asyncio.gather(*(post(gateway, chat("mock/three")) for _ in range(20)))
+    assert {status for status, _, _ in burst} <= {502, 503}
+    calls = sum(answered_by(upstreams).values())
+    assert calls <= 20 * 3  # never more than max_attempts per request
+    after = await asyncio.gather(*(post(gateway, chat("mock/three")) for _ in range(20)))
+    assert [status for status, _, _ in after] == [503] * 20  # every breaker is open: no upstream call at all
+    assert sum(answered_by(upstreams).values()) == calls
