@@ -274,10 +274,13 @@ class ModelSettings(_Strict):
 
 
 class BreakerSettings(_Strict):
-    """A deployment's circuit breaker (local to each replica): `failures` in a row open it; after `cooldown_s`
-    one call probes it; the probe's success closes it, its failure opens it again."""
+    """A deployment's circuit breaker (local to each replica): `failures` in a row, or a share of failures of at
+    least `error_rate` among its last `window` calls (a flapping upstream), open it; after `cooldown_s` one call
+    probes it; the probe's success closes it, its failure opens it again."""
 
     failures: int = Field(5, ge=1)
+    error_rate: float | None = Field(0.5, gt=0, le=1)  # null: only failures in a row count
+    window: int = Field(20, ge=2)
     cooldown_s: float = Field(30.0, gt=0)
 
 

@@ -260,3 +260,25 @@ def test_sticky_follows_the_end_user_not_the_account() -> None:
     assert len({user(issuer="clerk", subject="u1"), user(issuer="clerk", subject="u2"),
                 user(issuer="okta", subject="u1"), user(kind="api_key", key_id="k1"), user(kind="api_key", key_id="k2"),
                 user(kind="api_key")}) == 6
+
+
+def test_a_flapping_deployment_is_ejected_by_its_error_rate() -> None:
+    cfg = config(model(provider="a", upstream_model="x"), breaker={"failures": 5, "error_rate": 0.5, "window": 10})
+    health = router(cfg).health("m/x", "a")
+    for _ in range(4):  # fail, succeed, fail, ...: never five in a row, but half of every call
+        health.failed()
+        health.succeeded()
+    health.failed()
+    assert health.state == "closed"  # nine calls: the window is not full yet
+    health.succeeded()
+    health.failed()  # ten calls in the window (the oldest dropped), five of them failed
+    assert health.state == "open"
+
+
+def test_error_rate_can_be_turned_off() -> None:
+    cfg = config(model(provider="a", upstream_model="x"), breaker={"error_rate": None, "window": 2})
+    health = router(cfg).health("m/x", "a")
+    for _ in range(50):
+        health.failed()
+        health.succeeded()
+    assert health.state == "closed"

@@ -1,11 +1,11 @@
 """Route: which deployment serves a call, and how each upstream is doing.
 
-A request walks its model's deployments in a weighted random order, then its fallback models' deployments,
-each at most once, within `routing.max_attempts` and `routing.deadline_s` (`Router.plan` -> `Attempts`). The
-caller reports each attempt's outcome to the upstream's `Health` (one per provider and model id there, shared
-by every catalogue entry that lists it): a circuit breaker (consecutive failures open it; after the cooldown
-one probe may go; its success closes it) and a throttle rest (a 429's Retry-After). State is local to the
-replica: choosing never waits for the network.
+A request walks its model's deployments in its selection's order, then its fallback models' deployments, each
+at most once, within `routing.max_attempts` and `routing.deadline_s` (`Router.plan` -> `Attempts`). The caller
+reports each attempt's outcome to the upstream's `Health` (one per provider and model id there, shared by every
+catalogue entry that lists it): a circuit breaker (failures in a row, or a window of calls failing at
+`error_rate`, open it; after the cooldown one probe may go; its success closes it) and a throttle rest (a 429's
+Retry-After). State is local to the replica: choosing never waits for the network.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import hashlib
 import math
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Callable, Iterator, Literal, Mapping
@@ -41,6 +42,8 @@ class Health:
         self._clock = clock
         self._on_breaker = on_breaker
         self._failures = 0  # in a row
+        self._recent: deque[bool] = deque(maxlen=settings.window)  # the last calls' verdicts: True = failed
+        self._recent_failures = 0
         self._open_until: float | None = None  # None: closed
         self._probing = False  # half-open: the one call allowed through is under way
         self._rest_until = 0.0  # a 429's Retry-After
@@ -84,8 +87,22 @@ class Health:
         self.in_flight = max(0, self.in_flight - 1)
         return probe
 
+    def _note(self, failed: bool) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_failures -= self._recent[0]
+        self._recent.append(failed)
+        self._recent_failures += failed
+
+    def _flapping(self) -> bool:
+        """A full window of recent calls failed at least `error_rate` of the time."""
+        rate = self._settings.error_rate
+        return rate is not None and len(self._recent) == self._recent.maxlen and (
+            self._recent_failures >= rate * len(self._recent)
+        )
+
     def succeeded(self) -> None:
         self._ended()
+        self._note(False)
         was_open = self._open_until is not None
         self._failures, self._open_until = 0, None
         if was_open:
@@ -94,9 +111,12 @@ class Health:
     def failed(self) -> None:
         """A connect error, a timeout, a 5xx or a stream that broke off."""
         probe = self._ended()
+        self._note(True)
         self._failures += 1
-        if probe or self._failures >= self._settings.failures:
+        if probe or self._failures >= self._settings.failures or self._flapping():
             self._open_until = self._clock() + self._settings.cooldown_s
+            self._recent.clear()  # back from the cooldown, the deployment starts with a clean record
+            self._recent_failures = 0
             self._changed("open")
 
     def throttled(self, seconds: float) -> None:
