@@ -105,7 +105,7 @@ def values_schema() -> dict[str, Any]:
                             "maxBodySize": {"type": ["string", "integer"]}, "hosts": LIST, "tls": LIST}),
         "httpRoute": section({"enabled": BOOLEAN, "annotations": STRING_MAP, "parentRefs": LIST, "hostnames": LIST,
                               "requestTimeout": STRING}),
-        "networkPolicy": section({"enabled": BOOLEAN, "from": LIST}),
+        "networkPolicy": section({"enabled": BOOLEAN, "from": LIST, "metricsFrom": LIST}),
         "topologySpread": section({"enabled": BOOLEAN}),
         "test": section({"apiKeySecret": section({"name": STRING, "key": SECRET_KEY})}),
         "config": config,
@@ -129,6 +129,7 @@ def values_schema() -> dict[str, Any]:
                                 "streamsInFlightPerPod": integer()}),
         "podDisruptionBudget": section({"enabled": BOOLEAN, "minAvailable": {"type": ["integer", "string"]}}),
         "metrics": section({
+            "port": integer() | {"maximum": 65535},
             "scrapeAnnotations": BOOLEAN,
             "serviceMonitor": section({"enabled": BOOLEAN, "interval": STRING, "scrapeTimeout": STRING,
                                        "labels": STRING_MAP}),

@@ -46,6 +46,8 @@ class ServerSettings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True  # one JSON object per line (access log included); false for human-readable text
     access_log: bool = True
+    # Serve GET /metrics on this port (same host) and not on `port`, which the public may reach; None: on `port`.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
     # Exact paths that get no access-log line (still counted in metrics): e.g. the kubelet's probes and scrapes.
     access_log_skip_paths: tuple[str, ...] = ()
     max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0)  # POST /v1/uploads; larger files get 413

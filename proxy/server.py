@@ -22,6 +22,7 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
+from .api import health
 from .api.state import GATEWAY
 from .app import create_app, error_response
 from .config import Config, ConfigError
@@ -126,9 +127,13 @@ class GatewayRunner(web.AppRunner):
 class RunningServer:
     runner: web.AppRunner
     url: str
+    metrics_runner: web.AppRunner | None = None  # the separate /metrics listener (server.metrics_port)
+    metrics_url: str | None = None
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        await self.runner.cleanup()  # drains; metrics stay scrapable meanwhile
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
 
 
 def runner_options(config: Config) -> dict[str, Any]:
@@ -144,7 +149,7 @@ def runner_options(config: Config) -> dict[str, Any]:
 LISTEN_BACKLOG = 128  # aiohttp's TCPSite default
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int, setting: str = "server.port (--port)") -> socket.socket:
     """The listening socket, bound before anything else starts, so a busy port is a one-line error instead of a
     traceback after a demo key that could never be used. `::` listens on every IPv6 and IPv4 address (one
     dual-stack socket, as IPv6-only and dual-stack clusters need); another host binds its first address."""
@@ -154,8 +159,9 @@ def listen_socket(host: str, port: int) -> socket.socket:
         return socket.create_server(address[:2], family=family, backlog=LISTEN_BACKLOG, dualstack_ipv6=dual_stack)
     except OSError as exc:
         raise ConfigError(
-            f"server.host/server.port: cannot listen on {_url(host, port)}: {os.strerror(exc.errno) if exc.errno else exc}. Fix: stop what "
-            "is using that address, or choose another with server.port (--port) or server.host (--host)"
+            f"server.host/{setting.split()[0]}: cannot listen on {_url(host, port)}: "
+            f"{os.strerror(exc.errno) if exc.errno else exc}. Fix: stop what is using that address, "
+            f"or choose another with {setting} or server.host (--host)"
         ) from None
 
 
@@ -163,28 +169,43 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _metrics_socket(config: Config, host: str | None) -> socket.socket | None:
+    if config.server.metrics_port is None:
+        return None
+    return listen_socket(host or config.server.host, config.server.metrics_port, "server.metrics_port")
+
+
 async def start_server(
     config: Config, host: str | None = None, port: int | None = None, gateway: Gateway | None = None,
-    sock: socket.socket | None = None,
+    sock: socket.socket | None = None, metrics_sock: socket.socket | None = None,
 ) -> RunningServer:
     """Start serving in the running loop (used by tests and embedders); port 0 picks a free one.
-    `sock`: an already bound listening socket (see `listen_socket`) instead of host and port."""
+    `sock`, `metrics_sock`: already bound listening sockets (see `listen_socket`) instead of host and ports."""
     if sock is None:
         sock = listen_socket(host or config.server.host, config.server.port if port is None else port)
-    runner = GatewayRunner(create_app(config, gateway), **runner_options(config))
+    if metrics_sock is None:
+        metrics_sock = _metrics_socket(config, host)
+    app = create_app(config, gateway)
+    runner = GatewayRunner(app, **runner_options(config))
     await runner.setup()
     await web.SockSite(runner, sock).start()
-    bound_host, bound_port = sock.getsockname()[:2]
-    return RunningServer(runner, _url(bound_host, bound_port))
+    server = RunningServer(runner, _url(*sock.getsockname()[:2]))
+    if metrics_sock is not None:
+        server.metrics_runner = web.AppRunner(health.metrics_app(app[GATEWAY]), access_log=None)
+        await server.metrics_runner.setup()
+        await web.SockSite(server.metrics_runner, metrics_sock).start()
+        server.metrics_url = _url(*metrics_sock.getsockname()[:2])
+    return server
 
 
-async def _serve_until_signalled(config: Config, sock: socket.socket) -> None:
+async def _serve_until_signalled(config: Config, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = await start_server(config, sock=sock)
-    print(f"edge-proxy: serving on {server.url} (SIGINT or SIGTERM to stop)", flush=True)
+    server = await start_server(config, sock=sock, metrics_sock=metrics_sock)
+    metrics = f", metrics on {server.metrics_url}/metrics" if server.metrics_url else ""
+    print(f"edge-proxy: serving on {server.url}{metrics} (SIGINT or SIGTERM to stop)", flush=True)
     try:
         await stop.wait()
     finally:
@@ -194,4 +215,4 @@ async def _serve_until_signalled(config: Config, sock: socket.socket) -> None:
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then finish requests in flight up to `server.shutdown_grace_s`."""
     sock = listen_socket(host or config.server.host, config.server.port if port is None else port)
-    asyncio.run(_serve_until_signalled(config, sock))
+    asyncio.run(_serve_until_signalled(config, sock, _metrics_socket(config, host)))

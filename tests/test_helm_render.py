@@ -273,9 +273,10 @@ def test_nothing_to_serve_fails_at_render(helm: Helm, values: dict[str, Any], me
 
 
 def test_chart_owned_config_keys_follow_values(helm: Helm) -> None:
-    manifests = helm.template({"containerPort": 9090, "shutdown": {"drainSeconds": 45}})
+    manifests = helm.template({"containerPort": 9090, "shutdown": {"drainSeconds": 45}, "metrics": {"port": 9100}})
     config = yaml.safe_load(find(manifests, "ConfigMap", "-config")["data"]["config.yaml"])
     assert config["server"]["port"] == 9090 and config["server"]["shutdown_grace_s"] == 45
+    assert config["server"]["metrics_port"] == 9100
     pod = find(manifests, "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 5 + 45 + 15  # preStop + drain + margin
     assert pod["containers"][0]["ports"][0]["containerPort"] == 9090
@@ -437,3 +438,20 @@ async def test_helm_test_script_passes_against_a_real_gateway(provider: Any, gat
         await server.stop()
     assert process.returncode == 0, out.decode() + err.decode()
     assert out.decode().splitlines()[-2:] == [f"GET /v1/models {200 if with_key else 401}", "ok"]
+
+
+def test_metrics_have_their_own_port_which_no_route_exposes(helm: Helm) -> None:
+    """Scrapes go to the metrics port; the Ingress and HTTPRoute reach only `http`, which serves no /metrics."""
+    manifests = helm.template(ALL_ON)
+    pod = find(manifests, "Deployment")["spec"]["template"]
+    assert [(p["name"], p["containerPort"]) for p in pod["spec"]["containers"][0]["ports"]] == [
+        ("http", 8080), ("metrics", 9090)]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+    assert find(manifests, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics"
+    assert {p["name"] for p in find(manifests, "Service")["spec"]["ports"]} == {"http", "metrics"}
+    backends = [path["backend"]["service"]["port"] for rule in find(manifests, "Ingress")["spec"]["rules"]
+                for path in rule["http"]["paths"]]
+    assert backends == [{"name": "http"}]
+    assert find(manifests, "HTTPRoute")["spec"]["rules"][0]["backendRefs"][0]["port"] == 80
+    ingress_rules = find(manifests, "NetworkPolicy")["spec"]["ingress"]
+    assert [rule["ports"][0]["port"] for rule in ingress_rules] == ["http", "metrics"]

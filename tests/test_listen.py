@@ -53,3 +53,23 @@ def test_a_busy_port_is_one_clear_line_and_no_demo_key(tmp_path: Path) -> None:
         "Fix: stop what is using that address, or choose another with server.port (--port) or server.host (--host)"
     ], result.stderr
     assert "demo API key" not in result.stdout and "serving on" not in result.stdout
+
+
+async def test_metrics_port_keeps_scrapes_off_the_public_listener(provider: MockProvider, gateway_env: None,
+                                                                  policies_dir: Path) -> None:
+    config = gateway_config(provider.url, policies_dir)
+    config["server"]["metrics_port"] = 0
+    server = await start_server(parse_config(config, "test-config"), port=0)
+    try:
+        assert server.metrics_url and server.metrics_url != server.url
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/metrics") as response:
+                assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+            async with http.get(f"{server.url}/readyz") as response:
+                assert response.status == 200
+            async with http.get(f"{server.metrics_url}/metrics") as response:
+                assert response.status == 200 and "edge_proxy_requests_total" in await response.text()
+            async with http.get(f"{server.metrics_url}/v1/models") as response:
+                assert response.status == 404
+    finally:
+        await server.stop()

@@ -105,7 +105,7 @@ def pod_files(tmp_path_factory: pytest.TempPathFactory, api_key: str) -> Iterato
     """The chart's defaults, plus one policy file with a key, rendered by helm and laid out as mounted."""
     port = free_port()
     helm = Helm(helm_binary(), tmp_path_factory.mktemp("helm"))
-    values: dict[str, Any] = {"containerPort": port, "policies": {
+    values: dict[str, Any] = {"containerPort": port, "metrics": {"port": free_port()}, "policies": {
         "pod-test.yaml": {"keys": [{"id": "pod-test", "hash": hash_key(api_key), "plan": "demo"}]}}}
     manifests = helm.template(values)
     files = tmp_path_factory.mktemp("pod")

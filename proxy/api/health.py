@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..gateway import Gateway
 from .state import GATEWAY
 
 
@@ -39,4 +40,13 @@ async def metrics(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if app[GATEWAY].config.server.metrics_port is None:  # else only metrics_app serves it, on its own port
+        app.router.add_get("/metrics", metrics)
+
+
+def metrics_app(gateway: Gateway) -> web.Application:
+    """GET /metrics alone, for `server.metrics_port`: scrapes stay off the listener the public reaches."""
+    app = web.Application()
+    app[GATEWAY] = gateway
     app.router.add_get("/metrics", metrics)
+    return app

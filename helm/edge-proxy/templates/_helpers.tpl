@@ -94,6 +94,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $server := get $config "server" | default dict }}
 {{- $_ := set $server "port" .Values.containerPort }}
 {{- $_ := set $server "shutdown_grace_s" .Values.shutdown.drainSeconds }}
+{{- if gt (int .Values.metrics.port) 0 }}
+{{- $_ := set $server "metrics_port" .Values.metrics.port }}
+{{- end }}
 {{- $_ := set $config "server" $server }}
 {{- if .Values.redis.existingSecret }}
 {{- $store := get $config "store" | default dict }}
@@ -102,6 +105,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $config "store" $store }}
 {{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/* The port Prometheus scrapes: the separate metrics listener, or the main one. */}}
+{{- define "edge-proxy.metricsPortName" -}}
+{{- ternary "metrics" "http" (gt (int .Values.metrics.port) 0) }}
 {{- end }}
 
 {{/* Grace period: preStop pause + drain deadline + margin, so SIGKILL never cuts a draining stream. */}}
