@@ -51,6 +51,20 @@ async def test_counts_the_reservation_relies_on_must_be_sane_integers(
     assert provider.received == []
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("value", ["100", [1], True, 1.5, -1, 0], ids=repr)
+async def test_max_tokens_next_to_max_completion_tokens_is_checked_too(
+    gateway: str, provider: MockProvider, route: str, value: Any
+) -> None:
+    """Both limits are forwarded (each lowered to the bound), so an odd one beside a sane one is a 400 too: it was
+    a 500 from the capping code (a string, a list) or forwarded as sent (-1 means "no limit" to some servers)."""
+    body = {"model": "mock/chat", "max_completion_tokens": 5, "max_tokens": value, **(
+        {"prompt": "hi"} if route == "/v1/completions" else {"messages": CHAT["messages"]})}
+    status, answer = await post_raw(gateway, json.dumps(body).encode(), route)
+    assert (status, answer["error"]["code"], answer["error"]["param"]) == (400, "invalid_request", "max_tokens")
+    assert provider.received == []
+
+
 async def test_huge_image_count_is_400_not_a_pricing_crash(gateway: str, provider: MockProvider) -> None:
     body = json.dumps({"model": "mock/image", "prompt": "x", "n": 10**400}).encode()
     status, answer = await post_raw(gateway, body, "/v1/images/generations")

@@ -98,9 +98,11 @@ def upstream_outcome(outcome: RelayOutcome) -> UpstreamOutcome:
 
 def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> RequestFacts:
     """What bounds the cost of a call before it is made; a count the bound relies on must be a sane integer."""
-    max_tokens = _count(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
-    if max_tokens is None:
-        max_tokens = _count(body, "max_tokens", MAX_OUTPUT_TOKENS)
+    # Both limits are checked: each one sent is lowered to the bound and forwarded (openai_format.prepare),
+    # and a provider may honour either, so neither may be odd (a -1 can mean "no limit" to some servers).
+    completion_limit = _count(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
+    legacy_limit = _count(body, "max_tokens", MAX_OUTPUT_TOKENS)
+    max_tokens = legacy_limit if completion_limit is None else completion_limit
     n = _count(body, "n", MAX_CHOICES) or 1
     best_of = _count(body, "best_of", MAX_CHOICES) or 1  # generated server-side, billed, n of them returned
     images = route == "/v1/images/generations"
