@@ -178,6 +178,32 @@ async def test_broken_usage_figures_charge_the_reserve_and_free_the_slot(
     assert (await call(gateway, "/v1/chat/completions", CHAT))[0] == 200  # the slot (limit 1) is free
 
 
+@pytest.mark.parametrize("usage", [{}, {"total_tokens": 500}], ids=["empty", "total-only"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_usage_without_token_figures_charges_the_reserve(
+    start_with: StartGateway, provider: MockProvider, usage: dict[str, Any], stream: bool
+) -> None:
+    """A usage object that names no input or output count is no usage: it was read as 0 tokens, so a completed
+    call cost nothing; and a later such chunk in a stream erased the usage reported before it."""
+
+    async def figureless_usage(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if not stream:
+            answer = {"id": "x", "object": "chat.completion", "choices": [], "usage": usage}
+            return web.Response(text=json.dumps(answer), content_type="application/json")
+        response = await open_sse(request)
+        trailing = {**usage_chunk(0, 0), "usage": usage}
+        await response.write(sse(chat_chunk("one", finish="stop")) + sse(usage_chunk(7, 9)) + sse(trailing))
+        await response.write(sse("[DONE]"))
+        return response
+
+    provider.handler = figureless_usage
+    gateway = await start_with(POLICY)
+    status, headers, _ = await call(gateway, "/v1/chat/completions", {**CHAT, "stream": stream})
+    assert status == 200
+    state = (await me(gateway))["balance"]
+    assert (state["spent"], state["held"]) == (7 + 9 if stream else reserved(headers), 0)
+
+
 async def test_responses_reads_usage_from_an_oversized_final_chunk(
     start_with: StartGateway, provider: MockProvider
 ) -> None:

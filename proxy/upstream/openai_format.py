@@ -11,6 +11,8 @@ from ..policy.types import Usage
 from . import sse
 
 MAX_USAGE_TOKENS = 2**31 - 1  # per usage figure: anything more is no real count
+# A usage object naming none of these (`{}`, only `total_tokens`) reports nothing to charge: it counts as absent.
+_TOKEN_FIGURES = ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")
 
 # Routes whose streams support `stream_options.include_usage`.
 _USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -60,7 +62,7 @@ def usage_of(answer: dict[str, Any]) -> Usage | None:
     """Usage from a JSON answer or a stream chunk; None when the object carries none, or only broken figures
     (then the call is charged an estimate that never undercharges, docs/metering.md)."""
     usage = answer.get("usage")
-    if isinstance(usage, dict):
+    if isinstance(usage, dict) and any(usage.get(name) is not None for name in _TOKEN_FIGURES):
         input_tokens = _figure(usage.get("prompt_tokens", usage.get("input_tokens")))
         output_tokens = _figure(usage.get("completion_tokens", usage.get("output_tokens")))
         if input_tokens is None or output_tokens is None:
