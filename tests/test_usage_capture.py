@@ -4,6 +4,7 @@ hostile usage figures never raise and never undercharge."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
@@ -17,7 +18,7 @@ from proxy.upstream.body_usage import MAX_WHOLE_JSON
 
 from .conftest import StartGateway
 from .gateway_harness import TEST_KEY, budget_policy
-from .mock_provider import MockProvider, chat_chunk, open_sse, sse, usage_chunk
+from .mock_provider import MockProvider, chat_chunk, open_sse, sse, usage_chunk, wait_for
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 BUDGET = 1_000_000
@@ -249,3 +250,35 @@ async def test_usage_in_a_last_event_without_its_blank_line_is_read(
     assert status == 200 and b"usage" not in body  # the usage chunk the gateway asked for stays hidden
     state = (await me(gateway))["balance"]
     assert (state["spent"], state["held"]) == (5 + 1, 0)
+
+
+@pytest.mark.parametrize(("route", "body"), [
+    ("/v1/chat/completions", CHAT), ("/v1/responses", {"model": "mock/chat", "prompt": "hi", "max_tokens": 50}),
+], ids=["chat", "responses"])
+async def test_a_client_that_leaves_a_provider_working_pays_for_its_input(
+    start_with: StartGateway, provider: MockProvider, route: str, body: dict[str, Any]
+) -> None:
+    """Hanging up while the provider works on the call (which it bills) was free: nothing had been relayed yet, so
+    the hold was released, and a tenant could farm expensive prompts that way. It is charged like any call cut
+    short: the input estimate from the request's bytes, nothing for output it never saw."""
+    working = asyncio.Event()
+
+    async def slow(request: web.Request, received: dict[str, Any]) -> web.StreamResponse:
+        working.set()
+        await asyncio.sleep(30)  # still generating when the client gives up
+        raise AssertionError("the gateway should have closed the call")
+
+    provider.handler = slow
+    gateway = await start_with(POLICY)
+    raw = json.dumps(body).encode()
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.ensure_future(http.post(
+            f"{gateway}{route}", data=raw, headers={**AUTH, "Content-Type": "application/json"}))
+        await wait_for(working)
+        request.cancel()  # the client hangs up
+    for _ in range(50):  # the shielded settle runs after the cancellation
+        state = (await me(gateway))["balance"]
+        if state["held"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (state["spent"], state["held"]) == (len(raw) // 4, 0)  # 1 credit per input token

@@ -192,17 +192,17 @@ def overrun_charge(gateway: Gateway, ctx: RequestContext, decision: Decision, ch
 
 def used(outcome: RelayOutcome, decision: Decision, input_bytes: int) -> Usage | None:
     """The provider's usage; without it, the reserve's bounds for a completed call (it may have used them all)
-    or an estimate from the output relayed for a cut one; None when the call produced nothing (released).
+    or an estimate from the output relayed for a cut one; None when the call failed before any output (released).
     Seconds (for per_second prices): the audio length measured, else the usage's, else the reserve's bound."""
-    if outcome.status == 0 or outcome.status >= 400:
+    if outcome.status >= 400 or not (outcome.status or outcome.abandoned):
         return None
     if outcome.usage is not None:
         usage = outcome.usage
     elif outcome.completed:
         usage = decision.bound
-    elif outcome.output_chunks == 0 and outcome.bytes_out == 0:
-        return None
-    else:
+    elif outcome.output_chunks == 0 and outcome.bytes_out == 0 and outcome.error_code is not None:
+        return None  # the upstream failed before any output
+    else:  # cut short: by the upstream after some output, or by a client that left a provider working on it
         usage = Usage(input_tokens=input_bytes // _BYTES_PER_TOKEN, output_tokens=outcome.output_chunks)
     seconds = outcome.seconds if outcome.seconds is not None else usage.seconds or decision.bound.seconds
     return replace(usage, seconds=seconds)

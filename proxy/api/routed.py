@@ -10,6 +10,7 @@ caller and its bound fits under that hold, and the call is settled at the price 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from contextlib import AsyncExitStack
@@ -85,9 +86,11 @@ async def open_routed(
             if not attempts.has_next():
                 raise
             continue
-        except BaseException:
+        except BaseException as exc:
             span.end(0, "cancelled", None, None)
             target.health.abandoned()
+            # The provider has the prompt (and bills it) although nobody will read the answer: settle charges it.
+            ctx.outcome.abandoned = isinstance(exc, asyncio.CancelledError)
             await attempt.aclose()
             raise
         ctx.outcome.first_byte_s = time.monotonic() - started

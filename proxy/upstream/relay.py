@@ -45,6 +45,7 @@ class RelayOutcome:
     output_chunks: int = 0  # content-bearing stream chunks, the usage estimate when a stream is cut short
     completed: bool = False
     delivered: bool = False  # the client has the whole answer: a 200 even if it hangs up before the body's end
+    abandoned: bool = False  # the client left while a provider had its call, before the answer's headers came
     error_code: str | None = None
     response: web.StreamResponse | None = field(default=None, repr=False)
 
