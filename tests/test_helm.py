@@ -197,3 +197,17 @@ def test_chart_only_offers_key_types_the_gateway_loads() -> None:
     template = (CHART / "templates" / "signing-key-secret.yaml").read_text()
     assert re.search(r'has \.Values\.signingKey\.algorithm \(list "ecdsa" "ed25519"\)', template)
     assert chart_values()["signingKey"]["algorithm"] in ("ecdsa", "ed25519")
+
+
+def test_chart_readme_is_generated_from_values() -> None:
+    """helm/edge-proxy/README.md lists every value with its default and comment: it cannot go stale."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_readme", CHART.parent / "chart_readme.py")
+    assert spec and spec.loader
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    readme = (CHART / "README.md").read_text()
+    assert readme == generator.render(), "helm/edge-proxy/README.md is stale: run `python helm/chart_readme.py`"
+    for key in ("`replicaCount`", "`signingKey.verifyOnlyKeys`", "`metrics.alerts.errorRate`", "`demo.enabled`"):
+        assert key in readme
