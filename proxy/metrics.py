@@ -150,6 +150,10 @@ class Metrics:
             f"{p}_deployment_breaker_state",
             "A deployment's circuit breaker on this replica: 0 closed, 1 half-open (probing), 2 open (ejected).",
             ["model", "deployment"], multiprocess_mode="livemax", registry=r)
+        self._quota = Gauge(
+            f"{p}_deployment_quota_remaining",
+            "Requests left in a deployment's provider quota, as its last answer on this replica said "
+            "(x-ratelimit-remaining-requests).", ["model", "deployment"], multiprocess_mode="livemin", registry=r)
         self._ejections = Counter(
             f"{p}_deployment_ejections_total", "Times a deployment's breaker opened, by model and deployment.",
             ["model", "deployment"], registry=r)
@@ -272,6 +276,10 @@ class Metrics:
         self._breaker_state.labels(*labels).set(BREAKER_STATES.get(state, 0))
         if state == "open":
             self._ejections.labels(*labels).inc()
+
+    def deployment_quota(self, model: str, deployment: str, remaining: int) -> None:
+        """The provider's own count of requests left for this deployment (its rate-limit headers)."""
+        self._quota.labels(_capped(model, self._models), _capped(deployment, self._deployments)).set(remaining)
 
     def stream_started(self) -> None:
         """A streaming response began relaying; pair with `stream_ended` in a finally block."""

@@ -54,6 +54,7 @@ def exercise_every_helper(m: Metrics) -> None:
     m.deployment_attempt("openai/gpt-5.4-mini", "azure", "throttled")
     m.route_retry("openai/gpt-5.4-mini", "fallback")
     m.breaker("openai/gpt-5.4-mini", "azure", "open")
+    m.deployment_quota("openai/gpt-5.4-mini", "openai", 42)
     m.stream_started()
     m.stream_started()
     m.stream_ended()
@@ -103,6 +104,7 @@ def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
     assert value(s, "edge_proxy_deployment_breaker_state", model="openai/gpt-5.4-mini", deployment="azure") == 2
     assert value(s, "edge_proxy_deployment_breaker_state", model="openai/gpt-5.4-mini", deployment="openai") == 0
     assert value(s, "edge_proxy_deployment_ejections_total", model="openai/gpt-5.4-mini", deployment="azure") == 1
+    assert value(s, "edge_proxy_deployment_quota_remaining", model="openai/gpt-5.4-mini", deployment="openai") == 42
     assert value(s, "edge_proxy_streams_in_flight") == 1
     assert value(s, "edge_proxy_relayed_bytes_total") == 1024
     assert value(s, "edge_proxy_sse_events_total") == 3

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.config import BreakerSettings, ConfigError, RoutingSettings, parse_config
-from proxy.upstream.routing import Router, retry_after_s
+from proxy.upstream.routing import Router, reset_after_s, retry_after_s
 
 PROVIDERS = {"a": {"kind": "demo"}, "b": {"kind": "demo"}, "c": {"kind": "demo"}}
 
@@ -282,3 +282,11 @@ def test_error_rate_can_be_turned_off() -> None:
         health.failed()
         health.succeeded()
     assert health.state == "closed"
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("1s", 1.0), ("6m0s", 360.0), ("2m59.5s", 179.5), ("20ms", 0.02), ("1h", 3600.0), ("12", 12.0),
+    (None, None), ("", None), ("soon", None), ("-1", None), ("inf", None),
+])
+def test_quota_reset_durations(header: str | None, expected: float | None) -> None:
+    assert reset_after_s(header) == (pytest.approx(expected) if expected is not None else None)

@@ -286,3 +286,20 @@ async def test_a_burst_into_a_total_outage_is_bounded_by_max_attempts_then_refus
     after = await asyncio.gather(*(post(gateway, chat("mock/three")) for _ in range(20)))
     assert [status for status, _, _ in after] == [503] * 20  # every breaker is open: no upstream call at all
     assert sum(answered_by(upstreams).values()) == calls
+
+
+async def test_an_answer_that_spends_the_quota_rests_its_deployment_until_the_reset(
+    start: Start, upstreams: Upstreams
+) -> None:
+    async def last_of_the_quota(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await upstreams["a"].default(request, body)
+        response.headers.update({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"})
+        return response
+
+    upstreams["a"].handler = last_of_the_quota
+    gateway = await start()
+    assert [(await post(gateway, chat("mock/routed")))[0] for _ in range(3)] == [200, 200, 200]
+    assert answered_by(upstreams) == {"a": 1, "b": 2, "c": 0}  # no sure 429 collected from a
+    async with aiohttp.ClientSession() as http, http.get(f"{gateway}/metrics") as response:
+        scrape = await response.text()
+    assert 'edge_proxy_deployment_quota_remaining{deployment="a",model="mock/routed"} 0.0' in scrape

@@ -29,7 +29,7 @@ from ..policy.types import Decision, RequestFacts
 from ..tracing import UpstreamSpan
 from ..upstream import openai_format
 from ..upstream.relay import OpenedCall, RelayOutcome, open_upstream, stream_deadline
-from ..upstream.routing import Attempts, Target, retry_after_s
+from ..upstream.routing import Attempts, Target, reset_after_s, retry_after_s
 from .metered import upstream_outcome
 
 
@@ -100,6 +100,7 @@ async def open_routed(
             upstream.close()
             await attempt.aclose()
             continue
+        _respect_quota(gateway, target, upstream.headers)
         ctx.provider = provider.name
         ctx.deployment = target.label if target.model is model else f"{target.model.id}:{target.label}"
         ctx.charged_as = charged
@@ -108,6 +109,19 @@ async def open_routed(
         stack.push_async_exit(attempt)
         return OpenedCall(provider, upstream, prepared, ends_at)
     raise _all_out(model, attempts)
+
+
+def _respect_quota(gateway: Gateway, target: Target, headers: Mapping[str, str]) -> None:
+    """The provider's request quota as its answer states it (`x-ratelimit-remaining-requests`): exported, and
+    when it is used up the deployment rests until its reset instead of collecting a sure 429."""
+    remaining = headers.get("x-ratelimit-remaining-requests")
+    if remaining is None or not remaining.isdigit():
+        return
+    gateway.metrics.deployment_quota(target.model.id, target.label, int(remaining))
+    if int(remaining) == 0:
+        settings = gateway.router.settings
+        reset = reset_after_s(headers.get("x-ratelimit-reset-requests"))
+        target.health.rest(min(settings.max_cooldown_s, settings.throttle_cooldown_s if reset is None else reset))
 
 
 def _span_ender(span: UpstreamSpan, outcome: RelayOutcome) -> Callable[..., bool]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -122,6 +123,10 @@ class Health:
     def throttled(self, seconds: float) -> None:
         """A 429: rest for `seconds`; throttling says nothing about health, so the breaker keeps its count."""
         self._ended()
+        self.rest(seconds)
+
+    def rest(self, seconds: float) -> None:
+        """Take no new call for `seconds` (a 429, or an answer saying the quota is used up)."""
         self._rest_until = max(self._rest_until, self._clock() + seconds)
 
     def abandoned(self) -> None:
@@ -267,3 +272,22 @@ def retry_after_s(value: str | None, default_s: float, max_s: float) -> float:
         if math.isfinite(seconds):
             return min(max(seconds, 0.0), max_s)
     return min(default_s, max_s)
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?")
+
+
+def reset_after_s(value: str | None) -> float | None:
+    """A provider's quota reset (`x-ratelimit-reset-requests`): plain seconds or a duration such as `6m0s`,
+    `1.5s`, `20ms`; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        match = _DURATION.fullmatch(value.strip())
+        if match is None or not any(match.groups()):
+            return None
+        hours, minutes, secs, millis = (float(part or 0) for part in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs + millis / 1000
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
