@@ -211,3 +211,20 @@ def test_chart_readme_is_generated_from_values() -> None:
     assert readme == generator.render(), "helm/edge-proxy/README.md is stale: run `python helm/chart_readme.py`"
     for key in ("`replicaCount`", "`signingKey.verifyOnlyKeys`", "`metrics.alerts.errorRate`", "`demo.enabled`"):
         assert key in readme
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_defaults_leave_room_for_what_the_gateway_may_hold() -> None:
+    """The memory limit covers the process (docs/benchmarks.md: ~70 MiB) plus the asset store's bounds; the
+    drain outlasts the longest stream the default provider timeouts allow."""
+    from proxy.config import AssetSettings, Timeouts
+
+    values = chart_values()
+    assets = AssetSettings()
+    needed_mib = 70 + (assets.max_total_bytes + assets.max_receiving_bytes) / 2**20
+    assert _mebibytes(values["resources"]["limits"]["memory"]) >= needed_mib
+    assert values["shutdown"]["drainSeconds"] >= Timeouts().total_s
