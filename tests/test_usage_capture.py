@@ -282,3 +282,34 @@ async def test_a_client_that_leaves_a_provider_working_pays_for_its_input(
             break
         await asyncio.sleep(0.05)
     assert (state["spent"], state["held"]) == (len(raw) // 4, 0)  # 1 credit per input token
+
+
+async def test_a_json_answer_read_whole_is_charged_its_usage_when_the_client_leaves_before_its_end(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    """A client that has the whole JSON answer and hangs up before the upstream's body has formally ended (the
+    end of a chunked body can come a moment later) was charged only the input estimate: usage was read once the
+    body ended, which it never did for the gateway. The usage in what was received is read whatever happens."""
+    answer = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "y" * 400}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 50, "total_tokens": 55}}).encode()
+
+    async def body_end_comes_later(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)  # chunked: the end of the body is its own, last chunk
+        await response.write(answer)
+        await asyncio.sleep(0.5)
+        return response
+
+    provider.handler = body_end_comes_later
+    gateway = await start_with(POLICY)
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{gateway}/v1/chat/completions", json=CHAT, headers=AUTH)
+        assert await response.content.readexactly(len(answer)) == answer  # the whole answer
+        response.close()  # and gone
+    for _ in range(50):
+        state = (await me(gateway))["balance"]
+        if state["held"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (state["spent"], state["held"]) == (5 + 50, 0)

@@ -298,10 +298,11 @@ async def _relay_body(
             reader.feed(chunk)
     except ApiError as exc:
         outcome.error_code = exc.code
-        return
     finally:
-        outcome.seconds = reader.seconds()  # what was received was played, even if cut
-    outcome.usage = reader.usage()
+        # Read from what was received, even if cut: a client may hang up holding the whole answer (its usage
+        # included) before the upstream's body has formally ended; an answer cut short does not parse.
+        outcome.seconds = reader.seconds()
+        outcome.usage = reader.usage()
 
 
 async def _write(response: web.StreamResponse, data: bytes, outcome: RelayOutcome) -> None:
