@@ -303,3 +303,20 @@ async def test_an_answer_that_spends_the_quota_rests_its_deployment_until_the_re
     async with aiohttp.ClientSession() as http, http.get(f"{gateway}/metrics") as response:
         scrape = await response.text()
     assert 'edge_proxy_deployment_quota_remaining{deployment="a",model="mock/routed"} 0.0' in scrape
+
+
+async def test_a_client_leaving_while_a_fallback_works_pays_the_fallbacks_price(
+    start: Start, upstreams: Upstreams
+) -> None:
+    async def thinks(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        await asyncio.sleep(1)  # longer than the client waits
+        return web.json_response({})
+
+    upstreams["a"].handler = failing(503)
+    upstreams["b"].handler = thinks
+    gateway = await start()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as http:
+        with pytest.raises(asyncio.TimeoutError):
+            await http.post(f"{gateway}/v1/chat/completions", json=chat("mock/primary"), headers=AUTH)
+    assert answered_by(upstreams) == {"a": 1, "b": 1, "c": 0}
+    assert await spent(gateway) == 1  # the cut call's estimate at mock/backup's price, not mock/primary's (3)

@@ -76,6 +76,7 @@ async def open_routed(
             raise
         started, ends_at = time.monotonic(), stream_deadline(provider)
         span = gateway.tracing.upstream_span(provider.name)  # current until ended: the traceparent sent is its own
+        ctx.charged_as = charged  # this model is charged if this attempt answers, or its client leaves during it
         try:
             upstream = await open_upstream(provider, route, prepared.body, ctx.request_id, forward)
         except ApiError as exc:
@@ -103,7 +104,6 @@ async def open_routed(
         _respect_quota(gateway, target, upstream.headers)
         ctx.provider = provider.name
         ctx.deployment = target.label if target.model is model else f"{target.model.id}:{target.label}"
-        ctx.charged_as = charged
         attempt.callback(_report, gateway, target, ctx.outcome, upstream.headers.get("Retry-After"))
         attempt.push(_span_ender(span, ctx.outcome))
         stack.push_async_exit(attempt)
