@@ -104,3 +104,24 @@ def find(manifests: list[dict[str, Any]], kind: str, name_suffix: str = "") -> d
     matches = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"].endswith(name_suffix)]
     assert len(matches) == 1, f"expected one {kind} named *{name_suffix}, got {[m['metadata']['name'] for m in matches]}"
     return matches[0]
+
+
+# The prometheus-operator CRD schemas, as an npm package whose models validate objects (pinned; cached like helm).
+CRD_NPM_PACKAGE = "@kubernetes-models/prometheus-operator@6.0.0"
+
+
+def crd_validator() -> Path:
+    """A folder holding the package and tests/validate_crs.mjs; `node <folder>/validate_crs.mjs` validates."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-proxy-tests" / (
+        CRD_NPM_PACKAGE.replace("/", "_").replace("@", ""))
+    if not (folder / "node_modules" / "@kubernetes-models" / "prometheus-operator").is_dir():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.fail(f"npm is needed for the prometheus-operator CRD schemas ({CRD_NPM_PACKAGE})", pytrace=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(folder),
+                                 CRD_NPM_PACKAGE], capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            pytest.fail(f"`npm install {CRD_NPM_PACKAGE}` failed: {result.stderr.strip()}", pytrace=False)
+    shutil.copy(Path(__file__).with_name("validate_crs.mjs"), folder / "validate_crs.mjs")
+    return folder / "validate_crs.mjs"

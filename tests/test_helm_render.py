@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from proxy.__main__ import main as cli_main
-from tests.helm_tool import CHART, Helm, find, helm_binary
+from tests.helm_tool import CHART, Helm, crd_validator, find, helm_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 # The supported range, as docs/helm.md states it: the oldest is Chart.yaml's kubeVersion floor.
@@ -455,3 +455,22 @@ def test_metrics_have_their_own_port_which_no_route_exposes(helm: Helm) -> None:
     assert find(manifests, "HTTPRoute")["spec"]["rules"][0]["backendRefs"][0]["port"] == 80
     ingress_rules = find(manifests, "NetworkPolicy")["spec"]["ingress"]
     assert [rule["ports"][0]["port"] for rule in ingress_rules] == ["http", "metrics"]
+
+
+def test_service_monitor_and_prometheus_rule_match_the_operator_crds(helm: Helm) -> None:
+    """kubernetes-validate has no CRD schemas: the prometheus-operator's come from its npm models package."""
+    import json
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    assert node, "node is needed to validate against the prometheus-operator CRD schemas (it comes with npm)"
+    objects = [m for m in helm.template(ALL_ON) if m["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert sorted(m["kind"] for m in objects) == ["PrometheusRule", "ServiceMonitor"]
+    monitor = next(m for m in objects if m["kind"] == "ServiceMonitor")
+    broken = [{**monitor, "spec": {**monitor["spec"], "endpoints": [{"port": "metrics", "interval": "thirty"}]}}]
+    validator = str(crd_validator())
+    for manifests, expected in ((objects, 0), (broken, 1)):  # the validator also refuses a bad object
+        result = subprocess.run([node, validator], input=json.dumps(manifests), capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == expected, result.stdout + result.stderr
