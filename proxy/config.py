@@ -234,8 +234,9 @@ class ModelSettings(_Strict):
     deployments: tuple[DeploymentSettings, ...] = ()
     fallbacks: tuple[str, ...] = ()  # other model ids (same capability) tried once every deployment failed
     # weighted: random by weight; least_in_flight: fewest calls under way per unit of weight on this replica;
-    # sticky: the same end user to the same deployment while it is available (weighted rendezvous hashing).
-    selection: Literal["weighted", "least_in_flight", "sticky"] = "weighted"
+    # sticky: the same end user to the same deployment while it is available (weighted rendezvous hashing);
+    # latency: the lowest smoothed time to response headers first, by weight for routing.latency_explore of calls.
+    selection: Literal["weighted", "least_in_flight", "sticky", "latency"] = "weighted"
     max_output_tokens: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -295,6 +296,11 @@ class RoutingSettings(_Strict):
     deadline_s: float = Field(90.0, gt=0)
     throttle_cooldown_s: float = Field(5.0, ge=0)  # a deployment's rest after a 429 without Retry-After
     max_cooldown_s: float = Field(300.0, gt=0)  # a longer Retry-After is capped to this
+    # A deployment's latency: each answer's time to its headers, smoothed (the newest sample's weight).
+    latency_smoothing: float = Field(0.3, gt=0, le=1)
+    # Share of `selection: latency` calls ordered by weight instead, so a slow deployment that recovered is
+    # measured again.
+    latency_explore: float = Field(0.1, ge=0, le=1)
     breaker: BreakerSettings = BreakerSettings()
 
 

@@ -290,3 +290,37 @@ def test_error_rate_can_be_turned_off() -> None:
 ])
 def test_quota_reset_durations(header: str | None, expected: float | None) -> None:
     assert reset_after_s(header) == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_latency_selection_prefers_the_faster_deployment_and_measures_a_recovered_one_again() -> None:
+    cfg = config(model(selection="latency", deployments=[
+        {"provider": "a", "upstream_model": "x"}, {"provider": "b", "upstream_model": "x"},
+    ]))
+    r, m = router(cfg, seed=20261126), cfg.catalog()[0]
+    latency = {"a": 0.1, "b": 1.0}
+
+    def serve(calls: int) -> Counter[str]:
+        firsts: Counter[str] = Counter()
+        for _ in range(calls):
+            target = r.plan(m).next()
+            assert target is not None
+            target.health.observed(latency[target.label])
+            target.health.succeeded()
+            firsts[target.label] += 1
+        return firsts
+
+    # Exploring (latency_explore 0.1 by default) sends b half of one call in ten: about 50 of 1000.
+    assert serve(1000)["a"] > 900
+    latency["b"] = 0.02  # b recovered and is now the faster one: exploring measures it again
+    serve(300)
+    assert serve(1000)["b"] > 900
+
+
+def test_latency_selection_tries_an_unmeasured_deployment_first() -> None:
+    cfg = config(model(selection="latency", deployments=[
+        {"provider": "a", "upstream_model": "x"}, {"provider": "b", "upstream_model": "x"},
+    ]), latency_explore=0)
+    r, m = router(cfg), cfg.catalog()[0]
+    r.health("m/x", "a").observed(0.5)
+    target = r.plan(m).next()
+    assert target is not None and target.label == "b"

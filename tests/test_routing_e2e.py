@@ -51,6 +51,9 @@ def models() -> list[dict[str, Any]]:
         entry("mock/sticky", selection="sticky", deployments=[
             {"provider": "a", "upstream_model": "up-a"}, {"provider": "b", "upstream_model": "up-b"},
         ]),
+        entry("mock/fastest", selection="latency", deployments=[
+            {"provider": "a", "upstream_model": "up-a"}, {"provider": "b", "upstream_model": "up-b"},
+        ]),
         entry("mock/solo", provider="a", upstream_model="up-a"),
         entry("mock/primary", provider="a", upstream_model="up-a", fallbacks=["mock/pricey", "mock/backup"]),
         entry("mock/pricey", provider="c", upstream_model="up-c"),
@@ -320,3 +323,16 @@ async def test_a_client_leaving_while_a_fallback_works_pays_the_fallbacks_price(
             await http.post(f"{gateway}/v1/chat/completions", json=chat("mock/primary"), headers=AUTH)
     assert answered_by(upstreams) == {"a": 1, "b": 1, "c": 0}
     assert await spent(gateway) == 1  # the cut call's estimate at mock/backup's price, not mock/primary's (3)
+
+
+async def test_a_latency_model_sends_its_calls_to_the_deployment_whose_headers_come_first(
+    start: Start, upstreams: Upstreams
+) -> None:
+    async def slow(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        await asyncio.sleep(0.2)
+        return await upstreams["a"].default(request, body)
+
+    upstreams["a"].handler = slow
+    gateway = await start(latency_explore=0)  # no exploring: the order is the measured one
+    assert [(await post(gateway, chat("mock/fastest")))[0] for _ in range(10)] == [200] * 10
+    assert answered_by(upstreams) == {"a": 1, "b": 9, "c": 0}  # a is measured once, then b is always faster

@@ -95,6 +95,8 @@ async def open_routed(
             await attempt.aclose()
             raise
         ctx.outcome.first_byte_s = time.monotonic() - started
+        if not _retryable(upstream.status):
+            target.health.observed(ctx.outcome.first_byte_s)  # a refusal's speed says nothing of the answers'
         if _retryable(upstream.status) and attempts.has_next():
             span.end(upstream.status, "error", "upstream_error", None)
             _answer_refused(gateway, target, provider.name, upstream, started)

@@ -5,7 +5,8 @@ at most once, within `routing.max_attempts` and `routing.deadline_s` (`Router.pl
 reports each attempt's outcome to the upstream's `Health` (one per provider and model id there, shared by every
 catalogue entry that lists it): a circuit breaker (failures in a row, or a window of calls failing at
 `error_rate`, open it; after the cooldown one probe may go; its success closes it) and a throttle rest (a 429's
-Retry-After). State is local to the replica: choosing never waits for the network.
+Retry-After); and its smoothed latency (time to response headers) for `selection: latency`. State is local
+to the replica: choosing never waits for the network.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from email.utils import parsedate_to_datetime
 from typing import Callable, Iterator, Literal, Mapping
 
 from ..catalog import Deployment, Model
-from ..config import BreakerSettings, RoutingSettings
+from ..config import RoutingSettings
 
 BreakerState = Literal["closed", "half_open", "open"]
 
@@ -34,21 +35,23 @@ def _ignore(model: str, deployment: str, state: BreakerState) -> None:
 
 
 class Health:
-    """One upstream's breaker and throttle cooldown (a provider and its model id there, whichever catalogue
-    models list it). Times are `clock()` seconds."""
+    """One upstream's breaker, throttle cooldown and latency (a provider and its model id there, whichever
+    catalogue models list it). Times are `clock()` seconds."""
 
-    def __init__(self, settings: BreakerSettings, clock: Callable[[], float], on_breaker: OnBreaker) -> None:
+    def __init__(self, settings: RoutingSettings, clock: Callable[[], float], on_breaker: OnBreaker) -> None:
         self.labels: list[tuple[str, str]] = []  # (model, deployment name) of every catalogue entry served here
-        self._settings = settings
+        self._settings = settings.breaker
+        self._smoothing = settings.latency_smoothing
         self._clock = clock
         self._on_breaker = on_breaker
         self._failures = 0  # in a row
-        self._recent: deque[bool] = deque(maxlen=settings.window)  # the last calls' verdicts: True = failed
+        self._recent: deque[bool] = deque(maxlen=settings.breaker.window)  # the last calls' verdicts: True = failed
         self._recent_failures = 0
         self._open_until: float | None = None  # None: closed
         self._probing = False  # half-open: the one call allowed through is under way
         self._rest_until = 0.0  # a 429's Retry-After
         self.in_flight = 0  # calls claimed here and not ended yet (least_in_flight selection)
+        self.latency_s: float | None = None  # smoothed time to response headers; None: not measured yet
 
     def _changed(self, state: BreakerState) -> None:
         for model, deployment in self.labels:
@@ -100,6 +103,11 @@ class Health:
         return rate is not None and len(self._recent) == self._recent.maxlen and (
             self._recent_failures >= rate * len(self._recent)
         )
+
+    def observed(self, seconds: float) -> None:
+        """An answer's headers came `seconds` after its call went out."""
+        previous = self.latency_s
+        self.latency_s = seconds if previous is None else previous + self._smoothing * (seconds - previous)
 
     def succeeded(self) -> None:
         self._ended()
@@ -214,7 +222,7 @@ class Router:
             targets = []
             for d in model.served_by():
                 health = healths.setdefault(
-                    (d.provider, d.upstream_model), Health(settings.breaker, clock, on_breaker)
+                    (d.provider, d.upstream_model), Health(settings, clock, on_breaker)
                 )
                 health.labels.append((model.id, d.name))
                 targets.append(Target(model, d, health))
@@ -241,6 +249,10 @@ class Router:
             return iter(sorted(targets, key=lambda t: (t.health.in_flight / t.deployment.weight, self._rng.random())))
         if model.selection == "sticky":
             return iter(sorted(targets, key=lambda t: _rendezvous(user, t.deployment), reverse=True))
+        if model.selection == "latency" and self._rng.random() >= self.settings.latency_explore:
+            # Fastest first; one not measured yet goes first so it gets measured. The other calls (exploring)
+            # take the weighted order below, so a slow deployment that recovered is measured again.
+            return iter(sorted(targets, key=lambda t: (t.health.latency_s or 0.0, self._rng.random())))
         # Weighted sampling without replacement (Efraimidis-Spirakis keys).
         keys = [self._rng.random() ** (1.0 / t.deployment.weight) for t in targets]
         return iter([t for _, t in sorted(zip(keys, targets), key=lambda pair: pair[0], reverse=True)])
