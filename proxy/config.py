@@ -277,14 +277,20 @@ class ModelSettings(_Strict):
 
 
 class BreakerSettings(_Strict):
-    """A deployment's circuit breaker (local to each replica): `failures` in a row, or a share of failures of at
-    least `error_rate` among its last `window` calls (a flapping upstream), open it; after `cooldown_s` one call
-    probes it; the probe's success closes it, its failure opens it again."""
+    """A deployment's circuit breaker (local to each replica): `failures` in a row, a share of failures of at
+    least `error_rate` among its last `window` calls (a flapping upstream), or a smoothed latency above
+    `max_latency_s` open it; after `cooldown_s` one call probes it; the probe's success (within
+    `max_latency_s`) closes it, its failure opens it again."""
 
     failures: int = Field(5, ge=1)
     error_rate: float | None = Field(0.5, gt=0, le=1)  # null: only failures in a row count
     window: int = Field(20, ge=2)
     cooldown_s: float = Field(30.0, gt=0)
+    # Latency outliers: a smoothed time to response headers above this (once `latency_samples` answers were
+    # measured) opens the breaker too. Off by default: a non-streamed answer's headers wait for the whole
+    # generation, so the right bound depends on the models and their callers.
+    max_latency_s: float | None = Field(None, gt=0)
+    latency_samples: int = Field(10, ge=1)
 
 
 class RoutingSettings(_Strict):

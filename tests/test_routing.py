@@ -324,3 +324,47 @@ def test_latency_selection_tries_an_unmeasured_deployment_first() -> None:
     r.health("m/x", "a").observed(0.5)
     target = r.plan(m).next()
     assert target is not None and target.label == "b"
+
+
+def test_a_slow_deployment_is_ejected_by_its_smoothed_latency_and_probed_like_a_failing_one() -> None:
+    clock, events = Clock(), []
+    cfg = config(model(provider="a", upstream_model="x"),
+                 breaker={"max_latency_s": 1.0, "latency_samples": 3, "cooldown_s": 10})
+    r = router(cfg, clock=clock, events=events)
+    m, health = cfg.catalog()[0], r.health("m/x", "a")
+
+    def call(seconds: float) -> None:
+        target = r.plan(m).next()
+        assert target is not None
+        target.health.observed(seconds)
+        target.health.succeeded()
+
+    call(3.0)
+    call(3.0)
+    assert health.state == "closed"  # two samples: not enough to judge
+    before = r.plan(m).next()  # a call under way when the breaker opens
+    call(3.0)
+    assert health.state == "open" and events == [("m/x", "a", "open")] and r.plan(m).next() is None
+    assert before is not None
+    before.health.observed(0.1)
+    before.health.succeeded()  # its success does not close the breaker: only the probe's does
+    assert health.state == "open"
+
+    clock.now += 10
+    call(2.0)  # the probe is judged by its own latency: still too slow, open again
+    assert health.state == "open"
+    clock.now += 10
+    call(0.2)
+    assert health.state == "closed" and health.latency_s == 0.2  # a fresh record from the probe on
+    assert [s for _, _, s in events] == ["open", "half_open", "open", "half_open", "closed"]
+
+
+def test_latency_ejection_is_off_by_default() -> None:
+    cfg = config(model(provider="a", upstream_model="x"))
+    r, m = router(cfg), cfg.catalog()[0]
+    for _ in range(100):
+        target = r.plan(m).next()
+        assert target is not None
+        target.health.observed(120.0)
+        target.health.succeeded()
+    assert r.health("m/x", "a").state == "closed" and BreakerSettings().max_latency_s is None

@@ -140,6 +140,16 @@ async def dies_mid_stream(request: web.Request, body: dict[str, Any]) -> web.Str
     return response
 
 
+def slowed(mock: MockProvider, seconds: float) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The mock's usual answer, its headers `seconds` late."""
+
+    async def answer(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return await mock.default(request, body)
+
+    return answer
+
+
 def answered_by(upstreams: Upstreams) -> dict[str, int]:
     return {name: len(mock.received) for name, mock in upstreams.items()}
 
@@ -328,11 +338,23 @@ async def test_a_client_leaving_while_a_fallback_works_pays_the_fallbacks_price(
 async def test_a_latency_model_sends_its_calls_to_the_deployment_whose_headers_come_first(
     start: Start, upstreams: Upstreams
 ) -> None:
-    async def slow(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        await asyncio.sleep(0.2)
-        return await upstreams["a"].default(request, body)
-
-    upstreams["a"].handler = slow
+    upstreams["a"].handler = slowed(upstreams["a"], 0.2)
     gateway = await start(latency_explore=0)  # no exploring: the order is the measured one
     assert [(await post(gateway, chat("mock/fastest")))[0] for _ in range(10)] == [200] * 10
     assert answered_by(upstreams) == {"a": 1, "b": 9, "c": 0}  # a is measured once, then b is always faster
+
+
+async def test_a_deployment_slower_than_max_latency_s_is_ejected_then_probed_back(
+    start: Start, upstreams: Upstreams
+) -> None:
+    upstreams["a"].handler = slowed(upstreams["a"], 0.3)
+    gateway = await start(breaker={"max_latency_s": 0.15, "latency_samples": 2, "cooldown_s": 0.5})
+    assert [(await post(gateway, chat("mock/solo")))[0] for _ in range(3)] == [200, 200, 503]
+    assert answered_by(upstreams)["a"] == 2  # ejected after two slow answers: not called
+    await asyncio.sleep(0.6)
+    upstreams["a"].handler = None  # fast again: the half-open probe closes the breaker
+    assert [(await post(gateway, chat("mock/solo")))[0] for _ in range(3)] == [200, 200, 200]
+    async with aiohttp.ClientSession() as http, http.get(f"{gateway}/metrics") as response:
+        scrape = await response.text()
+    assert 'edge_proxy_deployment_ejections_total{deployment="a",model="mock/solo"} 1.0' in scrape
+    assert 'edge_proxy_deployment_breaker_state{deployment="a",model="mock/solo"} 0.0' in scrape

@@ -3,8 +3,8 @@
 A request walks its model's deployments in its selection's order, then its fallback models' deployments, each
 at most once, within `routing.max_attempts` and `routing.deadline_s` (`Router.plan` -> `Attempts`). The caller
 reports each attempt's outcome to the upstream's `Health` (one per provider and model id there, shared by every
-catalogue entry that lists it): a circuit breaker (failures in a row, or a window of calls failing at
-`error_rate`, open it; after the cooldown one probe may go; its success closes it) and a throttle rest (a 429's
+catalogue entry that lists it): a circuit breaker (failures in a row, a window of calls failing at
+`error_rate`, or a smoothed latency above `max_latency_s` open it; after the cooldown one probe may go; its success closes it) and a throttle rest (a 429's
 Retry-After); and its smoothed latency (time to response headers) for `selection: latency`. State is local
 to the replica: choosing never waits for the network.
 """
@@ -52,6 +52,7 @@ class Health:
         self._rest_until = 0.0  # a 429's Retry-After
         self.in_flight = 0  # calls claimed here and not ended yet (least_in_flight selection)
         self.latency_s: float | None = None  # smoothed time to response headers; None: not measured yet
+        self._latency_samples = 0
 
     def _changed(self, state: BreakerState) -> None:
         for model, deployment in self.labels:
@@ -105,16 +106,26 @@ class Health:
         )
 
     def observed(self, seconds: float) -> None:
-        """An answer's headers came `seconds` after its call went out."""
+        """An answer's headers came `seconds` after its call went out. Past `max_latency_s` the deployment is
+        ejected: its smoothed latency once it has `latency_samples` samples, or the half-open probe's own."""
+        if self._open_until is not None and not self._probing:
+            return  # a call from before the breaker opened: the record starts again with the probe
         previous = self.latency_s
         self.latency_s = seconds if previous is None else previous + self._smoothing * (seconds - previous)
+        self._latency_samples += 1
+        bound = self._settings.max_latency_s
+        if bound is not None and self.latency_s > bound and (
+            self._probing or self._latency_samples >= self._settings.latency_samples
+        ):
+            self._probing = False  # the probe's verdict is given: its end does not close the breaker
+            self._open()
 
     def succeeded(self) -> None:
-        self._ended()
+        probe = self._ended()
         self._note(False)
-        was_open = self._open_until is not None
-        self._failures, self._open_until = 0, None
-        if was_open:
+        self._failures = 0
+        if probe:  # only the probe closes an open breaker; calls from before it opened do not
+            self._open_until = None
             self._changed("closed")
 
     def failed(self) -> None:
@@ -123,10 +134,15 @@ class Health:
         self._note(True)
         self._failures += 1
         if probe or self._failures >= self._settings.failures or self._flapping():
-            self._open_until = self._clock() + self._settings.cooldown_s
-            self._recent.clear()  # back from the cooldown, the deployment starts with a clean record
-            self._recent_failures = 0
-            self._changed("open")
+            self._open()
+
+    def _open(self) -> None:
+        self._open_until = self._clock() + self._settings.cooldown_s
+        # Back from the cooldown, the deployment starts with a clean record.
+        self._recent.clear()
+        self._recent_failures = 0
+        self.latency_s, self._latency_samples = None, 0
+        self._changed("open")
 
     def throttled(self, seconds: float) -> None:
         """A 429: rest for `seconds`; throttling says nothing about health, so the breaker keeps its count."""

@@ -57,7 +57,7 @@ groups:
           severity: {{ $a.deploymentEjected.severity }}
         annotations:
           summary: {{ `"edge-proxy: deployment {{ $labels.deployment }} of {{ $labels.model }} ejected"` }}
-          description: "Its circuit breaker has been open on at least one pod (consecutive failures; see routing.breaker). Calls go to the model's other deployments and fallbacks; check the provider."
+          description: "Its circuit breaker has been open on at least one pod (failures in a row, an error rate or a latency above its bound; see routing.breaker). Calls go to the model's other deployments and fallbacks; check the provider."
 
       - alert: EdgeProxyHighFallbackRate
         expr: |
