@@ -313,3 +313,35 @@ async def test_a_json_answer_read_whole_is_charged_its_usage_when_the_client_lea
             break
         await asyncio.sleep(0.05)
     assert (state["spent"], state["held"]) == (5 + 50, 0)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
+async def test_a_stream_left_after_its_last_token_is_charged_the_usage_that_follows(
+    start_with: StartGateway, provider: MockProvider, route: str
+) -> None:
+    """The usage event comes after the last content chunk (OpenAI: reasoning tokens, which no chunk shows). A client
+    that hung up on the last token was charged the estimate from the chunks relayed (input bytes / 4 and 2 output
+    tokens here, against 45 used); the end of the upstream's stream is now read, briefly, for its usage."""
+
+    async def usage_a_moment_later(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        await response.write(sse(chat_chunk("one")) + sse(chat_chunk("two", finish="stop")))
+        await asyncio.sleep(0.3)
+        await response.write(sse(usage_chunk(5, 45)) + sse("[DONE]"))
+        return response
+
+    provider.handler = usage_a_moment_later
+    gateway = await start_with(POLICY)
+    body = {**CHAT, "stream": True} if route == "/v1/chat/completions" else {"model": "mock/chat", "prompt": "hi", "max_tokens": 50}
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{gateway}{route}", json=body, headers=AUTH)
+        async for line in response.content:
+            if b'"finish_reason": "stop"' in line or b'"delta":"two"' in line:
+                break  # the last token: the client has the whole text and leaves
+        response.close()
+    for _ in range(50):
+        state = (await me(gateway))["balance"]
+        if state["held"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (state["spent"], state["held"]) == (5 + 45, 0)

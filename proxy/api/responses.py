@@ -8,6 +8,7 @@ routes: decide, admit, and a shielded settle of what the upstream really used.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -23,7 +24,7 @@ from ..context import CONTEXT
 from ..errors import ApiError
 from ..upstream import openai_format, sse
 from ..upstream.body_usage import BodyUsage
-from ..upstream.relay import OpenedCall, RelayOutcome, read_chunks, upstream_failure
+from ..upstream.relay import OpenedCall, RelayOutcome, read_chunks, upstream_failure, usage_from_the_rest
 from .body import read_json_object
 from .inputs import validate_inputs
 from .metered import authorize_and_admit, metered_call, request_facts
@@ -251,6 +252,10 @@ async def _generate(
         ))
         outcome.completed = True
         return output
+    except asyncio.CancelledError:
+        if capability == "text2text":
+            await usage_from_the_rest(upstream, outcome)
+        raise
     finally:
         # A finished body lets the connection go back to the pool; anything else must not be reused.
         if outcome.completed:

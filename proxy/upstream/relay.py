@@ -74,13 +74,13 @@ async def relay(
 ) -> web.StreamResponse:
     """Stream the opened call's answer back; fills `outcome` as it goes (also when cancelled)."""
     provider, upstream = call.provider, call.upstream
+    is_sse = upstream.content_type == "text/event-stream"
     try:
         outcome.status = upstream.status
         if upstream.status >= 500:
             raise await upstream_failure(provider, upstream)
         response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream, extra_headers))
         outcome.response = response
-        is_sse = upstream.content_type == "text/event-stream"
         if is_sse:
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"
@@ -100,8 +100,29 @@ async def relay(
         upstream.release()  # before write_eof: a client that hangs up after the last byte cannot cost the connection
         await response.write_eof()
         return response
+    except asyncio.CancelledError:
+        if is_sse:
+            await usage_from_the_rest(upstream, outcome)
+        raise
     finally:
         await release_or_close(upstream, outcome)
+
+
+async def usage_from_the_rest(upstream: aiohttp.ClientResponse, outcome: RelayOutcome) -> None:
+    """The client left a stream before its usage event: that event follows the last content chunk (and counts what
+    no chunk shows, such as reasoning), so read what is left of the stream for a moment to charge it rather than an
+    estimate. Output events read meanwhile count too: the provider produced them."""
+    if outcome.usage is not None or outcome.error_code is not None:
+        return
+    splitter = sse.EventSplitter()
+    try:
+        async with asyncio.timeout(_READ_REST_S):
+            while chunk := await upstream.content.readany():
+                for event in splitter.feed(chunk):
+                    outcome.output_chunks += openai_format.is_output_event(event)
+                    outcome.usage = openai_format.event_usage(outcome.usage, event)
+    except (TimeoutError, aiohttp.ClientError):
+        pass
 
 
 async def release_or_close(upstream: aiohttp.ClientResponse, outcome: RelayOutcome) -> None:
