@@ -44,6 +44,16 @@ async def me(gateway: str) -> dict[str, Any]:
             return await response.json()
 
 
+async def settled_balance(gateway: str) -> dict[str, Any]:
+    """The balance once nothing is held: a client that hung up is settled after its handler was cancelled."""
+    for _ in range(50):
+        state: dict[str, Any] = (await me(gateway))["balance"]
+        if state["held"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    return state
+
+
 def reserved(headers: dict[str, str]) -> float:
     return BUDGET - float(headers["X-Credits-Balance"])
 
@@ -276,11 +286,7 @@ async def test_a_client_that_leaves_a_provider_working_pays_for_its_input(
             f"{gateway}{route}", data=raw, headers={**AUTH, "Content-Type": "application/json"}))
         await wait_for(working)
         request.cancel()  # the client hangs up
-    for _ in range(50):  # the shielded settle runs after the cancellation
-        state = (await me(gateway))["balance"]
-        if state["held"] == 0:
-            break
-        await asyncio.sleep(0.05)
+    state = await settled_balance(gateway)  # the shielded settle runs after the cancellation
     assert (state["spent"], state["held"]) == (len(raw) // 4, 0)  # 1 credit per input token
 
 
@@ -307,11 +313,7 @@ async def test_a_json_answer_read_whole_is_charged_its_usage_when_the_client_lea
         response = await http.post(f"{gateway}/v1/chat/completions", json=CHAT, headers=AUTH)
         assert await response.content.readexactly(len(answer)) == answer  # the whole answer
         response.close()  # and gone
-    for _ in range(50):
-        state = (await me(gateway))["balance"]
-        if state["held"] == 0:
-            break
-        await asyncio.sleep(0.05)
+    state = await settled_balance(gateway)  # the shielded settle runs after the cancellation
     assert (state["spent"], state["held"]) == (5 + 50, 0)
 
 
@@ -339,9 +341,5 @@ async def test_a_stream_left_after_its_last_token_is_charged_the_usage_that_foll
             if b'"finish_reason": "stop"' in line or b'"delta":"two"' in line:
                 break  # the last token: the client has the whole text and leaves
         response.close()
-    for _ in range(50):
-        state = (await me(gateway))["balance"]
-        if state["held"] == 0:
-            break
-        await asyncio.sleep(0.05)
+    state = await settled_balance(gateway)  # the shielded settle runs after the cancellation
     assert (state["spent"], state["held"]) == (5 + 45, 0)
