@@ -190,6 +190,19 @@ async def test_image_parts_and_every_prompt_and_best_of_are_reserved(
     assert headers["X-Credits-Balance"] == str(budget - int(spent) - reserve)
 
 
+async def test_an_earlier_audio_answer_a_message_refers_to_is_reserved_like_a_media_part(
+    start_with: StartGateway, provider: MockProvider
+) -> None:
+    """`{"role": "assistant", "audio": {"id": ...}}` sends a previous audio answer back as input: a few bytes
+    that cost that audio's tokens. It was reserved as its bytes only."""
+    gateway = await start_with(ALL_PRICED)
+    chat = {"model": "mock/chat", "max_tokens": 1, "messages": [
+        {"role": "user", "content": "say it"}, {"role": "assistant", "audio": {"id": "audio_abc123"}},
+        {"role": "user", "content": "again"}]}
+    _, headers = await post_json(gateway, chat)
+    assert headers["X-Credits-Balance"] == str(1_000_000 - (len(json.dumps(chat)) + MEDIA_PART_TOKENS + 1))
+
+
 async def test_token_priced_image_models_reserve_their_output_cap_for_every_image(
     start_with: StartGateway, provider: MockProvider
 ) -> None:

@@ -127,11 +127,16 @@ def _media_parts(messages: Any) -> int:
     """Non-text content parts (images, audio, files) across all messages."""
     if not isinstance(messages, list):
         return 0
-    return sum(
-        1
-        for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"] if not (isinstance(part, dict) and part.get("type") == "text")
-    )
+    return sum(_media_in(message) for message in messages if isinstance(message, dict))
+
+
+def _media_in(message: dict[str, Any]) -> int:
+    """A message's non-text parts, plus the earlier audio answer it refers to (`"audio": {"id": ...}`: a few bytes
+    that the provider bills as that audio's input tokens)."""
+    content = message.get("content")
+    parts = content if isinstance(content, list) else []
+    referred = 1 if isinstance(message.get("audio"), dict) else 0
+    return referred + sum(1 for part in parts if not (isinstance(part, dict) and part.get("type") == "text"))
 
 
 def _count(body: dict[str, Any], name: str, maximum: int) -> int | None:
