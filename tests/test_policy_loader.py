@@ -73,6 +73,16 @@ def problems(tmp_path, files: dict[str, str], **kwargs) -> str:
             id="budget beyond the store's bound",
         ),
         pytest.param(
+            {"a.yaml": PLAN.replace("rate_limits:", "fallbacks: {allow_pricier: maybe}\n    rate_limits:")},
+            ["policies/a.yaml: plans.members.fallbacks.allow_pricier: "],
+            id="allow_pricier not a boolean",
+        ),
+        pytest.param(
+            {"a.yaml": PLAN.replace("rate_limits:", "fallbacks: {pricier: true}\n    rate_limits:")},
+            ["policies/a.yaml: plans.members.fallbacks.pricier: unknown key", "allow_pricier"],
+            id="fallbacks unknown key",
+        ),
+        pytest.param(
             {"a.yaml": PLAN.replace("requests: 30", "requests: 30, tokens: 5")},
             ["plans.members.rate_limits[0]: needs exactly one of requests: or tokens:"],
             id="requests and tokens",

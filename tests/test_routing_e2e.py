@@ -75,17 +75,19 @@ async def upstreams() -> AsyncIterator[Upstreams]:
 
 @pytest.fixture
 async def start(upstreams: Upstreams, tmp_path: Path) -> AsyncIterator[Start]:
-    """A gateway with providers a, b, c on the mocks; `urls` / `timeouts` replace a provider's."""
+    """A gateway with providers a, b, c on the mocks; `urls` / `timeouts` replace a provider's; `plan_lines` are
+    added to the policy's plan, whose account has `budget` credits."""
     servers: list[RunningServer] = []
 
     async def starter(urls: dict[str, str] | None = None, timeouts: dict[str, dict[str, float]] | None = None,
-                      spans: InMemorySpanExporter | None = None, **routing: Any) -> str:
+                      spans: InMemorySpanExporter | None = None, plan_lines: tuple[str, ...] = (),
+                      budget: int = 1_000_000, **routing: Any) -> str:
         providers = {
             name: {"base_url": (urls or {}).get(name, mock.url), "api_key_env": "MOCK_PROVIDER_KEY",
                    "timeouts": {**TIMEOUTS, **(timeouts or {}).get(name, {})}}
             for name, mock in upstreams.items()
         }
-        policies = write_policy(tmp_path / "policies", budget_policy(1_000_000, PRICES))
+        policies = write_policy(tmp_path / "policies", budget_policy(budget, PRICES, plan_lines))
         config = gateway_config(upstreams["a"].url, policies, providers=providers, models=models(), routing=routing)
         if spans is None:
             servers.append(await start_gateway(config))
@@ -358,3 +360,28 @@ async def test_a_deployment_slower_than_max_latency_s_is_ejected_then_probed_bac
         scrape = await response.text()
     assert 'edge_proxy_deployment_ejections_total{deployment="a",model="mock/solo"} 1.0' in scrape
     assert 'edge_proxy_deployment_breaker_state{deployment="a",model="mock/solo"} 0.0' in scrape
+
+
+async def test_a_plan_allowing_pricier_fallbacks_holds_for_the_dearest_and_pays_the_one_that_answered(
+    start: Start, upstreams: Upstreams
+) -> None:
+    upstreams["a"].handler = failing(503)
+    gateway = await start(plan_lines=("fallbacks: {allow_pricier: true}",))
+    status, _, body = await post(gateway, chat("mock/primary"))
+    assert status == 200 and b"Hello from the mock" in body
+    assert answered_by(upstreams) == {"a": 1, "b": 0, "c": 1}  # mock/pricey (50) answered: it comes first
+    assert upstreams["c"].received[-1].body["model"] == "up-c"
+    assert await spent(gateway) == 50  # charged at the price of the model that answered
+    upstreams["a"].handler = None
+    assert (await post(gateway, chat("mock/primary")))[0] == 200
+    assert await spent(gateway) == 50 + 3  # the primary answered: its own price, the rest of the hold released
+
+
+async def test_a_budget_that_cannot_hold_the_pricier_fallback_refuses_the_call_up_front(
+    start: Start, upstreams: Upstreams
+) -> None:
+    gateway = await start(plan_lines=("fallbacks: {allow_pricier: true}",), budget=10)
+    status, _, body = await post(gateway, chat("mock/primary"))  # mock/primary (3) fits, mock/pricey (50) not
+    assert status == 402 and b"insufficient_credits" in body
+    assert answered_by(upstreams) == {"a": 0, "b": 0, "c": 0}
+    assert (await post(gateway, chat("mock/backup")))[0] == 200  # a model with no pricier fallback still fits

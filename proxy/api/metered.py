@@ -35,9 +35,22 @@ async def authorize_and_admit(
     decision = gateway.policy.current.decide(principal, model, facts)
     if not decision.allowed:
         raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
+    if decision.allow_pricier_fallbacks:
+        decision = _covering_fallbacks(gateway, principal, model, facts, decision)
     admission = await gateway.meter.admit(principal, model.id, decision, ctx.request_id)
     gateway.metrics.credits("reserved", decision.reserve_credits)
     return decision, admission
+
+
+def _covering_fallbacks(
+    gateway: Gateway, principal: Principal, model: Model, facts: RequestFacts, decision: Decision
+) -> Decision:
+    """A plan that lets a pricier fallback answer holds, up front, the dearest reserve among the model and the
+    fallbacks this caller may use: the one hold covers whichever answers (routed.py tries those under it)."""
+    policy = gateway.policy.current
+    reserves = (policy.decide(principal, gateway.models[f], facts) for f in model.fallbacks)
+    dearest = max((d.reserve_credits for d in reserves if d.allowed), default=0.0)
+    return replace(decision, reserve_credits=max(decision.reserve_credits, dearest))
 
 
 @asynccontextmanager

@@ -5,7 +5,8 @@ A connect error, a timeout before the headers, a 5xx or a 429 moves on to the ne
 and deadline. The last target's answer is passed on as it is (a 5xx becomes `upstream_error`, a 429 is
 relayed). Once headers are accepted the call is the request's: whatever happens to it later is never retried.
 The hold taken at admission covers every attempt; a fallback is tried only if the policy allows it for this
-caller and its bound fits under that hold, and the call is settled at the price of the model that answered.
+caller and its bound fits under that hold (a plan allowing pricier fallbacks held the dearest one's), and the
+call is settled at the price of the model that answered.
 """
 
 from __future__ import annotations

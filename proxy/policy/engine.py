@@ -125,6 +125,7 @@ class Policy:
             estimated_tokens=limit.tokens,
             max_output_tokens=limit.output_tokens_per_choice,
             bound=Usage(limit.input_tokens, limit.output_tokens, limit.images, limit.seconds),
+            allow_pricier_fallbacks=plan.allow_pricier_fallbacks,
         )
 
     def allows(self, principal: Principal, model: Model) -> bool:

@@ -61,6 +61,8 @@ class Plan:
     budget: Budget | None = None
     max_output_tokens: int | None = None  # bound for a reservation when neither request nor model sets one
     max_seconds: float | None = None  # bound for per-second prices when the request gives no length
+    # A fallback model dearer than the requested one may answer; the hold then covers the dearest (docs/routing.md).
+    allow_pricier_fallbacks: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class PlanPatch:
     budget: dict[str, Any] | None = None
     max_output_tokens: int | None = None
     max_seconds: float | None = None
+    allow_pricier_fallbacks: bool | None = None
 
     def apply(self, plan: Plan) -> Plan:
         """The plan as this key sees it."""
@@ -94,6 +97,7 @@ class PlanPatch:
                 ("concurrency", self.concurrency),
                 ("max_output_tokens", self.max_output_tokens),
                 ("max_seconds", self.max_seconds),
+                ("allow_pricier_fallbacks", self.allow_pricier_fallbacks),
             )
             if v is not None
         }
@@ -216,7 +220,9 @@ def _kind(value: Any) -> str:
 
 # --- parts of a policy file ----------------------------------------------------------------------------
 
-PLAN_FIELDS = ("models", "capabilities", "rate_limits", "concurrency", "budget", "max_output_tokens", "max_seconds")
+PLAN_FIELDS = (
+    "models", "capabilities", "rate_limits", "concurrency", "budget", "max_output_tokens", "max_seconds", "fallbacks"
+)
 BUDGET_FIELDS = ("credits", "period", "scope")
 PRICE_FIELDS = tuple(Price.__dataclass_fields__)
 KEY_FIELDS = ("id", "hash", "plan", "account", "allow_direct", "disabled", "overrides")
@@ -284,6 +290,10 @@ def parse_limits(raw: dict[str, Any], path: str) -> dict[str, Any]:
         out["max_output_tokens"] = integer(raw["max_output_tokens"], child(path, "max_output_tokens"), minimum=1)
     if "max_seconds" in raw:
         out["max_seconds"] = duration(raw["max_seconds"], child(path, "max_seconds"))
+    if "fallbacks" in raw:
+        where = child(path, "fallbacks")
+        fallbacks = mapping(raw["fallbacks"], where, ("allow_pricier",), required=("allow_pricier",))
+        out["allow_pricier_fallbacks"] = boolean(fallbacks["allow_pricier"], child(where, "allow_pricier"))
     return out
 
 
