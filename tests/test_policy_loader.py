@@ -267,3 +267,12 @@ def test_shipped_demo_policy_loads() -> None:
     policy = load_policy(Path(__file__).parent.parent / "policies", demo, issuer_plans={"members"})
     assert set(policy.plans) == {"demo", "members"} and len(policy.keys) == 0
     assert set(policy.price_by_model) == {m.id for m in demo}
+
+
+def test_pricier_fallbacks_are_a_plan_setting_a_key_may_override(tmp_path) -> None:
+    text = PLAN + "    fallbacks: {allow_pricier: true}\n" + KEY.replace("plan: members}", "plan: members,"
+                                                                        " overrides: {fallbacks: {allow_pricier: false}}}")
+    policy = load_text(tmp_path, text)
+    assert policy.plans["members"].allow_pricier_fallbacks is True
+    assert policy.key_plans["backend"].allow_pricier_fallbacks is False
+    assert load_text(tmp_path, PLAN).plans["members"].allow_pricier_fallbacks is False  # the default: today's
