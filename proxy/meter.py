@@ -20,7 +20,7 @@ from urllib.parse import quote
 from proxy.auth.principal import Principal
 from proxy.errors import ApiError
 from proxy.pending_settles import PendingCancel, PendingSettle, PendingSettles
-from proxy.policy.types import Budget, Decision, Dimension, RateLimit
+from proxy.policy.types import Decision, Dimension, RateLimit
 from proxy.store.base import (
     MAX_AMOUNT,
     MAX_BUDGET,
@@ -151,13 +151,12 @@ class Admission:
         self._settled = True
         pending = PendingSettle(self._reservation, amount, tokens)
         try:
-            await self._store.settle(pending.reservation, pending.amount, pending.tokens, int(self._clock() * 1000))
+            await pending.apply(self._store, int(self._clock() * 1000))
         except StoreScriptError:
             # logged and counted by the store, and retrying would fail the same way: the hold's expiry charges it
             return False
         except StoreError as exc:
-            log.warning("settle of reservation %s failed (%s): queued for retry",
-                        self._reservation.request.reservation_id, exc)
+            log.warning("settle of reservation %s failed (%s): queued for retry", pending.reservation_id, exc)
             self._pending.add(pending)
             return False
         return True
@@ -310,7 +309,7 @@ class Meter:
         if budget is None:
             return None
         period = _period_of(budget.period, _utc(now_ms))
-        ledger = f"{base}:cr:{budget.scope}:{_budget_owner(principal, budget)}:{period.label}"
+        ledger = f"{base}:cr:{budget.scope}:{_dimension(principal, budget.scope, None)}:{period.label}"
         expire_at = 0
         if period.ends_at is not None:
             ends_ms = int(period.ends_at.timestamp() * 1000)
@@ -426,14 +425,6 @@ def _key_id(principal: Principal) -> str:
 
 def _escaped(value: str) -> str:
     return quote(value, safe="")
-
-
-def _budget_owner(principal: Principal, budget: Budget) -> str:
-    if budget.scope == "key":
-        return _key_id(principal)
-    if budget.scope == "user":
-        return _user_id(principal)
-    return _escaped(principal.account)
 
 
 def _ratelimit_headers(rule: RateLimit, state: LimitState) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.store.base import LimitState
+from proxy.store.base import AdmitRequest, LimitState
 
 Tat = tuple[int, int]  # (ms, num): ms + num / limit
 
@@ -63,6 +63,11 @@ def gcra_state(tat: Tat | None, now: int, limit: int, window: int) -> LimitState
     busy_ms, busy_num = (0, 0) if tat is None or tat < (now, 0) else (tat[0] - now, tat[1])
     free = window * limit - (busy_ms * limit + busy_num)  # (window - busy) in units of 1/limit ms
     return LimitState(remaining=max(0, free // window), reset_ms=ceil_ms((busy_ms, busy_num)))
+
+
+def limit_states(req: AdmitRequest, tats: list[Tat | None]) -> tuple[LimitState, ...]:
+    """The state of each of the request's limits, given their arrival times."""
+    return tuple(gcra_state(tat, req.now_ms, spec.limit, spec.window_ms) for spec, tat in zip(req.limits, tats))
 
 
 def gcra_adjust(tat: Tat | None, now: int, limit: int, window: int, delta_units: int) -> Tat | None:

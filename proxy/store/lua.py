@@ -10,17 +10,17 @@ exponent or a fraction), so no input can make a script fail halfway.
 # Every expiry is judged by the gateway's clock (`now`); Redis TTLs only collect garbage, and run GRACE ms
 # past the logical expiry, so that a replica whose clock lags (or a call that reached Redis late) never finds
 # a key gone that is still alive by its clock. A present but logically expired key reads as absent.
-_GRACE = r"""
+_PRELUDE = r"""
 local GRACE = 2000
-"""
-
-# Shared by admit and settle: GCRA arrival times, charging expired credit holds.
-_COMMON = _GRACE + r"""
-local now = tonumber(ARGV[1])
 
 local function int(x)
   return string.format('%d', x)
 end
+"""
+
+# Shared by admit and settle: GCRA arrival times, charging expired credit holds.
+_COMMON = _PRELUDE + r"""
+local now = tonumber(ARGV[1])
 
 -- An arrival time is {ms, num}: ms + num / limit, 0 <= num < limit (gcra.py). Stored as "ms:num:limit".
 local function read_tat(key, limit)
@@ -226,7 +226,7 @@ return undone
 # KEYS: ticket, lease zset, ledger hash (unused: the key layout of SETTLE), holds zset.
 # ARGV: now_ms, reservation id, ttl_ms, has lease (0|1), has credits (0|1).
 # Reply: 1 if renewed; 0 if settled, or if its lease or hold already expired (never revived: it was charged).
-RENEW = _GRACE + r"""
+RENEW = _PRELUDE + r"""
 local now, rid, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local ticket = redis.call('HMGET', KEYS[1], 'amt', 'exp')
 if (not ticket[1]) or (not ticket[2]) or tonumber(ticket[2]) <= now then return 0 end  -- tombstones too
@@ -237,7 +237,6 @@ local function alive(key, member)
 end
 if ARGV[4] == '1' and not alive(KEYS[2], rid) then return 0 end
 if ARGV[5] == '1' and not alive(KEYS[4], hold) then return 0 end
-local function int(x) return string.format('%d', x) end
 local expiry = now + ttl
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[2], 'XX', int(expiry), rid)

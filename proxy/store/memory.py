@@ -22,7 +22,7 @@ from proxy.store.base import (
     check_renew,
     check_settle,
 )
-from proxy.store.gcra import Tat, ceil_ms, gcra_adjust, gcra_state, gcra_take
+from proxy.store.gcra import Tat, ceil_ms, gcra_adjust, gcra_take, limit_states
 
 # The ticket of a cancelled admit (see Store.cancel).
 _TOMBSTONE = "cancelled"
@@ -151,19 +151,18 @@ class MemoryStore:
         if worst is None and not dry:
             worst = self._lease_or_credit_denial(req, in_flight, balance)
         if worst is not None or dry:
-            return AdmitResult(worst is None, self._states(req, tats), in_flight, balance, worst)
+            return AdmitResult(worst is None, limit_states(req, tats), in_flight, balance, worst)
         for spec, tat in zip(req.limits, new_tats):
             self._store_tat(spec, tat, now)
-        return self._take(req, self._states(req, new_tats), in_flight, balance)
+        return self._take(req, limit_states(req, new_tats), in_flight, balance)
 
     def settle_now(self, req: AdmitRequest, amount: int, tokens: int, now: int) -> bool:
         """The body of the settle script: a no-op unless the ticket still exists."""
         self._keys.purge(now)
         ticket = self._keys.get(req.ticket_key)
-        if ticket is None or _TOMBSTONE in ticket:
-            self._keys.delete(req.ticket_key)
-            return False
         self._keys.delete(req.ticket_key)
+        if ticket is None or _TOMBSTONE in ticket:
+            return False
         if req.lease is not None:
             leases = self._keys.get(req.lease.key) or {}
             leases.pop(req.reservation_id, None)
@@ -206,10 +205,6 @@ class MemoryStore:
         # the ticket must outlive the renewed hold, so that the final settle still finds it
         self._keys.expire_at(req.ticket_key, now + 2 * ttl)
         return True
-
-    @staticmethod
-    def _states(req: AdmitRequest, tats: list[Tat | None]) -> tuple[LimitState, ...]:
-        return tuple(gcra_state(tat, req.now_ms, spec.limit, spec.window_ms) for spec, tat in zip(req.limits, tats))
 
     def _tat(self, spec: LimitSpec) -> Tat | None:
         """The arrival time in units of this limit; one kept under another limit rounds up to the next ms."""

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from proxy.store import lua
 from proxy.store.admission import CallGate, LoopLag, deadline
-from proxy.store.gcra import Step, gcra_state
+from proxy.store.gcra import Step, limit_states
 from proxy.store.base import (
     AdmitCancelled,
     AdmitRequest,
@@ -199,7 +199,7 @@ def _parse_admit(req: AdmitRequest, reply: Sequence[int], *, dry: bool) -> Admit
     if kind == _CANCELLED:
         raise AdmitCancelled()
     tats = [None if int(ms) < 0 else (int(ms), int(num)) for ms, num in zip(reply[7::2], reply[8::2])]
-    states = tuple(gcra_state(tat, req.now_ms, spec.limit, spec.window_ms) for spec, tat in zip(req.limits, tats))
+    states = limit_states(req, tats)
     balance = Balance(req.credits.budget, spent, held) if req.credits else None
     denial = None
     if kind:

@@ -113,7 +113,7 @@ class ResilientStore:
         return ok and result
 
     async def ping(self) -> bool:
-        ok, result = await self._attempt("ping", self._checked_ping)
+        ok, result = await self._attempt("ping", self._checked_ping, probe=False)  # a ping is its own probe
         return ok and result
 
     async def close(self) -> None:
@@ -136,7 +136,7 @@ class ResilientStore:
         self._observer.on_op(op, 0.0, "fallback")
         return dataclasses.replace(request, credits=None)
 
-    async def _attempt(self, op: str, call: Callable[[], Awaitable[T]]) -> tuple[bool, Any]:
+    async def _attempt(self, op: str, call: Callable[[], Awaitable[T]], *, probe: bool = True) -> tuple[bool, Any]:
         """Call the shared store if the breaker allows: (True, result); (False, None) when the breaker skipped
         it, (False, the StoreError) when it failed.
 
@@ -149,7 +149,7 @@ class ResilientStore:
             return False, None
         started = time.perf_counter()
         try:
-            if self._breaker.state == "half_open" and not await self._primary.ping():
+            if probe and self._breaker.state == "half_open" and not await self._primary.ping():
                 raise StoreError("probe failed", certain=True)
             result = await call()
         except StoreScriptError:
