@@ -98,7 +98,7 @@ async def open_routed(
         ctx.outcome.first_byte_s = time.monotonic() - started
         if not _retryable(upstream.status):
             target.health.observed(ctx.outcome.first_byte_s)  # a refusal's speed says nothing of the answers'
-        if _retryable(upstream.status) and attempts.has_next():
+        elif attempts.has_next():
             span.end(upstream.status, "error", "upstream_error", None)
             _answer_refused(gateway, target, provider.name, upstream, started)
             upstream.close()
@@ -142,11 +142,8 @@ def _answer_refused(
     gateway: Gateway, target: Target, provider: str, upstream: aiohttp.ClientResponse, started: float
 ) -> None:
     """A 429 or 5xx that another target can make up for: the deployment rests or counts a failure."""
-    settings = gateway.router.settings
     if upstream.status == 429:
-        target.health.throttled(retry_after_s(
-            upstream.headers.get("Retry-After"), settings.throttle_cooldown_s, settings.max_cooldown_s
-        ))
+        _throttle(gateway, target, upstream.headers.get("Retry-After"))
         result, reason = "throttled", "status_429"
     else:
         target.health.failed()
@@ -154,6 +151,12 @@ def _answer_refused(
     gateway.metrics.upstream_done(provider, "error", time.monotonic() - started)
     gateway.metrics.upstream_error(provider, reason)
     gateway.metrics.deployment_attempt(target.model.id, target.label, result)  # type: ignore[arg-type]
+
+
+def _throttle(gateway: Gateway, target: Target, retry_after: str | None) -> None:
+    """The deployment rests for the provider's Retry-After, within the routing settings' default and cap."""
+    settings = gateway.router.settings
+    target.health.throttled(retry_after_s(retry_after, settings.throttle_cooldown_s, settings.max_cooldown_s))
 
 
 def _attempt_failed(gateway: Gateway, target: Target, provider: str, code: str, started: float) -> None:
@@ -166,20 +169,16 @@ def _attempt_failed(gateway: Gateway, target: Target, provider: str, code: str, 
 
 def _report(gateway: Gateway, target: Target, outcome: RelayOutcome, retry_after: str | None) -> None:
     """The answering deployment's verdict once its call is over."""
-    result: AttemptResult
-    if outcome.status == 429:
-        settings = gateway.router.settings
-        target.health.throttled(retry_after_s(retry_after, settings.throttle_cooldown_s, settings.max_cooldown_s))
-        result = "throttled"
-    elif outcome.completed or outcome.delivered:
+    # 429 first: upstream_outcome calls a completed 429 "ok"
+    result: AttemptResult = "throttled" if outcome.status == 429 else upstream_outcome(outcome)
+    if result == "throttled":
+        _throttle(gateway, target, retry_after)
+    elif result == "ok":
         target.health.succeeded()
-        result = "ok"
-    elif outcome.status >= 500 or outcome.error_code is not None:
-        target.health.failed()  # a 5xx passed on, or a stream that broke off
-        result = "timeout" if outcome.error_code == "upstream_timeout" else "error"
-    else:
+    elif result == "cancelled":
         target.health.abandoned()  # the client left: no verdict on the deployment
-        result = "cancelled"
+    else:
+        target.health.failed()  # a 5xx passed on, or a stream that broke off
     gateway.metrics.deployment_attempt(target.model.id, target.label, result)
 
 
