@@ -123,8 +123,8 @@ async def _text_output(answer: UpstreamAnswer) -> dict[str, Any]:
             await answer.events.ping()
             continue
         for event in splitter.feed(chunk):
-            answer.outcome.usage = openai_format.event_usage(answer.outcome.usage, event)
             data = sse.event_json(event)
+            answer.outcome.usage = openai_format.event_usage(answer.outcome.usage, event, data)
             if data is None:
                 continue  # `[DONE]`, comments, pieces of an oversized event
             if "error" in data:

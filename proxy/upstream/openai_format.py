@@ -86,13 +86,14 @@ def usage_in_tail(data: bytes) -> Usage | None:
     return usage_of({"usage": usage}) if isinstance(usage, dict) else None
 
 
-def event_usage(previous: Usage | None, event: bytes) -> Usage | None:
+def event_usage(previous: Usage | None, event: bytes, parsed: dict[str, Any] | None = None) -> Usage | None:
     """The stream's usage after this raw SSE event: token counts are the latest reported (some providers repeat
-    running totals); each `image_generation.completed` event counts one image."""
+    running totals); each `image_generation.completed` event counts one image. `parsed`: the event's JSON when
+    the caller has parsed it already (else it is parsed here, only if it may carry usage)."""
     image_done = _IMAGE_COMPLETED.search(event) is not None
     if not image_done and not may_carry_usage(event):
         return previous
-    chunk = sse.event_json(event)
+    chunk = parsed if parsed is not None else sse.event_json(event)
     usage = usage_of(chunk) if chunk is not None else usage_in_tail(event)
     if usage is None and not image_done:
         return previous

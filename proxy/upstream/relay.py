@@ -119,8 +119,7 @@ async def usage_from_the_rest(upstream: aiohttp.ClientResponse, outcome: RelayOu
         async with asyncio.timeout(_READ_REST_S):
             while chunk := await upstream.content.readany():
                 for event in splitter.feed(chunk):
-                    outcome.output_chunks += openai_format.is_output_event(event)
-                    outcome.usage = openai_format.event_usage(outcome.usage, event)
+                    _inspect_event(event, False, outcome)
     except (TimeoutError, aiohttp.ClientError):
         pass
 
@@ -297,10 +296,8 @@ def _inspect_event(event: bytes, drop_usage_event: bool, outcome: RelayOutcome) 
     """
     if openai_format.is_output_event(event):
         outcome.output_chunks += 1
-    outcome.usage = openai_format.event_usage(outcome.usage, event)
-    if not (drop_usage_event and openai_format.may_carry_usage(event)):
-        return True
-    chunk = sse.event_json(event)
+    chunk = sse.event_json(event) if drop_usage_event and openai_format.may_carry_usage(event) else None
+    outcome.usage = openai_format.event_usage(outcome.usage, event, chunk)
     return chunk is None or not openai_format.is_usage_only_chunk(chunk)
 
 
