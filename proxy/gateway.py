@@ -24,7 +24,7 @@ from .errors import ApiError
 from .meter import Meter
 from .metrics import Metrics
 from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
-from .store import Store, StoreSettings, build_store
+from .store import Store, build_store
 from .upstream.demo import start_demo_upstream
 from .upstream.providers import Provider, RedirectPolicy, auth_headers, new_session, pool_shares, read_credential
 from .tracing import NO_TRACING, Tracing, build_tracing
@@ -60,7 +60,6 @@ class Gateway:
     auth: Authenticator
     tokens: GatewayTokens
     store: Store
-    store_settings: StoreSettings
     meter: Meter
     metrics: Metrics
     relay: RelaySettings
@@ -193,7 +192,6 @@ def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExpo
         auth=Authenticator(lambda: policy.current.keys, tokens, issuers),
         tokens=tokens,
         store=store,
-        store_settings=store_settings,
         meter=Meter(
             store, reservation_ttl_s=store_settings.reservation_ttl_s, on_pending_settles=metrics.pending_settles
         ),
