@@ -176,15 +176,12 @@ def _metrics_socket(config: Config, host: str | None) -> socket.socket | None:
 
 
 async def start_server(
-    config: Config, host: str | None = None, port: int | None = None, gateway: Gateway | None = None,
-    sock: socket.socket | None = None, metrics_sock: socket.socket | None = None,
+    config: Config, host: str | None = None, port: int | None = None, gateway: Gateway | None = None
 ) -> RunningServer:
-    """Start serving in the running loop (used by tests and embedders); port 0 picks a free one.
-    `sock`, `metrics_sock`: already bound listening sockets (see `listen_socket`) instead of host and ports."""
-    if sock is None:
-        sock = listen_socket(host or config.server.host, config.server.port if port is None else port)
-    if metrics_sock is None:
-        metrics_sock = _metrics_socket(config, host)
+    """Start serving in the running loop (used by tests and embedders); port 0 picks a free one. The sockets
+    are bound before the gateway is built, so a busy port stops start-up before a demo key is printed."""
+    sock = listen_socket(host or config.server.host, config.server.port if port is None else port)
+    metrics_sock = _metrics_socket(config, host)
     app = create_app(config, gateway)
     runner = GatewayRunner(app, **runner_options(config))
     await runner.setup()
@@ -198,12 +195,12 @@ async def start_server(
     return server
 
 
-async def _serve_until_signalled(config: Config, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
+async def _serve_until_signalled(config: Config, host: str | None, port: int | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = await start_server(config, sock=sock, metrics_sock=metrics_sock)
+    server = await start_server(config, host, port)
     metrics = f", metrics on {server.metrics_url}/metrics" if server.metrics_url else ""
     print(f"edge-proxy: serving on {server.url}{metrics} (SIGINT or SIGTERM to stop)", flush=True)
     try:
@@ -214,5 +211,4 @@ async def _serve_until_signalled(config: Config, sock: socket.socket, metrics_so
 
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then finish requests in flight up to `server.shutdown_grace_s`."""
-    sock = listen_socket(host or config.server.host, config.server.port if port is None else port)
-    asyncio.run(_serve_until_signalled(config, sock, _metrics_socket(config, host)))
+    asyncio.run(_serve_until_signalled(config, host, port))
