@@ -1,6 +1,15 @@
-"""Model discovery: `GET /v1/models` (flat or `?groupBy=capability`) and one model's details."""
+"""Model discovery: `GET /v1/models` (flat, `?groupBy=capability`, or OpenAI's list), one model's details, and the
+same in OpenAI's shapes under `/openai/v1/models`.
+
+`/v1/models` answers the gateway's own shapes (a bare array, or an object by capability) unless the client asks
+for OpenAI's (`?format=openai`, or an official OpenAI SDK, whose default User-Agent is `OpenAI/Python <version>`
+or `OpenAI/JS <version>`): one base URL then serves both the seeds' clients and `client.models.list()`.
+"""
 
 from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Literal
 
 from aiohttp import web
 
@@ -9,22 +18,73 @@ from ..errors import ApiError
 from .schema import openapi_document
 from .state import GATEWAY, authenticated
 
+Shape = Literal["gateway", "openai"]
+_SHAPES: tuple[Shape, ...] = ("gateway", "openai")
+# The official SDKs' default User-Agent (`<client class>/<language> <version>`; AsyncOpenAI for Python's async one).
+_OPENAI_SDK_AGENT = re.compile(r"^(Async)?OpenAI/(Python|JS) ")
 
-async def list_models(request: web.Request) -> web.Response:
+
+def _asked_shape(request: web.Request) -> Shape:
+    """`?format=` when given, else OpenAI's for an OpenAI SDK that did not ask to group, else the gateway's."""
+    asked = request.query.get("format")
+    if asked is None:
+        sdk = _OPENAI_SDK_AGENT.match(request.headers.get("User-Agent", "")) is not None
+        return "openai" if sdk and "groupBy" not in request.query else "gateway"
+    if asked not in _SHAPES:
+        raise ApiError("invalid_request", f"format={asked!r} is not supported; use format=gateway or format=openai",
+                       param="format")
+    return asked  # type: ignore[return-value]  # checked against _SHAPES
+
+
+def _capability_filter(request: web.Request) -> str | None:
+    capability = request.query.get("capability")
+    if capability is not None and capability not in CAPABILITIES:
+        raise ApiError("invalid_request", f"capability={capability!r} is not one of {', '.join(CAPABILITIES)}",
+                       param="capability")
+    return capability
+
+
+async def _visible(request: web.Request) -> list[Model]:
+    """The models the caller may use, of the `?capability=` asked for (every capability without it)."""
     gateway = request.app[GATEWAY]
     principal = await authenticated(request)
+    capability = _capability_filter(request)
     visible = gateway.policy.current.visible_models(principal, gateway.models.values())
-    models = [m.public() for m in visible]
-    group_by = request.query.get("groupBy")
-    if group_by is None:
-        return web.json_response(models)
-    if group_by != "capability":
-        raise ApiError("invalid_request", f"groupBy={group_by!r} is not supported; use groupBy=capability")
+    return [m for m in visible if capability is None or m.capability == capability]
+
+
+def openai_model(model: Model) -> dict[str, Any]:
+    """A model as OpenAI's `model` object; `created` is 0 (the catalogue has no release date), the gateway's own
+    fields (`name`, `capability`) ride along."""
+    return {"id": model.id, "object": "model", "created": 0, "owned_by": model.creator,
+            "name": model.name, "capability": model.capability}
+
+
+def openai_list(models: Iterable[Model]) -> dict[str, Any]:
+    return {"object": "list", "data": [openai_model(m) for m in models]}
+
+
+def _grouped(models: list[Model]) -> dict[str, list[dict[str, str]]]:
     grouped: dict[str, list[dict[str, str]]] = {}
     for capability in CAPABILITIES:
-        if found := [m for m in models if m["capability"] == capability]:
+        if found := [m.public() for m in models if m.capability == capability]:
             grouped[capability] = found
-    return web.json_response(grouped)
+    return grouped
+
+
+async def list_models(request: web.Request) -> web.Response:
+    models = await _visible(request)
+    shape = _asked_shape(request)
+    group_by = request.query.get("groupBy")
+    if group_by is not None and group_by != "capability":
+        raise ApiError("invalid_request", f"groupBy={group_by!r} is not supported; use groupBy=capability",
+                       param="groupBy")
+    if group_by is not None and shape == "openai":
+        raise ApiError("invalid_request", "groupBy=capability has no OpenAI shape; use format=gateway with it",
+                       param="groupBy")
+    if shape == "openai":
+        return web.json_response(openai_list(models))
+    return web.json_response(_grouped(models) if group_by else [m.public() for m in models])
 
 
 async def _permitted_model(request: web.Request) -> Model:
@@ -39,14 +99,26 @@ async def _permitted_model(request: web.Request) -> Model:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return web.json_response((await _permitted_model(request)).public())
+    model = await _permitted_model(request)
+    shape = _asked_shape(request)
+    return web.json_response(openai_model(model) if shape == "openai" else model.public())
 
 
 async def get_schema(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(await _permitted_model(request)))
 
 
+async def list_openai_models(request: web.Request) -> web.Response:
+    return web.json_response(openai_list(await _visible(request)))
+
+
+async def get_openai_model(request: web.Request) -> web.Response:
+    return web.json_response(openai_model(await _permitted_model(request)))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}/schema", get_schema)  # before the catch-all id route
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
+    app.router.add_get("/openai/v1/models", list_openai_models)
+    app.router.add_get("/openai/v1/models/{model_id:.+}", get_openai_model)

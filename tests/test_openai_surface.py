@@ -1,0 +1,127 @@
+"""OpenAI-SDK compatibility of the gateway's own surface: the official `openai` SDK from the documented base URLs
+(`<gateway>/openai/v1`, and `<gateway>/v1` for what both surfaces share), next to the seeds' plain clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator
+
+import aiohttp
+import openai
+import pytest
+
+from tests.gateway_harness import TEST_KEY, gateway_config, start_gateway, write_policy
+from tests.mock_provider import MockProvider
+
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+MOCK_IDS = ["mock/chat", "mock/embed", "mock/image", "mock/speech"]
+
+
+def sdk(base_url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url, api_key=TEST_KEY, max_retries=0, timeout=10)
+
+
+async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, object]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, headers=AUTH if headers is None else headers) as r:
+            return r.status, await r.json()
+
+
+async def test_openai_sdk_lists_and_retrieves_models_from_both_base_urls(gateway: str) -> None:
+    for base_url in (f"{gateway}/openai/v1", f"{gateway}/v1"):
+        async with sdk(base_url) as client:
+            listed = [m async for m in client.models.list()]
+            one = await client.models.retrieve("mock/image")  # the SDK sends the id's slash as %2F
+        assert [m.id for m in listed] == MOCK_IDS, base_url
+        assert {(m.object, m.owned_by, m.created) for m in listed} == {("model", "Tests", 0)}
+        assert (one.id, one.object, one.owned_by) == ("mock/image", "model", "Tests")
+        assert one.model_extra == {"name": "Mock Image", "capability": "text2image"}
+
+
+async def test_v1_models_keeps_the_seeds_shapes_unless_openai_is_asked_for(gateway: str) -> None:
+    status, flat = await get(f"{gateway}/v1/models")
+    assert status == 200 and flat == [
+        {"id": "mock/chat", "name": "Mock Chat", "creator": "Tests", "capability": "text2text"},
+        {"id": "mock/embed", "name": "Mock Embed", "creator": "Tests", "capability": "text2text"},
+        {"id": "mock/image", "name": "Mock Image", "creator": "Tests", "capability": "text2image"},
+        {"id": "mock/speech", "name": "Mock Speech", "creator": "Tests", "capability": "text2speech"},
+    ]
+    status, listed = await get(f"{gateway}/v1/models?format=openai")
+    assert status == 200 and listed == {"object": "list", "data": [
+        {"id": m["id"], "object": "model", "created": 0, "owned_by": m["creator"], "name": m["name"],
+         "capability": m["capability"]} for m in flat  # type: ignore[index, union-attr]
+    ]}
+    # The SDK's User-Agent picks OpenAI's shape; an explicit format=gateway or groupBy wins over it.
+    sdk_agent = {**AUTH, "User-Agent": "OpenAI/JS 6.9.1"}
+    assert (await get(f"{gateway}/v1/models", sdk_agent)) == (200, listed)
+    assert (await get(f"{gateway}/v1/models?format=gateway", sdk_agent)) == (200, flat)
+    status, grouped = await get(f"{gateway}/v1/models?groupBy=capability", sdk_agent)
+    assert status == 200 and list(grouped) == ["text2image", "text2text", "text2speech"]  # type: ignore[arg-type]
+    # Another Stainless-built SDK (same X-Stainless-* headers) keeps the seeds' array.
+    other = {**AUTH, "User-Agent": "Anthropic/Python 0.70.0", "X-Stainless-Lang": "python"}
+    assert (await get(f"{gateway}/v1/models", other)) == (200, flat)
+    assert (await get(f"{gateway}/v1/models/mock/chat?format=openai"))[1] == listed["data"][0]  # type: ignore[index]
+    assert (await get(f"{gateway}/v1/models/mock/chat"))[1] == flat[0]  # type: ignore[index]
+
+
+async def test_capability_filter_in_every_shape(gateway: str) -> None:
+    assert await get(f"{gateway}/v1/models?capability=text2image") == (
+        200, [{"id": "mock/image", "name": "Mock Image", "creator": "Tests", "capability": "text2image"}])
+    status, grouped = await get(f"{gateway}/v1/models?capability=text2text&groupBy=capability")
+    assert status == 200 and {k: [m["id"] for m in v] for k, v in grouped.items()} == {  # type: ignore[union-attr]
+        "text2text": ["mock/chat", "mock/embed"]}
+    status, listed = await get(f"{gateway}/openai/v1/models?capability=text2speech")
+    assert status == 200 and [m["id"] for m in listed["data"]] == ["mock/speech"]  # type: ignore[index]
+    assert await get(f"{gateway}/v1/models?capability=image2video") == (200, [])  # known, none configured
+
+
+@pytest.mark.parametrize("query, param", [
+    ("capability=text2everything", "capability"),
+    ("capability=", "capability"),
+    ("format=xml", "format"),
+    ("groupBy=creator", "groupBy"),
+    ("groupBy=capability&format=openai", "groupBy"),
+])
+async def test_bad_model_queries_are_400_naming_the_parameter(gateway: str, query: str, param: str) -> None:
+    for path in ("/v1/models", "/openai/v1/models"):
+        if path.startswith("/openai") and param != "capability":
+            continue  # /openai/v1/models has one shape: format and groupBy are not its parameters
+        status, body = await get(f"{gateway}{path}?{query}")
+        assert status == 400, (path, query)
+        assert (body["error"]["code"], body["error"]["param"]) == ("invalid_request", param)  # type: ignore[index]
+    # Credentials are checked before the query: no hint to a caller without them.
+    status, body = await get(f"{gateway}/v1/models?{query}", {})
+    assert (status, body["error"]["code"]) == (401, "missing_credentials")  # type: ignore[index]
+
+
+async def test_openai_sdk_errors_on_models_are_openai_errors(gateway: str) -> None:
+    async with sdk(f"{gateway}/openai/v1") as client:
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.models.retrieve("no/such-model")
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.models.list(extra_query={"capability": "smell2text"})
+    assert missing.value.code == "model_not_found" and missing.value.type == "not_found_error"
+    assert bad.value.code == "invalid_request" and bad.value.param == "capability"
+    async with openai.AsyncOpenAI(base_url=f"{gateway}/openai/v1", api_key="sk_wrong", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+
+
+@pytest.fixture
+async def two_kinds(provider: MockProvider, gateway_env: None, tmp_path: Path) -> AsyncIterator[str]:
+    """A gateway with an OpenAI-format (`http`) provider and the built-in demo one."""
+    policy = 'plans:\n  demo:\n    models: ["mock/*", "demo/*"]\nprices:\n  "*": {per_request: 0}\n'
+    config = gateway_config(provider.url, write_policy(tmp_path / "policies", policy))
+    config["providers"]["demo"] = {"kind": "demo"}
+    config["models"].append({"id": "demo/chat", "name": "Demo Chat", "creator": "Demo", "capability": "text2text",
+                             "provider": "demo", "upstream_model": "demo-chat"})
+    server = await start_gateway(config)
+    yield server.url
+    await server.stop()
+
+
+async def test_models_of_every_provider_kind_are_listed(two_kinds: str) -> None:
+    status, flat = await get(f"{two_kinds}/v1/models?capability=text2text")
+    assert status == 200 and [m["id"] for m in flat] == ["mock/chat", "mock/embed", "demo/chat"]  # type: ignore[index]
+    async with sdk(f"{two_kinds}/openai/v1") as client:
+        assert [m.id async for m in client.models.list()] == [*MOCK_IDS, "demo/chat"]
