@@ -39,6 +39,7 @@ class Model:
     deployments: tuple[Deployment, ...] = ()
     fallbacks: tuple[str, ...] = ()  # model ids tried, in order, once every deployment of this one failed
     selection: str = "weighted"  # how the first deployment is chosen: weighted, least_in_flight or sticky
+    wire_format: str = "openai"  # the request/answer body format its deployments speak (their kinds' dialect)
 
     def served_by(self) -> tuple[Deployment, ...]:
         return self.deployments or (Deployment(self.provider, self.provider, self.upstream_model),)

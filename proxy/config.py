@@ -14,6 +14,7 @@ from .auth.oidc import IssuerSettings
 from .auth.tokens import TokenSettings
 from .catalog import CAPABILITIES, Deployment, Model
 from .store.settings import StoreConfigError, StoreSettings
+from .upstream.formats import ADAPTERS, RESERVED, adapter
 
 
 class ConfigError(ValueError):
@@ -157,15 +158,16 @@ _HOST_AND_PORT = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:
 
 
 class ProviderSettings(_Strict):
-    """An upstream. `kind: demo` starts the built-in demo upstream in-process instead of calling out."""
+    """An upstream and its wire format (`kind`). `kind: demo` starts the built-in demo upstream in-process instead
+    of calling out."""
 
-    kind: Literal["http", "demo"] = "http"
+    kind: str = Field("openai", json_schema_extra={"enum": list(ADAPTERS)})
     base_url: str | None = None
-    format: Literal["openai"] = "openai"
     api_key_env: str | None = None
     api_key_file: str | None = None
-    auth_header: str = "Authorization"
-    auth_scheme: str = "Bearer"  # prefix before the key; "" sends the bare key (e.g. `x-api-key`)
+    # How the credential is sent; None: the kind's own way (openai: `Authorization: Bearer <key>`).
+    auth_header: str | None = None
+    auth_scheme: str | None = None  # prefix before the key; "" sends the bare key (e.g. `xi-api-key`)
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(100, gt=0)
     # The most of the pool one account may hold (default: half of it), and how long a call waits for a free
@@ -199,10 +201,24 @@ class ProviderSettings(_Strict):
             )
         return self
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind in RESERVED:
+            raise ValueError(f"kind {kind!r} is not implemented yet; use one of: {', '.join(ADAPTERS)}")
+        if kind not in ADAPTERS:
+            raise ValueError(f"kind {kind!r} is not a provider kind; use one of: {', '.join(ADAPTERS)}")
+        return kind
+
+    @property
+    def dialect(self) -> str:
+        """The body format its answers come in: models served by several providers need one."""
+        return adapter(self.kind).dialect
+
     @model_validator(mode="after")
     def _http_needs_url(self) -> "ProviderSettings":
-        if self.kind == "http" and not self.base_url:
-            raise ValueError("kind http needs base_url, e.g. https://api.openai.com/v1")
+        if self.kind != "demo" and not self.base_url:
+            raise ValueError(f"kind {self.kind} needs base_url, e.g. {adapter(self.kind).example_base_url}")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url {self.base_url!r} must start with http:// or https://")
         return self
@@ -266,13 +282,13 @@ class ModelSettings(_Strict):
             return self.deployments
         return (DeploymentSettings(provider=self.provider or "", upstream_model=self.upstream_model or ""),)
 
-    def to_model(self) -> Model:
+    def to_model(self, wire_format: str) -> Model:
         deployments = tuple(d.to_deployment() for d in self.served_by())
         return Model(
             id=self.id, name=self.name, creator=self.creator, capability=self.capability,
             provider=deployments[0].provider, upstream_model=deployments[0].upstream_model,
             max_output_tokens=self.max_output_tokens, deployments=deployments, fallbacks=self.fallbacks,
-            selection=self.selection,
+            selection=self.selection, wire_format=wire_format,
         )
 
 
@@ -360,6 +376,12 @@ class Config(_Strict):
             if m.id in seen:
                 raise ValueError(f"models[{i}]: id {m.id!r} is declared twice; model ids must be unique")
             seen.add(m.id)
+            dialects = {self.providers[d.provider].dialect for d in m.served_by()}
+            if len(dialects) > 1:
+                raise ValueError(
+                    f"models[{i}] ({m.id}) is served in several wire formats ({', '.join(sorted(dialects))}); "
+                    "a model's deployments must all speak one: declare a model per format"
+                )
         return self
 
     @model_validator(mode="after")
@@ -372,6 +394,11 @@ class Config(_Strict):
                     raise ValueError(
                         f"models[{i}].fallbacks[{j}] ({m.id}): {other!r} is not another model in models; "
                         "name a declared model id"
+                    )
+                if self._wire_format(target) != self._wire_format(m):
+                    raise ValueError(
+                        f"models[{i}].fallbacks[{j}] ({m.id}): {other!r} speaks the {self._wire_format(target)} "
+                        f"wire format, not {self._wire_format(m)}; a fallback must take the same request body"
                     )
                 if target.capability != m.capability:
                     raise ValueError(
@@ -393,8 +420,12 @@ class Config(_Strict):
     def store_settings(self) -> StoreSettings:
         return store_settings(self.store, self.source)
 
+    def _wire_format(self, model: ModelSettings) -> str:
+        """The wire format a model's deployments speak (one, validated)."""
+        return self.providers[model.served_by()[0].provider].dialect
+
     def catalog(self) -> tuple[Model, ...]:
-        return tuple(m.to_model() for m in self.models)
+        return tuple(m.to_model(self._wire_format(m)) for m in self.models)
 
     def path(self, relative: str) -> Path:
         return Path(self.base_dir) / relative

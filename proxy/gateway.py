@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
 from .store import Store, build_store
 from .upstream.demo import start_demo_upstream
+from .upstream.formats import adapter, canonical_kind
 from .upstream.providers import Provider, RedirectPolicy, auth_headers, new_session, pool_shares, read_credential
 from .tracing import NO_TRACING, Tracing, build_tracing
 from .upstream.relay import RelaySettings
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger("edge_proxy")
+
+# Where each wire format's models are called natively (named in the error for a model called on another route).
+NATIVE_ROUTES = {"openai": "/v1/chat/completions and the other /v1 generation routes"}
 
 
 @dataclass
@@ -67,16 +71,25 @@ class Gateway:
     assets: AssetStore
     tracing: Tracing = NO_TRACING
     providers: dict[str, Provider] = field(default_factory=dict)
+    provider_kinds: Mapping[str, str] = field(default_factory=dict)  # provider name -> its kind (canonical name)
     draining: bool = False
     _runners: list[web.AppRunner] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def model(self, model_id: object) -> Model:
+    def model(self, model_id: object, wire_format: str | None = None) -> Model:
+        """A catalogue model; `wire_format`: the body format the route takes, which the model must speak."""
         if not isinstance(model_id, str) or not model_id:
             raise ApiError("invalid_request", "the body needs a `model` string, e.g. one id from GET /v1/models")
         model = self.models.get(model_id)
         if model is None:
             raise ApiError("model_not_found", MODEL_NOT_FOUND_MESSAGE.format(model=model_id))
+        if wire_format is not None and model.wire_format != wire_format:
+            raise ApiError(
+                "invalid_request",
+                f"model {model_id} speaks the {model.wire_format} wire format, not {wire_format}: call it on its "
+                f"native route ({NATIVE_ROUTES.get(model.wire_format, 'see docs/api.md')})",
+                param="model",
+            )
         return model
 
     async def start(self) -> None:
@@ -91,7 +104,9 @@ class Gateway:
             credential = read_credential(name, settings, self.config.path("."))
             self.providers[name] = Provider(
                 name=name,
-                base_url=base_url or "",
+                kind=self.provider_kinds[name],
+                format=adapter(settings.kind),
+                base_url=(base_url or "").rstrip("/"),
                 timeouts=settings.timeouts,
                 auth_headers=auth_headers(settings, credential),
                 session=new_session(settings),
@@ -158,10 +173,11 @@ def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExpo
     if config.demo.enabled:
         record, new_demo_key = demo_key(config)
         extra_keys.append(record)
+    provider_kinds = {name: canonical_kind(p.kind) for name, p in config.providers.items()}
     metrics = Metrics(
         CollectorRegistry(),
         models=[m.id for m in catalog],
-        providers=config.providers.keys(),
+        providers=provider_kinds,
         deployments=[(m.id, d.name) for m in catalog for d in m.served_by()],
         issuers=config.issuers.keys(),
         per_principal_labels=config.metrics.per_principal_labels,
@@ -200,4 +216,5 @@ def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExpo
         router=Router({m.id: m for m in catalog}, config.routing, on_breaker=metrics.breaker),
         assets=AssetStore(config.assets),
         tracing=tracing,
+        provider_kinds=provider_kinds,
     )

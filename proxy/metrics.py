@@ -1,7 +1,7 @@
 """Prometheus instruments: every metric the gateway exports, behind typed helpers the pipeline calls.
 
-Label values are capped to sets known at start-up (routes, catalogue models, providers, issuers,
-error codes), so no caller input can create new time series. Anything unknown becomes "other".
+Label values are capped to sets known at start-up (routes, catalogue models, providers and their kinds,
+issuers, error codes), so no caller input can create new time series. Anything unknown becomes "other".
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -97,7 +97,7 @@ class Metrics:
         registry: CollectorRegistry,
         *,
         models: Iterable[str] = (),
-        providers: Iterable[str] = (),
+        providers: Iterable[str] | Mapping[str, str] = (),
         deployments: Iterable[tuple[str, str]] = (),
         issuers: Iterable[str] = (),
         routes: Iterable[str] = ROUTES,
@@ -106,6 +106,8 @@ class Metrics:
     ) -> None:
         self._registry = registry
         self._models = frozenset(models)
+        # provider name -> its kind (a label beside `provider`: one value per provider, no new cardinality)
+        self._provider_kinds = dict(providers) if isinstance(providers, Mapping) else {}
         self._providers = frozenset(providers)
         deployments = tuple(deployments)  # (model id, deployment name)
         self._deployments = frozenset(name for _, name in deployments)
@@ -121,8 +123,9 @@ class Metrics:
     def _register(self, r: CollectorRegistry, per_principal_labels: bool) -> None:
         p = PREFIX
         self._requests = Counter(
-            f"{p}_requests_total", "Requests answered, by route, model, provider, caller type and status class.",
-            ["route", "model", "provider", "principal_type", "status_class"], registry=r)
+            f"{p}_requests_total",
+            "Requests answered, by route, model, provider (and its kind), caller type and status class.",
+            ["route", "model", "provider", "provider_kind", "principal_type", "status_class"], registry=r)
         self._request_duration = Histogram(
             f"{p}_request_duration_seconds", "Time from request start to the last byte sent.",
             ["route", "model", "status_class"], buckets=REQUEST_BUCKETS, registry=r)
@@ -133,10 +136,10 @@ class Metrics:
             ["route", "model"], buckets=FIRST_BYTE_BUCKETS, registry=r)
         self._upstream_duration = Histogram(
             f"{p}_upstream_request_duration_seconds", "Upstream call time, from connect to the end of its body.",
-            ["provider", "outcome"], buckets=REQUEST_BUCKETS, registry=r)
+            ["provider", "provider_kind", "outcome"], buckets=REQUEST_BUCKETS, registry=r)
         self._upstream_errors = Counter(
-            f"{p}_upstream_errors_total", "Failed upstream calls, by provider and reason.",
-            ["provider", "reason"], registry=r)
+            f"{p}_upstream_errors_total", "Failed upstream calls, by provider (and its kind) and reason.",
+            ["provider", "provider_kind", "reason"], registry=r)
         self._deployment_attempts = Counter(
             f"{p}_deployment_attempts_total",
             "Upstream calls per model deployment, by result (ok|error|timeout|throttled|cancelled); a request "
@@ -236,7 +239,7 @@ class Metrics:
         model_l = _capped(model, self._models)
         klass = status_class(status)
         self._requests.labels(
-            route_l, model_l, _capped(provider, self._providers),
+            route_l, model_l, *self._provider_labels(provider),
             _capped(principal_type or "anonymous", self._principal_types), klass,
         ).inc()
         self._request_duration.labels(route_l, model_l, klass).observe(duration_s)
@@ -249,16 +252,21 @@ class Metrics:
         """When the first response byte (status line and headers) goes to the client."""
         self._first_byte.labels(_capped(route, self._routes), _capped(model, self._models)).observe(seconds)
 
+    def _provider_labels(self, provider: str | None) -> tuple[str, str]:
+        """(provider, provider_kind) label values; a provider unknown here is "other" of kind "other"."""
+        name = _capped(provider, self._providers)
+        return name, self._provider_kinds.get(name, NONE if name == NONE else OTHER)
+
     # -- upstream and relay ----------------------------------------------------------------------
 
     def upstream_done(self, provider: str | None, outcome: UpstreamOutcome, seconds: float) -> None:
         """When an upstream call ends: ok, error, timeout, or cancelled (the client went away)."""
         self._upstream_duration.labels(
-            _capped(provider, self._providers), _capped(outcome, UPSTREAM_OUTCOMES)).observe(seconds)
+            *self._provider_labels(provider), _capped(outcome, UPSTREAM_OUTCOMES)).observe(seconds)
 
     def upstream_error(self, provider: str | None, reason: str) -> None:
         """A failed upstream call; reason e.g. connect, timeout, status_5xx, status_4xx, stream_interrupted."""
-        self._upstream_errors.labels(_capped(provider, self._providers), _identifier(reason)).inc()
+        self._upstream_errors.labels(*self._provider_labels(provider), _identifier(reason)).inc()
 
     def deployment_attempt(self, model: str | None, deployment: str | None, result: AttemptResult) -> None:
         """One upstream call to a model's deployment ended (or was given up before its answer was relayed)."""

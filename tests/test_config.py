@@ -27,6 +27,11 @@ def test_the_shipped_config_is_valid() -> None:
         ({"server": {"port": "eighty"}}, "server.port:"),
         ({"server": {"port": 70000}}, "server.port:"),
         ({"providers": {"x": {"kind": "http"}}}, "providers.x: kind http needs base_url"),
+        ({"providers": {"x": {"kind": "gemini", "base_url": "https://g.example"}}},
+         "providers.x.kind: kind 'gemini' is not implemented yet; use one of: openai, http, demo"),
+        ({"providers": {"x": {"kind": "cohere", "base_url": "https://c.example"}}},
+         "providers.x.kind: kind 'cohere' is not a provider kind"),
+        ({"providers": {"x": {"base_url": "https://a.example", "format": "openai"}}}, "providers.x.format: unknown key"),
         ({"providers": {"x": {"base_url": "ftp://a"}}}, "must start with http:// or https://"),
         ({"models": [{"id": "a", "name": "A", "creator": "c", "capability": "text2text", "provider": "nope",
                       "upstream_model": "a"}]}, "names provider 'nope'"),
@@ -100,3 +105,10 @@ def test_keys_new_refuses_a_plan_the_policies_do_not_define() -> None:
     assert result.stderr.strip() == (
         "edge-proxy: config.yaml: plan 'premium' is not defined in policies/ (plans: demo, members). "
         "Fix: use one of them, or add plans.premium to a policy file first")
+
+
+def test_http_is_the_openai_kind_under_its_former_name() -> None:
+    providers = {"old": {"kind": "http", "base_url": "https://a.example/v1"}, "new": {"base_url": "https://a.example/v1"}}
+    config = parse_config({"providers": providers}, "c.yaml")
+    assert config.providers["new"].kind == "openai"
+    assert config.providers["old"].dialect == config.providers["new"].dialect == "openai"

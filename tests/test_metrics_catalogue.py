@@ -37,7 +37,7 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
 @pytest.fixture
 def metrics() -> Metrics:
     return Metrics(
-        CollectorRegistry(), models=MODELS, providers=("openai", "bfl"), issuers=("clerk",),
+        CollectorRegistry(), models=MODELS, providers={"openai": "openai", "bfl": "openai"}, issuers=("clerk",),
         deployments=(("openai/gpt-5.4-mini", "openai"), ("openai/gpt-5.4-mini", "azure")),
         per_principal_labels=True,
     )
@@ -81,9 +81,9 @@ def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
     s = scrape(metrics)
 
     assert value(s, "edge_proxy_requests_total", route="/v1/chat/completions", model="openai/gpt-5.4-mini",
-                 provider="openai", principal_type="api_key", status_class="2xx") == 1
+                 provider="openai", provider_kind="openai", principal_type="api_key", status_class="2xx") == 1
     assert value(s, "edge_proxy_requests_total", route="/v1/responses", model="bfl/flux-2",
-                 provider="bfl", principal_type="clerk", status_class="4xx") == 1
+                 provider="bfl", provider_kind="openai", principal_type="clerk", status_class="4xx") == 1
     assert value(s, "edge_proxy_errors_total", route="/v1/responses", code="insufficient_credits") == 1
     # Only the 402 was an error: no error series for the 200.
     assert [k for k in s if k[0] == "edge_proxy_errors_total"] == [
@@ -96,8 +96,10 @@ def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
     assert value(s, "edge_proxy_request_duration_seconds_bucket", le="300.0", **duration) == 1
     assert value(s, "edge_proxy_time_to_first_byte_seconds_count", route="/v1/chat/completions",
                  model="openai/gpt-5.4-mini") == 1
-    assert value(s, "edge_proxy_upstream_request_duration_seconds_sum", provider="openai", outcome="ok") == 1.5
-    assert value(s, "edge_proxy_upstream_errors_total", provider="openai", reason="status_5xx") == 1
+    assert value(s, "edge_proxy_upstream_request_duration_seconds_sum", provider="openai", provider_kind="openai",
+                 outcome="ok") == 1.5
+    assert value(s, "edge_proxy_upstream_errors_total", provider="openai", provider_kind="openai",
+                 reason="status_5xx") == 1
     assert value(s, "edge_proxy_deployment_attempts_total", model="openai/gpt-5.4-mini", deployment="azure",
                  result="throttled") == 1
     assert value(s, "edge_proxy_route_retries_total", model="openai/gpt-5.4-mini", kind="fallback") == 1
@@ -149,9 +151,9 @@ def test_unknown_label_values_are_capped(metrics: Metrics) -> None:
     s = scrape(metrics)
 
     assert value(s, "edge_proxy_requests_total", route="other", model="other", provider="other",
-                 principal_type="other", status_class="2xx") == 1
+                 provider_kind="other", principal_type="other", status_class="2xx") == 1
     assert value(s, "edge_proxy_requests_total", route="/v1/me", model="none", provider="none",
-                 principal_type="anonymous", status_class="2xx") == 1
+                 provider_kind="none", principal_type="anonymous", status_class="2xx") == 1
     assert value(s, "edge_proxy_errors_total", route="other", code="other") == 1
     assert value(s, "edge_proxy_tokens_total", model="other", direction="output") == 2
     assert value(s, "edge_proxy_jwks_fetches_total", issuer="other", outcome="success") == 1

@@ -131,6 +131,10 @@ async def test_scripted_mix_moves_metrics_and_access_log_exactly(gateway: str) -
     assert total(page, "edge_proxy_upstream_errors_total", provider="mock", reason="status_5xx") == 1
     assert total(page, "edge_proxy_upstream_errors_total") == 1
     assert total(page, "edge_proxy_upstream_request_duration_seconds_count", provider="mock", outcome="ok") == successes
+    # The mock is an `openai` provider (the default kind): every provider series says so.
+    assert total(page, "edge_proxy_upstream_request_duration_seconds_count", provider_kind="openai") == successes + 1
+    mock_requests = total(page, "edge_proxy_requests_total", **chat, provider="mock")
+    assert mock_requests > 0 and total(page, "edge_proxy_requests_total", **chat, provider_kind="openai") == mock_requests
     assert total(page, "edge_proxy_time_to_first_byte_seconds_count", **chat) == successes + 1  # the 502 too
 
     lines = [json.loads(line) for line in buffer.getvalue().splitlines()]

@@ -317,3 +317,10 @@ async def test_hostile_upstream_json_is_relayed_without_crashing_the_usage_reade
             async with http.post(f"{gateway}/v1/chat/completions", json={**CHAT, "stream": stream}, headers=AUTH) as r:
                 assert r.status == 200
                 assert deep in await r.read()
+
+
+async def test_me_lists_the_callers_models_by_provider_kind(gateway: str) -> None:
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+        async with http.get(f"{gateway}/v1/me") as r:
+            me = await r.json()
+    assert me["models_by_provider_kind"] == {"openai": ["mock/chat", "mock/embed", "mock/image", "mock/speech"]}

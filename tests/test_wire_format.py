@@ -9,7 +9,8 @@ import struct
 import pytest
 
 from proxy.policy.types import Usage
-from proxy.upstream import body_usage, openai_format, sse
+from proxy.upstream import body_usage, sse
+from proxy.upstream.formats import openai as openai_format
 from tests.mock_provider import chat_chunk, usage_chunk
 
 
@@ -65,7 +66,7 @@ def test_a_large_images_answer_counts_every_image_and_reads_the_usage_at_its_end
     answer = json.dumps({"created": 1, "data": [{"b64_json": image}] * 3,
                          "usage": {"input_tokens": 9, "output_tokens": 4000}}).encode()
     assert len(answer) > body_usage.MAX_WHOLE_JSON
-    reader = body_usage.BodyUsage("application/json")
+    reader = body_usage.BodyUsage("application/json", openai_format.OPENAI)
     for start in range(0, len(answer), chunk_size):
         reader.feed(answer[start : start + chunk_size])
     assert reader.usage() == Usage(input_tokens=9, output_tokens=4000, images=3)

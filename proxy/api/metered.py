@@ -111,7 +111,7 @@ def upstream_outcome(outcome: RelayOutcome) -> UpstreamOutcome:
 
 def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> RequestFacts:
     """What bounds the cost of a call before it is made; a count the bound relies on must be a sane integer."""
-    # Both limits are checked: each one sent is lowered to the bound and forwarded (openai_format.prepare),
+    # Both limits are checked: each one sent is lowered to the bound and forwarded (the wire format's prepare),
     # and a provider may honour either, so neither may be odd (a -1 can mean "no limit" to some servers).
     completion_limit = _count(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
     legacy_limit = _count(body, "max_tokens", MAX_OUTPUT_TOKENS)

@@ -30,7 +30,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
-    ctx.model = model = gateway.model(body.get("model"))
+    ctx.model = model = gateway.model(body.get("model"), "openai")
     facts = request_facts(request.path, body, len(await request.read()))  # the body is cached by now
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     async with metered_call(gateway, ctx, decision, admission, facts) as outcome, AsyncExitStack() as call_scope:

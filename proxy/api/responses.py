@@ -22,7 +22,8 @@ from aiohttp import web
 from ..catalog import Model
 from ..context import CONTEXT
 from ..errors import ApiError
-from ..upstream import openai_format, sse
+from ..upstream import sse
+from ..upstream.formats import openai as openai_format
 from ..upstream.body_usage import BodyUsage
 from ..upstream.relay import OpenedCall, RelayOutcome, read_chunks, upstream_failure, usage_from_the_rest
 from .body import read_json_object
@@ -152,7 +153,7 @@ async def _image_output(answer: UpstreamAnswer) -> dict[str, Any]:
 async def _speech_output(answer: UpstreamAnswer) -> dict[str, Any]:
     """The audio, kept as an asset: the client gets a short-lived URL like for uploads."""
     audio = await _read_all(answer)
-    length = BodyUsage(answer.content_type)
+    length = BodyUsage(answer.content_type, openai_format.OPENAI)
     length.feed(audio)
     answer.outcome.seconds = length.seconds()
     return answer.keep(audio, answer.content_type or "audio/mpeg")
@@ -211,7 +212,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
-    ctx.model = model = gateway.model(body.get("model"))
+    ctx.model = model = gateway.model(body.get("model"), "openai")
     call = upstream_call(model, {k: v for k, v in body.items() if k != "model"})
     facts = request_facts(call.route, call.body, len(await request.read()))  # the body is cached by now
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
@@ -254,7 +255,7 @@ async def _generate(
         return output
     except asyncio.CancelledError:
         if capability == "text2text":
-            await usage_from_the_rest(upstream, outcome)
+            await usage_from_the_rest(upstream, call.provider.format, outcome)
         raise
     finally:
         # A finished body lets the connection go back to the pool; anything else must not be reused.

@@ -28,7 +28,6 @@ from ..gateway import Gateway
 from ..metrics import AttemptResult
 from ..policy.types import Decision, RequestFacts
 from ..tracing import UpstreamSpan
-from ..upstream import openai_format
 from ..upstream.relay import OpenedCall, RelayOutcome, open_upstream, stream_deadline
 from ..upstream.routing import Attempts, Target, reset_after_s, retry_after_s
 from .metered import upstream_outcome
@@ -70,7 +69,8 @@ async def open_routed(
         provider = gateway.providers[target.deployment.provider]
         attempt = AsyncExitStack()
         try:
-            prepared = openai_format.prepare(route, body, target.deployment.upstream_model, charged.max_output_tokens)
+            upstream_model = target.deployment.upstream_model
+            prepared = provider.format.prepare(route, body, upstream_model, charged.max_output_tokens)
             await attempt.enter_async_context(provider.pool.slot(principal.account))  # refused: not retried
         except BaseException:
             target.health.abandoned()  # nothing was sent: a half-open probe it claimed may go to another call
@@ -79,7 +79,8 @@ async def open_routed(
         span = gateway.tracing.upstream_span(provider.name)  # current until ended: the traceparent sent is its own
         ctx.charged_as = charged  # this model is charged if this attempt answers, or its client leaves during it
         try:
-            upstream = await open_upstream(provider, route, prepared.body, ctx.request_id, forward)
+            url = provider.url(route, upstream_model, prepared.stream)
+            upstream = await open_upstream(provider, url, prepared.body, ctx.request_id, forward)
         except ApiError as exc:
             span.end(0, "timeout" if exc.code == "upstream_timeout" else "error", exc.code, exc)
             await attempt.aclose()

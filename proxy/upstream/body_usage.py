@@ -7,7 +7,7 @@ import re
 import struct
 
 from ..policy.types import Usage
-from . import openai_format
+from .formats import WireFormat
 
 MAX_WHOLE_JSON = 8 * 1024 * 1024  # JSON answers up to this are parsed whole; larger ones only by their tail
 TAIL_BYTES = 64 * 1024  # where a large answer's `usage` object is looked for (OpenAI puts it last)
@@ -18,9 +18,11 @@ _CARRY = len(b'"b64_json":') - 1  # kept between chunks: a key split across two 
 
 
 class BodyUsage:
-    """Feed the answer's chunks; then `usage` (the provider's, or None) and `seconds` (a WAV's length)."""
+    """Feed the answer's chunks; then `usage` (the provider's, read in its wire format, or None) and `seconds` (a
+    WAV's length)."""
 
-    def __init__(self, content_type: str) -> None:
+    def __init__(self, content_type: str, fmt: WireFormat) -> None:
+        self._format = fmt
         self._json = content_type == "application/json"
         self._wav = content_type in _WAV_TYPES
         self._kept = bytearray()  # the whole JSON while small, then its tail; a WAV's head
@@ -52,8 +54,8 @@ class BodyUsage:
                 answer = json.loads(self._kept)
             except (ValueError, RecursionError):  # a malformed or hostile upstream body
                 return None
-            return openai_format.usage_of(answer) if isinstance(answer, dict) else None
-        usage = openai_format.usage_in_tail(bytes(self._kept))
+            return self._format.usage_of(answer) if isinstance(answer, dict) else None
+        usage = self._format.usage_in_tail(bytes(self._kept))
         if not self._b64_images:
             return usage
         return Usage(usage.input_tokens, usage.output_tokens, self._b64_images) if usage else Usage(images=self._b64_images)

@@ -11,6 +11,7 @@ import aiohttp
 from yarl import URL
 
 from ..config import ConfigError, ProviderSettings, Timeouts
+from .formats import WireFormat, adapter
 from .shares import PoolShares
 
 
@@ -40,10 +41,12 @@ class RedirectPolicy:
 
 @dataclass
 class Provider:
-    """An upstream: where to send, which credential to add, and the pool to send it through."""
+    """An upstream: its wire format, where to send, which credential to add, and the pool to send it through."""
 
     name: str
-    base_url: str
+    kind: str
+    format: WireFormat
+    base_url: str  # without a trailing slash
     timeouts: Timeouts
     auth_headers: Mapping[str, str]
     session: aiohttp.ClientSession
@@ -51,9 +54,9 @@ class Provider:
     redirects: RedirectPolicy = RedirectPolicy()
     inject_trace: Callable[[MutableMapping[str, str]], None] = lambda headers: None  # adds traceparent if tracing
 
-    def url(self, route: str) -> str:
-        """The upstream URL for a public route: `/v1/chat/completions` -> `<base_url>/chat/completions`."""
-        return self.base_url.rstrip("/") + route.removeprefix("/v1")
+    def url(self, route: str, upstream_model: str, stream: bool) -> str:
+        """Where a call on a public route goes, in the provider's wire format."""
+        return self.format.url(self.base_url, route, upstream_model, stream)
 
 
 def read_credential(name: str, settings: ProviderSettings, base_dir: Path) -> str | None:
@@ -79,10 +82,10 @@ def read_credential(name: str, settings: ProviderSettings, base_dir: Path) -> st
 
 
 def auth_headers(settings: ProviderSettings, credential: str | None) -> dict[str, str]:
+    """The credential headers, built once at start-up in the kind's way (or the config's header and scheme)."""
     if credential is None:
         return {}
-    value = f"{settings.auth_scheme} {credential}" if settings.auth_scheme else credential
-    return {settings.auth_header: value}
+    return adapter(settings.kind).credential_headers(credential, settings.auth_header, settings.auth_scheme)
 
 
 def pool_shares(name: str, settings: ProviderSettings) -> PoolShares:

@@ -13,9 +13,10 @@ from yarl import URL
 
 from ..errors import ApiError
 from ..policy.types import Usage
-from . import openai_format, sse
+from . import sse
 from .body_usage import BodyUsage
 from ..config import Timeouts
+from .formats import PreparedBody, WireFormat
 from .providers import Provider
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the relay recomputes.
@@ -61,7 +62,7 @@ class OpenedCall:
 
     provider: Provider
     upstream: aiohttp.ClientResponse
-    prepared: openai_format.PreparedBody
+    prepared: PreparedBody
     ends_at: float  # event-loop time when the whole call must end (the provider's `total_s` from its start)
 
 
@@ -87,9 +88,9 @@ async def relay(
         await response.prepare(request)
         chunks = read_chunks(upstream, provider.timeouts, settings.keepalive_s if is_sse else 0.0, call.ends_at)
         if is_sse:
-            await _relay_events(response, chunks, call.prepared.usage_injected, outcome)
+            await _relay_events(response, chunks, provider.format, call.prepared.usage_injected, outcome)
         else:
-            await _relay_body(response, chunks, upstream.content_type, outcome)
+            await _relay_body(response, chunks, upstream.content_type, provider.format, outcome)
         if outcome.error_code is not None and not is_sse:
             # Headers are sent and a plain body has no in-band error: cut the connection so the client
             # sees a truncated answer instead of a complete-looking one.
@@ -102,13 +103,13 @@ async def relay(
         return response
     except asyncio.CancelledError:
         if is_sse:
-            await usage_from_the_rest(upstream, outcome)
+            await usage_from_the_rest(upstream, provider.format, outcome)
         raise
     finally:
         await release_or_close(upstream, outcome)
 
 
-async def usage_from_the_rest(upstream: aiohttp.ClientResponse, outcome: RelayOutcome) -> None:
+async def usage_from_the_rest(upstream: aiohttp.ClientResponse, fmt: WireFormat, outcome: RelayOutcome) -> None:
     """The client left a stream before its usage event: that event follows the last content chunk (and counts what
     no chunk shows, such as reasoning), so read what is left of the stream for a moment to charge it rather than an
     estimate. Output events read meanwhile count too: the provider produced them."""
@@ -119,7 +120,7 @@ async def usage_from_the_rest(upstream: aiohttp.ClientResponse, outcome: RelayOu
         async with asyncio.timeout(_READ_REST_S):
             while chunk := await upstream.content.readany():
                 for event in splitter.feed(chunk):
-                    _inspect_event(event, False, outcome)
+                    _inspect_event(event, fmt, False, outcome)
     except (TimeoutError, aiohttp.ClientError):
         pass
 
@@ -147,16 +148,16 @@ def forwarded_headers(request: web.Request) -> dict[str, str]:
 
 
 async def open_upstream(
-    provider: Provider, route: str, body: bytes, request_id: str, forward: Mapping[str, str]
+    provider: Provider, url: str, body: bytes, request_id: str, forward: Mapping[str, str]
 ) -> aiohttp.ClientResponse:
-    """POST to the provider and wait (up to `first_byte_s`) for its response headers."""
+    """POST to the provider's `url` (Provider.url) and wait (up to `first_byte_s`) for its response headers."""
     headers = CIMultiDict(forward)
     headers.update(provider.auth_headers)
     headers["X-Request-Id"] = request_id
     provider.inject_trace(headers)
     try:
         async with asyncio.timeout(provider.timeouts.first_byte_s):
-            return await _post_following_allowed_redirects(provider, URL(provider.url(route)), body, headers)
+            return await _post_following_allowed_redirects(provider, URL(url), body, headers)
     except TimeoutError:
         raise ApiError(
             "upstream_timeout",
@@ -258,6 +259,7 @@ async def read_chunks(
 async def _relay_events(
     response: web.StreamResponse,
     chunks: AsyncIterator[bytes | None],
+    fmt: WireFormat,
     drop_usage_event: bool,
     outcome: RelayOutcome,
 ) -> None:
@@ -271,43 +273,44 @@ async def _relay_events(
                 continue
             out, ends = bytearray(), False
             for event in splitter.feed(chunk):
-                if _inspect_event(event, drop_usage_event, outcome):
+                if _inspect_event(event, fmt, drop_usage_event, outcome):
                     out += event
                     outcome.events_out += 1
-                    ends = ends or (b"[DONE]" in event and sse.event_data(event) == b"[DONE]")
+                    ends = ends or fmt.ends_stream(event)
             if out:
                 await _write(response, bytes(out), outcome)
-            # Clients stop at `[DONE]` and may hang up before the upstream's body has ended.
+            # Clients stop at the stream's last event (`[DONE]`) and may hang up before the upstream's body has ended.
             outcome.delivered = outcome.delivered or ends
         rest = splitter.flush()  # a last event without its blank line still counts, usage included
-        if rest and _inspect_event(rest, drop_usage_event, outcome):
+        if rest and _inspect_event(rest, fmt, drop_usage_event, outcome):
             await _write(response, rest, outcome)
     except ApiError as exc:
         outcome.error_code = exc.code
         splitter.flush()  # a partial event never reached the client; drop it so framing stays whole
-        # The status line is gone; an `error` payload is what OpenAI SDKs surface from a stream.
-        await _write(response, sse.data_event(exc.body()), outcome)
+        # The status line is gone: the format's in-stream error is what its SDKs surface.
+        await _write(response, fmt.error_event(exc), outcome)
 
 
-def _inspect_event(event: bytes, drop_usage_event: bool, outcome: RelayOutcome) -> bool:
+def _inspect_event(event: bytes, fmt: WireFormat, drop_usage_event: bool, outcome: RelayOutcome) -> bool:
     """Read usage from an event; False if the event must not reach the client.
 
     Byte checks first: only the rare event that carries a usage object is parsed as JSON.
     """
-    if openai_format.is_output_event(event):
+    if fmt.is_output_event(event):
         outcome.output_chunks += 1
-    chunk = sse.event_json(event) if drop_usage_event and openai_format.may_carry_usage(event) else None
-    outcome.usage = openai_format.event_usage(outcome.usage, event, chunk)
-    return chunk is None or not openai_format.is_usage_only_chunk(chunk)
+    chunk = sse.event_json(event) if drop_usage_event and fmt.may_carry_usage(event) else None
+    outcome.usage = fmt.event_usage(outcome.usage, event, chunk)
+    return chunk is None or not fmt.is_injected_usage_event(chunk)
 
 
 async def _relay_body(
     response: web.StreamResponse,
     chunks: AsyncIterator[bytes | None],
     content_type: str,
+    fmt: WireFormat,
     outcome: RelayOutcome,
 ) -> None:
-    reader = BodyUsage(content_type)
+    reader = BodyUsage(content_type, fmt)
     try:
         async for chunk in chunks:
             if chunk is None:

@@ -1,16 +1,18 @@
-"""The OpenAI wire format: how to prepare a request body and where usage is found in answers."""
+"""The OpenAI wire format (kinds `openai`, its alias `http`, and `demo`): addressing, credentials, how to prepare a
+request body and where usage is found in answers."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from ..policy.types import Usage
-from . import sse
+from ...errors import ApiError
+from ...policy.types import Usage
+from .. import sse
+from .base import PreparedBody, token_figure
 
-MAX_USAGE_TOKENS = 2**31 - 1  # per usage figure: anything more is no real count
 # A usage object naming none of these (`{}`, only `total_tokens`) reports nothing to charge: it counts as absent.
 _TOKEN_FIGURES = ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")
 
@@ -21,13 +23,6 @@ _OUTPUT_LIMIT_FIELDS = {
     "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
     "/v1/completions": ("max_tokens",),
 }
-
-
-@dataclass(frozen=True)
-class PreparedBody:
-    body: bytes
-    stream: bool
-    usage_injected: bool  # we asked for a usage event the client did not: drop it before the client sees it
 
 
 def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_tokens: int = 0) -> PreparedBody:
@@ -63,8 +58,8 @@ def usage_of(answer: dict[str, Any]) -> Usage | None:
     (then the call is charged an estimate that never undercharges, docs/metering.md)."""
     usage = answer.get("usage")
     if isinstance(usage, dict) and any(usage.get(name) is not None for name in _TOKEN_FIGURES):
-        input_tokens = _figure(usage.get("prompt_tokens", usage.get("input_tokens")))
-        output_tokens = _figure(usage.get("completion_tokens", usage.get("output_tokens")))
+        input_tokens = token_figure(usage.get("prompt_tokens", usage.get("input_tokens")))
+        output_tokens = token_figure(usage.get("completion_tokens", usage.get("output_tokens")))
         if input_tokens is None or output_tokens is None:
             return None
         return Usage(input_tokens=input_tokens, output_tokens=output_tokens, images=_images(answer))
@@ -139,11 +134,43 @@ def _images(answer: dict[str, Any]) -> int:
     return 0
 
 
-def _figure(value: Any) -> int | None:
-    """A usage figure as a token count (absent or null: 0); None if it is broken or hostile: not an integer,
-    negative, or beyond any real count (10^400 would also make pricing raise)."""
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE_TOKENS:
-        return None
-    return value
+def _url(base_url: str, route: str, upstream_model: str, stream: bool) -> str:
+    """`/v1/chat/completions` -> `<base_url>/chat/completions`; the model travels in the body."""
+    return base_url + route.removeprefix("/v1")
+
+
+def _credential_headers(credential: str, header: str | None, scheme: str | None) -> dict[str, str]:
+    """`Authorization: Bearer <key>` unless the config names another header or scheme ("" sends the bare key)."""
+    scheme = "Bearer" if scheme is None else scheme
+    return {header or "Authorization": f"{scheme} {credential}" if scheme else credential}
+
+
+def _ends_stream(event: bytes) -> bool:
+    return b"[DONE]" in event and sse.event_data(event) == b"[DONE]"
+
+
+def _error_event(error: ApiError) -> bytes:
+    # The status line is gone; an `error` payload is what OpenAI SDKs surface from a stream.
+    return sse.data_event(error.body())
+
+
+class OpenAIFormat:
+    """The OpenAI wire format behind the WireFormat interface (module functions bound once, no per-call cost)."""
+
+    dialect = "openai"
+    example_base_url = "https://api.openai.com/v1"
+    url = staticmethod(_url)
+    credential_headers = staticmethod(_credential_headers)
+    prepare = staticmethod(prepare)
+    usage_of = staticmethod(usage_of)
+    usage_in_tail = staticmethod(usage_in_tail)
+    event_usage = staticmethod(event_usage)
+    may_carry_usage = staticmethod(may_carry_usage)
+    is_output_event = staticmethod(is_output_event)
+    is_injected_usage_event = staticmethod(is_usage_only_chunk)
+    ends_stream = staticmethod(_ends_stream)
+    error_body = staticmethod(ApiError.body)
+    error_event = staticmethod(_error_event)
+
+
+OPENAI = OpenAIFormat()

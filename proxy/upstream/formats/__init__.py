@@ -1,0 +1,33 @@
+"""Provider wire formats, one module each behind `base.WireFormat`, chosen by a provider's `kind` in config.yaml.
+
+Adding a format: a module implementing `WireFormat`, its entry in `ADAPTERS`, its config and its tests. Kinds in
+`RESERVED` are names kept for formats not implemented yet: config validation refuses them with that reason.
+"""
+
+from __future__ import annotations
+
+from .base import PreparedBody, WireFormat
+from .openai import OPENAI
+
+# kind -> its wire format. `http` is the former name of `openai`, accepted for existing configs.
+# `demo` is the built-in demo upstream (started in-process), which speaks OpenAI's format.
+ADAPTERS: dict[str, WireFormat] = {
+    "openai": OPENAI,
+    "http": OPENAI,
+    "demo": OPENAI,
+}
+RESERVED: tuple[str, ...] = ("azure_openai", "anthropic", "gemini", "bedrock")
+_ALIASES = {"http": "openai"}
+
+
+def adapter(kind: str) -> WireFormat:
+    """The wire format of a validated provider kind."""
+    return ADAPTERS[kind]
+
+
+def canonical_kind(kind: str) -> str:
+    """A kind's own name (`http` -> `openai`): what metrics and `/v1/me` label providers by."""
+    return _ALIASES.get(kind, kind)
+
+
+__all__ = ["ADAPTERS", "RESERVED", "PreparedBody", "WireFormat", "adapter", "canonical_kind"]

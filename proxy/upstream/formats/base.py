@@ -1,0 +1,94 @@
+"""The interface every wire format implements: one module per format, chosen by a provider's `kind`.
+
+A wire format knows how to address a model at its provider (URL), how to present the provider's credential
+(headers), how to prepare a request body (upstream model id, the output cap from the reservation, asking
+streams for their usage), where usage is found in a JSON answer and in an SSE event, and how an error looks
+to a client of that format. Everything that can be decided once (header names, URL templates) is, at start-up:
+the relay calls these methods per event, so they must stay cheap (byte checks before any JSON parsing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ...errors import ApiError
+from ...policy.types import Usage
+
+
+@dataclass(frozen=True)
+class PreparedBody:
+    body: bytes
+    stream: bool
+    usage_injected: bool  # we asked for a usage event the client did not: drop it before the client sees it
+
+
+class WireFormat(Protocol):
+    """One provider wire format. `dialect` names the request/answer body format it speaks (`openai`,
+    `anthropic`, ...): kinds sharing a dialect (e.g. `openai` and `azure_openai`) differ only in addressing and
+    credentials, so a model's deployments may mix them and its native routes accept any of them."""
+
+    dialect: str
+    example_base_url: str  # named in the config error when base_url is missing
+
+    def url(self, base_url: str, route: str, upstream_model: str, stream: bool) -> str:
+        """Where a call on public `route` for `upstream_model` goes (`base_url` without a trailing slash)."""
+        ...
+
+    def credential_headers(self, credential: str, header: str | None, scheme: str | None) -> dict[str, str]:
+        """The headers carrying the provider's credential (`header`/`scheme`: the config's override, if any)."""
+        ...
+
+    def prepare(self, route: str, body: dict[str, Any], upstream_model: str, max_output_tokens: int = 0) -> PreparedBody:
+        """The upstream body: its model id, the output capped at the reservation's bound (0: no cap to send),
+        streams asked for their usage."""
+        ...
+
+    def usage_of(self, answer: dict[str, Any]) -> Usage | None:
+        """Usage from a whole JSON answer; None when it carries none (or only broken figures)."""
+        ...
+
+    def usage_in_tail(self, data: bytes) -> Usage | None:
+        """Usage from the end of an answer too large to parse whole; None if not found whole there."""
+        ...
+
+    def event_usage(self, previous: Usage | None, event: bytes, parsed: dict[str, Any] | None = None) -> Usage | None:
+        """The stream's usage after this raw SSE event (`parsed`: its JSON if the caller parsed it already)."""
+        ...
+
+    def may_carry_usage(self, event: bytes) -> bool:
+        """Whether a raw SSE event can carry usage (the only events worth parsing for it)."""
+        ...
+
+    def is_output_event(self, event: bytes) -> bool:
+        """A raw SSE event carrying generated content (about one token): the estimate for a stream cut short."""
+        ...
+
+    def is_injected_usage_event(self, parsed: dict[str, Any]) -> bool:
+        """The usage-only event a prepared body asked for (`usage_injected`): dropped before the client."""
+        ...
+
+    def ends_stream(self, event: bytes) -> bool:
+        """The event after which the client has the whole answer (and may hang up)."""
+        ...
+
+    def error_body(self, error: ApiError) -> dict[str, Any]:
+        """A gateway error as a JSON body in this format's error shape (our stable code stays visible)."""
+        ...
+
+    def error_event(self, error: ApiError) -> bytes:
+        """A gateway error ending an SSE stream whose headers are sent, as this format's clients read it."""
+        ...
+
+
+MAX_USAGE_TOKENS = 2**31 - 1  # per usage figure: anything more is no real count
+
+
+def token_figure(value: Any) -> int | None:
+    """A usage figure as a token count (absent or null: 0); None if it is broken or hostile: not an integer,
+    negative, or beyond any real count (10^400 would also make pricing raise)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE_TOKENS:
+        return None
+    return value
