@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
 import openai
 import pytest
+import redis.asyncio as aioredis
 
-from tests.gateway_harness import TEST_KEY, gateway_config, start_gateway, write_policy
+from tests.gateway_harness import TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
 from tests.mock_provider import MockProvider
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
@@ -125,3 +127,70 @@ async def test_models_of_every_provider_kind_are_listed(two_kinds: str) -> None:
     assert status == 200 and [m["id"] for m in flat] == ["mock/chat", "mock/embed", "demo/chat"]  # type: ignore[index]
     async with sdk(f"{two_kinds}/openai/v1") as client:
         assert [m.id async for m in client.models.list()] == [*MOCK_IDS, "demo/chat"]
+
+
+CHAT_PRICE = "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"  # 1 + 1/input + 2/output
+METERED_POLICY = budget_policy(1_000_000, {"mock/chat": CHAT_PRICE})
+
+
+@pytest.fixture
+async def metered(provider: MockProvider, gateway_env: None, tmp_path: Path, redis_url: str) -> AsyncIterator[str]:
+    """A gateway on a freshly flushed real Redis store, mock/chat priced per token."""
+    async with aioredis.from_url(redis_url) as client:
+        await client.flushdb()
+    config = gateway_config(provider.url, write_policy(tmp_path / "policies", METERED_POLICY),
+                            store={"kind": "redis", "redis_url": redis_url})
+    server = await start_gateway(config)
+    yield server.url
+    await server.stop()
+
+
+async def spent_once_settled(gateway: str) -> int:
+    """The account's credits spent, once nothing is held any more (a settle may end after the answer)."""
+    for _ in range(100):
+        status, me = await get(f"{gateway}/v1/me")
+        balance = me["balance"]  # type: ignore[index]
+        if balance["held"] == 0:
+            return balance["spent"]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"credits still held: {balance}")
+
+
+async def test_openai_sdk_calls_every_generation_route_under_openai_v1(metered: str, provider: MockProvider) -> None:
+    async with sdk(f"{metered}/openai/v1") as client:
+        chat = await client.chat.completions.create(model="mock/chat", messages=[{"role": "user", "content": "hi"}])
+        assert chat.choices[0].message.content == "Hello from the mock"
+        assert await spent_once_settled(metered) == 1 + 7 + 2 * 4  # the mock's usage: 7 in, 4 out
+        stream = await client.chat.completions.create(
+            model="mock/chat", messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "Hello from the mock"
+        assert await spent_once_settled(metered) == 2 * (1 + 7 + 2 * 4)
+        embedded = await client.embeddings.create(model="mock/embed", input="hi")
+        assert embedded.data[0].embedding == [0.5, 0.25]
+        image = await client.images.generate(model="mock/image", prompt="a cat")
+        assert image.data and image.data[0].url == "http://127.0.0.1/img.png"
+        speech = await client.audio.speech.create(model="mock/speech", input="hi", voice="alloy")
+        assert speech.content.startswith(b"RIFF")
+        completion = await client.completions.create(model="mock/chat", prompt="hi", max_tokens=5)
+        assert completion.usage is not None and completion.usage.completion_tokens == 4
+    assert [(r.path, r.body["model"]) for r in provider.received] == [
+        ("/v1/chat/completions", "mock-up"), ("/v1/chat/completions", "mock-up"), ("/v1/embeddings", "mock-embed"),
+        ("/v1/images/generations", "mock-image"), ("/v1/audio/speech", "mock-tts"), ("/v1/completions", "mock-up"),
+    ]
+    # The same bounds as on /v1: the streamed call asked for its usage, the output was capped for the reservation.
+    assert provider.received[1].body["stream_options"] == {"include_usage": True}
+    assert provider.received[5].body["max_tokens"] == 5
+
+
+async def test_openai_v1_refusals_are_openai_errors_the_sdk_raises(metered: str) -> None:
+    async with sdk(f"{metered}/openai/v1") as client:
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await client.chat.completions.create(model="no/such", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(model="mock/chat", messages=[], max_tokens=-1)
+        with pytest.raises(openai.NotFoundError) as no_route:
+            await client.files.list()
+    assert (unknown.value.code, unknown.value.type) == ("model_not_found", "not_found_error")
+    assert (bad.value.code, bad.value.param) == ("invalid_request", "max_tokens")
+    assert no_route.value.code == "not_found"
+    assert await spent_once_settled(metered) == 0

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: the whole pipeline for one generation call.
+"""OpenAI-compatible routes, under `/v1` and under the `/openai/v1` base URL: the whole pipeline for one
+generation call.
 
 authenticate -> authorize + meter -> route (routed.py) -> relay -> settle (metered.py); recording happens in
 the app middleware.
@@ -24,6 +25,14 @@ ROUTES = (
     "/v1/images/generations",
     "/v1/audio/speech",
 )
+OPENAI_PREFIX = "/openai"  # `<gateway>/openai/v1`: OpenAI's whole surface as an SDK's base URL (docs/api.md)
+
+
+def openai_route(request: web.Request) -> str:
+    """The OpenAI route the request's matched path names: `/openai/v1/x` is `/v1/x`."""
+    resource = request.match_info.route.resource
+    assert resource is not None  # a handler runs only on a matched route
+    return resource.canonical.removeprefix(OPENAI_PREFIX)
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
@@ -31,11 +40,12 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
     ctx.model = model = gateway.model(body.get("model"), "openai")
-    facts = request_facts(request.path, body, len(await request.read()))  # the body is cached by now
+    route = openai_route(request)
+    facts = request_facts(route, body, len(await request.read()))  # the body is cached by now
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     async with metered_call(gateway, ctx, decision, admission, facts) as outcome, AsyncExitStack() as call_scope:
         call = await open_routed(
-            gateway, ctx, principal, decision, facts, request.path, body, forwarded_headers(request), call_scope
+            gateway, ctx, principal, decision, facts, route, body, forwarded_headers(request), call_scope
         )
         return await relay(request, call, gateway.relay, outcome, admission.headers)
 
@@ -43,3 +53,4 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     for path in ROUTES:
         app.router.add_post(path, passthrough)
+        app.router.add_post(OPENAI_PREFIX + path, passthrough)
