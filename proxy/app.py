@@ -8,7 +8,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .api import health, identity, me, models, passthrough, responses, uploads
+from .api import health, identity, me, models, passthrough, responses, uploads, usage
 from .api.state import GATEWAY
 from .config import Config, ServerSettings
 from .context import CONTEXT, RequestContext, request_id_for, route_name
@@ -137,6 +137,6 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(drain)
-    for routes in (health, identity, me, models, passthrough, responses, uploads):
+    for routes in (health, identity, me, models, passthrough, responses, uploads, usage):
         routes.add_routes(app)
     return app

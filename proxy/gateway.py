@@ -209,7 +209,9 @@ def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExpo
         tokens=tokens,
         store=store,
         meter=Meter(
-            store, reservation_ttl_s=store_settings.reservation_ttl_s, on_pending_settles=metrics.pending_settles
+            store, reservation_ttl_s=store_settings.reservation_ttl_s, on_pending_settles=metrics.pending_settles,
+            usage_retention_s=store_settings.usage_retention_days * 86_400,
+            usage_max_records=store_settings.usage_max_records,
         ),
         metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),

@@ -6,13 +6,14 @@ Credits are floats at this boundary and integer micro-credits inside the store (
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import quote
@@ -21,14 +22,17 @@ from proxy.auth.principal import Principal
 from proxy.errors import ApiError
 from proxy.pending_settles import PendingCancel, PendingSettle, PendingSettles
 from proxy.policy.types import Decision, Dimension, RateLimit
+from proxy.store.ledger import LedgerReader, account_usage_key, user_usage_key
 from proxy.store.base import (
     MAX_AMOUNT,
     MAX_BUDGET,
     MAX_TOKENS,
     AdmitRequest,
     AdmitResult,
+    CallUsage,
     CreditSpec,
     LeaseSpec,
+    LedgerSpec,
     LimitSpec,
     LimitState,
     Reservation,
@@ -126,30 +130,32 @@ class Admission:
         finally:
             self._stop_heartbeat()
 
-    async def settle(self, actual_credits: float, actual_tokens: int) -> bool:
-        """Charge the real cost and free the lease; True if this call applied it. Never raises on store errors:
-        the settle is queued and retried in the background (docs/metering.md). Figures are clamped to the
-        store's bounds; a figure that is not a number at all (NaN) is charged at the reserve."""
+    async def settle(self, actual_credits: float, actual_tokens: int, usage: CallUsage | None = None) -> bool:
+        """Charge the real cost and free the lease; True if this call applied it. The store writes the call's usage
+        ledger record (with `usage`) in the same step. Never raises on store errors: the settle is queued and
+        retried in the background (docs/metering.md). Figures are clamped to the store's bounds; a figure that
+        is not a number at all (NaN) is charged at the reserve."""
         if self._settled or self._reservation is None:
             return False
         request = self._reservation.request
         if isinstance(actual_credits, float) and math.isnan(actual_credits):
             actual_credits = from_micro(request.credits.amount) if request.credits else 0.0
-        return await self._apply(to_micro(actual_credits), clamp_tokens(actual_tokens))
+        return await self._apply(to_micro(actual_credits), clamp_tokens(actual_tokens), usage or CallUsage())
 
-    async def settle_at_reserve(self) -> bool:
+    async def settle_at_reserve(self, usage: CallUsage | None = None) -> bool:
         """Charge what was reserved (the most the call could cost) and free the lease: for a call whose real
         cost could not be worked out. A no-op once settled."""
         if self._settled or self._reservation is None:
             return False
         request = self._reservation.request
-        return await self._apply(request.credits.amount if request.credits else 0, request.estimated_tokens)
+        amount = request.credits.amount if request.credits else 0
+        return await self._apply(amount, request.estimated_tokens, usage or CallUsage())
 
-    async def _apply(self, amount: int, tokens: int) -> bool:
+    async def _apply(self, amount: int, tokens: int, usage: CallUsage) -> bool:
         assert self._reservation is not None
         self._stop_heartbeat()
         self._settled = True
-        pending = PendingSettle(self._reservation, amount, tokens)
+        pending = PendingSettle(self._reservation, amount, tokens, _bounded(usage))
         try:
             await pending.apply(self._store, int(self._clock() * 1000))
         except StoreScriptError:
@@ -161,9 +167,9 @@ class Admission:
             return False
         return True
 
-    async def release(self) -> bool:
-        """The request produced nothing billable: settle with zero."""
-        return await self.settle(0.0, 0)
+    async def release(self, usage: CallUsage | None = None) -> bool:
+        """The request produced nothing billable: settle with zero (its record's outcome is `released`)."""
+        return await self.settle(0.0, 0, dataclasses.replace(usage or CallUsage(), outcome="released"))
 
     async def _renew_until_settled(self, reservation: Reservation) -> None:
         ttl_ms = reservation.request.ttl_ms
@@ -194,6 +200,8 @@ class Meter:
         *,
         reservation_ttl_s: float = 600.0,
         ledger_retention_s: float = 2 * 86_400,
+        usage_retention_s: float = 35 * 86_400,
+        usage_max_records: int = 100_000,
         clock: Callable[[], float] = time.time,
         prefix: str = "ep",
         max_pending_settles: int = 10_000,
@@ -202,6 +210,8 @@ class Meter:
         self._store = store
         self._ttl_ms = int(reservation_ttl_s * 1000)
         self._retention_ms = int(ledger_retention_s * 1000)
+        self._usage_retention_ms = int(usage_retention_s * 1000)
+        self._usage_max_records = usage_max_records
         self._clock = clock
         self._prefix = prefix
         self._pending = PendingSettles(store, clock, max_pending=max_pending_settles, on_length=on_pending_settles)
@@ -224,7 +234,7 @@ class Meter:
         now_ms = int(self._clock() * 1000)
         rid = f"{quote(request_id[:64], safe='')}.{secrets.token_hex(6)}"
         rules = decision.rate_limits
-        request = self._request(principal, model_id, decision, rules, rid, now_ms)
+        request = self._request(principal, model_id, decision, rules, rid, now_ms, request_id)
         if not _touches_store(request):
             return Admission(self._store, self._clock, None, {}, self._pending)
         result = await self._admit(request)
@@ -286,8 +296,9 @@ class Meter:
         rules: tuple[RateLimit, ...],
         rid: str,
         now_ms: int,
+        request_id: str = "",
     ) -> AdmitRequest:
-        base = f"{self._prefix}:{{{quote(principal.account, safe='')}}}"  # one hash tag per account
+        base = self.account_prefix(principal.account)
         limits = tuple(
             LimitSpec(
                 key=f"{base}:rl:{rule.name}:" + ":".join(_dimension(principal, dim, model_id) for dim in rule.per),
@@ -302,7 +313,28 @@ class Meter:
         if decision.concurrency is not None:
             lease = LeaseSpec(f"{base}:cc:{_user_id(principal)}", decision.concurrency)
         credits = self._credits(base, principal, decision, now_ms)
-        return AdmitRequest(rid, f"{base}:tk:{rid}", now_ms, self._ttl_ms, limits, lease, credits)
+        ledger = LedgerSpec(
+            base, request_id, principal.account, principal.key_id or "", _user_id(principal), model_id or "",
+            self._usage_retention_ms, self._usage_max_records,
+        )
+        return AdmitRequest(rid, f"{base}:tk:{rid}", now_ms, self._ttl_ms, limits, lease, credits, ledger)
+
+    async def usage(self, account: str, user: str | None, days: list[date]) -> list[tuple[date, dict[str, int]]]:
+        """The daily usage aggregates of `account` (or of one of its users, in the meter's namespaced form: see
+        `usage_user`) for each day, as `<metric>:<model>` -> integer (credits in micro-credits), in one round trip."""
+        prefix = self.account_prefix(account)
+        labels = [day.strftime("%Y%m%d") for day in days]
+        keys = [user_usage_key(prefix, user, label) if user else account_usage_key(prefix, label) for label in labels]
+        reader: LedgerReader = self._store  # type: ignore[assignment]  # every store is a LedgerReader
+        try:
+            hashes = await reader.read_usage(keys)
+        except StoreError as exc:
+            raise _store_error(exc) from exc
+        return [(day, {name: int(value) for name, value in totals.items()}) for day, totals in zip(days, hashes)]
+
+    def account_prefix(self, account: str) -> str:
+        """The prefix of every key of `account`, with its hash tag (one Redis Cluster slot per account)."""
+        return f"{self._prefix}:{{{quote(account, safe='')}}}"
 
     def _credits(self, base: str, principal: Principal, decision: Decision, now_ms: int) -> CreditSpec | None:
         budget = decision.budget
@@ -404,6 +436,11 @@ def _dimension(principal: Principal, dim: Dimension, model_id: str | None) -> st
     return _escaped(principal.account if dim == "account" else model_id or "")
 
 
+def usage_user(principal: Principal) -> str | None:
+    """Whose usage a caller may read: its own user's (a credential with a subject), else None: its account's."""
+    return _user_id(principal) if principal.subject else None
+
+
 def _user_id(principal: Principal) -> str:
     """The end user in the namespace of its kind, so that no two kinds of identity ever share a counter:
     `u:i:<issuer>:<sub>` (an identity provider's user), `u:g:<sub>` (the sub of a gateway-minted token), else
@@ -433,6 +470,17 @@ def _ratelimit_headers(rule: RateLimit, state: LimitState) -> dict[str, str]:
         "RateLimit-Remaining": str(state.remaining),
         "RateLimit-Reset": str(math.ceil(state.reset_ms / 1000)),
     }
+
+
+def _bounded(usage: CallUsage) -> CallUsage:
+    """The record's figures clamped to the store's bounds, like the charge's (a provider may report anything)."""
+    return dataclasses.replace(
+        usage,
+        tokens_in=clamp_tokens(usage.tokens_in),
+        tokens_out=clamp_tokens(usage.tokens_out),
+        images=clamp_tokens(usage.images),
+        seconds_ms=max(0, min(int(usage.seconds_ms), 2**46)),
+    )
 
 
 def _touches_store(request: AdmitRequest) -> bool:

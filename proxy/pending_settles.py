@@ -1,5 +1,6 @@
 """Settles the store could not take, kept in a bounded queue and retried in the background until they land,
-so that a short store outage does not charge requests that finished during it at their full reserve; and
+so that a short store outage does not charge requests that finished during it at their full reserve (each retry
+writes the call's ledger record once: the record belongs to the idempotent settle); and
 cancels of admits whose answer was lost, so that they hold no slot and are charged nothing."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from proxy.store.base import AdmitRequest, Reservation, Store, StoreError, StoreScriptError
+from proxy.store.base import AdmitRequest, CallUsage, Reservation, Store, StoreError, StoreScriptError
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +23,14 @@ class PendingSettle:
     reservation: Reservation
     amount: int  # micro-credits
     tokens: int
+    usage: CallUsage = CallUsage()  # what its ledger record says beside the charge
 
     @property
     def reservation_id(self) -> str:
         return self.reservation.request.reservation_id
 
     async def apply(self, store: Store, now_ms: int) -> None:
-        await store.settle(self.reservation, self.amount, self.tokens, now_ms)
+        await store.settle(self.reservation, self.amount, self.tokens, now_ms, self.usage)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import yaml
 from aiohttp import web
 
 from proxy.auth.api_keys import hash_key
+from proxy.store import RedisStore
 
 from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, wait_healthy, write_policy
 from .mock_provider import MockProvider, chat_chunk, open_sse, sse
@@ -264,3 +265,32 @@ async def eventually_unheld(replica: Replica, key: str, timeout_s: float) -> dic
         if state["balance"]["held"] == 0 or time.monotonic() > deadline:
             return state
         await asyncio.sleep(0.1)
+
+
+async def test_every_charge_has_exactly_one_ledger_record_across_replicas(replicas: list[Replica], redis_url: str) -> None:
+    """After the burst and the killed replica above: each account's ledger records add up to exactly what its
+    balance spent (the burst's settles, the dead replica's hold charged at expiry, the stopped one's settle), one
+    record per charge (ids unique), and `/v1/usage` on any replica reports the same total."""
+    reader = RedisStore(redis_url)
+    try:
+        for key in (TEST_KEY, STREAMER_KEY):
+            state = await me(replicas[0], key)
+            account = state["principal"]["account"]
+            records = await reader.read_ledger(f"ep:{{{account}}}:lg", count=100_000)
+            ids = [record.fields["id"] for record in records]
+            assert len(ids) == len(set(ids))
+            charged = sum(int(record.fields["credits"]) for record in records)
+            assert charged == round(state["balance"]["spent"] * 1_000_000) and state["balance"]["held"] == 0
+            # One record per call charged (at its settle, or at its hold's expiry when the settle came after the
+            # ttl: a busy burst with this test's short ttl), plus a correction for each settle that came late.
+            calls = [r for r in records if r.fields["late"] == "0" and r.fields["outcome"] in ("settled", "expired")]
+            late = {r.fields["id"] for r in records if r.fields["late"] == "1"}
+            assert late <= {r.fields["id"].removesuffix(":expired") for r in records if r.fields["outcome"] == "expired"}
+            if key == TEST_KEY:  # the burst: no record for the 402s
+                assert len(calls) == state["balance"]["spent"] == BUDGET
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{replicas[1].url}/v1/usage", headers=auth(key)) as response:
+                    usage = await response.json()
+            assert usage["total"]["credits"] == state["balance"]["spent"] and usage["total"]["calls"] == len(calls)
+    finally:
+        await reader.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -17,6 +18,7 @@ from ..errors import ApiError
 from ..gateway import Gateway
 from ..meter import Admission
 from ..metrics import UpstreamOutcome
+from ..store.base import CallUsage
 from ..policy.pricing import cost
 from ..policy.types import Decision, RequestFacts, Usage
 from ..upstream.relay import RelayOutcome
@@ -172,7 +174,7 @@ async def settle_or_charge_reserve(
         await settle(gateway, ctx, decision, admission, outcome, input_bytes)
     except Exception:
         log.exception("settle failed: charging the reserve")
-        await admission.settle_at_reserve()
+        await admission.settle_at_reserve(call_usage(ctx, None))
 
 
 async def settle(
@@ -182,7 +184,7 @@ async def settle(
     """Charge what was used: the upstream's usage; an estimate without it; nothing if nothing came back."""
     usage = used(outcome, decision, input_bytes)
     if usage is None:
-        await admission.release()
+        await admission.release(call_usage(ctx, None))
         gateway.metrics.credits("released", decision.reserve_credits)
         return
     ctx.usage = usage
@@ -192,9 +194,19 @@ async def settle(
         ctx.credits_charged = min(ctx.credits_charged, decision.reserve_credits)
     elif ctx.credits_charged > decision.reserve_credits:
         ctx.credits_charged = overrun_charge(gateway, ctx, decision, ctx.credits_charged)
-    await admission.settle(ctx.credits_charged, usage.input_tokens + usage.output_tokens)
+    await admission.settle(ctx.credits_charged, usage.input_tokens + usage.output_tokens, call_usage(ctx, usage))
     gateway.metrics.credits("settled", ctx.credits_charged)
     gateway.metrics.credits("released", max(0.0, decision.reserve_credits - ctx.credits_charged))
+
+
+def call_usage(ctx: RequestContext, usage: Usage | None) -> CallUsage:
+    """What the call's ledger record says beside its charge: the deployment that answered and what it used."""
+    used = usage or Usage()
+    seconds = used.seconds if math.isfinite(used.seconds) else 0.0
+    return CallUsage(
+        provider=ctx.provider or "", deployment=ctx.deployment or "", tokens_in=used.input_tokens,
+        tokens_out=used.output_tokens, images=used.images, seconds_ms=round(max(0.0, min(seconds, 2.0**36)) * 1000),
+    )
 
 
 def overrun_charge(gateway: Gateway, ctx: RequestContext, decision: Decision, charge: float) -> float:

@@ -88,6 +88,37 @@ class CreditSpec:
 
 
 @dataclass(frozen=True)
+class LedgerSpec:
+    """Where the call's usage ledger lives and who the call is for: every settle (and every expired hold it
+    sweeps) appends a record there and adds to the daily aggregates beside it (docs/usage.md).
+
+    Its keys hang off `prefix` (the account's prefix with its hash tag: proxy/store/ledger.py names them), so
+    they live in the slot of the admit's other keys. Names (`key_id`, `user`, `model`) are percent-encoded."""
+
+    prefix: str
+    request_id: str
+    account: str
+    key_id: str
+    user: str
+    model: str
+    retention_ms: int  # records and daily aggregates are kept this long (aggregates: after their day ends)
+    max_records: int  # per account stream, trimmed approximately (Redis MAXLEN ~) beyond this
+
+
+@dataclass(frozen=True)
+class CallUsage:
+    """What a settle records in the ledger beside its charge. `released`: nothing billable came back."""
+
+    outcome: Literal["settled", "released"] = "settled"
+    provider: str = ""
+    deployment: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    images: int = 0
+    seconds_ms: int = 0
+
+
+@dataclass(frozen=True)
 class AdmitRequest:
     """Everything one admission decision checks and takes, in one atomic step."""
 
@@ -98,6 +129,7 @@ class AdmitRequest:
     limits: tuple[LimitSpec, ...] = ()
     lease: LeaseSpec | None = None
     credits: CreditSpec | None = None
+    ledger: LedgerSpec | None = None  # None: this call writes no usage record (e.g. admitted by the local fallback)
 
     @property
     def estimated_tokens(self) -> int:
@@ -119,13 +151,22 @@ def check_admit(request: AdmitRequest) -> None:
         _check("budget", request.credits.budget, 0, MAX_BUDGET)
         _check("amount", request.credits.amount, 0, MAX_AMOUNT)
         _check("expire_at_ms", request.credits.expire_at_ms, 0, 2**52)
+    if request.ledger is not None:
+        _check("ledger retention_ms", request.ledger.retention_ms, 1, 2**46)
+        _check("ledger max_records", request.ledger.max_records, 1, 10**9)
 
 
-def check_settle(amount: int, tokens: int, now_ms: int) -> None:
+def check_settle(amount: int, tokens: int, now_ms: int, usage: CallUsage | None = None) -> None:
     """Refuse (ValueError) a settle whose numbers a store could not apply exactly."""
     _check("amount", amount, 0, MAX_AMOUNT)
     _check("tokens", tokens, 0, MAX_TOKENS)
     _check("now_ms", now_ms, 0, 2**52)
+    if usage is not None:
+        if usage.outcome not in ("settled", "released"):
+            raise ValueError(f"store: outcome must be settled or released, got {usage.outcome!r}")
+        for name in ("tokens_in", "tokens_out", "images"):
+            _check(name, getattr(usage, name), 0, MAX_TOKENS)
+        _check("seconds_ms", usage.seconds_ms, 0, 2**46)
 
 
 def check_renew(ttl_ms: int, now_ms: int) -> None:
@@ -207,8 +248,11 @@ class Store(Protocol):
         """Check every limit, the lease and the credits; take all of them or nothing."""
         ...
 
-    async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
-        """Charge `amount`, correct token limits to `tokens`, drop the lease. False if already settled."""
+    async def settle(
+        self, reservation: Reservation, amount: int, tokens: int, now_ms: int, usage: CallUsage | None = None
+    ) -> bool:
+        """Charge `amount`, correct token limits to `tokens`, drop the lease, and append the call's ledger record
+        (with `usage`) in the same step. False, writing nothing, if already settled."""
         ...
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:

@@ -1,6 +1,9 @@
 """The Redis scripts. `memory.py` and `gcra.py` implement the same steps in Python; one test suite checks both.
 
-Every key a script touches is passed in KEYS and carries the same hash tag, so Redis Cluster accepts it.
+Every key a script touches carries the same hash tag (the account's), so Redis Cluster accepts it. They are
+passed in KEYS, except the usage ledger's (a stream and daily aggregates, proxy/store/ledger.py) and the ticket
+of an expired hold being charged: those are derived in the script from the account's key prefix, which carries
+the tag, so they live in the slot of the declared keys.
 Every argument is an integer (the caller validates them: proxy/store/base.py check_admit, check_settle,
 check_renew, and computes GCRA products exactly in Python: gcra.Step). Every script reads and computes
 first and writes last, and every number it writes goes through `int` (plain digits: never `-0`, an
@@ -64,13 +67,67 @@ local function add(ledger, field, delta)
   if delta ~= 0 then redis.call('HINCRBY', ledger, field, int(delta)) end
 end
 
--- Expired holds are charged at the amount they reserved (see docs/metering.md). Bounded per call.
-local function sweep(ledger, holds)
+-- The usage ledger (docs/usage.md): one record per settle and per expired hold, in a stream per account, and
+-- daily aggregates beside it (the account's and the user's, by model). ARGV[o+1 .. o+LEDGER_ARGS]: on (0|1),
+-- account prefix, day (YYYYMMDD), aggregates expire-at, max records, min record id (ms), stream lifetime ms,
+-- then who the call is for: request id, account, key, user, model.
+local LEDGER_ARGS = 12
+local function read_ledger(o)
+  if ARGV[o + 1] ~= '1' then return nil end
+  return {prefix = ARGV[o + 2], day = ARGV[o + 3], usage_exp = ARGV[o + 4], max_len = ARGV[o + 5],
+          min_id = ARGV[o + 6], keep = tonumber(ARGV[o + 7]), q = ARGV[o + 8], account = ARGV[o + 9],
+          k = ARGV[o + 10], u = ARGV[o + 11], m = ARGV[o + 12]}
+end
+
+local RECORD_FIELDS = {'id', 'request_id', 'ts', 'account', 'key', 'user', 'model', 'provider', 'deployment',
+  'tokens_in', 'tokens_out', 'images', 'seconds_ms', 'credits', 'reserved', 'outcome', 'late'}
+local METRICS = {'calls', 'credits', 'tokens_in', 'tokens_out', 'images', 'seconds_ms'}
+
+local function record(lg, r)
+  r.ts, r.account = now, lg.account
+  local entry = {}
+  for _, name in ipairs(RECORD_FIELDS) do
+    local value = r[name]
+    if type(value) == 'number' then value = int(value) end
+    entry[#entry + 1] = name
+    entry[#entry + 1] = value
+  end
+  local stream = lg.prefix .. ':lg'
+  redis.call('XADD', stream, 'MAXLEN', '~', lg.max_len, '*', unpack(entry))
+  redis.call('XTRIM', stream, 'MINID', '~', lg.min_id)
+  redis.call('PEXPIRE', stream, int(lg.keep + GRACE))
+  -- a call counts once: when charged at its settle or at its hold's expiry, not again when a late settle corrects it
+  r.calls = (r.late == 0 and (r.outcome == 'settled' or r.outcome == 'expired')) and 1 or 0
+  local totals = {lg.prefix .. ':us:a:' .. lg.day}
+  if r.user ~= '' then totals[2] = lg.prefix .. ':us:u:' .. r.user .. ':' .. lg.day end
+  for _, key in ipairs(totals) do
+    local touched = false
+    for _, metric in ipairs(METRICS) do
+      if r[metric] ~= 0 then
+        redis.call('HINCRBY', key, metric .. ':' .. r.model, int(r[metric]))
+        touched = true
+      end
+    end
+    if touched then redis.call('PEXPIREAT', key, lg.usage_exp) end
+  end
+end
+
+-- Expired holds are charged at the amount they reserved (see docs/metering.md), each with its ledger record
+-- (who it was for is read from its ticket, which outlives the hold). Bounded per call.
+local function sweep(ledger, holds, lg)
   local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', int(now), 'LIMIT', 0, 100)
   if #expired == 0 then return end
   local total = 0
   for _, member in ipairs(expired) do
-    total = total + (tonumber(string.match(member, '^(%d+):')) or 0)
+    local reserved = tonumber(string.match(member, '^(%d+):')) or 0
+    total = total + reserved
+    if lg then
+      local rid = string.match(member, '^%d+:(.*)$') or ''
+      local who = redis.call('HMGET', lg.prefix .. ':tk:' .. rid, 'q', 'k', 'u', 'm')
+      record(lg, {id = rid .. ':expired', request_id = who[1] or '', key = who[2] or '', user = who[3] or '',
+        model = who[4] or '', provider = '', deployment = '', tokens_in = 0, tokens_out = 0, images = 0,
+        seconds_ms = 0, credits = reserved, reserved = reserved, outcome = 'expired', late = 0})
+    end
   end
   redis.call('ZREM', holds, unpack(expired))
   add(ledger, 'held', -total)
@@ -87,14 +144,15 @@ end
 
 # KEYS: ticket, lease zset, ledger hash, holds zset, then one key per rate limit.
 # ARGV: now_ms, reservation id, ttl_ms, dry (0|1), lease limit (-1 = none), budget (-1 = none),
-#       amount, ledger expire-at (0 = keep), then per limit: limit, window ms, cost·T as (whole ms, rem),
-#       fits (0 if the cost exceeds the limit: it never fits).
+#       amount, ledger expire-at (0 = keep), the usage ledger's block (LEDGER_ARGS), then per limit: limit,
+#       window ms, cost·T as (whole ms, rem), fits (0 if the cost exceeds the limit: it never fits).
 # Reply: allowed, denial kind (0 none, 1 rate, 2 concurrency, 3 credits, 4 cancelled), denied limit index,
 #        retry ms (-1 never), in flight, spent, held, then the arrival time (ms, num) per limit (-1, 0: idle).
 ADMIT = _COMMON + r"""
 local rid, ttl, dry = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local lease_limit, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 local amount = tonumber(ARGV[7])
+local lg = read_ledger(8)
 local n = #KEYS - 4
 -- a tombstone: this admit was cancelled (its caller gave up on it) before it got here; take nothing
 -- (judged by `now`, like every expiry: a key Redis still keeps for its grace period is gone)
@@ -104,7 +162,7 @@ if not dry and ticket_exp and ticket_exp > now then return {0, 4, 0, -1, 0, 0, 0
 local limits, tats, new_tats = {}, {}, {}
 local kind, index, retry = 0, 0, 0
 for i = 1, n do
-  local base = 8 + (i - 1) * 5
+  local base = 8 + LEDGER_ARGS + (i - 1) * 5
   local limit, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
   local fits = ARGV[base + 5] == '1'
   limits[i] = limit
@@ -127,7 +185,7 @@ if lease_limit >= 0 then
 end
 local spent, held = 0, 0
 if budget >= 0 then
-  sweep(KEYS[3], KEYS[4])
+  sweep(KEYS[3], KEYS[4], lg)
   spent = tonumber(redis.call('HGET', KEYS[3], 'spent')) or 0
   held = tonumber(redis.call('HGET', KEYS[3], 'held')) or 0
 end
@@ -169,16 +227,21 @@ if budget >= 0 then
 end
 -- the ticket's logical expiry is judged by `now`, like everything else; the TTL only collects garbage
 redis.call('HSET', KEYS[1], 'amt', int(reserved), 'exp', int(now + 2 * ttl))
+-- who the call is for, should its hold expire (the sweep records it from here)
+if lg then redis.call('HSET', KEYS[1], 'q', lg.q, 'k', lg.k, 'u', lg.u, 'm', lg.m) end
 redis.call('PEXPIRE', KEYS[1], int(2 * ttl + GRACE))
 return reply(1, new_tats)
 """
 
 # KEYS: ticket, lease zset, ledger hash, holds zset, then one key per token limit.
 # ARGV: now_ms, reservation id, actual amount, has lease (0|1), has credits (0|1), ledger expire-at (0 = keep),
-#       then per token limit: limit, (actual − estimated tokens)·T as (whole ms, rem).
-# Reply: 1 if settled now, 0 if it was already settled (or its ticket expired).
+#       the usage ledger's block (LEDGER_ARGS), the record's outcome, provider, deployment, tokens in, tokens out,
+#       images, seconds ms, then per token limit: limit, (actual − estimated tokens)·T as (whole ms, rem).
+# Reply: 1 if settled now (its record written), 0 if it was already settled (or its ticket expired): no record.
 _SETTLE_BODY = r"""
 local rid = ARGV[2]
+local lg = read_ledger(6)
+local u = 6 + LEDGER_ARGS  -- the record's own fields
 local ticket = redis.call('HMGET', KEYS[1], 'amt', 'exp')
 if (not ticket[1]) or (not ticket[2]) or tonumber(ticket[2]) <= now then  -- gone, expired or a tombstone
   redis.call('DEL', KEYS[1])
@@ -188,24 +251,32 @@ local reserved = tonumber(ticket[1])
 local amount = tonumber(ARGV[3])
 local limits, new_tats = {}, {}
 for i = 5, #KEYS do
-  local base = 6 + (i - 5) * 3
+  local base = u + 7 + (i - 5) * 3
   local limit = tonumber(ARGV[base + 1])
   limits[i] = limit
   new_tats[i] = shifted(start_of(read_tat(KEYS[i], limit)), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), limit)
 end
 
-redis.call('DEL', KEYS[1])
 if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], rid) end
+local credits, late = amount, 0  -- without a budget, the record carries the call's price
 if ARGV[5] == '1' then
-  sweep(KEYS[3], KEYS[4])
+  sweep(KEYS[3], KEYS[4], lg)
   if redis.call('ZREM', KEYS[4], int(reserved) .. ':' .. rid) == 1 then
     add(KEYS[3], 'held', -reserved)
     add(KEYS[3], 'spent', amount)
   else
     -- the hold expired and was charged at `reserved`: correct that charge to the actual amount
     add(KEYS[3], 'spent', amount - reserved)
+    credits, late = amount - reserved, 1
   end
   expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[6]))
+end
+redis.call('DEL', KEYS[1])  -- after the sweep, which may record this very call's expired hold from it
+if lg then
+  record(lg, {id = rid, request_id = lg.q, key = lg.k, user = lg.u, model = lg.m, provider = ARGV[u + 2],
+    deployment = ARGV[u + 3], tokens_in = tonumber(ARGV[u + 4]), tokens_out = tonumber(ARGV[u + 5]),
+    images = tonumber(ARGV[u + 6]), seconds_ms = tonumber(ARGV[u + 7]), credits = credits, reserved = reserved,
+    outcome = ARGV[u + 1], late = late})
 end
 for i = 5, #KEYS do store_tat(KEYS[i], new_tats[i], limits[i]) end
 return 1

@@ -13,9 +13,11 @@ from proxy.store.base import (
     AdmitRequest,
     AdmitResult,
     Balance,
+    CallUsage,
     CreditSpec,
     Denial,
     LimitSpec,
+    LedgerSpec,
     LimitState,
     Reservation,
     check_admit,
@@ -23,6 +25,18 @@ from proxy.store.base import (
     check_settle,
 )
 from proxy.store.gcra import Tat, ceil_ms, gcra_adjust, gcra_take, limit_states
+from proxy.store.ledger import (
+    METRICS,
+    RECORD_FIELDS,
+    LedgerRecord,
+    _Stream,
+    account_usage_key,
+    day_of,
+    parse_id,
+    stream_key,
+    usage_expiry,
+    user_usage_key,
+)
 
 # The ticket of a cancelled admit (see Store.cancel).
 _TOMBSTONE = "cancelled"
@@ -81,6 +95,9 @@ class _Keyspace:
         if self._expiry.get(key, 0) < deadline:
             self.expire_at(key, deadline)
 
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self._values.items())
+
     def delete(self, key: str) -> None:
         self._values.pop(key, None)
         self._expiry.pop(key, None)
@@ -120,9 +137,11 @@ class MemoryStore:
         check_admit(request)
         return self.admit_now(request, dry=True)
 
-    async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
-        check_settle(amount, tokens, now_ms)
-        return self.settle_now(reservation.request, amount, tokens, now_ms)
+    async def settle(
+        self, reservation: Reservation, amount: int, tokens: int, now_ms: int, usage: CallUsage | None = None
+    ) -> bool:
+        check_settle(amount, tokens, now_ms, usage)
+        return self.settle_now(reservation.request, amount, tokens, now_ms, usage or CallUsage())
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
         check_renew(ttl_ms, now_ms)
@@ -147,7 +166,7 @@ class MemoryStore:
             if new_tat is None and _waits_longer(retry, worst):
                 worst = Denial("rate_limit", index, retry)
         in_flight = self._live_leases(req, now)
-        balance = self._balance(req.credits, now)
+        balance = self._balance(req, now)
         if worst is None and not dry:
             worst = self._lease_or_credit_denial(req, in_flight, balance)
         if worst is not None or dry:
@@ -156,20 +175,33 @@ class MemoryStore:
             self._store_tat(spec, tat, now)
         return self._take(req, limit_states(req, new_tats), in_flight, balance)
 
-    def settle_now(self, req: AdmitRequest, amount: int, tokens: int, now: int) -> bool:
-        """The body of the settle script: a no-op unless the ticket still exists."""
+    def settle_now(
+        self, req: AdmitRequest, amount: int, tokens: int, now: int, usage: CallUsage, outcome: str = ""
+    ) -> bool:
+        """The body of the settle script: a no-op unless the ticket still exists; writes the ledger record."""
         self._keys.purge(now)
         ticket = self._keys.get(req.ticket_key)
-        self._keys.delete(req.ticket_key)
         if ticket is None or _TOMBSTONE in ticket:
+            self._keys.delete(req.ticket_key)
             return False
         if req.lease is not None:
             leases = self._keys.get(req.lease.key) or {}
             leases.pop(req.reservation_id, None)
             if not leases:
                 self._keys.delete(req.lease.key)
+        credits, late = amount, False  # without a budget, the record carries the call's price
         if req.credits is not None:
-            self._settle_credits(req.credits, req.reservation_id, ticket["amt"], amount, now)
+            late = not self._settle_credits(req, ticket["amt"], amount, now)
+            credits = amount - ticket["amt"] if late else amount
+        self._keys.delete(req.ticket_key)  # after the sweep, which may record this very call's expired hold from it
+        if req.ledger is not None:
+            self._record(req.ledger, now, {
+                "id": req.reservation_id, "request_id": req.ledger.request_id, "key": req.ledger.key_id,
+                "user": req.ledger.user, "model": req.ledger.model, "provider": usage.provider,
+                "deployment": usage.deployment, "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out,
+                "images": usage.images, "seconds_ms": usage.seconds_ms, "credits": credits,
+                "reserved": ticket["amt"], "outcome": outcome or usage.outcome, "late": int(late),
+            })
         for spec in req.limits:
             if spec.tokens:
                 new_tat = gcra_adjust(self._tat(spec), now, spec.limit, spec.window_ms, tokens - req.estimated_tokens)
@@ -178,7 +210,7 @@ class MemoryStore:
 
     def cancel_now(self, req: AdmitRequest, now: int) -> bool:
         """The body of the cancel script: settle at 0 if the admit ran, then leave a tombstone in its ticket."""
-        undone = self.settle_now(req, 0, 0, now)
+        undone = self.settle_now(req, 0, 0, now, CallUsage(), "cancelled")
         self._keys.put(req.ticket_key, {_TOMBSTONE: True})
         self._keys.expire_at(req.ticket_key, now + 2 * req.ttl_ms)
         return undone
@@ -231,22 +263,28 @@ class MemoryStore:
             self._keys.delete(req.lease.key)
         return len(leases)
 
-    def _balance(self, credits: CreditSpec | None, now: int) -> Balance | None:
-        if credits is None:
+    def _balance(self, req: AdmitRequest, now: int) -> Balance | None:
+        if req.credits is None:
             return None
-        ledger = self._sweep_holds(credits, now)
-        return Balance(credits.budget, ledger["spent"], ledger["held"])
+        ledger = self._sweep_holds(req, now)
+        return Balance(req.credits.budget, ledger["spent"], ledger["held"])
 
-    def _sweep_holds(self, credits: CreditSpec, now: int) -> dict[str, int]:
-        """Charge expired holds at their reserved amount (see docs/metering.md) and return the ledger."""
+    def _sweep_holds(self, req: AdmitRequest, now: int) -> dict[str, int]:
+        """Charge expired holds at their reserved amount (see docs/metering.md), each with its ledger record, and
+        return the ledger."""
+        assert req.credits is not None
+        credits = req.credits
         ledger: dict[str, int] = self._keys.get(credits.ledger_key) or {"spent": 0, "held": 0}
         holds: dict[str, int] = self._keys.get(credits.holds_key) or {}
         expired = sorted((expiry, member) for member, expiry in holds.items() if expiry <= now)[:SWEEP_BATCH]
         for _, member in expired:
-            reserved = int(member.split(":", 1)[0])
+            amount, rid = member.split(":", 1)
+            reserved = int(amount)
             ledger["held"] -= reserved
             ledger["spent"] += reserved
             del holds[member]
+            if req.ledger is not None:
+                self._record_expired(req.ledger, rid, reserved, now)
         if expired:
             self._keys.put(credits.ledger_key, ledger)
         if not holds:
@@ -277,7 +315,10 @@ class MemoryStore:
             amount = req.credits.amount
             self._hold(req.credits, req.reservation_id, expiry, now)
             balance = Balance(balance.budget, balance.spent, balance.held + amount)
-        self._keys.put(req.ticket_key, {"amt": amount})
+        ticket: dict[str, Any] = {"amt": amount}
+        if req.ledger is not None:  # who the call is for, should its hold expire (the sweep records it from here)
+            ticket.update(q=req.ledger.request_id, k=req.ledger.key_id, u=req.ledger.user, m=req.ledger.model)
+        self._keys.put(req.ticket_key, ticket)
         self._keys.expire_at(req.ticket_key, now + 2 * req.ttl_ms)
         return AdmitResult(True, states, in_flight, balance, reservation=Reservation(req))
 
@@ -290,10 +331,14 @@ class MemoryStore:
         self._keys.put(credits.holds_key, holds)
         self._expire_ledger(credits)
 
-    def _settle_credits(self, credits: CreditSpec, reservation_id: str, reserved: int, amount: int, now: int) -> None:
-        ledger = self._sweep_holds(credits, now)
+    def _settle_credits(self, req: AdmitRequest, reserved: int, amount: int, now: int) -> bool:
+        """Charge `amount` for the hold; False if the hold had expired (and was charged at `reserved`)."""
+        assert req.credits is not None
+        credits = req.credits
+        ledger = self._sweep_holds(req, now)
         holds = self._keys.get(credits.holds_key) or {}
-        if holds.pop(f"{reserved}:{reservation_id}", None) is not None:
+        live = holds.pop(f"{reserved}:{req.reservation_id}", None) is not None
+        if live:
             ledger["held"] -= reserved
             ledger["spent"] += amount
         else:  # the hold expired and was charged at `reserved`: correct that charge to the actual amount
@@ -302,6 +347,68 @@ class MemoryStore:
             self._keys.delete(credits.holds_key)
         self._keys.put(credits.ledger_key, ledger)
         self._expire_ledger(credits)
+        return live
+
+    def _record_expired(self, spec: LedgerSpec, rid: str, reserved: int, now: int) -> None:
+        """The record of a hold charged at expiry; who it was for comes from its ticket, if still there."""
+        ticket = self._keys.get(f"{spec.prefix}:tk:{rid}") or {}
+        self._record(spec, now, {
+            "id": f"{rid}:expired", "request_id": ticket.get("q", ""), "key": ticket.get("k", ""),
+            "user": ticket.get("u", ""), "model": ticket.get("m", ""), "provider": "", "deployment": "",
+            "tokens_in": 0, "tokens_out": 0, "images": 0, "seconds_ms": 0, "credits": reserved,
+            "reserved": reserved, "outcome": "expired", "late": 0,
+        })
+
+    def _record(self, spec: LedgerSpec, now: int, values: dict[str, Any]) -> None:
+        """Append a record to the account's stream and add it to the day's aggregates (as the Lua `record`)."""
+        fields = {name: str(values.get(name, "")) for name in RECORD_FIELDS}
+        fields.update(ts=str(now), account=spec.account)
+        key = stream_key(spec.prefix)
+        stream = self._keys.get(key) or _Stream()
+        stream.add(now, fields, spec.max_records, now - spec.retention_ms)
+        self._keys.put(key, stream)
+        self._keys.expire_at(key, now + spec.retention_ms)
+        counted = values["late"] == 0 and values["outcome"] in ("settled", "expired")
+        day, expiry = day_of(now), usage_expiry(now, spec.retention_ms)
+        keys = [account_usage_key(spec.prefix, day)]
+        if values["user"]:
+            keys.append(user_usage_key(spec.prefix, values["user"], day))
+        for usage_key in keys:
+            totals: dict[str, int] = self._keys.get(usage_key) or {}
+            for metric in METRICS:
+                delta = int(counted) if metric == "calls" else int(values[metric])
+                if delta:
+                    name = f"{metric}:{values['model']}"
+                    totals[name] = totals.get(name, 0) + delta
+            if totals:
+                self._keys.put(usage_key, totals)
+                self._keys.expire_at(usage_key, expiry)
+
+    async def ledger_streams(self, prefix: str = "ep") -> list[str]:
+        return sorted(
+            key for key, value in self._keys.items() if isinstance(value, _Stream) and key.startswith(f"{prefix}:{{")
+        )
+
+    async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
+        found = self._keys.get(stream)
+        if not isinstance(found, _Stream):
+            return []
+        return [LedgerRecord(stream, f"{eid[0]}-{eid[1]}", fields) for eid, fields in found.after(parse_id(after), count)]
+
+    async def read_ledger_group(
+        self, stream: str, group: str, consumer: str, count: int = 100, *, pending: bool = False
+    ) -> list[LedgerRecord]:
+        found = self._keys.get(stream)
+        if not isinstance(found, _Stream):
+            return []
+        return [LedgerRecord(stream, eid, fields) for eid, fields in found.read_group(group, consumer, count, pending)]
+
+    async def ack_ledger(self, stream: str, group: str, ids: list[str]) -> int:
+        found = self._keys.get(stream)
+        return found.ack(group, ids) if isinstance(found, _Stream) else 0
+
+    async def read_usage(self, keys: list[str]) -> list[dict[str, str]]:
+        return [{name: str(value) for name, value in (self._keys.get(key) or {}).items()} for key in keys]
 
     def _expire_ledger(self, credits: CreditSpec) -> None:
         if credits.expire_at_ms:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -13,11 +13,13 @@ from redis.exceptions import RedisError, ResponseError
 from proxy.store import lua
 from proxy.store.admission import CallGate, LoopLag, deadline
 from proxy.store.gcra import Step, limit_states
+from proxy.store.ledger import LedgerRecord, day_of, usage_expiry
 from proxy.store.base import (
     AdmitCancelled,
     AdmitRequest,
     AdmitResult,
     Balance,
+    CallUsage,
     Denial,
     DenialKind,
     Reservation,
@@ -88,14 +90,16 @@ class RedisStore:
     async def peek(self, request: AdmitRequest) -> AdmitResult:
         return await self._run_admit(request, dry=True)
 
-    async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
-        check_settle(amount, tokens, now_ms)
-        keys, args = _settle_call(reservation.request, amount, tokens, now_ms)
+    async def settle(
+        self, reservation: Reservation, amount: int, tokens: int, now_ms: int, usage: CallUsage | None = None
+    ) -> bool:
+        check_settle(amount, tokens, now_ms, usage)
+        keys, args = _settle_call(reservation.request, amount, tokens, now_ms, usage or CallUsage())
         return bool(await self._call(lambda: self._settle(keys=keys, args=args)))
 
     async def cancel(self, request: AdmitRequest, now_ms: int) -> bool:
         check_settle(0, 0, now_ms)
-        keys, args = _settle_call(request, 0, 0, now_ms)
+        keys, args = _settle_call(request, 0, 0, now_ms, CallUsage(), "cancelled")
         tombstone_ms = 2 * request.ttl_ms  # as long as the ticket of the admit would have lived
         return bool(await self._call(lambda: self._cancel(keys=keys, args=[*args, tombstone_ms])))
 
@@ -104,6 +108,58 @@ class RedisStore:
         req = reservation.request
         args = [now_ms, req.reservation_id, ttl_ms, int(req.lease is not None), int(req.credits is not None)]
         return bool(await self._call(lambda: self._renew(keys=_fixed_keys(req), args=args)))
+
+    async def ledger_streams(self, prefix: str = "ep") -> list[str]:
+        """Every account's ledger stream, by SCAN (one bounded call per page)."""
+        streams: set[str] = set()
+        cursor = 0
+        while True:
+            cursor, keys = await self._call(
+                lambda: self._client.scan(cursor, match=f"{prefix}:{{*}}:lg", count=1000, _type="stream")
+            )
+            streams.update(key.decode() for key in keys)
+            if cursor == 0:
+                return sorted(streams)
+
+    async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
+        entries = await self._call(lambda: self._client.xrange(stream, min=f"({after}", max="+", count=count))
+        return [_record(stream, eid, fields) for eid, fields in entries]
+
+    async def read_ledger_group(
+        self, stream: str, group: str, consumer: str, count: int = 100, *, pending: bool = False
+    ) -> list[LedgerRecord]:
+        async def read() -> list[Any]:
+            try:
+                return await self._client.xreadgroup(group, consumer, {stream: "0" if pending else ">"}, count=count)
+            except ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+            try:  # a new group starts at the stream's first record
+                await self._client.xgroup_create(stream, group, id="0")
+            except ResponseError as exc:
+                if "requires the key to exist" in str(exc):
+                    return []  # no stream (no record yet, or all expired)
+                if not str(exc).startswith("BUSYGROUP"):
+                    raise
+            return await self._client.xreadgroup(group, consumer, {stream: "0" if pending else ">"}, count=count)
+
+        reply = await self._call(read)
+        return [_record(stream, eid, fields or {}) for _, entries in reply for eid, fields in entries]
+
+    async def ack_ledger(self, stream: str, group: str, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        return int(await self._call(lambda: self._client.xack(stream, group, *ids)))
+
+    async def read_usage(self, keys: list[str]) -> list[dict[str, str]]:
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            return await pipe.execute()
+
+        replies = await self._call(read) if keys else []
+        return [{name.decode(): value.decode() for name, value in reply.items()} for reply in replies]
 
     async def ping(self) -> bool:
         try:
@@ -129,6 +185,7 @@ class RedisStore:
             credits.budget if credits else -1,
             credits.amount if credits else 0,
             credits.expire_at_ms if credits else 0,
+            *_ledger_args(req, req.now_ms),
         ]
         for spec in req.limits:
             cost = 0 if dry else spec.cost
@@ -176,8 +233,25 @@ def _fixed_keys(req: AdmitRequest) -> list[str]:
     ]
 
 
-def _settle_call(req: AdmitRequest, amount: int, tokens: int, now_ms: int) -> tuple[list[str], list[int | str]]:
-    """KEYS and ARGV of the settle script (and of cancel, which settles at 0)."""
+def _ledger_args(req: AdmitRequest, now_ms: int) -> list[int | str]:
+    """The usage ledger's block of ARGV (lua.LEDGER_ARGS): where records and aggregates go, and who for."""
+    lg = req.ledger
+    if lg is None:
+        return [0, "", "", 0, 1, 0, 1, "", "", "", "", ""]
+    return [
+        1, lg.prefix, day_of(now_ms), usage_expiry(now_ms, lg.retention_ms), lg.max_records,
+        max(0, now_ms - lg.retention_ms), lg.retention_ms, lg.request_id, lg.account, lg.key_id, lg.user, lg.model,
+    ]
+
+
+def _record(stream: str, eid: bytes, fields: dict[bytes, bytes]) -> LedgerRecord:
+    return LedgerRecord(stream, eid.decode(), {name.decode(): value.decode() for name, value in fields.items()})
+
+
+def _settle_call(
+    req: AdmitRequest, amount: int, tokens: int, now_ms: int, usage: CallUsage, outcome: str = ""
+) -> tuple[list[str], list[int | str]]:
+    """KEYS and ARGV of the settle script (and of cancel, which settles at 0 with outcome `cancelled`)."""
     token_limits = [spec for spec in req.limits if spec.tokens]
     credits = req.credits
     args: list[int | str] = [
@@ -187,6 +261,9 @@ def _settle_call(req: AdmitRequest, amount: int, tokens: int, now_ms: int) -> tu
         int(req.lease is not None),
         int(credits is not None),
         credits.expire_at_ms if credits else 0,
+        *_ledger_args(req, now_ms),
+        outcome or usage.outcome, usage.provider, usage.deployment, usage.tokens_in, usage.tokens_out,
+        usage.images, usage.seconds_ms,
     ]
     for spec in token_limits:
         step = Step.of(tokens - req.estimated_tokens, spec.window_ms, spec.limit)

@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable, Literal, TypeVar
 from proxy.store.base import (
     AdmitRequest,
     AdmitResult,
+    CallUsage,
     NullObserver,
     Reservation,
     Store,
@@ -20,6 +21,7 @@ from proxy.store.base import (
     StoreUnavailable,
 )
 from proxy.store.breaker import CircuitBreaker
+from proxy.store.ledger import LedgerReader, LedgerRecord
 from proxy.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -80,22 +82,50 @@ class ResilientStore:
             return result
         return await self._fallback.peek(self._degraded(request, "peek"))
 
-    async def settle(self, reservation: Reservation, amount: int, tokens: int, now_ms: int) -> bool:
-        """Settle where the reservation was taken; raises StoreError if the shared store is down."""
+    async def settle(
+        self, reservation: Reservation, amount: int, tokens: int, now_ms: int, usage: CallUsage | None = None
+    ) -> bool:
+        """Settle where the reservation was taken; raises StoreError if the shared store is down (the meter queues
+        the settle and retries it)."""
         if reservation.fallback:
-            return await self._fallback.settle(reservation, amount, tokens, now_ms)
-        ok, result = await self._attempt("settle", lambda: self._primary.settle(reservation, amount, tokens, now_ms))
-        if not ok:
-            raise StoreError("store unavailable")  # the meter queues the settle and retries it
-        return result
+            return await self._fallback.settle(reservation, amount, tokens, now_ms, usage)
+        return await self._shared("settle", lambda: self._primary.settle(reservation, amount, tokens, now_ms, usage))
 
     async def cancel(self, request: AdmitRequest, now_ms: int) -> bool:
         """Cancel a lost admit on the shared store (fallback admits never get lost); raises StoreError if it is
         down, and the meter retries."""
-        ok, result = await self._attempt("cancel", lambda: self._primary.cancel(request, now_ms))
+        return await self._shared("cancel", lambda: self._primary.cancel(request, now_ms))
+
+    # The usage ledger lives only in the shared store (calls admitted by the local fallback write no record).
+    async def ledger_streams(self, prefix: str = "ep") -> list[str]:
+        return await self._shared("ledger", lambda: self._reader.ledger_streams(prefix))
+
+    async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
+        return await self._shared("ledger", lambda: self._reader.read_ledger(stream, after, count))
+
+    async def read_ledger_group(
+        self, stream: str, group: str, consumer: str, count: int = 100, *, pending: bool = False
+    ) -> list[LedgerRecord]:
+        return await self._shared(
+            "ledger", lambda: self._reader.read_ledger_group(stream, group, consumer, count, pending=pending)
+        )
+
+    async def ack_ledger(self, stream: str, group: str, ids: list[str]) -> int:
+        return await self._shared("ledger", lambda: self._reader.ack_ledger(stream, group, ids))
+
+    async def read_usage(self, keys: list[str]) -> list[dict[str, str]]:
+        return await self._shared("usage", lambda: self._reader.read_usage(keys))
+
+    @property
+    def _reader(self) -> LedgerReader:
+        return self._primary  # type: ignore[return-value]  # both shared stores implement LedgerReader
+
+    async def _shared(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Call the shared store through the breaker; StoreError if it is down (nothing local can answer)."""
+        ok, result = await self._attempt(op, call)
         if not ok:
             raise StoreError("store unavailable")
-        return result
+        return result  # type: ignore[no-any-return]
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
         """Renew where the reservation was taken; False (never an error) if the shared store is down."""
@@ -134,7 +164,7 @@ class ResilientStore:
             self._observer.on_op(op, 0.0, "refused")
             raise StoreUnavailable("store unavailable; rate limits fail closed", certain=certain)
         self._observer.on_op(op, 0.0, "fallback")
-        return dataclasses.replace(request, credits=None)
+        return dataclasses.replace(request, credits=None, ledger=None)
 
     async def _attempt(self, op: str, call: Callable[[], Awaitable[T]], *, probe: bool = True) -> tuple[bool, Any]:
         """Call the shared store if the breaker allows: (True, result); (False, None) when the breaker skipped

@@ -18,7 +18,8 @@ class StoreConfigError(ValueError):
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """`store: {kind, redis_url | redis_url_env, timeouts, pool and queue, breaker, fail_mode, reservation_ttl_s}`."""
+    """`store: {kind, redis_url | redis_url_env, timeouts, pool and queue, breaker, fail_mode, reservation_ttl_s,
+    usage ledger retention}`."""
 
     kind: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
@@ -32,6 +33,8 @@ class StoreSettings:
     fail_rate_limits: FailMode = "open"
     fail_credits: FailMode = "closed"
     reservation_ttl_s: float = 600.0
+    usage_retention_days: int = 35  # ledger records and daily usage aggregates (docs/usage.md)
+    usage_max_records: int = 100_000  # per account's ledger stream, trimmed beyond (approximately, in Redis)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None, source: str = "config.yaml") -> StoreSettings:
@@ -68,10 +71,14 @@ class StoreSettings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 _fail(f"{source}: store.{name} must be a positive number of seconds")
-        for name in ("max_connections", "breaker_failures"):
+        for name in ("max_connections", "breaker_failures", "usage_retention_days", "usage_max_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(f"{source}: store.{name} must be a positive integer")
+        if isinstance(self.usage_retention_days, int) and self.usage_retention_days > 3650:
+            _fail(f"{source}: store.usage_retention_days must be at most 3650 (ten years)")
+        if isinstance(self.usage_max_records, int) and self.usage_max_records > 10**9:
+            _fail(f"{source}: store.usage_max_records must be at most 1000000000")
         if not isinstance(self.max_waiting_calls, int) or self.max_waiting_calls < 0:
             _fail(f"{source}: store.max_waiting_calls must be an integer >= 0 (0: never queue, answer 503 overloaded)")
 

@@ -1,0 +1,108 @@
+"""`GET /v1/usage`: the caller's own spend by day and model, from the usage ledger's daily aggregates
+(docs/usage.md). A credential with a subject sees its own user's usage; any other, its account's."""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Mapping
+
+from aiohttp import web
+
+from ..errors import ApiError
+from ..meter import Meter, from_micro, usage_user
+from ..store.ledger import METRICS
+from .state import GATEWAY, authenticated
+
+MAX_DAYS = 92  # one query reads one aggregate per day: a quarter at most
+GROUPS = ("day", "model")
+_PARAMS = frozenset({"from", "to", "group_by"})
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+async def usage(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    principal = await authenticated(request)
+    decision = gateway.policy.current.plan_decision(principal)
+    if not decision.allowed:
+        raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
+    first, last, group_by = usage_query(request.query, today=datetime.now(timezone.utc).date())
+    user = usage_user(principal)
+    report = await usage_report(gateway.meter, principal.account, user, first, last, group_by)
+    return web.json_response({"scope": "user" if user else "account", **report})
+
+
+def usage_query(query: Mapping[str, str], *, today: date) -> tuple[date, date, tuple[str, ...]]:
+    """`from`, `to` (YYYY-MM-DD, UTC days, inclusive; default: the first of `to`'s month and today) and `group_by`
+    (`day`, `model`, both comma-separated, or empty for totals only; default both). 400 `invalid_request` naming
+    the parameter otherwise."""
+    for name in query:
+        if name not in _PARAMS:
+            raise ApiError("invalid_request", f"unknown parameter {name!r}; use from, to, group_by", param=name)
+        if len(query.getall(name)) > 1:  # type: ignore[attr-defined]
+            raise ApiError("invalid_request", f"{name} is given more than once", param=name)
+    last = _day(query, "to") or today
+    first = _day(query, "from") or last.replace(day=1)
+    if first > last:
+        raise ApiError("invalid_request", "from must not be after to", param="from")
+    if (last - first).days >= MAX_DAYS:
+        raise ApiError("invalid_request", f"a query covers at most {MAX_DAYS} days", param="from")
+    raw = query.get("group_by", ",".join(GROUPS))
+    group_by = tuple(part for part in raw.split(",") if part)
+    if any(part not in GROUPS for part in group_by) or len(set(group_by)) != len(group_by):
+        raise ApiError("invalid_request", "group_by is a comma-separated subset of day, model", param="group_by")
+    return first, last, tuple(part for part in GROUPS if part in group_by)
+
+
+async def usage_report(
+    meter: Meter, account: str, user: str | None, first: date, last: date, group_by: tuple[str, ...]
+) -> dict[str, Any]:
+    """The stable JSON of a usage query: rows by the requested groups (ordered), and the total."""
+    days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
+    rows: dict[tuple[str, ...], dict[str, int]] = {}
+    total = dict.fromkeys(METRICS, 0)
+    for day, totals in await meter.usage(account, user, days):
+        for name, value in totals.items():
+            metric, _, model = name.partition(":")
+            if metric not in total:
+                continue
+            group = tuple(day.isoformat() if part == "day" else model for part in group_by)
+            rows.setdefault(group, dict.fromkeys(METRICS, 0))[metric] += value
+            total[metric] += value
+    return {
+        "account": account,
+        "user": user,
+        "from": first.isoformat(),
+        "to": last.isoformat(),
+        "group_by": list(group_by),
+        "data": [{**dict(zip(group_by, group)), **_figures(figures)} for group, figures in sorted(rows.items())],
+        "total": _figures(total),
+    }
+
+
+def _figures(figures: dict[str, int]) -> dict[str, Any]:
+    """Integers as they are, except credits (micro-credits in the store) and seconds (ms in the store)."""
+    return {
+        "calls": figures["calls"],
+        "credits": from_micro(figures["credits"]),
+        "tokens_in": figures["tokens_in"],
+        "tokens_out": figures["tokens_out"],
+        "images": figures["images"],
+        "seconds": figures["seconds_ms"] / 1000,
+    }
+
+
+def _day(query: Mapping[str, str], name: str) -> date | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    try:
+        if not _DATE.match(value):
+            raise ValueError(value)
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ApiError("invalid_request", f"{name} must be a date YYYY-MM-DD", param=name) from None
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/usage", usage)
