@@ -142,14 +142,14 @@ class Admission:
             actual_credits = from_micro(request.credits.amount) if request.credits else 0.0
         return await self._apply(to_micro(actual_credits), clamp_tokens(actual_tokens), usage or CallUsage())
 
-    async def settle_at_reserve(self, usage: CallUsage | None = None) -> bool:
+    async def settle_at_reserve(self) -> bool:
         """Charge what was reserved (the most the call could cost) and free the lease: for a call whose real
         cost could not be worked out. A no-op once settled."""
         if self._settled or self._reservation is None:
             return False
         request = self._reservation.request
         amount = request.credits.amount if request.credits else 0
-        return await self._apply(amount, request.estimated_tokens, usage or CallUsage())
+        return await self._apply(amount, request.estimated_tokens, CallUsage())
 
     async def _apply(self, amount: int, tokens: int, usage: CallUsage) -> bool:
         assert self._reservation is not None

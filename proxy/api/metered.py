@@ -174,7 +174,7 @@ async def settle_or_charge_reserve(
         await settle(gateway, ctx, decision, admission, outcome, input_bytes)
     except Exception:
         log.exception("settle failed: charging the reserve")
-        await admission.settle_at_reserve(call_usage(ctx, None))
+        await admission.settle_at_reserve()  # nothing more that could fail: its record names no deployment
 
 
 async def settle(
