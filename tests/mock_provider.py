@@ -39,6 +39,56 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+RESPONSE_ID, MESSAGE_ID = "resp_0a1b2c3d4e5f", "msg_0a1b2c3d4e5f"
+
+
+def response_object(model: str, status: str, text: str | None, usage: dict[str, Any] | None) -> dict[str, Any]:
+    """An OpenAI Responses API `response` object; `text` None: no output item yet."""
+    output = [] if text is None else [{
+        "id": MESSAGE_ID, "type": "message", "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }]
+    return {
+        "id": RESPONSE_ID, "object": "response", "created_at": 1741290958, "status": status, "background": False,
+        "error": None, "incomplete_details": None, "instructions": None, "max_output_tokens": None,
+        "model": model, "output": output, "parallel_tool_calls": True, "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None}, "service_tier": "default", "store": True,
+        "temperature": 1.0, "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto",
+        "tools": [], "top_p": 1.0, "truncation": "disabled", "usage": usage, "user": None, "metadata": {},
+    }
+
+
+def responses_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
+
+
+def named_sse(payload: dict[str, Any]) -> bytes:
+    """A Responses API event: named after its `type`, as OpenAI sends them."""
+    return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+def responses_events(model: str, tokens: tuple[str, ...], usage: tuple[int, int]) -> list[bytes]:
+    """A streamed Responses API answer, event for event as OpenAI's: created, in_progress, the message item and
+    its text part opened, one delta per token, then each closed, and `response.completed` carrying the usage."""
+    text = "".join(tokens)
+    at = {"item_id": MESSAGE_ID, "output_index": 0, "content_index": 0}
+    item = response_object(model, "completed", text, None)["output"][0]
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": response_object(model, "in_progress", None, None)},
+        {"type": "response.in_progress", "response": response_object(model, "in_progress", None, None)},
+        {"type": "response.output_item.added", "output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", **at, "part": {"type": "output_text", "text": "", "annotations": []}},
+        *({"type": "response.output_text.delta", **at, "delta": token, "logprobs": []} for token in tokens),
+        {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **at, "part": item["content"][0]},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": response_object(model, "completed", text, responses_usage(*usage))},
+    ]
+    return [named_sse({**event, "sequence_number": n}) for n, event in enumerate(events)]
+
+
 @dataclass
 class Received:
     path: str
@@ -86,6 +136,8 @@ class MockProvider:
             return web.json_response({"created": 1700000000, "data": [{"url": "http://127.0.0.1/img.png"}]})
         if request.path.endswith("/audio/speech"):
             return web.Response(body=b"RIFF....WAVEfmt ", content_type="audio/wav")
+        if request.path.endswith("/responses"):
+            return await self.responses(request, body)
         if not body.get("stream"):
             return web.json_response({
                 "id": "chatcmpl-mock", "object": "chat.completion", "created": 1700000000, "model": body["model"],
@@ -101,6 +153,18 @@ class MockProvider:
         if include_usage:
             await response.write(sse(usage_chunk(7, len(self.tokens))))
         await response.write(sse("[DONE]"))
+        return response
+
+
+    async def responses(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """OpenAI's Responses API: 7 input tokens, one output token per token of `tokens`."""
+        usage = (7, len(self.tokens))
+        if not body.get("stream"):
+            return web.json_response(response_object(body["model"], "completed", "".join(self.tokens),
+                                                     responses_usage(*usage)))
+        response = await open_sse(request)
+        for event in responses_events(body["model"], self.tokens, usage):
+            await response.write(event)
         return response
 
 

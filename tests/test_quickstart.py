@@ -35,7 +35,10 @@ async def test_edge_proxy_serve_with_the_default_config_answers_the_sdk() -> Non
         assert key, "the demo key was not printed"
         base = f"http://127.0.0.1:{port}"
         await wait_healthy(base, lambda: process.poll() is not None)
-        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key.group(1), max_retries=0, timeout=10) as client:
+        # The README's base URL for OpenAI SDKs; /v1 answers the routes both surfaces share.
+        async with openai.AsyncOpenAI(base_url=f"{base}/openai/v1", api_key=key.group(1), max_retries=0,
+                                      timeout=10) as client:
+            models = [m.id async for m in client.models.list()]
             answer = await client.chat.completions.create(
                 model="demo/chat", messages=[{"role": "user", "content": "ping"}]
             )
@@ -44,8 +47,17 @@ async def test_edge_proxy_serve_with_the_default_config_answers_the_sdk() -> Non
             )
             streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
             image = await client.images.generate(model="demo/image", prompt="a lighthouse")
+            response = await client.responses.create(model="demo/chat", input="ping")
+            async with client.responses.stream(model="demo/chat", input="ping") as events:
+                streamed_response = "".join([e.delta async for e in events if e.type == "response.output_text.delta"])
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key.group(1), max_retries=0, timeout=10) as client:
+            assert [m.id async for m in client.models.list()] == models
+            assert (await client.chat.completions.create(
+                model="demo/chat", messages=[{"role": "user", "content": "ping"}]
+            )).choices[0].message.content == answer.choices[0].message.content
+        assert "demo/chat" in models and "demo/image" in models
         assert "You said: ping" in (answer.choices[0].message.content or "")
-        assert streamed == answer.choices[0].message.content
+        assert streamed == answer.choices[0].message.content == response.output_text == streamed_response
         assert image.data and image.data[0].url and image.data[0].url.endswith(".png")
     finally:
         process.send_signal(signal.SIGINT)

@@ -21,6 +21,7 @@ from ..metrics import UpstreamOutcome
 from ..store.base import CallUsage
 from ..policy.pricing import cost
 from ..policy.types import Decision, RequestFacts, Usage
+from ..upstream.formats.openai import RESPONSES_ROUTE
 from ..upstream.relay import RelayOutcome
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ def upstream_outcome(outcome: RelayOutcome) -> UpstreamOutcome:
 
 def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> RequestFacts:
     """What bounds the cost of a call before it is made; a count the bound relies on must be a sane integer."""
+    if route == RESPONSES_ROUTE:
+        return _responses_facts(body, input_bytes)
     # Both limits are checked: each one sent is lowered to the bound and forwarded (the wire format's prepare),
     # and a provider may honour either, so neither may be odd (a -1 can mean "no limit" to some servers).
     completion_limit = _count(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
@@ -129,6 +132,48 @@ def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> Request
         images=n if images else 1,
         stream=body.get("stream") is True,
     )
+
+
+# Responses API fields whose cost the request does not bound, refused with the way around (docs/api.md): the
+# provider would add input the request does not carry (stored responses, conversations, stored prompts), or go on
+# working after the answer is settled (background). They also reach state in the provider account, shared by all.
+_UNBOUNDED_RESPONSE_FIELDS = {
+    "previous_response_id": "send the earlier turns in `input`",
+    "conversation": "send the earlier turns in `input`",
+    "prompt": "send the prompt's text in `instructions` and `input`",
+    "background": "stream the response instead (`stream: true`)",
+}
+# Tools the provider does not bill beyond tokens. Hosted ones (web search, file search, code interpreter, MCP,
+# image generation) carry fees per call or reach files in the provider account.
+_TOKEN_PRICED_TOOLS = frozenset({"function", "custom"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "refusal", "summary_text", "reasoning_text"})
+
+
+def _responses_facts(body: dict[str, Any], input_bytes: int) -> RequestFacts:
+    """A Responses API call's bounds: `max_output_tokens`, the media parts in `input`; unbounded features refused."""
+    for name, instead in _UNBOUNDED_RESPONSE_FIELDS.items():
+        if body.get(name) not in (None, False):
+            raise ApiError("invalid_request", f"`{name}` is not supported through the gateway, which bounds and "
+                           f"meters a call by what its request carries: {instead}", param=name)
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else []:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in _TOKEN_PRICED_TOOLS:
+            raise ApiError("invalid_request", f"tool type {kind!r} is not supported through the gateway (it has fees "
+                           "beyond tokens or reaches the provider account); use function tools", param="tools")
+    items = body.get("input")
+    return RequestFacts(
+        input_bytes=input_bytes,
+        max_output_tokens=_count(body, "max_output_tokens", MAX_OUTPUT_TOKENS),
+        media_parts=sum(_non_text_parts(item) for item in items if isinstance(item, dict)) if isinstance(items, list) else 0,
+        stream=body.get("stream") is True,
+    )
+
+
+def _non_text_parts(item: dict[str, Any]) -> int:
+    """Images, files and audio in a Responses input item: a message's `content`, a tool result's `output`."""
+    parts = [part for key in ("content", "output") if isinstance(item.get(key), list) for part in item[key]]
+    return sum(1 for part in parts if not (isinstance(part, dict) and part.get("type") in _TEXT_PARTS))
 
 
 def _prompts(prompt: Any) -> int:

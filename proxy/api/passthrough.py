@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 
 from ..context import CONTEXT
+from ..upstream.formats.openai import RESPONSES_ROUTE
 from ..upstream.relay import forwarded_headers, relay
 from .body import read_json_object
 from .metered import authorize_and_admit, metered_call, request_facts
@@ -26,6 +27,8 @@ ROUTES = (
     "/v1/audio/speech",
 )
 OPENAI_PREFIX = "/openai"  # `<gateway>/openai/v1`: OpenAI's whole surface as an SDK's base URL (docs/api.md)
+# Only under the prefix: the gateway's own /v1/responses is the unified generation API (responses.py).
+OPENAI_ONLY_ROUTES = (RESPONSES_ROUTE,)
 
 
 def openai_route(request: web.Request) -> str:
@@ -53,4 +56,5 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     for path in ROUTES:
         app.router.add_post(path, passthrough)
+    for path in ROUTES + OPENAI_ONLY_ROUTES:
         app.router.add_post(OPENAI_PREFIX + path, passthrough)

@@ -25,9 +25,10 @@ _MAX_IMAGES = 10  # like real image APIs; also keeps a huge `n` from exhausting 
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
-    if isinstance(body.get("prompt"), str):
-        return body["prompt"]
-    for message in reversed(body.get("messages") or []):
+    for text in (body.get("prompt"), body.get("input")):  # completions; the Responses API
+        if isinstance(text, str):
+            return text
+    for message in reversed(body.get("messages") or body.get("input") or []):
         if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
             return message["content"]
     return ""
@@ -41,7 +42,7 @@ def _reply_tokens(body: dict[str, Any]) -> list[str]:
     said = _last_user_text(body)
     reply = f"Hello from the edge-proxy demo upstream. You said: {said}".strip()
     tokens = [w + " " for w in reply.split()]
-    limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    limit = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
     return tokens[:limit] if isinstance(limit, int) and limit > 0 else tokens
 
 
@@ -54,7 +55,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
-    prompt = _words(json.dumps(body.get("messages") or body.get("prompt") or ""))
+    prompt = _words(json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or ""))
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
@@ -75,8 +76,6 @@ async def _completion(request: web.Request, *, chat: bool) -> web.StreamResponse
                   "choices": [choice("".join(tokens), "stop", False)], "usage": _usage(body, len(tokens))}
         return web.json_response(answer)
 
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
     chunk_kind = f"{kind}.chunk" if chat else kind
     include_usage = (body.get("stream_options") or {}).get("include_usage") is True
     events = []
@@ -90,6 +89,13 @@ async def _completion(request: web.Request, *, chat: bool) -> web.StreamResponse
                  "usage": _usage(body, len(tokens))}
         events.append(f"data: {json.dumps(final)}\n\n".encode())
     events.append(b"data: [DONE]\n\n")
+    return await _stream(request, events)
+
+
+async def _stream(request: web.Request, events: list[bytes]) -> web.StreamResponse:
+    """Send SSE events at the demo's token pace."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
     try:
         for event in events:
             await response.write(event)
@@ -106,6 +112,44 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _completion(request, chat=False)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses API: the Response object, or its semantic events (named, numbered, no `[DONE]`)."""
+    body = await _json_body(request)
+    tokens = _reply_tokens(body)
+    text, ident = "".join(tokens), uuid.uuid4().hex[:12]
+    usage = _usage(body, len(tokens))
+    message = {"id": f"msg_{ident}", "type": "message", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+    def response(status: str, output: list[Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+        return {"id": f"resp_{ident}", "object": "response", "created_at": int(time.time()), "status": status,
+                "model": body.get("model", "demo"), "output": output, "error": None, "incomplete_details": None,
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "usage": usage}
+
+    done = response("completed", [message], {"input_tokens": usage["prompt_tokens"],
+                                              "output_tokens": usage["completion_tokens"],
+                                              "total_tokens": usage["total_tokens"]})
+    if not body.get("stream"):
+        return web.json_response(done)
+    part = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+    events = [
+        {"type": "response.created", "response": response("in_progress", [], None)},
+        {"type": "response.in_progress", "response": response("in_progress", [], None)},
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {**message, "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", **part, "part": {"type": "output_text", "text": "", "annotations": []}},
+        *({"type": "response.output_text.delta", **part, "delta": token} for token in tokens),
+        {"type": "response.output_text.done", **part, "text": text},
+        {"type": "response.content_part.done", **part, "part": message["content"][0]},
+        {"type": "response.output_item.done", "output_index": 0, "item": message},
+        {"type": "response.completed", "response": done},
+    ]
+    return await _stream(request, [
+        f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
+        for n, e in enumerate(events)
+    ])
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -156,6 +200,7 @@ def demo_app() -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/images/generations", images)
     app.router.add_post("/v1/audio/speech", speech)

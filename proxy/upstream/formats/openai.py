@@ -18,10 +18,13 @@ _TOKEN_FIGURES = ("prompt_tokens", "input_tokens", "completion_tokens", "output_
 
 # Routes whose streams support `stream_options.include_usage`.
 _USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# OpenAI's Responses API, called on the gateway's /openai/v1/responses (its /v1/responses is the unified API).
+RESPONSES_ROUTE = "/v1/responses"
 # The output limit each text route takes; the first is the one to send when the client sent none.
 _OUTPUT_LIMIT_FIELDS = {
     "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
     "/v1/completions": ("max_tokens",),
+    RESPONSES_ROUTE: ("max_output_tokens",),
 }
 
 
@@ -56,6 +59,8 @@ def _cap_output(route: str, body: dict[str, Any], cap: int) -> None:
 def usage_of(answer: dict[str, Any]) -> Usage | None:
     """Usage from a JSON answer or a stream chunk; None when the object carries none, or only broken figures
     (then the call is charged an estimate that never undercharges, docs/metering.md)."""
+    if "usage" not in answer and isinstance(answer.get("response"), dict):
+        answer = answer["response"]  # a Responses API event (response.completed, ...): usage is its Response's
     usage = answer.get("usage")
     if isinstance(usage, dict) and any(usage.get(name) is not None for name in _TOKEN_FIGURES):
         input_tokens = token_figure(usage.get("prompt_tokens", usage.get("input_tokens")))
@@ -107,7 +112,10 @@ def is_usage_only_chunk(chunk: dict[str, Any]) -> bool:
 
 # On raw event bytes. A quote inside generated text is escaped (\"), so these cannot match content.
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-_NON_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\{')
+# Content: a chunk with choices, or a Responses API delta (response.output_text.delta, ...function_call_arguments.delta).
+_OUTPUT = re.compile(rb'"choices"\s*:\s*\[\s*\{|"type"\s*:\s*"response\.[a-z_.]+\.delta"')
+# The Responses API's last event: no `[DONE]` follows it.
+_RESPONSE_END = re.compile(rb'"type"\s*:\s*"response\.(?:completed|incomplete|failed)"')
 _IMAGE_COMPLETED = re.compile(rb'"type"\s*:\s*"image_generation\.completed"')  # one streamed image, done
 
 
@@ -118,7 +126,7 @@ def may_carry_usage(event: bytes) -> bool:
 
 def is_output_event(event: bytes) -> bool:
     """A raw SSE event carrying generated content: about one token each in OpenAI streams."""
-    return _NON_EMPTY_CHOICES.search(event) is not None
+    return _OUTPUT.search(event) is not None
 
 
 def counts_as_output(chunk: dict[str, Any]) -> bool:
@@ -146,6 +154,8 @@ def _credential_headers(credential: str, header: str | None, scheme: str | None)
 
 
 def _ends_stream(event: bytes) -> bool:
+    if event.startswith(b"event: response."):  # the Responses API names its events; chat streams do not
+        return _RESPONSE_END.search(event) is not None
     return b"[DONE]" in event and sse.event_data(event) == b"[DONE]"
 
 
