@@ -12,16 +12,27 @@ from .config import ConfigError, load_config
 
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
+    from .workers import serve_workers, worker_count
 
     config = load_config(args.config)
+    workers = worker_count(config, args.workers)
     stop_logging = configure_logging(
         config.server.log_level, json=config.server.log_json, access_log=config.server.access_log
     )
     try:
+        if workers > 1:
+            return serve_workers(config, args.host, args.port, workers)
         serve(config, args.host, args.port)
     finally:
         stop_logging()
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -66,6 +77,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default="config.yaml")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--workers", type=_positive,
+        help="worker processes sharing the port (default: server.workers, else the cores available; "
+        "1 with the memory store)",
+    )
     serve.set_defaults(run=_serve)
     check = commands.add_parser("check", help="validate config and policies, then exit")
     check.add_argument("--config", default="config.yaml")

@@ -11,10 +11,11 @@ import hashlib
 import json as jsonlib
 import logging
 import re
+import select
 import sys
 import threading
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping
 
 from proxy.auth.principal import Principal
 
@@ -104,7 +105,7 @@ def log_access(record: Mapping[str, Any]) -> None:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, then the access fields or the exception."""
+    """One JSON object per line: ts, level, logger, msg, pid, then the access fields or the exception."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -112,6 +113,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            "pid": record.process,  # which worker process wrote it (`serve --workers`)
         }
         line.update(getattr(record, "access", None) or {})
         if exc := _exception_text(self, record):
@@ -175,12 +177,28 @@ class BatchingWriter(logging.Handler):
         lines = []
         while self._lines:  # the only consumer: popleft cannot find it empty
             lines.append(self._lines.popleft())
-        if lines:
-            try:
-                self._stream.write("\n".join(lines) + "\n")
+        try:
+            for chunk in _whole_line_chunks(lines):
+                self._stream.write(chunk)
                 self._stream.flush()
-            except (OSError, ValueError):  # closed or broken stdout: keep the writer alive for the next batch
-                pass
+        except (OSError, ValueError):  # closed or broken stdout: keep the writer alive for the next batch
+            pass
+
+
+def _whole_line_chunks(lines: list[str], limit: int = select.PIPE_BUF) -> Iterator[str]:
+    """`lines` joined into writes of whole lines, each at most `limit` bytes where the lines allow: worker
+    processes share one stdout pipe, and only a write that small is atomic, so no line is cut by another's."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line.encode()) + 1
+        if chunk and size + length > limit:
+            yield "\n".join(chunk) + "\n"
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "\n".join(chunk) + "\n"
 
 
 def configure_logging(

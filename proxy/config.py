@@ -53,6 +53,9 @@ class ServerSettings(_Strict):
     access_log_skip_paths: tuple[str, ...] = ()
     max_upload_bytes: int = Field(25 * 1024 * 1024, gt=0)  # POST /v1/uploads; larger files get 413
     public_url: str | None = None  # base of asset URLs (e.g. https://ai.example.com); default: the request's host
+    # Worker processes sharing the port (proxy/workers.py); None: the cores this process may use with a Redis
+    # store, 1 with the memory store (whose counters each process would keep for itself).
+    workers: int | None = Field(None, ge=1)
 
 
 class AssetSettings(_Strict):

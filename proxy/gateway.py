@@ -147,7 +147,8 @@ def demo_key(config: Config) -> tuple[ApiKey, str | None]:
     return record, (None if given else key)
 
 
-def _signing_ring(config: Config) -> KeyRing:
+def signing_keys(config: Config) -> KeyRing:
+    """The configured signing keys, or an ephemeral key (with a warning) when none is configured."""
     settings = [
         SigningKeySettings(file=str(config.path(k.file)) if k.file else None, env=k.env, active=k.active)
         for k in config.auth.signing_keys
@@ -162,10 +163,21 @@ def _issuer_plans(config: Config) -> set[str]:
     return {plan for issuer in config.issuers.values() for plan in (issuer.plan, *issuer.plan_map.values())}
 
 
-def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExporter | None = None) -> Gateway:
+def announce_demo_key(config: Config, key: str) -> None:
+    """Print a generated demo key once, to the console only: the quick start needs it and it is never stored.
+    One write call, so the background log writer cannot interleave with the line."""
+    sys.stdout.write(f"edge-proxy: demo API key (set {config.demo.key_env} to choose your own): {key}\n")
+    sys.stdout.flush()
+
+
+def build_gateway(
+    config: Config, announce: bool = True, span_exporter: SpanExporter | None = None,
+    signing_ring: KeyRing | None = None,
+) -> Gateway:
     """Build every part; configuration or policy errors stop start-up with a message naming file and key.
 
-    `span_exporter` (tests, embedders) receives the spans instead of the configured tracing exporter."""
+    `span_exporter` (tests, embedders) receives the spans instead of the configured tracing exporter;
+    `signing_ring` replaces the configured signing keys (the one the worker supervisor made for its workers)."""
     catalog = config.catalog()
     tracing = build_tracing(config.tracing, config.source, span_exporter)  # first: a missing extra stops start-up
     extra_keys: list[ApiKey] = []
@@ -189,7 +201,7 @@ def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExpo
         )
     except PolicyError as exc:
         raise ConfigError(str(exc)) from None
-    tokens = GatewayTokens(config.auth.token_settings(), _signing_ring(config))
+    tokens = GatewayTokens(config.auth.token_settings(), signing_ring or signing_keys(config))
     issuers = [
         IssuerVerifier(issuer.settings(name), on_fetch=metrics.jwks_fetch) for name, issuer in config.issuers.items()
     ]
@@ -197,10 +209,7 @@ def build_gateway(config: Config, announce: bool = True, span_exporter: SpanExpo
     store = build_store(store_settings, observer=MetricsStoreObserver(metrics))
     metrics.store_up(True)
     if new_demo_key and announce:
-        # Printed once, to the console only: the quick start needs it and it is never stored.
-        # One write call, so the background log writer cannot interleave with the line.
-        sys.stdout.write(f"edge-proxy: demo API key (set {config.demo.key_env} to choose your own): {new_demo_key}\n")
-        sys.stdout.flush()
+        announce_demo_key(config, new_demo_key)
     return Gateway(
         config=config,
         models={m.id: m for m in catalog},

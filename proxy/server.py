@@ -17,7 +17,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
@@ -149,14 +149,19 @@ def runner_options(config: Config) -> dict[str, Any]:
 LISTEN_BACKLOG = 128  # aiohttp's TCPSite default
 
 
-def listen_socket(host: str, port: int, setting: str = "server.port (--port)") -> socket.socket:
+def listen_socket(
+    host: str, port: int, setting: str = "server.port (--port)", reuse_port: bool = False
+) -> socket.socket:
     """The listening socket, bound before anything else starts, so a busy port is a one-line error instead of a
     traceback after a demo key that could never be used. `::` listens on every IPv6 and IPv4 address (one
-    dual-stack socket, as IPv6-only and dual-stack clusters need); another host binds its first address."""
+    dual-stack socket, as IPv6-only and dual-stack clusters need); another host binds its first address.
+    `reuse_port`: SO_REUSEPORT, so the supervisor can bind one socket per worker on the same port."""
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         dual_stack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
-        return socket.create_server(address[:2], family=family, backlog=LISTEN_BACKLOG, dualstack_ipv6=dual_stack)
+        return socket.create_server(
+            address[:2], family=family, backlog=LISTEN_BACKLOG, dualstack_ipv6=dual_stack, reuse_port=reuse_port
+        )
     except OSError as exc:
         raise ConfigError(
             f"server.host/{setting.split()[0]}: cannot listen on {_url(host, port)}: "
@@ -169,10 +174,11 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _metrics_socket(config: Config, host: str | None) -> socket.socket | None:
+def metrics_socket(config: Config, host: str | None, reuse_port: bool = False) -> socket.socket | None:
+    """The separate /metrics listener (`server.metrics_port`), if configured."""
     if config.server.metrics_port is None:
         return None
-    return listen_socket(host or config.server.host, config.server.metrics_port, "server.metrics_port")
+    return listen_socket(host or config.server.host, config.server.metrics_port, "server.metrics_port", reuse_port)
 
 
 async def start_server(
@@ -181,7 +187,13 @@ async def start_server(
     """Start serving in the running loop (used by tests and embedders); port 0 picks a free one. The sockets
     are bound before the gateway is built, so a busy port stops start-up before a demo key is printed."""
     sock = listen_socket(host or config.server.host, config.server.port if port is None else port)
-    metrics_sock = _metrics_socket(config, host)
+    return await serve_sockets(config, sock, metrics_socket(config, host), gateway)
+
+
+async def serve_sockets(
+    config: Config, sock: socket.socket, metrics_sock: socket.socket | None, gateway: Gateway | None = None
+) -> RunningServer:
+    """Serve on sockets already bound (by `start_server`, or by the worker supervisor before it started us)."""
     app = create_app(config, gateway)
     runner = GatewayRunner(app, **runner_options(config))
     await runner.setup()
@@ -195,20 +207,28 @@ async def start_server(
     return server
 
 
-async def _serve_until_signalled(config: Config, host: str | None, port: int | None) -> None:
-    stop = asyncio.Event()
+async def serve_until_signalled(
+    start: Awaitable[RunningServer], on_ready: Callable[[RunningServer], None], stop: asyncio.Event | None = None
+) -> None:
+    """Run the server `start` opens until SIGINT/SIGTERM (or `stop` is set), then drain it; `on_ready` says it
+    serves."""
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = await start_server(config, host, port)
-    metrics = f", metrics on {server.metrics_url}/metrics" if server.metrics_url else ""
-    print(f"edge-proxy: serving on {server.url}{metrics} (SIGINT or SIGTERM to stop)", flush=True)
+    server = await start
+    on_ready(server)
     try:
         await stop.wait()
     finally:
         await server.stop()  # stops accepting, then lets requests in flight finish within shutdown_grace_s
 
 
+def _announce(server: RunningServer) -> None:
+    metrics = f", metrics on {server.metrics_url}/metrics" if server.metrics_url else ""
+    print(f"edge-proxy: serving on {server.url}{metrics} (SIGINT or SIGTERM to stop)", flush=True)
+
+
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
-    """Serve until SIGINT/SIGTERM, then finish requests in flight up to `server.shutdown_grace_s`."""
-    asyncio.run(_serve_until_signalled(config, host, port))
+    """Serve in this process until SIGINT/SIGTERM, then finish requests in flight up to `server.shutdown_grace_s`."""
+    asyncio.run(serve_until_signalled(start_server(config, host, port), _announce))

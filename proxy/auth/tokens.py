@@ -93,6 +93,14 @@ class SigningKey:
     def generate(cls) -> SigningKey:
         return cls.from_key(ec.generate_private_key(ec.SECP256R1()))
 
+    def private_pem(self) -> bytes:
+        """The private key as PKCS#8 PEM, for `from_pem` in another process (worker processes get it on a pipe)."""
+        if self.private_key is None:
+            raise KeyConfigError(f"key {self.kid} is verification-only: it has no private half")
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
     def public_jwk(self) -> dict[str, str]:
         """The public half as a JWK with kid, alg and use."""
         return {**_public_jwk(self.public_key), "kid": self.kid, "alg": self.algorithm, "use": "sig"}
