@@ -141,7 +141,7 @@ def gateway_config(upstream_port: int, directory: str, policy: dict = BENCH_POLI
     Path(directory, "policies", "bench.yaml").write_text(json.dumps(policy))
     path.write_text(json.dumps({
         "store": store or {"kind": "memory"},
-        "server": {"sse_keepalive_s": 0, "log_level": "warning"},
+        "server": {"sse_keepalive_s": 0, "log_level": "warning", "workers": 1},  # `--workers` overrides it
         "demo": {"enabled": True, "plan": "demo"},
         "providers": {"up": {"base_url": f"http://127.0.0.1:{upstream_port}/v1", "max_connections": 1000}},
         "models": [{"id": "bench/chat", "name": "Bench", "creator": "bench", "capability": "text2text",

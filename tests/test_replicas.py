@@ -107,7 +107,7 @@ def config_path(redis_url: str, provider: MockProvider, tmp_path_factory: pytest
     workdir = tmp_path_factory.mktemp("replicas")
     config = gateway_config(
         provider.url, write_policy(workdir / "policies", POLICY),
-        server={"access_log": False, "log_level": "warning"},
+        server={"access_log": False, "log_level": "warning", "workers": 1},  # a replica: one process, as a pod
         # The shipped store timeouts: 400 requests at once must not turn into 503s (docs/metering.md).
         store={"kind": "redis", "redis_url": redis_url, "reservation_ttl_s": RESERVATION_TTL_S},
     )
