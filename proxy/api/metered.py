@@ -234,7 +234,7 @@ async def settle(
         return
     ctx.usage = usage
     ctx.credits_charged = cost(decision.price, usage) if decision.price else 0.0
-    if outcome.usage is None:
+    if not usage.final:
         # Only an estimate: never charge more than the most the request could have cost.
         ctx.credits_charged = min(ctx.credits_charged, decision.reserve_credits)
     elif ctx.credits_charged > decision.reserve_credits:
@@ -271,13 +271,18 @@ def used(outcome: RelayOutcome, decision: Decision, input_bytes: int) -> Usage |
     Seconds (for per_second prices): the audio length measured, else the usage's, else the reserve's bound."""
     if outcome.status >= 400 or not (outcome.status or outcome.abandoned):
         return None
-    if outcome.usage is not None:
-        usage = outcome.usage
+    reported = outcome.usage
+    if reported is not None and reported.final:
+        usage = reported
     elif outcome.completed:
-        usage = decision.bound
+        usage = replace(decision.bound, final=False)
     elif outcome.output_chunks == 0 and outcome.bytes_out == 0 and outcome.error_code is not None:
         return None  # the upstream failed before any output
     else:  # cut short: by the upstream after some output, or by a client that left a provider working on it
-        usage = Usage(input_tokens=input_bytes // _BYTES_PER_TOKEN, output_tokens=outcome.output_chunks)
+        # An estimate (final=False: capped at the reserve); a stream that reported its input early keeps it.
+        usage = Usage(
+            input_tokens=reported.input_tokens if reported else input_bytes // _BYTES_PER_TOKEN,
+            output_tokens=max(outcome.output_chunks, reported.output_tokens if reported else 0), final=False,
+        )
     seconds = outcome.seconds if outcome.seconds is not None else usage.seconds or decision.bound.seconds
     return replace(usage, seconds=seconds)

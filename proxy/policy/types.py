@@ -67,6 +67,9 @@ class Usage:
     output_tokens: int = 0
     images: int = 0
     seconds: float = 0.0
+    # False: figures a stream reports before its end (Anthropic's `message_start`), which its final event
+    # replaces; a stream cut before that is charged an estimate (its input known), never these alone.
+    final: bool = True
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ async def usage_from_the_rest(upstream: aiohttp.ClientResponse, fmt: WireFormat,
     """The client left a stream before its usage event: that event follows the last content chunk (and counts what
     no chunk shows, such as reasoning), so read what is left of the stream for a moment to charge it rather than an
     estimate. Output events read meanwhile count too: the provider produced them."""
-    if outcome.usage is not None or outcome.error_code is not None:
+    if (outcome.usage is not None and outcome.usage.final) or outcome.error_code is not None:
         return
     splitter = sse.EventSplitter()
     try:

@@ -6,6 +6,7 @@ Adding a format: a module implementing `WireFormat`, its entry in `ADAPTERS`, it
 
 from __future__ import annotations
 
+from .anthropic import ANTHROPIC
 from .base import PreparedBody, WireFormat
 from .openai import OPENAI
 
@@ -15,8 +16,9 @@ ADAPTERS: dict[str, WireFormat] = {
     "openai": OPENAI,
     "http": OPENAI,
     "demo": OPENAI,
+    "anthropic": ANTHROPIC,
 }
-RESERVED: tuple[str, ...] = ("azure_openai", "anthropic", "gemini", "bedrock")
+RESERVED: tuple[str, ...] = ("azure_openai", "gemini", "bedrock")
 _ALIASES = {"http": "openai"}
 
 

@@ -9,6 +9,8 @@ the relay calls these methods per event, so they must stay cheap (byte checks be
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,6 +84,24 @@ class WireFormat(Protocol):
 
 
 MAX_USAGE_TOKENS = 2**31 - 1  # per usage figure: anything more is no real count
+
+
+# On raw bytes. A quote inside generated text is escaped (\"), so this cannot match content.
+USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
+def last_usage_object(data: bytes) -> dict[str, Any] | None:
+    """The last whole `"usage": {...}` object in the end of an answer too large to parse whole (or a fragment of
+    an oversized event): answers put it after their data. None if it is not there whole."""
+    matches = list(USAGE_OBJECT.finditer(data))
+    if not matches:
+        return None
+    start = matches[-1].end() - 1
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(data[start:].decode(errors="replace"))
+    except (ValueError, RecursionError):
+        return None
+    return usage if isinstance(usage, dict) else None
 
 
 def token_figure(value: Any) -> int | None:

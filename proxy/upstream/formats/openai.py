@@ -11,7 +11,7 @@ from typing import Any
 from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
-from .base import PreparedBody, token_figure
+from .base import USAGE_OBJECT, PreparedBody, last_usage_object, token_figure
 
 # A usage object naming none of these (`{}`, only `total_tokens`) reports nothing to charge: it counts as absent.
 _TOKEN_FIGURES = ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")
@@ -73,17 +73,9 @@ def usage_of(answer: dict[str, Any]) -> Usage | None:
 
 
 def usage_in_tail(data: bytes) -> Usage | None:
-    """Usage from the end of an answer too large to parse whole (or a fragment of an oversized event): the last
-    `"usage": {...}` object, which OpenAI answers put after their data. None if it is not there whole."""
-    matches = list(_USAGE_OBJECT.finditer(data))
-    if not matches:
-        return None
-    start = matches[-1].end() - 1
-    try:
-        usage, _ = json.JSONDecoder().raw_decode(data[start:].decode(errors="replace"))
-    except (ValueError, RecursionError):
-        return None
-    return usage_of({"usage": usage}) if isinstance(usage, dict) else None
+    """Usage from the end of an answer too large to parse whole (or a fragment of an oversized event)."""
+    usage = last_usage_object(data)
+    return usage_of({"usage": usage}) if usage is not None else None
 
 
 def event_usage(previous: Usage | None, event: bytes, parsed: dict[str, Any] | None = None) -> Usage | None:
@@ -111,7 +103,6 @@ def is_usage_only_chunk(chunk: dict[str, Any]) -> bool:
 
 
 # On raw event bytes. A quote inside generated text is escaped (\"), so these cannot match content.
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 # Content: a chunk with choices, or a Responses API delta (response.output_text.delta, ...function_call_arguments.delta).
 _OUTPUT = re.compile(rb'"choices"\s*:\s*\[\s*\{|"type"\s*:\s*"response\.[a-z_.]+\.delta"')
 # The Responses API's last event: no `[DONE]` follows it.
@@ -121,7 +112,7 @@ _IMAGE_COMPLETED = re.compile(rb'"type"\s*:\s*"image_generation\.completed"')  #
 
 def may_carry_usage(event: bytes) -> bool:
     """Whether a raw SSE event can hold a usage object (the only events worth parsing)."""
-    return _USAGE_OBJECT.search(event) is not None
+    return USAGE_OBJECT.search(event) is not None
 
 
 def is_output_event(event: bytes) -> bool:
