@@ -8,8 +8,8 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .api import health, identity, me, models, passthrough, responses, uploads, usage
-from .api.state import GATEWAY
+from .api import anthropic, health, identity, me, models, passthrough, responses, uploads, usage
+from .api.state import ERROR_SHAPES, GATEWAY
 from .config import Config, ServerSettings
 from .context import CONTEXT, RequestContext, request_id_for, route_name
 from .errors import ApiError
@@ -26,8 +26,11 @@ _EXPOSED_HEADERS = (
 _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-def error_response(error: ApiError) -> web.Response:
-    return web.json_response(error.body(), status=error.status, headers=error.headers)
+def error_response(error: ApiError, request: web.Request | None = None) -> web.Response:
+    """The error as JSON: ours, or the shape the request's route family registered (ERROR_SHAPES)."""
+    shapes = request.app.get(ERROR_SHAPES, ()) if request is not None else ()
+    body = next((shape for prefix, shape in shapes if request.path.startswith(prefix)), ApiError.body)(error)
+    return web.json_response(body, status=error.status, headers=error.headers)
 
 
 def _from_http_exception(exc: web.HTTPException) -> ApiError:
@@ -71,7 +74,7 @@ async def _answer(request: web.Request, handler: Handler, ctx: RequestContext) -
     except Exception:
         log.exception("unhandled error", extra={"request_id": ctx.request_id})
         ctx.error = ApiError("internal_error", "internal error; quote the X-Request-Id when reporting it")
-    return error_response(ctx.error)
+    return error_response(ctx.error, request)
 
 
 def cors_middleware(server: ServerSettings) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -125,6 +128,7 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
         client_max_size=config.server.max_body_bytes,
     )
     app[GATEWAY] = gateway
+    app[ERROR_SHAPES] = []
     app.on_response_prepare.append(_stamp_headers(frozenset(config.server.cors_allow_origins)))
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
@@ -137,6 +141,6 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(drain)
-    for routes in (health, identity, me, models, passthrough, responses, uploads, usage):
+    for routes in (health, identity, me, models, passthrough, responses, uploads, usage, anthropic):
         routes.add_routes(app)
     return app

@@ -38,7 +38,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_proxy")
 
 # Where each wire format's models are called natively (named in the error for a model called on another route).
-NATIVE_ROUTES = {"openai": "/v1/chat/completions and the other /v1 generation routes"}
+NATIVE_ROUTES = {
+    "openai": "/v1/chat/completions and the other /v1 generation routes",
+    "anthropic": "/anthropic/v1/messages",
+}
 
 
 @dataclass

@@ -35,6 +35,8 @@ ROUTES: frozenset[str] = frozenset({
     "/v1/audio/speech",
     "/v1/uploads",
     "/v1/me",
+    "/anthropic/v1/messages",
+    "/anthropic/v1/messages/count_tokens",
     "/metrics",
     "/healthz",
     "/readyz",

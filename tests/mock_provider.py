@@ -89,6 +89,16 @@ def responses_events(model: str, tokens: tuple[str, ...], usage: tuple[int, int]
     return [named_sse({**event, "sequence_number": n}) for n, event in enumerate(events)]
 
 
+async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve a mock provider's app on a free loopback port (a hang-up cancels its handler, as at a real
+    provider); returns its runner (to clean up) and its origin URL."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
 @dataclass
 class Received:
     path: str
@@ -109,11 +119,8 @@ class MockProvider:
     async def start(self) -> "MockProvider":
         app = web.Application()
         app.router.add_post("/v1/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
+        self._runner, origin = await serve_on_loopback(app)
+        self.url = f"{origin}/v1"
         return self
 
     async def stop(self) -> None:

@@ -66,7 +66,7 @@ def test_a_large_images_answer_counts_every_image_and_reads_the_usage_at_its_end
     answer = json.dumps({"created": 1, "data": [{"b64_json": image}] * 3,
                          "usage": {"input_tokens": 9, "output_tokens": 4000}}).encode()
     assert len(answer) > body_usage.MAX_WHOLE_JSON
-    reader = body_usage.BodyUsage("application/json", openai_format.OPENAI)
+    reader = body_usage.BodyUsage("application/json", openai_format)
     for start in range(0, len(answer), chunk_size):
         reader.feed(answer[start : start + chunk_size])
     assert reader.usage() == Usage(input_tokens=9, output_tokens=4000, images=3)
@@ -91,3 +91,25 @@ def test_events_split_alike_wherever_the_chunks_break(ending: bytes) -> None:
             splitter = sse.EventSplitter()
             parts = [raw[:cut], raw[cut:second_cut], raw[second_cut:]]
             assert [e for part in parts for e in splitter.feed(part)] == whole, (cut, second_cut)
+
+
+def test_anthropic_usage_comes_from_message_start_then_message_delta() -> None:
+    from proxy.upstream.formats import anthropic
+    from tests.mock_anthropic import delta_event, end_events, start_events
+
+    usage = {"input_tokens": 10, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3, "output_tokens": 7}
+    seen = None
+    for raw in start_events("m", usage):
+        seen = anthropic.event_usage(seen, raw)
+    assert seen == Usage(input_tokens=15, output_tokens=1, final=False)  # the input is known, the output is not
+    text = delta_event('a "usage": {"input_tokens": 99} in the text')  # quoted inside a string: escaped
+    assert anthropic.is_output_event(text) and not anthropic.may_carry_usage(text)
+    for raw in end_events(usage):
+        seen = anthropic.event_usage(seen, raw)
+        assert not anthropic.is_output_event(raw)
+    assert seen == Usage(input_tokens=15, output_tokens=7) and anthropic.ends_stream(end_events(usage)[-1])
+    # Cumulative input figures in message_delta (newer API versions) count; broken figures change nothing.
+    bigger = b'event: message_delta\ndata: {"type":"message_delta","usage":{"input_tokens":20,"output_tokens":8}}\n\n'
+    assert anthropic.event_usage(seen, bigger) == Usage(input_tokens=20, output_tokens=8)
+    broken = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":-1}}\n\n'
+    assert anthropic.event_usage(seen, broken) == seen

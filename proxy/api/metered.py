@@ -118,11 +118,11 @@ def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> Request
         return _responses_facts(body, input_bytes)
     # Both limits are checked: each one sent is lowered to the bound and forwarded (the wire format's prepare),
     # and a provider may honour either, so neither may be odd (a -1 can mean "no limit" to some servers).
-    completion_limit = _count(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
-    legacy_limit = _count(body, "max_tokens", MAX_OUTPUT_TOKENS)
+    completion_limit = count_param(body, "max_completion_tokens", MAX_OUTPUT_TOKENS)
+    legacy_limit = count_param(body, "max_tokens", MAX_OUTPUT_TOKENS)
     max_tokens = legacy_limit if completion_limit is None else completion_limit
-    n = _count(body, "n", MAX_CHOICES) or 1
-    best_of = _count(body, "best_of", MAX_CHOICES) or 1  # generated server-side, billed, n of them returned
+    n = count_param(body, "n", MAX_CHOICES) or 1
+    best_of = count_param(body, "best_of", MAX_CHOICES) or 1  # generated server-side, billed, n of them returned
     images = route == "/v1/images/generations"
     return RequestFacts(
         input_bytes=input_bytes,
@@ -164,7 +164,7 @@ def _responses_facts(body: dict[str, Any], input_bytes: int) -> RequestFacts:
     items = body.get("input")
     return RequestFacts(
         input_bytes=input_bytes,
-        max_output_tokens=_count(body, "max_output_tokens", MAX_OUTPUT_TOKENS),
+        max_output_tokens=count_param(body, "max_output_tokens", MAX_OUTPUT_TOKENS),
         media_parts=sum(_non_text_parts(item) for item in items if isinstance(item, dict)) if isinstance(items, list) else 0,
         stream=body.get("stream") is True,
     )
@@ -199,7 +199,7 @@ def _media_in(message: dict[str, Any]) -> int:
     return referred + sum(1 for part in parts if not (isinstance(part, dict) and part.get("type") == "text"))
 
 
-def _count(body: dict[str, Any], name: str, maximum: int) -> int | None:
+def count_param(body: dict[str, Any], name: str, maximum: int) -> int | None:
     """An optional count parameter: None when absent or null, else an integer 1..maximum or a 400 naming it."""
     value = body.get(name)
     if value is None:

@@ -8,10 +8,14 @@ the app middleware.
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from typing import Any, Mapping
 
 from aiohttp import web
 
+from ..auth.principal import Principal
+from ..catalog import Model
 from ..context import CONTEXT
+from ..policy.types import RequestFacts
 from ..upstream.formats.openai import RESPONSES_ROUTE
 from ..upstream.relay import forwarded_headers, relay
 from .body import read_json_object
@@ -45,11 +49,19 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     ctx.model = model = gateway.model(body.get("model"), "openai")
     route = openai_route(request)
     facts = request_facts(route, body, len(await request.read()))  # the body is cached by now
+    return await relay_generation(request, principal, model, route, body, facts, forwarded_headers(request))
+
+
+async def relay_generation(
+    request: web.Request, principal: Principal, model: Model, route: str, body: dict[str, Any], facts: RequestFacts,
+    forward: Mapping[str, str],
+) -> web.StreamResponse:
+    """Decide and admit, then open the call on a deployment and relay its answer as the provider sent it, inside
+    `metered_call` (the same for every native route: the model's wire format is the route's)."""
+    gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     async with metered_call(gateway, ctx, decision, admission, facts) as outcome, AsyncExitStack() as call_scope:
-        call = await open_routed(
-            gateway, ctx, principal, decision, facts, route, body, forwarded_headers(request), call_scope
-        )
+        call = await open_routed(gateway, ctx, principal, decision, facts, route, body, forward, call_scope)
         return await relay(request, call, gateway.relay, outcome, admission.headers)
 
 

@@ -153,7 +153,7 @@ async def _image_output(answer: UpstreamAnswer) -> dict[str, Any]:
 async def _speech_output(answer: UpstreamAnswer) -> dict[str, Any]:
     """The audio, kept as an asset: the client gets a short-lived URL like for uploads."""
     audio = await _read_all(answer)
-    length = BodyUsage(answer.content_type, openai_format.OPENAI)
+    length = BodyUsage(answer.content_type, openai_format)
     length.feed(audio)
     answer.outcome.seconds = length.seconds()
     return answer.keep(audio, answer.content_type or "audio/mpeg")

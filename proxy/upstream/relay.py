@@ -142,9 +142,10 @@ async def release_or_close(upstream: aiohttp.ClientResponse, outcome: RelayOutco
             upstream.close()
 
 
-def forwarded_headers(request: web.Request) -> dict[str, str]:
-    """The client's headers that the upstream may see (never its credential)."""
-    return {h: v for h in _FORWARD_REQUEST_HEADERS if (v := request.headers.get(h))}
+def forwarded_headers(request: web.Request, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """The client's headers that the upstream may see (never its credential); `extra`: a wire format's own
+    (e.g. `anthropic-version`)."""
+    return {h: v for h in (*_FORWARD_REQUEST_HEADERS, *extra) if (v := request.headers.get(h))}
 
 
 async def open_upstream(

@@ -1,4 +1,6 @@
 """Provider wire formats, one module each behind `base.WireFormat`, chosen by a provider's `kind` in config.yaml.
+Each module is itself the adapter: it defines the protocol's constants and functions at its top level, so the
+relay's calls are plain function calls.
 
 Adding a format: a module implementing `WireFormat`, its entry in `ADAPTERS`, its config and its tests. Kinds in
 `RESERVED` are names kept for formats not implemented yet: config validation refuses them with that reason.
@@ -6,17 +8,16 @@ Adding a format: a module implementing `WireFormat`, its entry in `ADAPTERS`, it
 
 from __future__ import annotations
 
-from .anthropic import ANTHROPIC
+from . import anthropic, openai
 from .base import PreparedBody, WireFormat
-from .openai import OPENAI
 
 # kind -> its wire format. `http` is the former name of `openai`, accepted for existing configs.
 # `demo` is the built-in demo upstream (started in-process), which speaks OpenAI's format.
 ADAPTERS: dict[str, WireFormat] = {
-    "openai": OPENAI,
-    "http": OPENAI,
-    "demo": OPENAI,
-    "anthropic": ANTHROPIC,
+    "openai": openai,
+    "http": openai,
+    "demo": openai,
+    "anthropic": anthropic,
 }
 RESERVED: tuple[str, ...] = ("azure_openai", "gemini", "bedrock")
 _ALIASES = {"http": "openai"}

@@ -3,7 +3,8 @@
 
 Usage: a JSON answer's `usage`; in a stream, `message_start.message.usage` (the input, not final) then
 `message_delta.usage` (cumulative, final). Input tokens include cache writes and reads
-(`cache_creation_input_tokens`, `cache_read_input_tokens`), priced as input.
+(`cache_creation_input_tokens`, `cache_read_input_tokens`), priced as input. The module is the adapter
+(formats.base.WireFormat).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ...policy.types import Usage
 from .. import sse
 from .base import USAGE_OBJECT, PreparedBody, last_usage_object, token_figure
 
+dialect = "anthropic"
+example_base_url = "https://api.anthropic.com"
 PREFIX = "/anthropic"  # the gateway's native routes: `/anthropic/v1/messages` -> `<base_url>/v1/messages`
 MESSAGES = f"{PREFIX}/v1/messages"
 COUNT_TOKENS = f"{PREFIX}/v1/messages/count_tokens"
@@ -119,25 +122,3 @@ def error_body(error: ApiError) -> dict[str, Any]:
 def error_event(error: ApiError) -> bytes:
     """`event: error`: the Anthropic SDKs raise it from a stream (they skip events without a name)."""
     return b"event: error\ndata: " + json.dumps(error_body(error), separators=(",", ":")).encode() + b"\n\n"
-
-
-class AnthropicFormat:
-    """The Anthropic Messages wire format behind the WireFormat interface."""
-
-    dialect = "anthropic"
-    example_base_url = "https://api.anthropic.com"
-    url = staticmethod(url)
-    credential_headers = staticmethod(credential_headers)
-    prepare = staticmethod(prepare)
-    usage_of = staticmethod(usage_of)
-    usage_in_tail = staticmethod(usage_in_tail)
-    event_usage = staticmethod(event_usage)
-    may_carry_usage = staticmethod(may_carry_usage)
-    is_output_event = staticmethod(is_output_event)
-    is_injected_usage_event = staticmethod(is_injected_usage_event)
-    ends_stream = staticmethod(ends_stream)
-    error_body = staticmethod(error_body)
-    error_event = staticmethod(error_event)
-
-
-ANTHROPIC = AnthropicFormat()

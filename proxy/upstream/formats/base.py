@@ -26,7 +26,7 @@ class PreparedBody:
 
 
 class WireFormat(Protocol):
-    """One provider wire format. `dialect` names the request/answer body format it speaks (`openai`,
+    """One provider wire format (implemented by a module: its top-level names). `dialect` names the request/answer body format it speaks (`openai`,
     `anthropic`, ...): kinds sharing a dialect (e.g. `openai` and `azure_openai`) differ only in addressing and
     credentials, so a model's deployments may mix them and its native routes accept any of them."""
 

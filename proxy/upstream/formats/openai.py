@@ -1,5 +1,5 @@
 """The OpenAI wire format (kinds `openai`, its alias `http`, and `demo`): addressing, credentials, how to prepare a
-request body and where usage is found in answers."""
+request body and where usage is found in answers. The module is the adapter (formats.base.WireFormat)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
 from .base import USAGE_OBJECT, PreparedBody, last_usage_object, token_figure
+
+dialect = "openai"
+example_base_url = "https://api.openai.com/v1"
 
 # A usage object naming none of these (`{}`, only `total_tokens`) reports nothing to charge: it counts as absent.
 _TOKEN_FIGURES = ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")
@@ -133,45 +136,27 @@ def _images(answer: dict[str, Any]) -> int:
     return 0
 
 
-def _url(base_url: str, route: str, upstream_model: str, stream: bool) -> str:
+def url(base_url: str, route: str, upstream_model: str, stream: bool) -> str:
     """`/v1/chat/completions` -> `<base_url>/chat/completions`; the model travels in the body."""
     return base_url + route.removeprefix("/v1")
 
 
-def _credential_headers(credential: str, header: str | None, scheme: str | None) -> dict[str, str]:
+def credential_headers(credential: str, header: str | None, scheme: str | None) -> dict[str, str]:
     """`Authorization: Bearer <key>` unless the config names another header or scheme ("" sends the bare key)."""
     scheme = "Bearer" if scheme is None else scheme
     return {header or "Authorization": f"{scheme} {credential}" if scheme else credential}
 
 
-def _ends_stream(event: bytes) -> bool:
+def ends_stream(event: bytes) -> bool:
     if event.startswith(b"event: response."):  # the Responses API names its events; chat streams do not
         return _RESPONSE_END.search(event) is not None
     return b"[DONE]" in event and sse.event_data(event) == b"[DONE]"
 
 
-def _error_event(error: ApiError) -> bytes:
+is_injected_usage_event = is_usage_only_chunk
+error_body = ApiError.body
+
+
+def error_event(error: ApiError) -> bytes:
     # The status line is gone; an `error` payload is what OpenAI SDKs surface from a stream.
     return sse.data_event(error.body())
-
-
-class OpenAIFormat:
-    """The OpenAI wire format behind the WireFormat interface (module functions bound once, no per-call cost)."""
-
-    dialect = "openai"
-    example_base_url = "https://api.openai.com/v1"
-    url = staticmethod(_url)
-    credential_headers = staticmethod(_credential_headers)
-    prepare = staticmethod(prepare)
-    usage_of = staticmethod(usage_of)
-    usage_in_tail = staticmethod(usage_in_tail)
-    event_usage = staticmethod(event_usage)
-    may_carry_usage = staticmethod(may_carry_usage)
-    is_output_event = staticmethod(is_output_event)
-    is_injected_usage_event = staticmethod(is_usage_only_chunk)
-    ends_stream = staticmethod(_ends_stream)
-    error_body = staticmethod(ApiError.body)
-    error_event = staticmethod(_error_event)
-
-
-OPENAI = OpenAIFormat()

@@ -1,0 +1,122 @@
+"""A stand-in for Anthropic's Messages API on loopback, speaking its wire format exactly, scriptable per test.
+
+`POST /v1/messages` answers a message as JSON or, with `"stream": true`, as named SSE events in the API's
+order: message_start (input usage, output 1), content_block_start, ping, content_block_delta..., content_block_stop,
+message_delta (cumulative output usage), message_stop. `POST /v1/messages/count_tokens` answers
+`{"input_tokens": n}`. Errors are `{"type": "error", "error": {"type", "message"}}` with the API's statuses (a
+request without `anthropic-version` is refused like the real API does). What it received is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from .mock_provider import Received, serve_on_loopback
+
+Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+# What the mock reports by default: cache writes and reads count as input for the gateway.
+USAGE = {"input_tokens": 21, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 3, "output_tokens": 9}
+COUNTED_TOKENS = 14
+
+
+def event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def error_body(kind: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_response(status: int, kind: str, message: str, **headers: str) -> web.Response:
+    return web.json_response(error_body(kind, message), status=status, headers={"request-id": "req_mock", **headers})
+
+
+def message(model: str, texts: tuple[str, ...], usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": "".join(texts)}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": usage,
+    }
+
+
+def start_events(model: str, usage: dict[str, int]) -> list[bytes]:
+    """Everything before the first text delta."""
+    started = {**message(model, (), {**usage, "output_tokens": 1}), "content": [], "stop_reason": None}
+    return [
+        event("message_start", {"type": "message_start", "message": started}),
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}),
+        event("ping", {"type": "ping"}),
+    ]
+
+
+def delta_event(text: str) -> bytes:
+    return event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                         "delta": {"type": "text_delta", "text": text}})
+
+
+def end_events(usage: dict[str, int]) -> list[bytes]:
+    return [
+        event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                "usage": {"output_tokens": usage["output_tokens"]}}),
+        event("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def stream_events(model: str, texts: tuple[str, ...], usage: dict[str, int]) -> list[bytes]:
+    return [*start_events(model, usage), *(delta_event(t) for t in texts), *end_events(usage)]
+
+
+async def open_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache", "request-id": "req_mock"})
+    await response.prepare(request)
+    return response
+
+
+@dataclass
+class MockAnthropic:
+    texts: tuple[str, ...] = ("Hello", " from", " Claude")
+    usage: dict[str, int] = field(default_factory=lambda: dict(USAGE))
+    received: list[Received] = field(default_factory=list)
+    handler: Handler | None = None  # replaces the default answer of /v1/messages
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> "MockAnthropic":
+        app = web.Application()
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        self._runner, self.url = await serve_on_loopback(app)
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _received(self, request: web.Request) -> dict[str, Any]:
+        body = await request.json()
+        self.received.append(Received(request.path, dict(request.headers), body))
+        return body
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self._received(request)
+        if "anthropic-version" not in request.headers:
+            return error_response(400, "invalid_request_error", "anthropic-version: header is required")
+        if self.handler is not None:
+            return await self.handler(request, body)
+        if not body.get("stream"):
+            return web.json_response(message(body["model"], self.texts, self.usage), headers={"request-id": "req_mock"})
+        response = await open_stream(request)
+        for raw in stream_events(body["model"], self.texts, self.usage):
+            await response.write(raw)
+        return response
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        await self._received(request)
+        return web.json_response({"input_tokens": COUNTED_TOKENS})
