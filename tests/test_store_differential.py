@@ -12,10 +12,11 @@ from typing import Any, Awaitable, Callable
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, rule, run_state_machine_as_test
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from proxy.store import AdmitRequest, CreditSpec, LeaseSpec, LimitSpec, MemoryStore, RedisStore, Reservation, Store
-from proxy.store.base import MAX_AMOUNT, MAX_BUDGET, MAX_TOKENS, AdmitCancelled
+from proxy.store.base import MAX_AMOUNT, MAX_BUDGET, MAX_TOKENS, AdmitCancelled, CallUsage, LedgerSpec
+from proxy.store.ledger import account_usage_key, day_of, stream_key, user_usage_key
 
 CREDIT = 1_000_000
 LEDGER_LIFETIME_MS = 30 * 86_400_000  # beyond any clock the steps reach: both stores keep the ledger
@@ -27,6 +28,15 @@ amounts = st.one_of(
     st.just(MAX_AMOUNT),
     st.integers(MAX_AMOUNT + 1, 10**30),  # refused by both, before anything changes
     st.integers(-3, -1),
+)
+call_usages = st.builds(
+    CallUsage,
+    outcome=st.sampled_from(["settled", "released"]),
+    provider=st.sampled_from(["", "p"]),
+    tokens_in=st.integers(0, 5000),
+    tokens_out=st.one_of(st.integers(0, 5000), st.just(MAX_TOKENS)),
+    images=st.integers(0, 3),
+    seconds_ms=st.integers(0, 90_000),
 )
 token_counts = st.one_of(
     st.just(0), st.integers(1, 2000), st.just(MAX_TOKENS), st.integers(MAX_TOKENS + 1, 10**30), st.just(-1)
@@ -59,6 +69,7 @@ class MemoryVersusRedis(RuleBasedStateMachine):
         self.skew = 0
         self.started = self.wall_ms()
         self.serial = 0
+        self.days = {day_of(self.now())}
 
     @staticmethod
     def wall_ms() -> int:
@@ -85,9 +96,12 @@ class MemoryVersusRedis(RuleBasedStateMachine):
         if budget is not None:
             expire_at = self.started + LEDGER_LIFETIME_MS if who else 0
             credits = CreditSpec(f"{base}:cr:{who}", f"{base}:cr:{who}:holds", budget, amount, expire_at)
+        # the usage ledger: both stores write the same records and aggregates (trimming aside: Redis trims
+        # approximately, so the bound is out of reach here)
+        ledger = LedgerSpec(base, f"q{self.serial}", self.tag, "k", f"u:g:{who}", f"m{who}", LEDGER_LIFETIME_MS, 10**6)
         return AdmitRequest(
             rid, f"{base}:tk:{rid}", self.now(), ttl, limits,
-            LeaseSpec(f"{base}:cc", lease) if lease is not None else None, credits,
+            LeaseSpec(f"{base}:cc", lease) if lease is not None else None, credits, ledger,
         )
 
     @rule(
@@ -117,10 +131,10 @@ class MemoryVersusRedis(RuleBasedStateMachine):
         req = self.request(0, 0, budget, lease, 1000, who)
         self.both(lambda store: store.peek(req))
 
-    @rule(req=requests, amount=amounts, tokens=token_counts)
-    def settle(self, req: AdmitRequest, amount: int, tokens: int) -> None:
+    @rule(req=requests, amount=amounts, tokens=token_counts, usage=call_usages)
+    def settle(self, req: AdmitRequest, amount: int, tokens: int, usage: CallUsage) -> None:
         now = self.now()
-        self.both(lambda store: store.settle(Reservation(req), amount, tokens, now))
+        self.both(lambda store: store.settle(Reservation(req), amount, tokens, now, usage))
 
     @rule(req=requests, ttl=ttls)
     def renew(self, req: AdmitRequest, ttl: int) -> None:
@@ -130,6 +144,20 @@ class MemoryVersusRedis(RuleBasedStateMachine):
     @rule(step=steps)
     def clock_step(self, step: int) -> None:
         self.skew += step
+        self.days.add(day_of(self.now()))
+
+    @invariant()
+    def same_ledger(self) -> None:
+        """The same records (but their stream ids: Redis's clock) and the same daily aggregates."""
+        base = f"t:{{{self.tag}}}"
+        keys = [key for day in sorted(self.days) for key in
+                (account_usage_key(base, day), *(user_usage_key(base, f"u:g:{who}", day) for who in (0, 1)))]
+
+        async def ledger(store: Any) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+            records = await store.read_ledger(stream_key(base), count=10**6)
+            return [record.fields for record in records], await store.read_usage(keys)
+
+        assert self.loop.run_until_complete(ledger(self.memory)) == self.loop.run_until_complete(ledger(self.redis))
 
     def teardown(self) -> None:
         self.loop.run_until_complete(self.redis.close())

@@ -194,3 +194,17 @@ async def test_records_survive_a_redis_restart_and_retried_settles_are_recorded_
         await store.close()
     assert sorted(r.fields["request_id"] for r in found) == ["b0", "b1", "b2", "d0", "d1", "d2"]
     assert credits_of(found) == total == 2_250_000
+
+
+async def test_a_ticket_expired_by_the_clock_names_nobody_even_while_redis_still_keeps_it(
+    store: Store, clock: Clock
+) -> None:
+    """A hold swept after its ticket's logical expiry: the record has no request, key, user or model, in both
+    stores (Redis keeps the ticket key for a grace period, but a key expired by the clock reads as absent)."""
+    meter = Meter(store, reservation_ttl_s=0.001, clock=clock)  # hold: 1 ms, ticket: 2 ms (+ Redis's 2 s grace)
+    await meter.admit(ALICE, "m/chat", BUDGET, "req-gone")
+    clock.now += 0.005
+    await meter.state(BOB, BUDGET)  # a peek sweeps the expired hold too
+    [record] = await records(store)
+    assert record.fields["outcome"] == "expired" and int(record.fields["credits"]) == 4 * MICRO
+    assert [record.fields[name] for name in ("request_id", "key", "user", "model")] == ["", "", "", ""]

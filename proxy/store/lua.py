@@ -123,7 +123,8 @@ local function sweep(ledger, holds, lg)
     total = total + reserved
     if lg then
       local rid = string.match(member, '^%d+:(.*)$') or ''
-      local who = redis.call('HMGET', lg.prefix .. ':tk:' .. rid, 'q', 'k', 'u', 'm')
+      local who = redis.call('HMGET', lg.prefix .. ':tk:' .. rid, 'q', 'k', 'u', 'm', 'exp')
+      if not (tonumber(who[5]) and tonumber(who[5]) > now) then who = {} end  -- expired by the clock: absent
       record(lg, {id = rid .. ':expired', request_id = who[1] or '', key = who[2] or '', user = who[3] or '',
         model = who[4] or '', provider = '', deployment = '', tokens_in = 0, tokens_out = 0, images = 0,
         seconds_ms = 0, credits = reserved, reserved = reserved, outcome = 'expired', late = 0})
