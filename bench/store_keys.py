@@ -2,7 +2,8 @@
 
 Every second a new cohort of users arrives and the previous one goes quiet; some requests are settled,
 some abandoned (a crashed replica). Rate-limit keys, leases and tickets expire; ledgers are one per
-account and period. Run: `python bench/store_keys.py [--seconds 12] [--users-per-second 300]`.
+account and period. The usage ledger's keys (a stream per account, daily aggregates per account and per user:
+docs/usage.md) are counted apart: they stay for the usage retention (35 days), one per account or user and day. Run: `python bench/store_keys.py [--seconds 12] [--users-per-second 300]`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ async def run(seconds: float, users_per_second: int, accounts: int, idle_seconds
         client = aioredis.Redis.from_url(server.url)
         meter = Meter(store, reservation_ttl_s=2.0)
         rng = random.Random(1)
-        print(f"{'t (s)':>6} {'users':>7} {'admitted':>9} {'denied':>7} {'DBSIZE':>7}")
+        print(f"{'t (s)':>6} {'users':>7} {'admitted':>9} {'denied':>7} {'DBSIZE':>7} {'usage':>7} {'others':>7}")
         started = time.monotonic()
         admitted = denied = users = 0
         for tick in range(int(seconds + idle_seconds)):
@@ -67,11 +68,20 @@ async def run(seconds: float, users_per_second: int, accounts: int, idle_seconds
                 ok, no = await drive_cohort(meter, tick, users_per_second, accounts, rng)
                 admitted, denied, users = admitted + ok, denied + no, users + users_per_second
             elapsed = time.monotonic() - started
-            print(f"{elapsed:6.1f} {users:7d} {admitted:9d} {denied:7d} {await client.dbsize():7d}", flush=True)
+            total, usage = await client.dbsize(), await usage_keys(client)
+            print(f"{elapsed:6.1f} {users:7d} {admitted:9d} {denied:7d} {total:7d} {usage:7d} {total - usage:7d}", flush=True)
             await asyncio.sleep(max(0.0, started + tick + 1 - time.monotonic()))
         await client.aclose()
         await store.close()
-    print(f"{users} distinct users; keys left are the {accounts} account ledgers (+ their holds) of this month")
+    print(f"{users} distinct users; besides the usage ledger's keys, what is left is the {accounts} account ledgers"
+          " (+ their holds) of this month")
+
+
+async def usage_keys(client: aioredis.Redis) -> int:
+    """The usage ledger's keys: streams (`:lg`) and daily aggregates (`:us:`)."""
+    return sum([1 async for _ in client.scan_iter(match="ep:*:us:*", count=1000)]) + sum(
+        [1 async for _ in client.scan_iter(match="ep:*:lg", count=1000)]
+    )
 
 
 def main() -> None:

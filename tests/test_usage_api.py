@@ -84,6 +84,12 @@ async def test_each_caller_sees_its_own_usage_only(client: Client) -> None:
     assert [(row["model"], row["calls"]) for row in own["data"]] == [("mock/chat", 1)]
     assert own["total"]["calls"] == 1
 
+    for sub in ("bob", "u:g:alice", "alice:", "*"):  # other users, and names that try to pass for alice's key
+        status, minted = await client.call("POST", "/v1/tokens", BACKEND_KEY, {"sub": sub})
+        status, other = await client.usage(minted["token"])
+        assert status == 200 and other["scope"] == "user" and other["user"] != "u:g:alice"
+        assert other["data"] == [] and other["total"]["calls"] == 0, sub
+
     status, rival = await client.usage(RIVAL_KEY)  # another account sees nothing of acme's
     assert status == 200 and rival["account"] == "globex" and rival["data"] == [] and rival["total"]["calls"] == 0
 
