@@ -110,23 +110,30 @@ async def test_openai_sdk_errors_on_models_are_openai_errors(gateway: str) -> No
 
 
 @pytest.fixture
-async def two_kinds(provider: MockProvider, gateway_env: None, tmp_path: Path) -> AsyncIterator[str]:
-    """A gateway with an OpenAI-format (`http`) provider and the built-in demo one."""
-    policy = 'plans:\n  demo:\n    models: ["mock/*", "demo/*"]\nprices:\n  "*": {per_request: 0}\n'
+async def every_kind(provider: MockProvider, gateway_env: None, tmp_path: Path) -> AsyncIterator[str]:
+    """A gateway with a provider of each kind: OpenAI-format (`openai`, and `http` its old name), the built-in
+    demo, and Anthropic."""
+    policy = 'plans:\n  demo:\n    models: ["*"]\nprices:\n  "*": {per_request: 0}\n'
     config = gateway_config(provider.url, write_policy(tmp_path / "policies", policy))
     config["providers"]["demo"] = {"kind": "demo"}
-    config["models"].append({"id": "demo/chat", "name": "Demo Chat", "creator": "Demo", "capability": "text2text",
-                             "provider": "demo", "upstream_model": "demo-chat"})
+    config["providers"]["claude"] = {"kind": "anthropic", "base_url": provider.url, "api_key_env": "MOCK_PROVIDER_KEY"}
+    config["providers"]["oai"] = {"kind": "openai", "base_url": provider.url, "api_key_env": "MOCK_PROVIDER_KEY"}
+    config["models"] += [
+        {"id": f"{name}/chat", "name": f"{name} chat", "creator": name, "capability": "text2text",
+         "provider": name, "upstream_model": "up"} for name in ("demo", "claude", "oai")
+    ]
     server = await start_gateway(config)
     yield server.url
     await server.stop()
 
 
-async def test_models_of_every_provider_kind_are_listed(two_kinds: str) -> None:
-    status, flat = await get(f"{two_kinds}/v1/models?capability=text2text")
-    assert status == 200 and [m["id"] for m in flat] == ["mock/chat", "mock/embed", "demo/chat"]  # type: ignore[index]
-    async with sdk(f"{two_kinds}/openai/v1") as client:
-        assert [m.id async for m in client.models.list()] == [*MOCK_IDS, "demo/chat"]
+async def test_models_of_every_provider_kind_are_listed(every_kind: str) -> None:
+    ids = ["mock/chat", "mock/embed", "demo/chat", "claude/chat", "oai/chat"]
+    status, flat = await get(f"{every_kind}/v1/models?capability=text2text")
+    assert status == 200 and [m["id"] for m in flat] == ids  # type: ignore[index]
+    async with sdk(f"{every_kind}/openai/v1") as client:
+        assert [m.id async for m in client.models.list(extra_query={"capability": "text2text"})] == ids
+        assert (await client.models.retrieve("claude/chat")).owned_by == "claude"
 
 
 CHAT_PRICE = "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"  # 1 + 1/input + 2/output

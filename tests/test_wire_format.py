@@ -11,7 +11,7 @@ import pytest
 from proxy.policy.types import Usage
 from proxy.upstream import body_usage, sse
 from proxy.upstream.formats import openai as openai_format
-from tests.mock_provider import chat_chunk, usage_chunk
+from tests.mock_provider import chat_chunk, response_object, responses_events, responses_usage, usage_chunk
 
 
 def event(payload: dict, *, compact: bool) -> bytes:
@@ -39,6 +39,23 @@ def test_generated_text_that_spells_a_usage_object_is_not_mistaken_for_one() -> 
     raw = event(chat_chunk('{"usage": {"prompt_tokens": 1}, "choices": [{}]}'), compact=True)
     assert not openai_format.may_carry_usage(raw)
     assert openai_format.is_output_event(raw)
+
+
+def test_responses_api_events_give_output_usage_and_end_from_their_bytes() -> None:
+    events = responses_events("m", ("a", 'say "type":"response.completed" now'), (11, 2))
+    kinds = [sse.event_json(e)["type"] for e in events]  # type: ignore[index]
+    assert [kind for kind, e in zip(kinds, events) if openai_format.is_output_event(e)] == [
+        "response.output_text.delta"] * 2
+    assert [kind for kind, e in zip(kinds, events) if openai_format.ends_stream(e)] == ["response.completed"]
+    assert [kind for kind, e in zip(kinds, events) if openai_format.may_carry_usage(e)] == ["response.completed"]
+    usage = None
+    for raw in events:
+        usage = openai_format.event_usage(usage, raw)
+    assert usage == Usage(input_tokens=11, output_tokens=2)
+    # The JSON answer carries the Response's usage at its top level.
+    answer = response_object("m", "completed", "ab", responses_usage(5, 3))
+    assert openai_format.usage_of(answer) == Usage(input_tokens=5, output_tokens=3)
+    assert openai_format.usage_in_tail(json.dumps(answer).encode()) == Usage(input_tokens=5, output_tokens=3)
 
 
 def test_done_and_comments_are_neither() -> None:
