@@ -29,9 +29,12 @@ import aiohttp
 REPO_ROOT = Path(__file__).resolve().parents[1]  # `python -m proxy` must run from the checkout
 
 KEY = "sk_bench_" + "b" * 40
-# argv: port, chunks per stream, [answer every N-th call 503 (0: never)], [ms between stream chunks]
+# argv: port, chunks per stream, [answer every N-th call 503 (0: never)], [ms between stream chunks].
+# A request may override the chunks and the delay with `bench_chunks` and `bench_delay_ms` (the gateway
+# forwards unknown body fields); with `bench_delay_ms`, every chunk carries its send time `t` (time.time()),
+# so a client on the same machine can tell how long each event took to reach it.
 UPSTREAM = r'''
-import asyncio, itertools, json, sys
+import asyncio, itertools, json, sys, time
 from aiohttp import web
 CHUNKS = int(sys.argv[2])
 FAIL_EVERY = int(sys.argv[3]) if len(sys.argv) > 3 else 0
@@ -45,13 +48,17 @@ async def chat(request):
         return web.json_response({"id": "x", "object": "chat.completion", "choices": [{"index": 0,
             "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+    chunks = int(body.get("bench_chunks", CHUNKS))
+    delay_s = float(body["bench_delay_ms"]) / 1000 if "bench_delay_ms" in body else CHUNK_DELAY_S
+    stamped = "bench_delay_ms" in body
     r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await r.prepare(request)
-    for i in range(CHUNKS):
-        await r.write(b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"tok "},"finish_reason":null}]}\n\n')
-        if CHUNK_DELAY_S:
-            await asyncio.sleep(CHUNK_DELAY_S)
-    await r.write(b'data: {"id":"x","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (CHUNKS, CHUNKS + 5))
+    for i in range(chunks):
+        stamp = b',"t":%.6f' % time.time() if stamped else b""
+        await r.write(b'data: {"id":"x","object":"chat.completion.chunk"%s,"choices":[{"index":0,"delta":{"content":"tok "},"finish_reason":null}]}\n\n' % stamp)
+        if delay_s:
+            await asyncio.sleep(delay_s)
+    await r.write(b'data: {"id":"x","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (chunks, chunks + 5))
     await r.write(b"data: [DONE]\n\n")
     return r
 app = web.Application()
