@@ -82,7 +82,7 @@ def pipeline_config(directory: Path, upstream_port: int, redis_url: str, idle_st
     path = directory / "config.yaml"
     path.write_text(json.dumps({
         "store": {"kind": "redis", "redis_url": redis_url},
-        "server": {"log_level": "warning", "access_log": True},
+        "server": {"log_level": "warning", "access_log": True, "workers": 1},  # CPU and RSS read from one process
         "providers": {"up": {"base_url": f"http://127.0.0.1:{upstream_port}/v1",
                              "max_connections": max(1000, idle_streams + 100),
                              "max_connections_per_account": max(1000, idle_streams + 100)}},
