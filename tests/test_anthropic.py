@@ -312,3 +312,36 @@ def test_a_model_or_its_fallbacks_cannot_mix_wire_formats(tmp_path: Path) -> Non
     crossed = {**claude, "fallbacks": ["mock/chat"]}
     with pytest.raises(ConfigError, match="speaks the openai wire format, not anthropic"):
         parse_config({**config, "models": [*config["models"][:-1], crossed]}, "c.yaml")
+
+
+async def test_a_hostile_provider_reporting_a_huge_input_then_breaking_off_costs_at_most_the_reserve(env: Env) -> None:
+    huge = {**USAGE, "input_tokens": 2**31 - 1}
+
+    async def lying(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_stream(request)
+        for raw in (*start_events(body["model"], huge), delta_event("one")):
+            await response.write(raw)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    env.upstream.handler = lying
+    body = {"model": "mock/claude", "max_tokens": 100, "messages": MESSAGES, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{env.url}/anthropic/v1/messages", json=body, headers=AUTH) as response:
+            relayed = await response.read()
+    assert relayed.endswith(b"\n\n") and b"event: error" in relayed
+    assert await env.spent() == cost(len(json.dumps(body)), 100)  # the reserve: an estimate is never more
+
+
+async def test_image_blocks_count_in_the_reserve_wherever_they_nest(env: Env) -> None:
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}
+    nested = {"type": "tool_result", "tool_use_id": "t1", "content": [image, image]}
+    body = {"model": "mock/claude", "max_tokens": 10,
+            "messages": [{"role": "user", "content": [image, nested, {"type": "text", "text": "Hi"}]}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{env.url}/anthropic/v1/messages", json=body, headers=AUTH) as response:
+            assert response.status == 200
+            balance_after_hold = int(response.headers["X-Credits-Balance"])
+    media_tokens = 3 * 4096  # proxy.policy.pricing.MEDIA_PART_TOKENS per image block
+    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)) + media_tokens, 10)
