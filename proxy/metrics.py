@@ -37,6 +37,8 @@ ROUTES: frozenset[str] = frozenset({
     "/v1/me",
     "/anthropic/v1/messages",
     "/anthropic/v1/messages/count_tokens",
+    "/anthropic/v1/models",
+    "/anthropic/v1/models/{model_id}",
     "/metrics",
     "/healthz",
     "/readyz",

@@ -345,3 +345,18 @@ async def test_image_blocks_count_in_the_reserve_wherever_they_nest(env: Env) ->
             balance_after_hold = int(response.headers["X-Credits-Balance"])
     media_tokens = 3 * 4096  # proxy.policy.pricing.MEDIA_PART_TOKENS per image block
     assert balance_after_hold == BUDGET - cost(len(json.dumps(body)) + media_tokens, 10)
+
+
+async def test_sdk_lists_and_retrieves_the_models_it_can_call(env: Env) -> None:
+    async with env.sdk() as client:
+        listed = [model.id async for model in client.models.list()]
+        one = await client.models.retrieve("mock/claude")
+        with pytest.raises(anthropic.NotFoundError) as other_format:
+            await client.models.retrieve("mock/chat")
+    assert listed == ["mock/claude"]  # only models of anthropic providers answer on /anthropic
+    assert (one.id, one.display_name, one.type) == ("mock/claude", "Mock Claude", "model")
+    assert other_format.value.body["error"]["code"] == "model_not_found"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{env.url}/metrics") as response:
+            page = await response.text()
+    assert 'route="/anthropic/v1/models/{model_id}"' in page and 'route="/anthropic/v1/models"' in page

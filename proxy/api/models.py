@@ -44,10 +44,10 @@ def _capability_filter(request: web.Request) -> str | None:
     return capability
 
 
-async def _visible(request: web.Request) -> list[Model]:
+async def _visible(request: web.Request, api_key_header: str | None = None) -> list[Model]:
     """The models the caller may use, of the `?capability=` asked for (every capability without it)."""
     gateway = request.app[GATEWAY]
-    principal = await authenticated(request)
+    principal = await authenticated(request, api_key_header)
     capability = _capability_filter(request)
     visible = gateway.policy.current.visible_models(principal, gateway.models.values())
     return [m for m in visible if capability is None or m.capability == capability]
@@ -87,10 +87,10 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(_grouped(models) if group_by else [m.public() for m in models])
 
 
-async def _permitted_model(request: web.Request) -> Model:
+async def _permitted_model(request: web.Request, api_key_header: str | None = None) -> Model:
     """The model in the path; one outside the caller's scopes answers like `decide` would."""
     gateway = request.app[GATEWAY]
-    principal = await authenticated(request)
+    principal = await authenticated(request, api_key_header)
     model = gateway.model(request.match_info["model_id"])
     decision = gateway.policy.current.decide(principal, model)
     if not decision.allowed:
@@ -116,9 +116,30 @@ async def get_openai_model(request: web.Request) -> web.Response:
     return web.json_response(openai_model(await _permitted_model(request)))
 
 
+def anthropic_model(model: Model) -> dict[str, Any]:
+    """A model as Anthropic's Models API describes one (the catalogue has no release date: the epoch)."""
+    return {"type": "model", "id": model.id, "display_name": model.name, "created_at": "1970-01-01T00:00:00Z"}
+
+
+async def list_anthropic_models(request: web.Request) -> web.Response:
+    """What an Anthropic SDK may call at `/anthropic`: the caller's models of `anthropic` providers, one page."""
+    data = [anthropic_model(m) for m in await _visible(request, "x-api-key") if m.wire_format == "anthropic"]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return web.json_response({"data": data, "has_more": False, "first_id": first, "last_id": last})
+
+
+async def get_anthropic_model(request: web.Request) -> web.Response:
+    model = await _permitted_model(request, "x-api-key")
+    if model.wire_format != "anthropic":
+        raise ApiError("model_not_found", f"model {model.id} is not served by an Anthropic provider; see GET /v1/models")
+    return web.json_response(anthropic_model(model))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}/schema", get_schema)  # before the catch-all id route
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/openai/v1/models", list_openai_models)
     app.router.add_get("/openai/v1/models/{model_id:.+}", get_openai_model)
+    app.router.add_get("/anthropic/v1/models", list_anthropic_models)
+    app.router.add_get("/anthropic/v1/models/{model_id:.+}", get_anthropic_model)
