@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 
 from .auth.api_keys import generate_key, hash_key
@@ -70,6 +71,14 @@ def _new_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_admin_token(args: argparse.Namespace) -> int:
+    """A new admin token and the hash to configure instead of the token itself (admin.token_sha256)."""
+    token = "adm_" + secrets.token_urlsafe(32)
+    print(f"admin token (shown once, store it now): {token}")
+    print(f'config.yaml: admin: {{token_sha256: ["{hash_key(token)}"]}}  (or export it and set admin.token_env)')
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="edge-proxy", description="Edge AI gateway")
     commands = root.add_subparsers(dest="command", required=True)
@@ -93,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     new.add_argument("--id", default="my-key")
     new.add_argument("--config", default="config.yaml", help="the config whose policies must define --plan")
     new.set_defaults(run=_new_key)
+    admin_token = key_commands.add_parser("admin-token", help="print a new admin token once and its hash")
+    admin_token.set_defaults(run=_new_admin_token)
     return root
 
 

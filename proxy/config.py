@@ -144,6 +144,17 @@ class IssuerConfig(_Strict):
         return IssuerSettings(name=name, **self.model_dump())
 
 
+class AdminSettings(_Strict):
+    """The admin API (`/v1/admin/*`, docs/usage.md) and the keys it manages. The admin token comes from an env
+    var, a file, or is given as SHA-256 hashes (several during a rotation); none configured: the admin API is off.
+    `keys_refresh_s` bounds how long a change made on one replica takes to reach the others."""
+
+    token_env: str | None = Field(None, min_length=1)
+    token_file: str | None = Field(None, min_length=1)
+    token_sha256: tuple[str, ...] = ()
+    keys_refresh_s: float = Field(1.0, gt=0, le=60)
+
+
 class DemoSettings(_Strict):
     """The quick-start development key: from `key_env` if set there, else generated and printed once."""
 
@@ -352,6 +363,7 @@ class Config(_Strict):
     tracing: TracingSettings = TracingSettings()
     assets: AssetSettings = AssetSettings()
     demo: DemoSettings = DemoSettings()
+    admin: AdminSettings = AdminSettings()
     policies: PoliciesSettings = PoliciesSettings()
     providers: dict[str, ProviderSettings] = {}
     models: tuple[ModelSettings, ...] = ()

@@ -18,6 +18,15 @@ from .upstream.relay import RelayOutcome
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
 
 
+@dataclass(frozen=True)
+class AdminAudit:
+    """What an admin call did, for its access-log line: the action, its target (key id or account), the reason."""
+
+    action: str
+    target: str | None = None
+    reason: str | None = None
+
+
 @dataclass
 class RequestContext:
     request_id: str
@@ -33,6 +42,7 @@ class RequestContext:
     usage: Usage | None = None
     credits_charged: float | None = None
     error: ApiError | None = None
+    admin: AdminAudit | None = None
 
     @property
     def error_code(self) -> str | None:

@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .assets import AssetStore
+from .auth.admin import AdminConfigError, AdminCredential
 from .auth.api_keys import ApiKey, generate_key, hash_key
 from .auth.authenticator import Authenticator
 from .auth.oidc import IssuerVerifier
@@ -24,7 +25,9 @@ from .errors import ApiError
 from .meter import Meter
 from .metrics import Metrics
 from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
-from .store import Store, build_store
+from .policy.managed import ManagedKeys
+from .store import Store, StoreSettings, build_store
+from .store.keys import KeyDirectory, MemoryKeyDirectory, RedisKeyDirectory
 from .upstream.demo import start_demo_upstream
 from .upstream.formats import adapter, canonical_kind
 from .upstream.providers import Provider, RedirectPolicy, auth_headers, new_session, pool_shares, read_credential
@@ -72,6 +75,8 @@ class Gateway:
     relay: RelaySettings
     router: Router
     assets: AssetStore
+    managed_keys: ManagedKeys
+    admin: AdminCredential = AdminCredential()
     tracing: Tracing = NO_TRACING
     providers: dict[str, Provider] = field(default_factory=dict)
     provider_kinds: Mapping[str, str] = field(default_factory=dict)  # provider name -> its kind (canonical name)
@@ -99,6 +104,8 @@ class Gateway:
         """Open provider pools, start the demo upstream if configured, watch policies, reload on SIGHUP, and
         retry settles that could not reach the store."""
         self.meter.start()
+        await self.managed_keys.refresh()  # before the first request: stored keys work from the start
+        self._tasks.append(asyncio.create_task(self.managed_keys.run()))
         for name, settings in self.config.providers.items():
             base_url = settings.base_url
             if settings.kind == "demo":
@@ -139,6 +146,7 @@ class Gateway:
         await self.auth.aclose()
         await self.meter.close()  # after the last request settled, before the store goes away
         await self.store.close()
+        await self.managed_keys.directory.close()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes spans; the exporter blocks
 
 
@@ -160,6 +168,24 @@ def signing_keys(config: Config) -> KeyRing:
         return KeyRing.from_settings(settings, where="auth.signing_keys")
     except KeyConfigError as exc:
         raise ConfigError(f"{config.source}: {exc}") from None
+
+
+def _admin_credential(config: Config) -> AdminCredential:
+    admin = config.admin
+    try:
+        return AdminCredential.load(
+            token_env=admin.token_env, token_file=config.path(admin.token_file) if admin.token_file else None,
+            token_sha256=admin.token_sha256,
+        )
+    except AdminConfigError as exc:
+        raise ConfigError(f"{config.source}: {exc}") from None
+
+
+def _key_directory(settings: StoreSettings) -> KeyDirectory:
+    if settings.kind == "memory":
+        return MemoryKeyDirectory()
+    assert settings.redis_url is not None  # checked with the store settings
+    return RedisKeyDirectory(settings.redis_url, timeout_s=settings.connect_timeout_s + settings.op_timeout_s)
 
 
 def _issuer_plans(config: Config) -> set[str]:
@@ -229,6 +255,8 @@ def build_gateway(
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
         router=Router({m.id: m for m in catalog}, config.routing, on_breaker=metrics.breaker),
         assets=AssetStore(config.assets),
+        managed_keys=ManagedKeys(_key_directory(store_settings), policy, config.admin.keys_refresh_s),
+        admin=_admin_credential(config),
         tracing=tracing,
         provider_kinds=provider_kinds,
     )

@@ -52,6 +52,9 @@ def record(metrics: Metrics, request: web.Request, ctx: RequestContext, status: 
             "tokens_out": ctx.usage.output_tokens if ctx.usage else None,
             "credits": ctx.credits_charged, "error": error_code,
             "deployment": ctx.deployment, "attempts": ctx.attempts or None,
+            "admin_action": ctx.admin.action if ctx.admin else None,
+            "admin_target": ctx.admin.target if ctx.admin else None,
+            "admin_reason": ctx.admin.reason if ctx.admin else None,
         })
 
 

@@ -65,21 +65,36 @@ class Policy:
 
     def with_extra_keys(self, keys: Iterable[ApiKey]) -> Policy:
         """A copy with keys added from code (e.g. a demo key generated at start-up); same checks as files."""
+        specs = [
+            KeySpec(id=k.id, hash=k.hash, plan=k.plan, account=k.account, allow_direct=k.allow_direct,
+                    disabled=k.disabled)
+            for k in keys
+        ]
+        policy, problems = self.with_keys(specs)
+        if problems:
+            raise PolicyError([f"extra key {key_id!r}: {problem}" for key_id, problem in problems.items()])
+        return policy
+
+    def with_keys(self, specs: Iterable[KeySpec]) -> tuple[Policy, dict[str, str]]:
+        """A copy with keys from outside the policy files (the demo key, admin-managed keys in the store).
+        A key that cannot be added is left out; the second value says why, by key id."""
         records, key_plans = dict(self.key_records), dict(self.key_plans)
         hashes = {k.hash: k.id for k in records.values()}
-        problems = []
-        for key in keys:
-            if key.id in records:
-                problems.append(f"extra key {key.id!r}: a key with this id already exists; choose another id")
-            elif key.hash in hashes:
-                problems.append(f"extra key {key.id!r}: same hash as key {hashes[key.hash]!r}; use a new secret")
-            elif key.plan not in self.plans:
-                problems.append(f"extra key {key.id!r}: plan {key.plan!r} is not defined; define plans.{key.plan}")
+        problems: dict[str, str] = {}
+        for spec in specs:
+            if spec.id in records:
+                problems[spec.id] = "a key with this id already exists in the policy files; choose another id"
+            elif spec.hash in hashes:
+                problems[spec.id] = f"same hash as key {hashes[spec.hash]!r}; use a new secret"
+            elif spec.plan not in self.plans:
+                problems[spec.id] = f"plan {spec.plan!r} is not defined; define plans.{spec.plan}"
+            elif spec.needs_plan_budget and self.plans[spec.plan].budget is None:
+                problems[spec.id] = f"overrides.budget.credits: missing, and plan {spec.plan!r} has no budget"
             else:
-                records[key.id], key_plans[key.id], hashes[key.hash] = key, self.plans[key.plan], key.id
-        if problems:
-            raise PolicyError(problems)
-        return replace(self, key_records=MappingProxyType(records), key_plans=MappingProxyType(key_plans))
+                records[spec.id], hashes[spec.hash] = _api_key(spec), spec.id
+                key_plans[spec.id] = spec.overrides.apply(self.plans[spec.plan])
+        policy = replace(self, key_records=MappingProxyType(records), key_plans=MappingProxyType(key_plans))
+        return policy, problems
 
     def key(self, key_id: str) -> ApiKey | None:
         """The key record by id (e.g. to check that a token's key still exists and is enabled)."""

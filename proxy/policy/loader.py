@@ -27,7 +27,6 @@ from proxy.policy.schema import (
     parse_price,
 )
 from proxy.policy.scopes import ModelScope, matches
-from proxy.policy.types import Budget
 
 TOP_LEVEL = ("plans", "prices", "keys", "defaults")
 
@@ -167,13 +166,17 @@ def _matches_any(pattern: str, models: tuple[Model, ...]) -> bool:
     return any(matches(pattern, m.id) for m in models)
 
 
+def unmatched_patterns(scope: ModelScope, models: tuple[Model, ...]) -> list[tuple[int, str]]:
+    """The scope's model patterns (with their index) that match no model of the catalogue."""
+    return [(i, pattern) for i, pattern in enumerate(scope.patterns) if not _matches_any(pattern, models)]
+
+
 def _check_scope(scope: ModelScope, path: str, source: str, models: tuple[Model, ...], problems: list[str]) -> None:
-    for i, pattern in enumerate(scope.patterns):
-        if not _matches_any(pattern, models):
-            problems.append(
-                f"{source}: {child(child(path, 'models'), i)}: {pattern!r} matches no model in the catalogue; "
-                "fix the id or glob, or add the model to config.yaml models"
-            )
+    for i, pattern in unmatched_patterns(scope, models):
+        problems.append(
+            f"{source}: {child(child(path, 'models'), i)}: {pattern!r} matches no model in the catalogue; "
+            "fix the id or glob, or add the model to config.yaml models"
+        )
 
 
 def _check_against_catalog(merged: _Merged, models: tuple[Model, ...]) -> None:
@@ -195,7 +198,7 @@ def _check_against_catalog(merged: _Merged, models: tuple[Model, ...]) -> None:
                 f"{source}: {path}.plan: plan {key.plan!r} is not defined; "
                 f"define plans.{key.plan} or use one of: {', '.join(sorted(merged.plans)) or '(none defined)'}"
             )
-        elif _budget_override_incomplete(key, merged.plans[key.plan].value.budget):
+        elif key.needs_plan_budget and merged.plans[key.plan].value.budget is None:
             problems.append(
                 f"{source}: {path}.overrides.budget.credits: missing, and plan {key.plan!r} has no budget to "
                 "inherit it from; add credits:"
@@ -205,11 +208,6 @@ def _check_against_catalog(merged: _Merged, models: tuple[Model, ...]) -> None:
         if key.hash in hashes:
             problems.append(f"{source}: {path}.hash: same hash as key {hashes[key.hash]!r}; give each key its own secret")
         hashes.setdefault(key.hash, key.id)
-
-
-def _budget_override_incomplete(key: KeySpec, plan_budget: Budget | None) -> bool:
-    """A partial budget override merges into the plan's budget, so it needs one to merge into."""
-    return key.overrides.budget is not None and "credits" not in key.overrides.budget and plan_budget is None
 
 
 def _check_issuer_plans(merged: _Merged, issuer_plans: Iterable[str]) -> None:

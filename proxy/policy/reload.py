@@ -13,14 +13,20 @@ from proxy.auth.api_keys import ApiKey
 from proxy.catalog import Model
 from proxy.policy.engine import Policy
 from proxy.policy.loader import load_policy
+from proxy.policy.managed import with_managed_keys
 from proxy.policy.schema import PolicyError
+from proxy.store.keys import StoredKey
 
 log = logging.getLogger("proxy.policy")
 ReloadObserver = Callable[[bool], None]  # called with True after a swap, False after a rejected reload
 
 
 class PolicyHolder:
-    """Holds the current Policy. Readers take `.current` once per request; reloads replace it whole."""
+    """Holds the current Policy. Readers take `.current` once per request; reloads replace it whole.
+
+    The current policy is the files' policy joined with the admin-managed keys (`set_managed_keys`): a reload
+    of either rebuilds it from the latest of both.
+    """
 
     def __init__(
         self,
@@ -37,13 +43,28 @@ class PolicyHolder:
         self._extra_keys = tuple(extra_keys)
         self._on_reload = on_reload
         self._lock = threading.Lock()  # SIGHUP and the watcher may reload at once; one at a time
+        self._join_lock = threading.Lock()  # a file reload (thread) and a key refresh (loop) join one at a time
         self.last_error: str | None = None
         self._fingerprint = self.fingerprint()
-        self._current = self._load()  # at start-up a broken policy is fatal: raise PolicyError
+        self._files = self._load()  # at start-up a broken policy is fatal: raise PolicyError
+        self._managed: tuple[StoredKey, ...] = ()
+        self.managed_problems: dict[str, str] = {}  # stored keys left out, by id, with the reason
+        self._current = self._files
 
     @property
     def current(self) -> Policy:
         return self._current
+
+    @property
+    def files(self) -> Policy:
+        """The policy of the files alone (with the demo key): the keys the admin API may not touch."""
+        return self._files
+
+    def set_managed_keys(self, records: Iterable[StoredKey]) -> None:
+        """Swap in the admin-managed keys as read from the store."""
+        with self._join_lock:
+            self._managed = tuple(records)
+            self._join()
 
     def reload(self) -> bool:
         """Load and validate the files; swap on success, keep the old policy on failure. Never raises PolicyError."""
@@ -57,7 +78,10 @@ class PolicyHolder:
                 log.error("policy reload rejected, keeping version %s:\n%s", self._current.version, exc)
                 self._notify(False)
                 return False
-            previous, self._current = self._current, policy  # one reference assignment: readers see old or new
+            previous = self._current
+            with self._join_lock:
+                self._files = policy
+                self._join()
             self.last_error = None
             log.info("policy reloaded: version %s -> %s", previous.version, policy.version)
             self._notify(True)
@@ -90,6 +114,14 @@ class PolicyHolder:
         return load_policy(
             self.directory, self._catalog, issuer_plans=self._issuer_plans, extra_keys=self._extra_keys
         )
+
+    def _join(self) -> None:
+        policy, problems = with_managed_keys(self._files, self._managed, self._catalog)
+        for key_id, problem in problems.items():
+            if self.managed_problems.get(key_id) != problem:  # once per change, not at every refresh
+                log.error("admin-managed key %s is not in effect: %s", key_id, problem)
+        self.managed_problems = problems
+        self._current = policy  # one reference assignment: readers see old or new
 
     def _notify(self, ok: bool) -> None:
         if self._on_reload is not None:

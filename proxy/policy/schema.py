@@ -118,6 +118,11 @@ class KeySpec:
     disabled: bool = False
     overrides: PlanPatch = field(default_factory=PlanPatch)
 
+    @property
+    def needs_plan_budget(self) -> bool:
+        """A partial budget override merges into the plan's budget, so it needs one to merge into."""
+        return self.overrides.budget is not None and "credits" not in self.overrides.budget
+
 
 # --- small typed readers; each raises Invalid naming the path -----------------------------------------
 
