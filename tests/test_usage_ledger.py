@@ -208,3 +208,19 @@ async def test_a_ticket_expired_by_the_clock_names_nobody_even_while_redis_still
     [record] = await records(store)
     assert record.fields["outcome"] == "expired" and int(record.fields["credits"]) == 4 * MICRO
     assert [record.fields[name] for name in ("request_id", "key", "user", "model")] == ["", "", "", ""]
+
+
+async def test_a_late_release_takes_back_the_expired_holds_call_and_charge(store: Store, clock: Clock) -> None:
+    """A hold charged at expiry counts as a call; its late release (nothing billable after all) undoes both."""
+    meter = meter_on(store, clock)
+    dying = await meter.admit(ALICE, "m/chat", BUDGET, "req-late")
+    clock.now += 61
+    await meter.state(BOB, BUDGET)  # sweeps: charged at the reserve, one call
+    today = datetime.fromtimestamp(clock(), timezone.utc).date()
+    [(_, swept)] = await meter.usage("acme", None, [today])
+    assert swept == {"calls:m/chat": 1, "credits:m/chat": 4 * MICRO}
+    await dying.release()
+    [(_, undone)] = await meter.usage("acme", "u:g:alice", [today])
+    assert undone == {"calls:m/chat": 0, "credits:m/chat": 0}
+    assert [r.fields["outcome"] for r in await records(store)] == ["expired", "released"]
+    assert credits_of(await records(store)) == await spent(meter) == 0

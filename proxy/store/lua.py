@@ -96,8 +96,11 @@ local function record(lg, r)
   redis.call('XADD', stream, 'MAXLEN', '~', lg.max_len, '*', unpack(entry))
   redis.call('XTRIM', stream, 'MINID', '~', lg.min_id)
   redis.call('PEXPIRE', stream, int(lg.keep + GRACE))
-  -- a call counts once: when charged at its settle or at its hold's expiry, not again when a late settle corrects it
-  r.calls = (r.late == 0 and (r.outcome == 'settled' or r.outcome == 'expired')) and 1 or 0
+  -- a call counts once: when charged at its settle or at its hold's expiry, not again when a late settle corrects
+  -- it; a late release or cancel (nothing billable after all) takes back the count of its expired hold
+  local undone = r.outcome == 'released' or r.outcome == 'cancelled'
+  r.calls = 0
+  if r.late == 0 and not undone then r.calls = 1 elseif r.late == 1 and undone then r.calls = -1 end
   local totals = {lg.prefix .. ':us:a:' .. lg.day}
   if r.user ~= '' then totals[2] = lg.prefix .. ':us:u:' .. r.user .. ':' .. lg.day end
   for _, key in ipairs(totals) do

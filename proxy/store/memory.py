@@ -368,7 +368,8 @@ class MemoryStore:
         stream.add(now, fields, spec.max_records, now - spec.retention_ms)
         self._keys.put(key, stream)
         self._keys.expire_at(key, now + spec.retention_ms)
-        counted = values["late"] == 0 and values["outcome"] in ("settled", "expired")
+        undone = values["outcome"] in ("released", "cancelled")  # nothing billable; late: takes back its expiry's count
+        counted = (1 if not undone else 0) if values["late"] == 0 else (-1 if undone else 0)
         day, expiry = day_of(now), usage_expiry(now, spec.retention_ms)
         keys = [account_usage_key(spec.prefix, day)]
         if values["user"]:
@@ -376,7 +377,7 @@ class MemoryStore:
         for usage_key in keys:
             totals: dict[str, int] = self._keys.get(usage_key) or {}
             for metric in METRICS:
-                delta = int(counted) if metric == "calls" else int(values[metric])
+                delta = counted if metric == "calls" else int(values[metric])
                 if delta:
                     name = f"{metric}:{values['model']}"
                     totals[name] = totals.get(name, 0) + delta
