@@ -179,6 +179,14 @@ class ProviderSettings(_Strict):
     base_url: str | None = None
     api_key_env: str | None = None
     api_key_file: str | None = None
+    # Several keys (with the single ones above, if given): spread over calls; a key refused (401) or throttled (429)
+    # rests for `key_rest_s` (a 429's Retry-After when given) and the call is sent with another (credentials.py).
+    api_keys_env: tuple[str, ...] = ()
+    api_key_files: tuple[str, ...] = ()  # re-read when they change (rotated keys, bearer tokens)
+    key_selection: Literal["round_robin", "least_recently_throttled"] = "round_robin"
+    key_rest_s: float = Field(60.0, gt=0, le=3600)
+    # azure_openai: the `api-version` query parameter of every call (default: formats/azure_openai.py API_VERSION).
+    api_version: str | None = Field(None, pattern=r"^[0-9A-Za-z.-]{1,40}$")
     # How the credential is sent; None: the kind's own way (openai: `Authorization: Bearer <key>`).
     auth_header: str | None = None
     auth_scheme: str | None = None  # prefix before the key; "" sends the bare key (e.g. `xi-api-key`)
@@ -228,6 +236,12 @@ class ProviderSettings(_Strict):
     def dialect(self) -> str:
         """The body format its answers come in: models served by several providers need one."""
         return adapter(self.kind).dialect
+
+    @model_validator(mode="after")
+    def _api_version_is_azure(self) -> "ProviderSettings":
+        if self.api_version is not None and self.kind != "azure_openai":
+            raise ValueError(f"api_version applies to kind azure_openai only; remove it from this {self.kind} provider")
+        return self
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> "ProviderSettings":

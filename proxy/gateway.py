@@ -30,7 +30,7 @@ from .store import Store, StoreSettings, build_store
 from .store.keys import KeyDirectory, MemoryKeyDirectory, RedisKeyDirectory
 from .upstream.demo import start_demo_upstream
 from .upstream.formats import adapter, canonical_kind
-from .upstream.providers import Provider, RedirectPolicy, auth_headers, new_session, pool_shares, read_credential
+from .upstream.providers import Provider, RedirectPolicy, credentials, new_session, pool_shares, url_query
 from .tracing import NO_TRACING, Tracing, build_tracing
 from .upstream.relay import RelaySettings
 from .upstream.routing import Router
@@ -111,17 +111,17 @@ class Gateway:
             if settings.kind == "demo":
                 runner, base_url = await start_demo_upstream()
                 self._runners.append(runner)
-            credential = read_credential(name, settings, self.config.path("."))
             self.providers[name] = Provider(
                 name=name,
                 kind=self.provider_kinds[name],
                 format=adapter(settings.kind),
                 base_url=(base_url or "").rstrip("/"),
                 timeouts=settings.timeouts,
-                auth_headers=auth_headers(settings, credential),
+                keys=credentials(name, settings, self.config.path(".")),
                 session=new_session(settings),
                 pool=pool_shares(name, settings),
                 redirects=RedirectPolicy.from_settings(settings),
+                url_query=url_query(settings),
                 inject_trace=self.tracing.inject,
             )
         if self.config.policies.watch_interval_s:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, MutableMapping
+from typing import Callable, MutableMapping
+from urllib.parse import urlencode
 
 import aiohttp
 from yarl import URL
 
-from ..config import ConfigError, ProviderSettings, Timeouts
+from ..config import ProviderSettings, Timeouts
+from .credentials import ProviderKeys, provider_keys
 from .formats import WireFormat, adapter
+from .formats.azure_openai import API_VERSION as AZURE_API_VERSION
 from .shares import PoolShares
 
 
@@ -48,44 +50,32 @@ class Provider:
     format: WireFormat
     base_url: str  # without a trailing slash
     timeouts: Timeouts
-    auth_headers: Mapping[str, str]
+    keys: ProviderKeys | None  # None: no credential (the demo upstream)
     session: aiohttp.ClientSession
     pool: PoolShares  # every call holds a slot of the session's pool; no account more than its share
     redirects: RedirectPolicy = RedirectPolicy()
+    url_query: str = ""  # added to every call's URL (url_query())
     inject_trace: Callable[[MutableMapping[str, str]], None] = lambda headers: None  # adds traceparent if tracing
 
     def url(self, route: str, upstream_model: str, stream: bool) -> str:
         """Where a call on a public route goes, in the provider's wire format."""
-        return self.format.url(self.base_url, route, upstream_model, stream)
+        return self.format.url(self.base_url, route, upstream_model, stream) + self.url_query
 
 
-def read_credential(name: str, settings: ProviderSettings, base_dir: Path) -> str | None:
-    """The provider's key from the environment or a file; errors name the provider and the fix."""
-    if settings.api_key_env:
-        value = os.environ.get(settings.api_key_env, "").strip()
-        if not value:
-            raise ConfigError(
-                f"providers.{name}.api_key_env: environment variable {settings.api_key_env} is empty or unset. "
-                f"Fix: export {settings.api_key_env}=<key> or remove provider {name!r} and its models"
-            )
-        return value
-    if settings.api_key_file:
-        path = base_dir / settings.api_key_file
-        try:
-            return path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"providers.{name}.api_key_file: cannot read {settings.api_key_file}: {exc.strerror}. "
-                "Fix: mount the key file there or use api_key_env"
-            ) from None
-    return None
+def credentials(name: str, settings: ProviderSettings, base_dir: Path) -> ProviderKeys | None:
+    """The provider's keys (read now; errors name the provider and the fix), presented in the kind's way or the
+    config's header and scheme."""
+    fmt = adapter(settings.kind)
+    return provider_keys(
+        name, settings, base_dir, lambda key: fmt.credential_headers(key, settings.auth_header, settings.auth_scheme)
+    )
 
 
-def auth_headers(settings: ProviderSettings, credential: str | None) -> dict[str, str]:
-    """The credential headers, built once at start-up in the kind's way (or the config's header and scheme)."""
-    if credential is None:
-        return {}
-    return adapter(settings.kind).credential_headers(credential, settings.auth_header, settings.auth_scheme)
+def url_query(settings: ProviderSettings) -> str:
+    """The query every call of this provider carries: Azure's `api-version`."""
+    if settings.kind != "azure_openai":
+        return ""
+    return "?" + urlencode({"api-version": settings.api_version or AZURE_API_VERSION})
 
 
 def pool_shares(name: str, settings: ProviderSettings) -> PoolShares:

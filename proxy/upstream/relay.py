@@ -153,12 +153,11 @@ async def open_upstream(
 ) -> aiohttp.ClientResponse:
     """POST to the provider's `url` (Provider.url) and wait (up to `first_byte_s`) for its response headers."""
     headers = CIMultiDict(forward)
-    headers.update(provider.auth_headers)
     headers["X-Request-Id"] = request_id
     provider.inject_trace(headers)
     try:
         async with asyncio.timeout(provider.timeouts.first_byte_s):
-            return await _post_following_allowed_redirects(provider, URL(url), body, headers)
+            return await _post_with_a_key(provider, URL(url), body, headers)
     except TimeoutError:
         raise ApiError(
             "upstream_timeout",
@@ -168,6 +167,25 @@ async def open_upstream(
         raise ApiError("generation_unavailable", f"provider {provider.name} is unreachable; try again later") from None
     except aiohttp.ClientError as exc:
         raise ApiError("upstream_error", f"provider {provider.name} failed: {type(exc).__name__}") from None
+
+
+async def _post_with_a_key(
+    provider: Provider, url: URL, body: bytes, headers: CIMultiDict[str]
+) -> aiohttp.ClientResponse:
+    """POST with one of the provider's keys; a key refused (401) or throttled (429) rests, and the call is sent
+    again with another key that is not resting (each key at most once)."""
+    keys = provider.keys
+    if keys is None:
+        return await _post_following_allowed_redirects(provider, url, body, headers)
+    tries = len(keys)
+    while True:
+        tries -= 1
+        chosen = keys.choose()
+        headers.update(chosen.headers)
+        response = await _post_following_allowed_redirects(provider, url, body, headers)
+        if not keys.refused(chosen, response.status, response.headers.get("Retry-After")) or tries == 0:
+            return response
+        response.release()
 
 
 async def _post_following_allowed_redirects(

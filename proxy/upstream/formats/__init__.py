@@ -8,7 +8,7 @@ Adding a format: a module implementing `WireFormat`, its entry in `ADAPTERS`, it
 
 from __future__ import annotations
 
-from . import anthropic, openai
+from . import anthropic, azure_openai, openai
 from .base import PreparedBody, WireFormat
 
 # kind -> its wire format. `http` is the former name of `openai`, accepted for existing configs.
@@ -18,8 +18,9 @@ ADAPTERS: dict[str, WireFormat] = {
     "http": openai,
     "demo": openai,
     "anthropic": anthropic,
+    "azure_openai": azure_openai,
 }
-RESERVED: tuple[str, ...] = ("azure_openai", "gemini", "bedrock")
+RESERVED: tuple[str, ...] = ("gemini", "bedrock")
 _ALIASES = {"http": "openai"}
 
 
