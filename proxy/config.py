@@ -187,6 +187,10 @@ class ProviderSettings(_Strict):
     key_rest_s: float = Field(60.0, gt=0, le=3600)
     # azure_openai: the `api-version` query parameter of every call (default: formats/azure_openai.py API_VERSION).
     api_version: str | None = Field(None, pattern=r"^[0-9A-Za-z.-]{1,40}$")
+    # bedrock: the AWS region (base_url defaults to its bedrock-runtime endpoint) and an optional named profile of
+    # the shared config; credentials come from AWS's standard chain unless a Bedrock API key is given.
+    region: str | None = Field(None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+    aws_profile: str | None = None
     # How the credential is sent; None: the kind's own way (openai: `Authorization: Bearer <key>`).
     auth_header: str | None = None
     auth_scheme: str | None = None  # prefix before the key; "" sends the bare key (e.g. `xi-api-key`)
@@ -244,8 +248,23 @@ class ProviderSettings(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _aws_settings_are_bedrock(self) -> "ProviderSettings":
+        if self.kind == "bedrock" and self.region is None:
+            raise ValueError("kind bedrock needs region, e.g. region: us-east-1")
+        if self.kind != "bedrock" and (self.region is not None or self.aws_profile is not None):
+            raise ValueError(f"region and aws_profile apply to kind bedrock only; remove them from this {self.kind} provider")
+        return self
+
+    @property
+    def endpoint(self) -> str | None:
+        """Where calls go: base_url, or a Bedrock region's runtime endpoint."""
+        if self.base_url is None and self.kind == "bedrock":
+            return f"https://bedrock-runtime.{self.region}.amazonaws.com"
+        return self.base_url
+
+    @model_validator(mode="after")
     def _http_needs_url(self) -> "ProviderSettings":
-        if self.kind != "demo" and not self.base_url:
+        if self.kind not in ("demo", "bedrock") and not self.base_url:
             raise ValueError(f"kind {self.kind} needs base_url, e.g. {adapter(self.kind).example_base_url}")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url {self.base_url!r} must start with http:// or https://")

@@ -30,7 +30,9 @@ from .store import Store, StoreSettings, build_store
 from .store.keys import KeyDirectory, MemoryKeyDirectory, RedisKeyDirectory
 from .upstream.demo import start_demo_upstream
 from .upstream.formats import adapter, canonical_kind
-from .upstream.providers import Provider, RedirectPolicy, credentials, new_session, pool_shares, url_query
+from .upstream.providers import (
+    Provider, RedirectPolicy, aws_signer, credentials, new_session, pool_shares, url_query,
+)
 from .tracing import NO_TRACING, Tracing, build_tracing
 from .upstream.relay import RelaySettings
 from .upstream.routing import Router
@@ -84,14 +86,15 @@ class Gateway:
     _runners: list[web.AppRunner] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def model(self, model_id: object, wire_format: str | None = None) -> Model:
-        """A catalogue model; `wire_format`: the body format the route takes, which the model must speak."""
+    def model(self, model_id: object, wire_format: str | None = None, translated: tuple[str, ...] = ()) -> Model:
+        """A catalogue model; `wire_format`: the body format the route takes, which the model must speak unless
+        the route translates its dialect (`translated`, formats.TRANSLATED)."""
         if not isinstance(model_id, str) or not model_id:
             raise ApiError("invalid_request", "the body needs a `model` string, e.g. one id from GET /v1/models")
         model = self.models.get(model_id)
         if model is None:
             raise ApiError("model_not_found", MODEL_NOT_FOUND_MESSAGE.format(model=model_id))
-        if wire_format is not None and model.wire_format != wire_format:
+        if wire_format is not None and model.wire_format != wire_format and model.wire_format not in translated:
             raise ApiError(
                 "invalid_request",
                 f"model {model_id} speaks the {model.wire_format} wire format, not {wire_format}: call it on its "
@@ -107,17 +110,19 @@ class Gateway:
         await self.managed_keys.refresh()  # before the first request: stored keys work from the start
         self._tasks.append(asyncio.create_task(self.managed_keys.run()))
         for name, settings in self.config.providers.items():
-            base_url = settings.base_url
+            base_url = settings.endpoint
             if settings.kind == "demo":
                 runner, base_url = await start_demo_upstream()
                 self._runners.append(runner)
+            keys = credentials(name, settings, self.config.path("."))
             self.providers[name] = Provider(
                 name=name,
                 kind=self.provider_kinds[name],
                 format=adapter(settings.kind),
                 base_url=(base_url or "").rstrip("/"),
                 timeouts=settings.timeouts,
-                keys=credentials(name, settings, self.config.path(".")),
+                keys=keys,
+                signer=await aws_signer(name, settings) if keys is None else None,
                 session=new_session(settings),
                 pool=pool_shares(name, settings),
                 redirects=RedirectPolicy.from_settings(settings),
@@ -141,6 +146,8 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for provider in self.providers.values():
             await provider.session.close()
+            if provider.signer is not None:
+                await provider.signer.close()
         for runner in self._runners:
             await runner.cleanup()
         await self.auth.aclose()

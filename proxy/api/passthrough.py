@@ -16,6 +16,7 @@ from ..auth.principal import Principal
 from ..catalog import Model
 from ..context import CONTEXT
 from ..policy.types import RequestFacts
+from ..upstream.formats import TRANSLATED
 from ..upstream.formats.openai import RESPONSES_ROUTE
 from ..upstream.relay import forwarded_headers, relay
 from .body import read_json_object
@@ -46,8 +47,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
-    ctx.model = model = gateway.model(body.get("model"), "openai")
     route = openai_route(request)
+    ctx.model = model = gateway.model(body.get("model"), "openai", TRANSLATED.get(route, ()))
     facts = request_facts(route, body, len(await request.read()))  # the body is cached by now
     return await relay_generation(request, principal, model, route, body, facts, forwarded_headers(request))
 

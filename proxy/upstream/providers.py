@@ -11,6 +11,7 @@ import aiohttp
 from yarl import URL
 
 from ..config import ProviderSettings, Timeouts
+from .aws import AwsSigner
 from .credentials import ProviderKeys, provider_keys
 from .formats import WireFormat, adapter
 from .formats.azure_openai import API_VERSION as AZURE_API_VERSION
@@ -55,6 +56,7 @@ class Provider:
     pool: PoolShares  # every call holds a slot of the session's pool; no account more than its share
     redirects: RedirectPolicy = RedirectPolicy()
     url_query: str = ""  # added to every call's URL (url_query())
+    signer: AwsSigner | None = None  # bedrock without an API key: each call is SigV4-signed
     inject_trace: Callable[[MutableMapping[str, str]], None] = lambda headers: None  # adds traceparent if tracing
 
     def url(self, route: str, upstream_model: str, stream: bool) -> str:
@@ -69,6 +71,15 @@ def credentials(name: str, settings: ProviderSettings, base_dir: Path) -> Provid
     return provider_keys(
         name, settings, base_dir, lambda key: fmt.credential_headers(key, settings.auth_header, settings.auth_scheme)
     )
+
+
+async def aws_signer(name: str, settings: ProviderSettings) -> AwsSigner | None:
+    """A Bedrock provider's SigV4 signer, its credentials resolved from AWS's standard chain now."""
+    if settings.kind != "bedrock" or settings.region is None:
+        return None
+    signer = AwsSigner(settings.region, settings.aws_profile)
+    await signer.start(name)
+    return signer
 
 
 def url_query(settings: ProviderSettings) -> str:

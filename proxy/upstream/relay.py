@@ -17,6 +17,7 @@ from . import sse
 from .body_usage import BodyUsage
 from ..config import Timeouts
 from .formats import PreparedBody, WireFormat
+from .formats.base import AnswerTranslation, StreamTranslator
 from .providers import Provider
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the relay recomputes.
@@ -74,6 +75,8 @@ async def relay(
     extra_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Stream the opened call's answer back; fills `outcome` as it goes (also when cancelled)."""
+    if call.prepared.translation is not None:
+        return await _relay_translated(request, call, call.prepared.translation, settings, outcome, extra_headers)
     provider, upstream = call.provider, call.upstream
     is_sse = upstream.content_type == "text/event-stream"
     try:
@@ -107,6 +110,86 @@ async def relay(
         raise
     finally:
         await release_or_close(upstream, outcome)
+
+
+async def _relay_translated(
+    request: web.Request,
+    call: OpenedCall,
+    translation: AnswerTranslation,
+    settings: RelaySettings,
+    outcome: RelayOutcome,
+    extra_headers: Mapping[str, str] | None,
+) -> web.StreamResponse:
+    """An answer in another dialect, translated for the client: a stream event by event as it arrives (never
+    buffered), a JSON answer or an error answer whole (bounded)."""
+    provider, upstream = call.provider, call.upstream
+    try:
+        outcome.status = upstream.status
+        if upstream.status >= 500:
+            raise await upstream_failure(provider, upstream)
+        chunks = read_chunks(upstream, provider.timeouts, settings.keepalive_s if call.prepared.stream else 0.0,
+                             call.ends_at)
+        if upstream.status != 200 or not call.prepared.stream:
+            body = await _whole_body(chunks)
+            error_type = upstream.headers.get("x-amzn-ErrorType", "")
+            if upstream.status == 200:
+                data, outcome.usage = translation.answer(body)
+            else:
+                data = translation.error(upstream.status, error_type, body)
+            response = web.StreamResponse(status=upstream.status, headers=extra_headers)
+            response.content_type, response.content_length = "application/json", len(data)
+            outcome.response = response
+            await response.prepare(request)
+            await _write(response, data, outcome)
+        else:
+            response = web.StreamResponse(status=200, headers=extra_headers)
+            response.content_type = "text/event-stream"
+            response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            outcome.response = response
+            await response.prepare(request)
+            await _relay_translated_events(response, chunks, translation.stream(), provider.format, outcome)
+        outcome.completed = outcome.delivered = outcome.error_code is None
+        upstream.release()
+        await response.write_eof()
+        return response
+    finally:
+        await release_or_close(upstream, outcome)
+
+
+_MAX_TRANSLATED_ANSWER = 16 * 1024 * 1024  # a JSON answer is translated whole: no provider's chat answer is larger
+
+
+async def _whole_body(chunks: AsyncIterator[bytes | None]) -> bytes:
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk or b""
+        if len(body) > _MAX_TRANSLATED_ANSWER:
+            raise ApiError("upstream_error", "the provider's answer is too large to translate")
+    return bytes(body)
+
+
+async def _relay_translated_events(
+    response: web.StreamResponse,
+    chunks: AsyncIterator[bytes | None],
+    stream: StreamTranslator,
+    fmt: WireFormat,
+    outcome: RelayOutcome,
+) -> None:
+    """Each upstream piece's translated events written at once; usage and output counted as they come."""
+    try:
+        async for chunk in chunks:
+            data = sse.comment("ping") if chunk is None else stream.feed(chunk)
+            outcome.usage, outcome.output_chunks = stream.usage, stream.output_chunks
+            await _write(response, data, outcome)
+            if stream.done:
+                break
+        if stream.error is not None:
+            outcome.error_code = "upstream_error"
+        elif not stream.done:
+            raise ApiError("upstream_error", "the provider closed the stream before it finished")
+    except ApiError as exc:
+        outcome.error_code = exc.code
+        await _write(response, fmt.error_event(exc), outcome)
 
 
 async def usage_from_the_rest(upstream: aiohttp.ClientResponse, fmt: WireFormat, outcome: RelayOutcome) -> None:
@@ -172,9 +255,12 @@ async def open_upstream(
 async def _post_with_a_key(
     provider: Provider, url: URL, body: bytes, headers: CIMultiDict[str]
 ) -> aiohttp.ClientResponse:
-    """POST with one of the provider's keys; a key refused (401) or throttled (429) rests, and the call is sent
-    again with another key that is not resting (each key at most once)."""
+    """POST signed (SigV4) or with one of the provider's keys; a key refused (401) or throttled (429) rests, and
+    the call is sent again with another key that is not resting (each key at most once)."""
     keys = provider.keys
+    if provider.signer is not None:
+        headers["Content-Type"] = "application/json"
+        headers.update(provider.signer.sign(str(url), headers, body))  # over the URL as it will be sent
     if keys is None:
         return await _post_following_allowed_redirects(provider, url, body, headers)
     tries = len(keys)

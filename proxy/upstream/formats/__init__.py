@@ -8,7 +8,7 @@ Adding a format: a module implementing `WireFormat`, its entry in `ADAPTERS`, it
 
 from __future__ import annotations
 
-from . import anthropic, azure_openai, openai
+from . import anthropic, azure_openai, bedrock, openai
 from .base import PreparedBody, WireFormat
 
 # kind -> its wire format. `http` is the former name of `openai`, accepted for existing configs.
@@ -19,8 +19,11 @@ ADAPTERS: dict[str, WireFormat] = {
     "demo": openai,
     "anthropic": anthropic,
     "azure_openai": azure_openai,
+    "bedrock": bedrock,
 }
-RESERVED: tuple[str, ...] = ("gemini", "bedrock")
+# route -> the other dialects whose models it serves by translating bodies and answers.
+TRANSLATED: dict[str, tuple[str, ...]] = {bedrock.CHAT_ROUTE: ("bedrock",)}
+RESERVED: tuple[str, ...] = ("gemini",)
 _ALIASES = {"http": "openai"}
 
 
@@ -34,4 +37,4 @@ def canonical_kind(kind: str) -> str:
     return _ALIASES.get(kind, kind)
 
 
-__all__ = ["ADAPTERS", "RESERVED", "PreparedBody", "WireFormat", "adapter", "canonical_kind"]
+__all__ = ["ADAPTERS", "RESERVED", "TRANSLATED", "PreparedBody", "WireFormat", "adapter", "canonical_kind"]

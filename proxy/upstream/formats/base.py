@@ -18,11 +18,39 @@ from ...errors import ApiError
 from ...policy.types import Usage
 
 
+class StreamTranslator(Protocol):
+    """An upstream stream turned into the client's SSE events as it arrives (converse.StreamTranslation)."""
+
+    usage: Usage | None
+    output_chunks: int
+    done: bool  # the client has the whole answer
+    error: dict[str, Any] | None  # the upstream ended the stream with an error (sent to the client in-band)
+
+    def feed(self, data: bytes) -> bytes:
+        ...
+
+
+class AnswerTranslation(Protocol):
+    """How an answer in another dialect reaches the client (e.g. Bedrock Converse -> OpenAI chat)."""
+
+    def answer(self, body: bytes) -> tuple[bytes, Usage | None]:
+        """A whole JSON answer in the client's format, and its usage."""
+        ...
+
+    def error(self, status: int, error_type: str, body: bytes) -> bytes:
+        """An upstream error answer (`error_type`: the provider's name for it) in the client's error shape."""
+        ...
+
+    def stream(self) -> StreamTranslator:
+        ...
+
+
 @dataclass(frozen=True)
 class PreparedBody:
     body: bytes
     stream: bool
     usage_injected: bool  # we asked for a usage event the client did not: drop it before the client sees it
+    translation: AnswerTranslation | None = None  # the answer is translated for the client, not relayed as is
 
 
 class WireFormat(Protocol):
