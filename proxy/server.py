@@ -28,6 +28,7 @@ from .app import create_app, error_response
 from .config import Config, ConfigError
 from .context import request_id_for
 from .errors import ApiError
+from .event_loop import event_loop_name, run_event_loop
 from .gateway import Gateway
 from .metrics import Metrics
 from .record import record_protocol_refusal
@@ -226,9 +227,11 @@ async def serve_until_signalled(
 
 def _announce(server: RunningServer) -> None:
     metrics = f", metrics on {server.metrics_url}/metrics" if server.metrics_url else ""
-    print(f"edge-proxy: serving on {server.url}{metrics} (SIGINT or SIGTERM to stop)", flush=True)
+    print(f"edge-proxy: serving on {server.url}{metrics}, {event_loop_name()} event loop (SIGINT or SIGTERM to stop)",
+          flush=True)
 
 
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
     """Serve in this process until SIGINT/SIGTERM, then finish requests in flight up to `server.shutdown_grace_s`."""
-    asyncio.run(serve_until_signalled(start_server(config, host, port), _announce))
+    run_event_loop(serve_until_signalled(start_server(config, host, port), _announce))
+

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
+from .event_loop import event_loop_name, run_event_loop
 
 log = logging.getLogger("edge_proxy.workers")
 
@@ -197,8 +198,8 @@ class Supervisor:
         metrics = f", metrics on {_url(first.metrics_sock)}/metrics" if first.metrics_sock else ""
         pids = ", ".join(str(slot.process.pid) for slot in self._slots if slot.process)
         print(
-            f"edge-proxy: serving on {url}{metrics} with {len(self._slots)} workers (pids {pids}) "
-            "(SIGINT or SIGTERM to stop)",
+            f"edge-proxy: serving on {url}{metrics} with {len(self._slots)} workers (pids {pids}), "
+            f"{event_loop_name()} event loop (SIGINT or SIGTERM to stop)",
             flush=True,
         )
 
@@ -337,7 +338,7 @@ def _worker_main() -> int:
         await serve_until_signalled(serve_sockets(config, sock, metrics_sock, gateway), ready, stop)
 
     try:
-        asyncio.run(run())
+        run_event_loop(run())
     except ConfigError as exc:
         print(f"edge-proxy: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,45 @@
+"""`edge-proxy serve` runs on uvloop when it is installed (the `fast` extra), on asyncio's loop when told not to,
+and says which in its start-up line; one process and workers both serve a metered call on it and stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.gateway_harness import TEST_KEY, gateway_config, gateway_process
+from tests.mock_provider import MockProvider
+from tests.redis_server import RedisServer
+
+
+@pytest.mark.parametrize(("switch", "workers", "expected"),
+                         [(None, 1, "uvloop"), ("0", 1, "asyncio"), (None, 2, "uvloop")])
+async def test_serve_picks_the_event_loop_and_serves_on_it(
+    provider: MockProvider, policies_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer, switch: str | None, workers: int, expected: str,
+) -> None:
+    if switch is None:
+        monkeypatch.delenv("EDGE_PROXY_UVLOOP", raising=False)
+    else:
+        monkeypatch.setenv("EDGE_PROXY_UVLOOP", switch)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where a supervisor makes its metrics directory
+    overrides: dict[str, Any] = {"server": {"workers": workers}}
+    if workers > 1:  # several workers need a shared store
+        overrides["store"] = {"kind": "redis", "redis_url": redis_server.url}
+    output = tmp_path / "gateway.log"
+    config = gateway_config(provider.url, policies_dir, **overrides)
+    async with gateway_process(config, tmp_path, output) as (process, url):
+        payload = {"model": "mock/chat", "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/v1/chat/completions", json=payload,
+                                 headers={"Authorization": f"Bearer {TEST_KEY}"}) as response:
+                assert response.status == 200, await response.text()
+                assert (await response.json())["choices"]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    started = [line for line in output.read_text().splitlines() if "serving on" in line]
+    assert len(started) == 1 and f", {expected} event loop " in started[0], started
