@@ -126,20 +126,27 @@ async def test_clerk_session_token_becomes_an_issuer_principal(auth, idp):
 async def test_revoked_key_kills_its_raw_use_and_its_minted_tokens(auth, tokens, keys):
     minted = tokens.mint(DIRECT, key_scopes=SCOPES).token
     assert (await auth.authenticate(f"Bearer {minted}")).key_id == "backend"
+    assert tokens.cached(minted) is not None  # so the refusal below is the cached token's
     keys.replace(MINT_ONLY)  # policy reload without the key
     assert (await failure(auth, "Bearer sk_direct")).code == "invalid_api_key"
     err = await failure(auth, f"Bearer {minted}")
     assert err.code == "invalid_token" and "revoked" in err.message and 'error="invalid_token"' in challenge_of(err)
 
 
-async def test_disabling_a_key_kills_its_minted_tokens(auth, tokens, keys):
+@pytest.mark.parametrize("used_before", [False, True])  # True: the token is in the verified-token cache
+async def test_disabling_a_key_kills_its_minted_tokens(auth, tokens, keys, used_before):
     minted = tokens.mint(DIRECT, key_scopes=SCOPES).token
+    if used_before:
+        assert (await auth.authenticate(f"Bearer {minted}")).key_id == "backend"
     keys.replace(dataclasses.replace(DIRECT, disabled=True), MINT_ONLY)
     assert (await failure(auth, f"Bearer {minted}")).code == "invalid_token"
 
 
-async def test_rekeying_an_id_kills_tokens_minted_from_the_old_secret(auth, tokens, keys):
+@pytest.mark.parametrize("used_before", [False, True])
+async def test_rekeying_an_id_kills_tokens_minted_from_the_old_secret(auth, tokens, keys, used_before):
     minted = tokens.mint(DIRECT, key_scopes=SCOPES).token
+    if used_before:
+        assert (await auth.authenticate(f"Bearer {minted}")).key_id == "backend"
     keys.replace(dataclasses.replace(DIRECT, hash=hash_key("sk_new_secret")))
     assert (await failure(auth, f"Bearer {minted}")).code == "invalid_token"
     assert (await auth.authenticate("Bearer sk_new_secret")).key_id == "backend"

@@ -249,3 +249,75 @@ def test_missing_required_claims_are_rejected():
     del claims["key_id"]
     forged = jwt.encode(claims, NEW.private_key, algorithm="ES256", headers={"kid": NEW.kid})
     assert "key_id" in rejected(forged).message
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_verified_token_is_remembered_until_it_expires_and_not_a_moment_longer():
+    clock = Clock()
+    gateway = GatewayTokens(SETTINGS, KeyRing(NEW), clock=clock)
+    minted = gateway.mint(KEY, key_scopes=KEY_SCOPES, ttl=60)
+    assert gateway.cached(minted.token) is None  # minting is not verifying
+    claims = gateway.verify(minted.token)
+    assert gateway.cached(minted.token) == claims
+    clock.now = minted.expires_at - 0.001
+    assert gateway.cached(minted.token) == claims
+    clock.now = minted.expires_at
+    assert gateway.cached(minted.token) is None
+    with pytest.raises(ApiError) as info:
+        gateway.verify(minted.token)
+    assert info.value.code == "token_expired"
+
+
+def test_an_expired_token_is_refused_as_expired_before_its_signature_is_checked():
+    clock = Clock()
+    gateway = GatewayTokens(SETTINGS, KeyRing(NEW), clock=clock)
+    token = gateway.mint(KEY, key_scopes=KEY_SCOPES, ttl=60).token
+    head, payload, _ = token.split(".")
+    garbage = head + "." + payload + "." + base64.urlsafe_b64encode(b"\0" * 64).decode().rstrip("=")
+    clock.now += 61
+    with pytest.raises(ApiError) as info:
+        gateway.verify(garbage)
+    assert info.value.code == "token_expired"
+    assert gateway.cached(garbage) is None
+
+
+def test_the_cache_matches_exact_tokens_only():
+    gateway = tokens()
+    token = gateway.mint(KEY, key_scopes=KEY_SCOPES).token
+    gateway.verify(token)
+    head, payload, signature = token.split(".")
+    tampered = f"{head}.{payload}.{signature[:-2]}{'AA' if signature[-2:] != 'AA' else 'BB'}"
+    assert gateway.cached(tampered) is None
+    rejected(tampered, gateway)
+    assert gateway.cached(tampered) is None and gateway.cached(token) is not None
+
+
+def test_the_cache_is_bounded_least_recently_used_first_out():
+    gateway = GatewayTokens(SETTINGS, KeyRing(NEW), cache_size=3)
+    minted = [gateway.mint(KEY, key_scopes=KEY_SCOPES).token for _ in range(5)]
+    for token in minted:
+        gateway.verify(token)
+    assert [gateway.cached(t) is not None for t in minted] == [False, False, True, True, True]
+    gateway.cached(minted[2])  # used: now the most recent
+    gateway.verify(minted[0])  # evicts minted[3], the least recently used
+    assert [gateway.cached(t) is not None for t in minted] == [True, False, True, False, True]
+    assert gateway.verify(minted[1]).key_id == "backend"  # evicted tokens still verify, the slow way
+
+
+def test_a_cached_token_dies_with_its_signing_key():
+    gateway = tokens(KeyRing(NEW, [OLD]))
+    old_token = tokens(KeyRing(OLD)).mint(KEY, key_scopes=KEY_SCOPES).token
+    gateway.verify(old_token)
+    gateway.ring = KeyRing(NEW)  # the old key retired
+    assert gateway.cached(old_token) is None
+    with pytest.raises(ApiError, match="not signed by a current gateway key"):
+        gateway.verify(old_token)

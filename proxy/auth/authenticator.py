@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
-import jwt
 
 from proxy.auth.api_keys import ApiKey, KeyIndex, looks_like_key
 from proxy.auth.oidc import IssuerVerifier
 from proxy.auth.principal import Principal
-from proxy.auth.tokens import GatewayTokens, key_fingerprint
+from proxy.auth.tokens import GatewayClaims, GatewayTokens, key_fingerprint, unverified_parts
 from proxy.errors import ApiError
 
 REALM = "edge-proxy"
@@ -76,9 +75,17 @@ class Authenticator:
         return key
 
     async def _verify_jwt(self, credential: str) -> Principal:
-        header, iss = _unverified_header_and_issuer(credential)
+        known = self._tokens.cached(credential)  # a token of ours verified before: nothing to parse or check again
+        if known is not None:
+            return self._gateway_principal(known)
+        if not _JWT_SHAPE.match(credential):
+            raise ApiError("invalid_token", "the credential is neither an API key (sk_...) nor a JWT")
+        header, claims = unverified_parts(credential)
+        iss = claims.get("iss")
+        if not isinstance(iss, str):
+            raise ApiError("invalid_token", "the token has no issuer (iss)")
         if iss == self._tokens.settings.issuer:
-            return self._gateway_principal(credential)
+            return self._gateway_principal(self._tokens.verify(credential, (header, claims)))
         verifier = self._issuers.get(iss)
         if verifier is None:
             raise ApiError("invalid_token", "the token's issuer (iss) is not trusted by this gateway")
@@ -87,8 +94,7 @@ class Authenticator:
             raise ApiError("invalid_token", "the token has no key id (kid) in its header")
         return await verifier.verify(credential, kid)
 
-    def _gateway_principal(self, credential: str) -> Principal:
-        claims = self._tokens.verify(credential)
+    def _gateway_principal(self, claims: GatewayClaims) -> Principal:
         key = self._keys().by_id(claims.key_id)
         # Revoking, disabling or re-keying the API key kills every token minted from it.
         if key is None or key.disabled or key_fingerprint(key) != claims.key_fingerprint:
@@ -110,21 +116,6 @@ def bearer_credential(authorization: str | None) -> str:
     if match is None:
         raise ApiError("missing_credentials", "send `Authorization: Bearer <API key or token>`")
     return match.group(1)
-
-
-def _unverified_header_and_issuer(credential: str) -> tuple[dict[str, Any], str]:
-    """Only to choose the verifier: nothing read here is trusted before the signature is checked."""
-    if not _JWT_SHAPE.match(credential):
-        raise ApiError("invalid_token", "the credential is neither an API key (sk_...) nor a JWT")
-    try:
-        header = jwt.get_unverified_header(credential)
-        claims = jwt.decode(credential, options={"verify_signature": False})
-    except jwt.InvalidTokenError:
-        raise ApiError("invalid_token", "the token is not a well-formed JWT") from None
-    iss = claims.get("iss")
-    if not isinstance(iss, str):
-        raise ApiError("invalid_token", "the token has no issuer (iss)")
-    return header, iss
 
 
 def with_challenge(err: ApiError) -> ApiError:

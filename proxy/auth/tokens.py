@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Sequence
@@ -29,6 +30,11 @@ CLAIM_KEY_ID = "key_id"
 CLAIM_KEY_FINGERPRINT = "key_fp"  # ties the token to the key's current secret: rotating the secret kills it
 CLAIM_PLAN = "plan"
 CLAIM_SCOPES = "scopes"
+
+# Verified tokens remembered by their exact text (until they expire), so a client that reuses its token pays for the
+# signature check once, not on every call (an ES256 verification is most of a token's cost). Bounded: least recently
+# used first out.
+VERIFIED_TOKENS_CACHED = 10_000
 
 MAX_SUBJECT_LENGTH = 256
 MAX_SCOPES = 64
@@ -266,10 +272,15 @@ def _checked_subject(sub: object) -> str | None:
 class GatewayTokens:
     """Mints and verifies the gateway's own JWTs with a KeyRing."""
 
-    def __init__(self, settings: TokenSettings, ring: KeyRing, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: TokenSettings, ring: KeyRing, clock: Callable[[], float] = time.time,
+        cache_size: int = VERIFIED_TOKENS_CACHED,
+    ) -> None:
         self.settings = settings
         self.ring = ring
         self._clock = clock
+        self._verified: OrderedDict[str, tuple[GatewayClaims, str]] = OrderedDict()  # token -> (claims, kid)
+        self._cache_size = cache_size
 
     def mint(
         self,
@@ -304,13 +315,30 @@ class GatewayTokens:
         token = jwt.encode(claims, active.private_key, algorithm=active.algorithm, headers={"kid": active.kid})
         return MintedToken(token=token, expires_at=now + lifetime, expires_in=lifetime)
 
-    def verify(self, token: str) -> GatewayClaims:
-        """Check signature (only the ring's keys and algorithms), iss, aud, exp/nbf and required claims."""
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
-            raise ApiError("invalid_token", "the token is not a well-formed JWT") from None
-        key = self.ring.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
+    def cached(self, token: str) -> GatewayClaims | None:
+        """The claims of a token verified before, if it has not expired since and its signing key is still in the
+        ring; else None. Its claims are signed, so they cannot have changed: what can (the API key behind it revoked,
+        disabled or re-keyed) is the caller's to check on every call."""
+        entry = self._verified.get(token)
+        if entry is None:
+            return None
+        claims, kid = entry
+        if self._clock() >= claims.expires_at + self.settings.leeway_s or self.ring.get(kid) is None:
+            del self._verified[token]
+            return None
+        self._verified.move_to_end(token)
+        return claims
+
+    def verify(self, token: str, parts: UnverifiedToken | None = None) -> GatewayClaims:
+        """Check signature (only the ring's keys and algorithms), iss, aud, exp/nbf and required claims; `parts` is
+        the token already split (`unverified_parts`), if the caller has it. An expired token is refused before its
+        signature is checked (that costs the most); a valid one is remembered for `cached`."""
+        header, payload = parts if parts is not None else unverified_parts(token)
+        exp = payload.get("exp")
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool) and self._clock() >= exp + self.settings.leeway_s:
+            raise ApiError("token_expired", "the token has expired; mint a new one")
+        kid = header.get("kid")
+        key = self.ring.get(kid) if isinstance(kid, str) else None
         if key is None:
             raise ApiError("invalid_token", "the token is not signed by a current gateway key")
         try:
@@ -327,7 +355,27 @@ class GatewayTokens:
             raise ApiError("token_expired", "the token has expired; mint a new one") from None
         except jwt.InvalidTokenError as exc:
             raise ApiError("invalid_token", f"the token is invalid: {exc}") from None
-        return _gateway_claims(claims)
+        verified = _gateway_claims(claims)
+        self._remember(token, verified, key.kid)
+        return verified
+
+    def _remember(self, token: str, claims: GatewayClaims, kid: str) -> None:
+        self._verified[token] = (claims, kid)
+        if len(self._verified) > self._cache_size:
+            self._verified.popitem(last=False)
+
+
+UnverifiedToken = tuple[dict[str, Any], dict[str, Any]]  # (header, payload), neither trusted before verification
+
+
+def unverified_parts(token: str) -> UnverifiedToken:
+    """A JWT's header and payload from one parse, signature unchecked: only to choose the verifier and to refuse an
+    expired token early. 401 invalid_token when it is not a well-formed JWT."""
+    try:
+        parts = jwt.api_jwt.decode_complete(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        raise ApiError("invalid_token", "the token is not a well-formed JWT") from None
+    return parts["header"], parts["payload"]
 
 
 def _gateway_claims(claims: dict[str, Any]) -> GatewayClaims:
