@@ -110,7 +110,9 @@ class Admission:
         self._pending = pending
         self._reservation = reservation
         self._settled = reservation is None
-        self._heartbeat: asyncio.Task[None] | None = None
+        # A timer, not a task that sleeps, until a renewal is due: most calls end long before, and a timer costs a
+        # fraction of a task to create and cancel.
+        self._heartbeat: asyncio.TimerHandle | asyncio.Task[None] | None = None
 
     @property
     def settled(self) -> bool:
@@ -124,7 +126,7 @@ class Admission:
         if self._settled or self._reservation is None:
             yield
             return
-        self._heartbeat = asyncio.create_task(self._renew_until_settled(self._reservation))
+        self._schedule_renewal(self._reservation)
         try:
             yield
         finally:
@@ -171,18 +173,27 @@ class Admission:
         """The request produced nothing billable: settle with zero (its record's outcome is `released`)."""
         return await self.settle(0.0, 0, dataclasses.replace(usage or CallUsage(), outcome="released"))
 
-    async def _renew_until_settled(self, reservation: Reservation) -> None:
+    def _schedule_renewal(self, reservation: Reservation) -> None:
+        """Renew every ttl/3 (three chances to get through before the ttl runs out) until settled."""
+        self._heartbeat = asyncio.get_running_loop().call_later(
+            reservation.request.ttl_ms / 3000, self._start_renewal, reservation
+        )
+
+    def _start_renewal(self, reservation: Reservation) -> None:
+        self._heartbeat = asyncio.create_task(self._renew(reservation))
+
+    async def _renew(self, reservation: Reservation) -> None:
         ttl_ms = reservation.request.ttl_ms
         rid = reservation.request.reservation_id
-        while not self._settled:
-            await asyncio.sleep(ttl_ms / 3000)  # three chances to get through before the ttl runs out
-            try:
-                renewed = await self._store.renew(reservation, ttl_ms, int(self._clock() * 1000))
-            except StoreError as exc:
-                log.debug("renew failed for reservation %s: %s", rid, exc)
-                continue
+        try:
+            renewed = await self._store.renew(reservation, ttl_ms, int(self._clock() * 1000))
+        except StoreError as exc:
+            log.debug("renew failed for reservation %s: %s", rid, exc)
+        else:
             if not renewed:  # the store was down, or the hold already expired and was charged
                 log.debug("reservation %s was not renewed", rid)
+        if not self._settled:
+            self._schedule_renewal(reservation)
 
     def _stop_heartbeat(self) -> None:
         if self._heartbeat is not None:

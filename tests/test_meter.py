@@ -158,6 +158,16 @@ async def test_settle_inside_keepalive_stops_the_heartbeat() -> None:
     assert store.renewals == beats
 
 
+async def test_keepalive_starts_no_task_until_a_renewal_is_due(store: Store) -> None:
+    """A call that ends before its first renewal (nearly all of them) costs a timer, not a task per request."""
+    admission = await Meter(store, reservation_ttl_s=600).admit(ALICE, "m/a", decide(concurrency=1), "r")
+    before = len(asyncio.all_tasks())
+    async with admission.keepalive():
+        await asyncio.sleep(0)
+        assert len(asyncio.all_tasks()) == before
+    assert await admission.release()
+
+
 async def test_keepalive_never_raises_while_the_store_is_down(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="proxy.meter")
     with RedisServer(workdir=tmp_path) as server:
