@@ -31,6 +31,7 @@ _DROP_RESPONSE_HEADERS = frozenset(
 )
 _FORWARD_REQUEST_HEADERS = ("Content-Type", "Accept", "Accept-Language", "User-Agent")
 _MAX_REDIRECTS = 3  # allowed hops (providers.<name>.follow_redirects_to) before the call fails
+_ONE_SEND_MAX_BYTES = 64 * 1024  # a plain answer up to this size (and of known length) leaves in one send
 _READ_REST_S = 1.0  # how long the end of a delivered answer is awaited to keep its connection; else it is closed
 
 
@@ -83,7 +84,7 @@ async def relay(
         outcome.status = upstream.status
         if upstream.status >= 500:
             raise await upstream_failure(provider, upstream)
-        response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream, extra_headers))
+        response = _new_response(upstream, _response_headers(upstream, extra_headers), is_sse)
         outcome.response = response
         if is_sse:
             response.headers["Cache-Control"] = "no-cache"
@@ -319,6 +320,18 @@ def _response_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]
     )
     headers.update(extra or {})
     return headers
+
+
+def _new_response(upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], is_sse: bool) -> web.StreamResponse:
+    """A plain answer of a small known length leaves in one send, its headers with its body and no chunked end
+    (aiohttp's Response holds the headers until the first write); anything else streams: headers first, then each
+    chunk as it arrives. The length must be the body's as relayed: not when the client session decompresses it."""
+    length = upstream.content_length
+    if (not is_sse and length is not None and length <= _ONE_SEND_MAX_BYTES
+            and upstream.headers.get("Content-Encoding", "identity").lower() == "identity"):
+        headers["Content-Length"] = str(length)
+        return web.Response(status=upstream.status, headers=headers)
+    return web.StreamResponse(status=upstream.status, headers=headers)
 
 
 def stream_deadline(provider: Provider) -> float:
