@@ -1,0 +1,155 @@
+"""The Gemini API wire format (kind `gemini`): `POST <base_url>/models/<model>:generateContent` (JSON),
+`:streamGenerateContent?alt=sse` (SSE, one `data:` event per `GenerateContentResponse`) and `:countTokens`, the
+credential in `x-goog-api-key`, errors as `{"error": {"code", "message", "status", "details"}}`.
+
+Usage: `usageMetadata` of a JSON answer; in a stream, every chunk may carry running figures and the last one
+(the chunk with a `finishReason`) the final ones. Input is `promptTokenCount` (cached tokens included) plus
+`toolUsePromptTokenCount`; output is `candidatesTokenCount` plus `thoughtsTokenCount` (thinking is billed as
+output). The module is the adapter (formats.base.WireFormat).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from ...errors import ApiError
+from ...policy.types import Usage
+from .. import sse
+from .base import PreparedBody, token_figure
+
+dialect = "gemini"
+example_base_url = "https://generativelanguage.googleapis.com/v1beta"
+PREFIX = "/gemini"  # the gateway's native routes: `/gemini/v1beta/models/<our id>:<method>`
+# The routes as aiohttp canonical paths (also their metrics label); `model` is our public model id.
+_MODEL_PATH = f"{PREFIX}/{{version}}/models/{{model}}"
+GENERATE = f"{_MODEL_PATH}:generateContent"
+STREAM = f"{_MODEL_PATH}:streamGenerateContent"
+COUNT_TOKENS = f"{_MODEL_PATH}:countTokens"
+ROUTES = (GENERATE, STREAM, COUNT_TOKENS)
+_INPUT_FIGURES = ("promptTokenCount", "toolUsePromptTokenCount")
+_OUTPUT_FIGURES = ("candidatesTokenCount", "thoughtsTokenCount")
+# google.rpc.Code names by HTTP status, for the gateway's own errors on the native routes.
+_STATUSES = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "RESOURCE_EXHAUSTED", 403: "PERMISSION_DENIED",
+    404: "NOT_FOUND", 405: "UNIMPLEMENTED", 409: "ABORTED", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED", 431: "INVALID_ARGUMENT", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}
+ERROR_DOMAIN = "edge-proxy"  # ErrorInfo.domain of the gateway's own errors; ErrorInfo.reason is our stable code
+# On raw event bytes. A quote inside generated text is escaped (\"), so these cannot match content.
+_USAGE_OBJECT = re.compile(rb'"usageMetadata"\s*:\s*\{')
+_CANDIDATE = re.compile(rb'"candidates"\s*:\s*\[\s*\{')
+_FINISHED = re.compile(rb'"finishReason"\s*:\s*"')
+
+
+def url(base_url: str, route: str, upstream_model: str, stream: bool) -> str:
+    """`<base_url>/models/<upstream model>:<method>`; streams ask for SSE (`alt=sse`)."""
+    method = route.rsplit(":", 1)[1]
+    target = f"{base_url}/{_model_name(upstream_model)}:{method}"
+    return target + "?alt=sse" if route == STREAM else target
+
+
+def _model_name(upstream_model: str) -> str:
+    """The API's resource name of a model (`models/<id>`); the config may give the id with or without it."""
+    return f"models/{upstream_model.removeprefix('models/')}"
+
+
+def credential_headers(credential: str, header: str | None, scheme: str | None) -> dict[str, str]:
+    """`x-goog-api-key: <key>` unless the config names another header or scheme."""
+    return {header or "x-goog-api-key": f"{scheme} {credential}" if scheme else credential}
+
+
+def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_tokens: int = 0) -> PreparedBody:
+    """`generationConfig.maxOutputTokens` lowered to the reservation's bound, or sent as it (0: no cap to send);
+    a countTokens body's nested request names the upstream model. The model is in the URL, not the body."""
+    out = dict(body)
+    if route == COUNT_TOKENS and isinstance(out.get("generateContentRequest"), dict):
+        out["generateContentRequest"] = dict(out["generateContentRequest"], model=_model_name(upstream_model))
+    elif max_output_tokens > 0 and route != COUNT_TOKENS:
+        config = dict(out.get("generationConfig") or {})  # validated by now: an object or absent (request facts)
+        asked = config.get("maxOutputTokens")
+        config["maxOutputTokens"] = min(asked, max_output_tokens) if isinstance(asked, int) else max_output_tokens
+        out["generationConfig"] = config
+    return PreparedBody(json.dumps(out, separators=(",", ":")).encode(), route == STREAM, False)
+
+
+def usage_from_metadata(metadata: Any, final: bool = True) -> Usage | None:
+    """A `usageMetadata` object's tokens; None if absent, naming no figure, or broken."""
+    names = (*_INPUT_FIGURES, *_OUTPUT_FIGURES)
+    if not isinstance(metadata, dict) or all(metadata.get(name) is None for name in names):
+        return None
+    figures = [token_figure(metadata.get(name)) for name in names]
+    if any(figure is None for figure in figures):
+        return None
+    counts = [figure or 0 for figure in figures]
+    split = len(_INPUT_FIGURES)
+    return Usage(input_tokens=sum(counts[:split]), output_tokens=sum(counts[split:]), final=final)
+
+
+def is_finished(chunk: dict[str, Any]) -> bool:
+    """A response whose candidates are done (`finishReason` set): a stream's last chunk."""
+    candidates = chunk.get("candidates")
+    return isinstance(candidates, list) and any(isinstance(c, dict) and c.get("finishReason") for c in candidates)
+
+
+def usage_of(answer: dict[str, Any]) -> Usage | None:
+    """A response's `usageMetadata`; a countTokens answer (`{"totalTokens": n}`) generated nothing: zero tokens."""
+    if "usageMetadata" not in answer and isinstance(answer.get("totalTokens"), int):
+        return Usage()
+    return usage_from_metadata(answer.get("usageMetadata"))
+
+
+def usage_in_tail(data: bytes) -> Usage | None:
+    """The last whole `usageMetadata` object in the end of an answer too large to parse whole."""
+    matches = list(_USAGE_OBJECT.finditer(data))
+    if not matches:
+        return None
+    try:
+        metadata, _ = json.JSONDecoder().raw_decode(data[matches[-1].end() - 1 :].decode(errors="replace"))
+    except (ValueError, RecursionError):
+        return None
+    return usage_from_metadata(metadata)
+
+
+def may_carry_usage(event: bytes) -> bool:
+    return _USAGE_OBJECT.search(event) is not None
+
+
+def event_usage(previous: Usage | None, event: bytes, parsed: dict[str, Any] | None = None) -> Usage | None:
+    """Figures are running totals: the latest stand, final once a chunk has its `finishReason`."""
+    if not may_carry_usage(event):
+        return previous
+    chunk = parsed if parsed is not None else sse.event_json(event)
+    if chunk is None:
+        return previous
+    return usage_from_metadata(chunk.get("usageMetadata"), final=is_finished(chunk)) or previous
+
+
+def is_output_event(event: bytes) -> bool:
+    return _CANDIDATE.search(event) is not None
+
+
+def is_injected_usage_event(parsed: dict[str, Any]) -> bool:
+    return False  # Gemini streams always carry usage: nothing is asked for, nothing dropped
+
+
+def ends_stream(event: bytes) -> bool:
+    return _FINISHED.search(event) is not None
+
+
+def error_body(error: ApiError) -> dict[str, Any]:
+    """Google's error shape (what google-genai raises from); our stable code is the ErrorInfo's `reason`, its
+    details (param, upstream status...) the ErrorInfo's metadata."""
+    info = {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": error.code, "domain": ERROR_DOMAIN,
+        "metadata": {name: str(value) for name, value in error.details.items()},
+    }
+    status = _STATUSES.get(error.status, "INTERNAL" if error.status >= 500 else "FAILED_PRECONDITION")
+    return {"error": {"code": error.status, "message": error.message, "status": status, "details": [info]}}
+
+
+def error_event(error: ApiError) -> bytes:
+    """An SSE event whose data is the error body: google-genai raises a chunk starting `{"error":`."""
+    return sse.data_event(error_body(error))
