@@ -8,7 +8,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .api import admin, anthropic, health, identity, me, models, passthrough, responses, uploads, usage
+from .api import admin, anthropic, gemini, health, identity, me, models, passthrough, responses, uploads, usage
 from .api.state import ERROR_SHAPES, GATEWAY
 from .config import Config, ServerSettings
 from .context import CONTEXT, RequestContext, request_id_for, route_name
@@ -141,6 +141,6 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(drain)
-    for routes in (admin, health, identity, me, models, passthrough, responses, uploads, usage, anthropic):
+    for routes in (admin, health, identity, me, models, passthrough, responses, uploads, usage, anthropic, gemini):
         routes.add_routes(app)
     return app

@@ -46,6 +46,7 @@ log = logging.getLogger("edge_proxy")
 NATIVE_ROUTES = {
     "openai": "/v1/chat/completions and the other /v1 generation routes",
     "anthropic": "/anthropic/v1/messages",
+    "gemini": "/gemini/v1beta/models/<model id>:generateContent",
 }
 
 

@@ -22,26 +22,37 @@ def authorization_header(request: web.Request) -> str | None:
     return values[0] if values else None
 
 
-def credential_header(request: web.Request, api_key_header: str | None) -> str | None:
-    """The caller's credential as an `Authorization` value. `api_key_header`: a header that may carry it instead,
-    as a provider's SDK sends it (e.g. `x-api-key`); both at once must agree, and each comes at most once."""
-    header = authorization_header(request)
-    keys = request.headers.getall(api_key_header, []) if api_key_header else []
-    if len(keys) > 1:
-        raise ApiError("invalid_request", f"send exactly one {api_key_header} header", param=api_key_header)
-    if not keys:
-        return header
-    bearer = f"Bearer {keys[0]}"
-    if header is not None and header != bearer:
+def credential_header(
+    request: web.Request, api_key_header: str | None, api_key_query: str | None = None
+) -> str | None:
+    """The caller's credential as an `Authorization` value. `api_key_header` / `api_key_query`: a header or a query
+    parameter that may carry it instead, as a provider's SDK sends it (e.g. `x-api-key`, Gemini's `?key=`);
+    several at once must agree, and each comes at most once."""
+    offered = {"Authorization": authorization_header(request)}
+    if api_key_header:
+        offered[api_key_header] = _bearer(request.headers.getall(api_key_header, []), f"{api_key_header} header")
+    if api_key_query:
+        offered[f"?{api_key_query}="] = _bearer(request.query.getall(api_key_query, []), f"?{api_key_query}= parameter")
+    present = {name: value for name, value in offered.items() if value is not None}
+    if len(set(present.values())) > 1:
+        names = [name for name in present if name != "Authorization"]
         raise ApiError(
-            "invalid_request", f"Authorization and {api_key_header} carry different credentials; send one",
-            param=api_key_header,
+            "invalid_request", f"{' and '.join(present)} carry different credentials; send one", param=names[0]
         )
-    return bearer
+    return next(iter(present.values()), None)
 
 
-async def authenticated(request: web.Request, api_key_header: str | None = None) -> Principal:
+def _bearer(keys: list[str], where: str) -> str | None:
+    if len(keys) > 1:
+        raise ApiError("invalid_request", f"send exactly one {where}", param=where.split(" ")[0])
+    return f"Bearer {keys[0]}" if keys else None
+
+
+async def authenticated(
+    request: web.Request, api_key_header: str | None = None, api_key_query: str | None = None
+) -> Principal:
     """The caller, also noted in the request context so metrics and the access log name it."""
-    principal = await request.app[GATEWAY].auth.authenticate(credential_header(request, api_key_header))
+    credential = credential_header(request, api_key_header, api_key_query)
+    principal = await request.app[GATEWAY].auth.authenticate(credential)
     request[CONTEXT].principal = principal
     return principal

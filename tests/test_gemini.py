@@ -1,0 +1,322 @@
+"""The Gemini API through the gateway (`/gemini/v1beta/models/...`), driven by the official `google-genai` SDK
+against a mock that speaks the real wire format; metered on a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from proxy.server import RunningServer
+
+from .gateway_harness import PROVIDER_KEY, TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
+from .mock_gemini import (
+    COUNTED_TOKENS, USAGE, MockGemini, error_body, error_response, last_event, open_stream, stream_events, text_event,
+)
+from .mock_provider import MockProvider
+
+BUDGET = 1_000_000
+MODEL_CAP = 500  # mock/gemini's max_output_tokens
+MODEL = "mock/gemini"
+POLICY = budget_policy(BUDGET, {MODEL: "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"})
+CONTENTS = [{"role": "user", "parts": [{"text": "Hi"}]}]
+AUTH = {"x-goog-api-key": TEST_KEY}
+GENERATE = f"/gemini/v1beta/models/{MODEL}:generateContent"
+STREAM = f"/gemini/v1beta/models/{MODEL}:streamGenerateContent?alt=sse"
+INPUT = USAGE["promptTokenCount"] + USAGE["toolUsePromptTokenCount"]
+OUTPUT = USAGE["candidatesTokenCount"] + USAGE["thoughtsTokenCount"]
+
+
+def cost(input_tokens: int, output_tokens: int) -> int:
+    """mock/gemini's price: 1 per request, 1 per input token, 2 per output token."""
+    return 1 + input_tokens + 2 * output_tokens
+
+
+class Env:
+    def __init__(self, url: str, upstream: MockGemini) -> None:
+        self.url, self.upstream = url, upstream
+
+    def sdk(self, api_key: str = TEST_KEY) -> genai.client.AsyncClient:
+        options = types.HttpOptions(base_url=f"{self.url}/gemini", api_version="v1beta")
+        return genai.Client(api_key=api_key, http_options=options).aio
+
+    async def post(self, path: str, body: dict[str, Any], headers: dict[str, str] = AUTH) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.url}{path}", json=body, headers=headers) as response:
+                return response.status, await response.json()
+
+    async def spent(self) -> float:
+        """Credits spent, once nothing is held any more (a settle may finish just after the answer ends)."""
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                async with http.get(f"{self.url}/v1/me", headers={"Authorization": f"Bearer {TEST_KEY}"}) as r:
+                    current = (await r.json())["balance"]
+                if current["held"] == 0:
+                    return float(current["spent"])
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"the call was never settled: {current}")
+
+
+def config_with_gemini(openai_url: str, gemini_url: str, policies: Path, **overrides: Any) -> dict[str, Any]:
+    config = gateway_config(openai_url, policies, **overrides)
+    config["providers"]["google"] = {
+        "kind": "gemini", "base_url": f"{gemini_url}/v1beta", "api_key_env": "MOCK_PROVIDER_KEY",
+        "timeouts": {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
+    }
+    config["models"] = [*config["models"], {
+        "id": MODEL, "name": "Mock Gemini", "creator": "Tests", "capability": "text2text",
+        "provider": "google", "upstream_model": "gemini-up", "max_output_tokens": MODEL_CAP,
+    }]
+    return config
+
+
+@pytest.fixture
+async def env(provider: MockProvider, gateway_env: None, tmp_path: Path, redis_url: str) -> AsyncIterator[Env]:
+    async with aioredis.from_url(redis_url) as client:
+        await client.flushdb()
+    upstream = await MockGemini().start()
+    config = config_with_gemini(provider.url, upstream.url, write_policy(tmp_path / "policies", POLICY),
+                                store={"kind": "redis", "redis_url": redis_url})
+    server: RunningServer = await start_gateway(config)
+    yield Env(server.url, upstream)
+    await server.stop()
+    await upstream.stop()
+
+
+async def test_sdk_generate_content_is_relayed_and_charged_its_usage_to_the_credit(env: Env) -> None:
+    async with env.sdk() as client:
+        answer = await client.models.generate_content(model=MODEL, contents="Hi")
+    assert answer.text == "Hello from Gemini"
+    assert answer.usage_metadata is not None and answer.usage_metadata.thoughts_token_count == 6
+    sent = env.upstream.received[0]
+    assert sent.path == "/v1beta/models/gemini-up:generateContent"
+    # No output limit asked: the model's cap is sent, the bound the reservation was taken for.
+    assert sent.body == {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": MODEL_CAP}}
+    # The provider's credential, never the caller's.
+    assert sent.headers["x-goog-api-key"] == PROVIDER_KEY and "Authorization" not in sent.headers
+    assert TEST_KEY not in json.dumps(sent.headers) and env.upstream.queries[0] == {}
+    assert await env.spent() == cost(INPUT, OUTPUT)
+
+
+async def test_sdk_stream_gets_the_chunks_and_is_charged_the_last_usage(env: Env) -> None:
+    async with env.sdk() as client:
+        stream = await client.models.generate_content_stream(model=MODEL, contents="Hi")
+        chunks = [chunk async for chunk in stream]
+    assert [chunk.text for chunk in chunks] == ["Hello", " from", " Gemini"]
+    last = chunks[-1]
+    assert last.candidates and last.candidates[0].finish_reason == types.FinishReason.STOP
+    assert env.upstream.received[0].path == "/v1beta/models/gemini-up:streamGenerateContent"
+    assert env.upstream.queries[0] == {"alt": "sse"}
+    assert await env.spent() == cost(INPUT, OUTPUT)
+
+
+async def test_stream_bytes_are_exactly_what_the_provider_sent(env: Env) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{env.url}{STREAM}", json={"contents": CONTENTS}, headers=AUTH) as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            relayed = await response.read()
+    assert relayed == b"".join(stream_events("gemini-up", env.upstream.texts))
+
+
+async def test_max_output_tokens_is_lowered_to_the_model_cap_and_bounds_the_reservation(env: Env) -> None:
+    body = {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 100_000, "temperature": 0.5}}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{env.url}{GENERATE}", json=body, headers=AUTH) as response:
+            assert response.status == 200
+            balance_after_hold = int(response.headers["X-Credits-Balance"])
+    assert env.upstream.received[0].body["generationConfig"] == {"maxOutputTokens": MODEL_CAP, "temperature": 0.5}
+    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)), MODEL_CAP)
+
+
+async def test_candidate_count_multiplies_the_reservation(env: Env) -> None:
+    body = {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 100, "candidateCount": 3}}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{env.url}{GENERATE}", json=body, headers=AUTH) as response:
+            assert response.status == 200
+            balance_after_hold = int(response.headers["X-Credits-Balance"])
+    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)), 3 * 100)
+
+
+@pytest.mark.parametrize("config", [{"maxOutputTokens": 0}, {"maxOutputTokens": "100"}, {"maxOutputTokens": 2**31},
+                                    {"candidateCount": -1}, "fast"])
+async def test_broken_generation_config_is_a_400_in_googles_shape(env: Env, config: Any) -> None:
+    status, answer = await env.post(GENERATE, {"contents": CONTENTS, "generationConfig": config})
+    assert status == 400
+    error = answer["error"]
+    assert error["code"] == 400 and error["status"] == "INVALID_ARGUMENT"
+    assert error["details"][0]["reason"] == "invalid_request" and error["details"][0]["domain"] == "edge-proxy"
+    assert env.upstream.received == [] and await env.spent() == 0
+
+
+@pytest.mark.parametrize("body, named", [
+    ({"contents": CONTENTS, "tools": [{"googleSearch": {}}]}, "googleSearch"),
+    ({"contents": CONTENTS, "cachedContent": "cachedContents/abc"}, "cachedContent"),
+])
+async def test_features_the_gateway_cannot_bound_are_refused(env: Env, body: dict[str, Any], named: str) -> None:
+    status, answer = await env.post(GENERATE, body)
+    assert status == 400 and named in answer["error"]["message"]
+    assert env.upstream.received == []
+
+
+async def test_a_stream_without_alt_sse_is_refused_naming_it(env: Env) -> None:
+    status, answer = await env.post(STREAM.removesuffix("?alt=sse"), {"contents": CONTENTS})
+    assert status == 400 and "alt=sse" in answer["error"]["message"]
+    assert answer["error"]["details"][0]["metadata"] == {"param": "alt"}
+    assert env.upstream.received == []
+
+
+async def test_count_tokens_is_relayed_and_charged_only_per_request(env: Env) -> None:
+    async with env.sdk() as client:
+        counted = await client.models.count_tokens(model=MODEL, contents="Hi")
+    assert counted.total_tokens == COUNTED_TOKENS
+    sent = env.upstream.received[0]
+    assert sent.path == "/v1beta/models/gemini-up:countTokens" and sent.body == {"contents": CONTENTS}
+    assert await env.spent() == cost(0, 0)
+
+
+async def test_provider_errors_reach_the_sdk_and_cost_nothing(env: Env) -> None:
+    quota = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}
+    answers = iter([
+        error_response(500, "INTERNAL", "An internal error has occurred."),
+        error_response(400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified\n"),
+        # Last: the deployment then rests (routing), so later calls would get a 503.
+        error_response(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota.", quota),
+    ])
+
+    async def scripted(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return next(answers)
+
+    env.upstream.handler = scripted
+    async with env.sdk() as client:
+        with pytest.raises(genai_errors.ServerError) as failed:
+            await client.models.generate_content(model=MODEL, contents="Hi")
+        with pytest.raises(genai_errors.ClientError) as refused:
+            await client.models.generate_content(model=MODEL, contents="Hi")
+        with pytest.raises(genai_errors.ClientError) as limited:
+            await client.models.generate_content(model=MODEL, contents="Hi")
+    # A 5xx is the gateway's 502 (in Google's shape, with the provider's status); 4xx come as the provider sent them.
+    assert failed.value.code == 502 and failed.value.status == "UNAVAILABLE"
+    info = failed.value.details["error"]["details"][0]
+    assert info["reason"] == "upstream_error" and info["metadata"]["upstream_status"] == "500"
+    assert refused.value.code == 400 and refused.value.details == error_body(
+        400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified\n")
+    assert limited.value.code == 429 and limited.value.status == "RESOURCE_EXHAUSTED"
+    assert limited.value.details["error"]["details"] == [quota]
+    assert await env.spent() == 0
+
+
+async def test_gateway_errors_use_googles_shape_with_our_code(env: Env) -> None:
+    async with env.sdk(api_key="sk_test_" + "x" * 40) as stranger:
+        with pytest.raises(genai_errors.ClientError) as refused:
+            await stranger.models.generate_content(model=MODEL, contents="Hi")
+    assert refused.value.code == 401 and refused.value.status == "UNAUTHENTICATED"
+    assert refused.value.details["error"]["details"][0]["reason"] == "invalid_api_key"
+    async with env.sdk() as client:
+        with pytest.raises(genai_errors.ClientError) as missing:
+            await client.models.generate_content(model="mock/none", contents="Hi")
+        with pytest.raises(genai_errors.ClientError) as other_format:
+            await client.models.generate_content(model="mock/chat", contents="Hi")
+    assert missing.value.code == 404 and missing.value.status == "NOT_FOUND"
+    assert "openai wire format" in other_format.value.message
+    status, answer = await env.post("/gemini/v1beta/models/mock/gemini:embedContent", {})
+    assert status == 404 and answer["error"]["status"] == "NOT_FOUND"
+    assert env.upstream.received == []
+
+
+async def test_our_credential_is_accepted_as_the_sdk_header_a_key_query_or_bearer(env: Env) -> None:
+    body = {"contents": CONTENTS}
+    assert (await env.post(f"{GENERATE}?key={TEST_KEY}", body, {}))[0] == 200
+    assert (await env.post(GENERATE, body, {"Authorization": f"Bearer {TEST_KEY}"}))[0] == 200
+    assert (await env.post(f"{GENERATE}?key={TEST_KEY}", body, AUTH))[0] == 200
+    status, answer = await env.post(f"{GENERATE}?key=sk_test_{'y' * 40}", body, AUTH)
+    assert status == 400 and "x-goog-api-key and ?key= carry different credentials" in answer["error"]["message"]
+    status, answer = await env.post(f"{GENERATE}?key={TEST_KEY}&key={TEST_KEY}", body, {})
+    assert status == 400 and "exactly one" in answer["error"]["message"]
+    assert (await env.post(GENERATE, body, {}))[0] == 401
+    # Our id with its slash encoded reaches the same model.
+    assert (await env.post("/gemini/v1beta/models/mock%2Fgemini:generateContent", body))[0] == 200
+    assert all(r.headers["x-goog-api-key"] == PROVIDER_KEY for r in env.upstream.received)
+    assert all(q == {} for q in env.upstream.queries)  # our ?key= never goes upstream
+
+
+async def test_stream_is_not_buffered(env: Env) -> None:
+    seen_first = asyncio.Event()
+
+    async def gated(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        answer = await open_stream(request)
+        await answer.write(text_event("gemini-up", "one"))
+        await asyncio.wait_for(seen_first.wait(), 5)  # a gateway that buffers never lets the client see "one"
+        await answer.write(last_event("gemini-up", "two"))
+        return answer
+
+    env.upstream.handler = gated
+    texts = []
+    async with env.sdk() as client:
+        async for chunk in await client.models.generate_content_stream(model=MODEL, contents="Hi"):
+            texts.append(chunk.text)
+            seen_first.set()
+    assert texts == ["one", "two"]
+
+
+async def test_stream_cut_midway_is_an_error_event_and_charged_an_estimate(env: Env) -> None:
+    async def cut(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        answer = await open_stream(request)
+        for text in ("one", "two"):
+            await answer.write(text_event("gemini-up", text))
+        await asyncio.sleep(0.1)
+        assert request.transport is not None
+        request.transport.close()  # the provider's connection breaks mid-stream
+        return answer
+
+    env.upstream.handler = cut
+    texts = []
+    async with env.sdk() as client:
+        with pytest.raises(genai_errors.APIError) as broken:
+            async for chunk in await client.models.generate_content_stream(model=MODEL, contents="Hi"):
+                texts.append(chunk.text)
+    assert texts == ["one", "two"]
+    assert broken.value.code == 502 and broken.value.details["error"]["details"][0]["reason"] == "upstream_error"
+    # The prompt count the chunks reported is exact; the output is estimated from the two chunks relayed.
+    assert await env.spent() == cost(USAGE["promptTokenCount"], 2)
+
+
+async def test_client_disconnect_closes_the_upstream_and_charges_an_estimate(env: Env) -> None:
+    closed = asyncio.Event()
+
+    async def endless(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        answer = await open_stream(request)
+        try:
+            while True:
+                await answer.write(text_event("gemini-up", "tick"))
+                await asyncio.sleep(0.05)
+        except (asyncio.CancelledError, ConnectionResetError):
+            closed.set()
+            raise
+
+    env.upstream.handler = endless
+    body = {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 100}}
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{env.url}{STREAM}", json=body, headers=AUTH)
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                break
+        response.close()  # hang up mid-stream
+    await asyncio.wait_for(closed.wait(), 5)
+    spent = await env.spent()
+    assert cost(USAGE["promptTokenCount"], 1) <= spent <= cost(len(json.dumps(body)), 100)  # exact input, capped
+
+
+async def test_me_lists_models_by_provider_kind(env: Env) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{env.url}/v1/me", headers={"Authorization": f"Bearer {TEST_KEY}"}) as r:
+            me = await r.json()
+    assert me["models_by_provider_kind"]["gemini"] == [MODEL]
