@@ -83,6 +83,46 @@ async def start_gateway(config: dict[str, Any]) -> RunningServer:
     return await start_server(parse_config(config, "test-config"), host="127.0.0.1", port=0)
 
 
+def with_text_model(
+    config: dict[str, Any], provider: str, kind: str, base_url: str, model: str, upstream_model: str,
+    max_output_tokens: int,
+) -> dict[str, Any]:
+    """`config` plus a provider of `kind` (the mock's key, short timeouts) serving one text model."""
+    config["providers"][provider] = {
+        "kind": kind, "base_url": base_url, "api_key_env": "MOCK_PROVIDER_KEY",
+        "timeouts": {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
+    }
+    config["models"] = [*config["models"], {
+        "id": model, "name": f"Mock {kind}", "creator": "Tests", "capability": "text2text",
+        "provider": provider, "upstream_model": upstream_model, "max_output_tokens": max_output_tokens,
+    }]
+    return config
+
+
+class MeteredGateway:
+    """A running gateway as tests of one route family use it: raw JSON posts (with that family's `headers` by
+    default), and what the test key's account has spent."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.url, self.headers = url, headers
+
+    async def post(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.url}{path}", json=body, headers=self.headers if headers is None else headers) as r:
+                return r.status, await r.json()
+
+    async def spent(self, settled: Callable[[dict[str, Any]], bool] = lambda b: b["held"] == 0) -> float:
+        """Credits spent, once nothing is held any more (a settle may finish just after the answer ends)."""
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                async with http.get(f"{self.url}/v1/me", headers={"Authorization": f"Bearer {TEST_KEY}"}) as r:
+                    current = (await r.json())["balance"]
+                if settled(current):
+                    return float(current["spent"])
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"the call was never settled: {current}")
+
+
 async def wait_healthy(url: str, exited: Callable[[], bool], timeout_s: float = 20.0) -> None:
     """Poll `/healthz` until it answers 200; fail fast if the gateway process `exited()`."""
     deadline = time.monotonic() + timeout_s

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from .mock_provider import Received, serve_on_loopback
-
-Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+from .mock_provider import LoopbackMock, Route
 # What the mock reports by default: cache writes and reads count as input for the gateway.
 USAGE = {"input_tokens": 21, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 3, "output_tokens": 9}
 COUNTED_TOKENS = 14
@@ -80,32 +78,16 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
 
 
 @dataclass
-class MockAnthropic:
+class MockAnthropic(LoopbackMock):
     texts: tuple[str, ...] = ("Hello", " from", " Claude")
     usage: dict[str, int] = field(default_factory=lambda: dict(USAGE))
-    received: list[Received] = field(default_factory=list)
-    handler: Handler | None = None  # replaces the default answer of /v1/messages
-    url: str = ""
-    _runner: web.AppRunner | None = None
 
-    async def start(self) -> "MockAnthropic":
-        app = web.Application()
-        app.router.add_post("/v1/messages", self._messages)
-        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
-        self._runner, self.url = await serve_on_loopback(app)
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _received(self, request: web.Request) -> dict[str, Any]:
-        body = await request.json()
-        self.received.append(Received(request.path, dict(request.headers), body))
-        return body
+    def routes(self) -> dict[str, Route]:
+        # `handler` replaces the default answer of /v1/messages
+        return {"/v1/messages": self._messages, "/v1/messages/count_tokens": self._count_tokens}
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
-        body = await self._received(request)
+        body = await self.record(request)
         if "anthropic-version" not in request.headers:
             return error_response(400, "invalid_request_error", "anthropic-version: header is required")
         if self.handler is not None:
@@ -118,5 +100,5 @@ class MockAnthropic:
         return response
 
     async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
-        await self._received(request)
+        await self.record(request)
         return web.json_response({"input_tokens": COUNTED_TOKENS})

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from .mock_provider import Received, serve_on_loopback
-
-Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+from .mock_provider import LoopbackMock, Route
 # What the mock reports by default: tool-use prompt tokens count as input, thoughts as output, for the gateway.
 USAGE = {"promptTokenCount": 21, "toolUsePromptTokenCount": 4, "candidatesTokenCount": 9, "thoughtsTokenCount": 6}
 COUNTED_TOKENS = 14
@@ -70,35 +68,20 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
 
 
 @dataclass
-class MockGemini:
+class MockGemini(LoopbackMock):
     texts: tuple[str, ...] = ("Hello", " from", " Gemini")
     usage: dict[str, int] = field(default_factory=lambda: dict(USAGE))
-    received: list[Received] = field(default_factory=list)
-    queries: list[dict[str, str]] = field(default_factory=list)
-    handler: Handler | None = None  # replaces the default answer of generateContent and streamGenerateContent
-    url: str = ""
-    _runner: web.AppRunner | None = None
 
-    async def start(self) -> "MockGemini":
-        app = web.Application()
-        app.router.add_post("/v1beta/models/{model}:generateContent", self._generate)
-        app.router.add_post("/v1beta/models/{model}:streamGenerateContent", self._generate)
-        app.router.add_post("/v1beta/models/{model}:countTokens", self._count_tokens)
-        self._runner, self.url = await serve_on_loopback(app)
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _received(self, request: web.Request) -> dict[str, Any]:
-        body = await request.json()
-        self.received.append(Received(request.path, dict(request.headers), body))
-        self.queries.append(dict(request.query))
-        return body
+    def routes(self) -> dict[str, Route]:
+        # `handler` replaces the default answer of generateContent and streamGenerateContent
+        return {
+            "/v1beta/models/{model}:generateContent": self._generate,
+            "/v1beta/models/{model}:streamGenerateContent": self._generate,
+            "/v1beta/models/{model}:countTokens": self._count_tokens,
+        }
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
-        body = await self._received(request)
+        body = await self.record(request)
         if "x-goog-api-key" not in request.headers:
             return error_response(403, "PERMISSION_DENIED", "Method doesn't allow unregistered callers (callers "
                                   "without established identity). Please use API Key or other form of API consumer "
@@ -114,6 +97,6 @@ class MockGemini:
         return answer
 
     async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
-        await self._received(request)
+        await self.record(request)
         return web.json_response({"totalTokens": COUNTED_TOKENS,
                                   "promptTokensDetails": [{"modality": "TEXT", "tokenCount": COUNTED_TOKENS}]})

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Self
 
 from aiohttp import web
 
-Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]  # a test's script: request, body
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def chat_chunk(content: str, *, finish: str | None = None, with_null_usage: bool = False) -> dict[str, Any]:
@@ -104,32 +105,56 @@ class Received:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
-class MockProvider:
-    """Default behaviour: an OpenAI chat answer (JSON or SSE); tests replace `handler` to script others."""
+class LoopbackMock:
+    """A mock provider's server: its `routes()` (POST path -> handler) on a free loopback port; `record` keeps
+    what each call sent (path, headers, query, JSON body); `handler`, when a test sets it, replaces the default
+    answer of the routes that honour it."""
 
-    tokens: tuple[str, ...] = ("Hello", " from", " the", " mock")
     received: list[Received] = field(default_factory=list)
     handler: Handler | None = None
-    url: str = ""
+    url: str = ""  # the origin
     _runner: web.AppRunner | None = None
 
-    async def start(self) -> "MockProvider":
+    def routes(self) -> dict[str, Route]:
+        raise NotImplementedError
+
+    async def start(self) -> Self:
         app = web.Application()
-        app.router.add_post("/v1/{tail:.*}", self._dispatch)
-        self._runner, origin = await serve_on_loopback(app)
-        self.url = f"{origin}/v1"
+        for path, handle in self.routes().items():
+            app.router.add_post(path, handle)
+        self._runner, self.url = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def record(self, request: web.Request) -> dict[str, Any]:
         body = await request.json()
-        self.received.append(Received(request.path, dict(request.headers), body))
+        self.received.append(Received(request.path, dict(request.headers), body, dict(request.query)))
+        return body
+
+
+@dataclass
+class MockProvider(LoopbackMock):
+    """Default behaviour: an OpenAI chat answer (JSON or SSE); tests replace `handler` to script others."""
+
+    tokens: tuple[str, ...] = ("Hello", " from", " the", " mock")
+
+    def routes(self) -> dict[str, Route]:
+        return {"/v1/{tail:.*}": self._dispatch}
+
+    async def start(self) -> Self:
+        await super().start()
+        self.url += "/v1"
+        return self
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body = await self.record(request)
         if self.handler is not None:
             return await self.handler(request, body)
         return await self.default(request, body)

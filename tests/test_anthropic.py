@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import aiohttp
 import anthropic
@@ -17,7 +17,9 @@ from aiohttp import web
 from proxy.config import ConfigError, parse_config
 from proxy.server import RunningServer
 
-from .gateway_harness import PROVIDER_KEY, TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
+from .gateway_harness import (
+    PROVIDER_KEY, TEST_KEY, MeteredGateway, budget_policy, gateway_config, start_gateway, with_text_model, write_policy,
+)
 from .mock_anthropic import (
     COUNTED_TOKENS, USAGE, MockAnthropic, delta_event, end_events, error_response, open_stream, start_events,
     stream_events,
@@ -37,41 +39,18 @@ def cost(input_tokens: int, output_tokens: int) -> int:
     return 1 + input_tokens + 2 * output_tokens
 
 
-class Env:
+class Env(MeteredGateway):
     def __init__(self, url: str, upstream: MockAnthropic) -> None:
-        self.url, self.upstream = url, upstream
+        super().__init__(url, AUTH)
+        self.upstream = upstream
 
     def sdk(self, api_key: str = TEST_KEY) -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(base_url=f"{self.url}/anthropic", api_key=api_key, max_retries=0)
 
-    async def post(self, path: str, body: dict[str, Any], headers: dict[str, str] = AUTH) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{self.url}{path}", json=body, headers=headers) as response:
-                return response.status, await response.json()
-
-    async def spent(self, settled: Callable[[dict[str, Any]], bool] = lambda b: b["held"] == 0) -> float:
-        """Credits spent, once nothing is held any more (a settle may finish just after the answer ends)."""
-        async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                async with http.get(f"{self.url}/v1/me", headers={"Authorization": f"Bearer {TEST_KEY}"}) as r:
-                    current = (await r.json())["balance"]
-                if settled(current):
-                    return float(current["spent"])
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"the call was never settled: {current}")
-
 
 def config_with_claude(openai_url: str, claude_url: str, policies: Path, **overrides: Any) -> dict[str, Any]:
     config = gateway_config(openai_url, policies, **overrides)
-    config["providers"]["claude"] = {
-        "kind": "anthropic", "base_url": claude_url, "api_key_env": "MOCK_PROVIDER_KEY",
-        "timeouts": {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
-    }
-    config["models"] = [*config["models"], {
-        "id": "mock/claude", "name": "Mock Claude", "creator": "Tests", "capability": "text2text",
-        "provider": "claude", "upstream_model": "claude-up", "max_output_tokens": MODEL_CAP,
-    }]
-    return config
+    return with_text_model(config, "claude", "anthropic", claude_url, "mock/claude", "claude-up", MODEL_CAP)
 
 
 @pytest.fixture

@@ -18,7 +18,9 @@ from google.genai import types
 
 from proxy.server import RunningServer
 
-from .gateway_harness import PROVIDER_KEY, TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
+from .gateway_harness import (
+    PROVIDER_KEY, TEST_KEY, MeteredGateway, budget_policy, gateway_config, start_gateway, with_text_model, write_policy,
+)
 from .mock_gemini import (
     COUNTED_TOKENS, USAGE, MockGemini, error_body, error_response, last_event, open_stream, stream_events, text_event,
 )
@@ -41,51 +43,26 @@ def cost(input_tokens: int, output_tokens: int) -> int:
     return 1 + input_tokens + 2 * output_tokens
 
 
-class Env:
+class Env(MeteredGateway):
     def __init__(self, url: str, upstream: MockGemini) -> None:
-        self.url, self.upstream = url, upstream
+        super().__init__(url, AUTH)
+        self.upstream = upstream
 
     def sdk(self, api_key: str = TEST_KEY) -> genai.client.AsyncClient:
         options = types.HttpOptions(base_url=f"{self.url}/gemini", api_version="v1beta")
         return genai.Client(api_key=api_key, http_options=options).aio
 
-    async def post(self, path: str, body: dict[str, Any], headers: dict[str, str] = AUTH) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{self.url}{path}", json=body, headers=headers) as response:
-                return response.status, await response.json()
-
-    async def spent(self) -> float:
-        """Credits spent, once nothing is held any more (a settle may finish just after the answer ends)."""
-        async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                async with http.get(f"{self.url}/v1/me", headers={"Authorization": f"Bearer {TEST_KEY}"}) as r:
-                    current = (await r.json())["balance"]
-                if current["held"] == 0:
-                    return float(current["spent"])
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"the call was never settled: {current}")
-
-
-def config_with_gemini(openai_url: str, gemini_url: str, policies: Path, **overrides: Any) -> dict[str, Any]:
-    config = gateway_config(openai_url, policies, **overrides)
-    config["providers"]["google"] = {
-        "kind": "gemini", "base_url": f"{gemini_url}/v1beta", "api_key_env": "MOCK_PROVIDER_KEY",
-        "timeouts": {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
-    }
-    config["models"] = [*config["models"], {
-        "id": MODEL, "name": "Mock Gemini", "creator": "Tests", "capability": "text2text",
-        "provider": "google", "upstream_model": "gemini-up", "max_output_tokens": MODEL_CAP,
-    }]
-    return config
-
 
 @pytest.fixture
 async def env(provider: MockProvider, gateway_env: None, tmp_path: Path, redis_url: str) -> AsyncIterator[Env]:
+    upstream = await MockGemini().start()
+    config = with_text_model(
+        gateway_config(provider.url, write_policy(tmp_path / "policies", POLICY),
+                       store={"kind": "redis", "redis_url": redis_url}),
+        "google", "gemini", f"{upstream.url}/v1beta", MODEL, "gemini-up", MODEL_CAP,
+    )
     async with aioredis.from_url(redis_url) as client:
         await client.flushdb()
-    upstream = await MockGemini().start()
-    config = config_with_gemini(provider.url, upstream.url, write_policy(tmp_path / "policies", POLICY),
-                                store={"kind": "redis", "redis_url": redis_url})
     server: RunningServer = await start_gateway(config)
     yield Env(server.url, upstream)
     await server.stop()
@@ -103,7 +80,7 @@ async def test_sdk_generate_content_is_relayed_and_charged_its_usage_to_the_cred
     assert sent.body == {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": MODEL_CAP}}
     # The provider's credential, never the caller's.
     assert sent.headers["x-goog-api-key"] == PROVIDER_KEY and "Authorization" not in sent.headers
-    assert TEST_KEY not in json.dumps(sent.headers) and env.upstream.queries[0] == {}
+    assert TEST_KEY not in json.dumps(sent.headers) and env.upstream.received[0].query == {}
     assert await env.spent() == cost(INPUT, OUTPUT)
 
 
@@ -115,7 +92,7 @@ async def test_sdk_stream_gets_the_chunks_and_is_charged_the_last_usage(env: Env
     last = chunks[-1]
     assert last.candidates and last.candidates[0].finish_reason == types.FinishReason.STOP
     assert env.upstream.received[0].path == "/v1beta/models/gemini-up:streamGenerateContent"
-    assert env.upstream.queries[0] == {"alt": "sse"}
+    assert env.upstream.received[0].query == {"alt": "sse"}
     assert await env.spent() == cost(INPUT, OUTPUT)
 
 
@@ -127,23 +104,20 @@ async def test_stream_bytes_are_exactly_what_the_provider_sent(env: Env) -> None
     assert relayed == b"".join(stream_events("gemini-up", env.upstream.texts))
 
 
-async def test_max_output_tokens_is_lowered_to_the_model_cap_and_bounds_the_reservation(env: Env) -> None:
-    body = {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 100_000, "temperature": 0.5}}
+@pytest.mark.parametrize("asked, sent, reserved_output", [
+    ({"maxOutputTokens": 100_000, "temperature": 0.5}, {"maxOutputTokens": MODEL_CAP, "temperature": 0.5}, MODEL_CAP),
+    ({"maxOutputTokens": 100, "candidateCount": 3}, {"maxOutputTokens": 100, "candidateCount": 3}, 3 * 100),
+])
+async def test_max_output_tokens_is_lowered_to_the_model_cap_and_bounds_the_reservation_per_candidate(
+    env: Env, asked: dict[str, Any], sent: dict[str, Any], reserved_output: int,
+) -> None:
+    body = {"contents": CONTENTS, "generationConfig": asked}
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{env.url}{GENERATE}", json=body, headers=AUTH) as response:
             assert response.status == 200
             balance_after_hold = int(response.headers["X-Credits-Balance"])
-    assert env.upstream.received[0].body["generationConfig"] == {"maxOutputTokens": MODEL_CAP, "temperature": 0.5}
-    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)), MODEL_CAP)
-
-
-async def test_candidate_count_multiplies_the_reservation(env: Env) -> None:
-    body = {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 100, "candidateCount": 3}}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{env.url}{GENERATE}", json=body, headers=AUTH) as response:
-            assert response.status == 200
-            balance_after_hold = int(response.headers["X-Credits-Balance"])
-    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)), 3 * 100)
+    assert env.upstream.received[0].body["generationConfig"] == sent
+    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)), reserved_output)
 
 
 @pytest.mark.parametrize("config", [{"maxOutputTokens": 0}, {"maxOutputTokens": "100"}, {"maxOutputTokens": 2**31},
@@ -245,7 +219,7 @@ async def test_our_credential_is_accepted_as_the_sdk_header_a_key_query_or_beare
     # Our id with its slash encoded reaches the same model.
     assert (await env.post("/gemini/v1beta/models/mock%2Fgemini:generateContent", body))[0] == 200
     assert all(r.headers["x-goog-api-key"] == PROVIDER_KEY for r in env.upstream.received)
-    assert all(q == {} for q in env.upstream.queries)  # our ?key= never goes upstream
+    assert all(r.query == {} for r in env.upstream.received)  # our ?key= never goes upstream
 
 
 async def test_stream_is_not_buffered(env: Env) -> None:

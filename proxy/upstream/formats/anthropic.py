@@ -17,7 +17,7 @@ from typing import Any
 from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
-from .base import USAGE_OBJECT, PreparedBody, last_usage_object, token_figure
+from .base import USAGE_OBJECT, PreparedBody, last_usage_object, no_injected_usage_event, token_figure
 
 dialect = "anthropic"
 example_base_url = "https://api.anthropic.com"
@@ -105,8 +105,7 @@ def is_output_event(event: bytes) -> bool:
     return _OUTPUT_EVENT.match(event) is not None
 
 
-def is_injected_usage_event(parsed: dict[str, Any]) -> bool:
-    return False  # Anthropic streams always carry usage: nothing is asked for, nothing dropped
+is_injected_usage_event = no_injected_usage_event
 
 
 def ends_stream(event: bytes) -> bool:

@@ -118,10 +118,11 @@ MAX_USAGE_TOKENS = 2**31 - 1  # per usage figure: anything more is no real count
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
-def last_usage_object(data: bytes) -> dict[str, Any] | None:
-    """The last whole `"usage": {...}` object in the end of an answer too large to parse whole (or a fragment of
-    an oversized event): answers put it after their data. None if it is not there whole."""
-    matches = list(USAGE_OBJECT.finditer(data))
+def last_usage_object(data: bytes, key: re.Pattern[bytes] = USAGE_OBJECT) -> dict[str, Any] | None:
+    """The last whole `"usage": {...}` object (`key`: the pattern of its key and opening brace, for formats naming
+    it otherwise) in the end of an answer too large to parse whole (or a fragment of an oversized event): answers
+    put it after their data. None if it is not there whole."""
+    matches = list(key.finditer(data))
     if not matches:
         return None
     start = matches[-1].end() - 1
@@ -130,6 +131,11 @@ def last_usage_object(data: bytes) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return usage if isinstance(usage, dict) else None
+
+
+def no_injected_usage_event(parsed: dict[str, Any]) -> bool:
+    """`is_injected_usage_event` of formats whose streams always carry usage: nothing is asked for, nothing dropped."""
+    return False
 
 
 def token_figure(value: Any) -> int | None:

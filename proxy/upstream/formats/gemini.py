@@ -17,7 +17,7 @@ from typing import Any
 from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
-from .base import PreparedBody, token_figure
+from .base import PreparedBody, last_usage_object, no_injected_usage_event, token_figure
 
 dialect = "gemini"
 example_base_url = "https://generativelanguage.googleapis.com/v1beta"
@@ -103,14 +103,7 @@ def usage_of(answer: dict[str, Any]) -> Usage | None:
 
 def usage_in_tail(data: bytes) -> Usage | None:
     """The last whole `usageMetadata` object in the end of an answer too large to parse whole."""
-    matches = list(_USAGE_OBJECT.finditer(data))
-    if not matches:
-        return None
-    try:
-        metadata, _ = json.JSONDecoder().raw_decode(data[matches[-1].end() - 1 :].decode(errors="replace"))
-    except (ValueError, RecursionError):
-        return None
-    return usage_from_metadata(metadata)
+    return usage_from_metadata(last_usage_object(data, _USAGE_OBJECT))
 
 
 def may_carry_usage(event: bytes) -> bool:
@@ -131,8 +124,7 @@ def is_output_event(event: bytes) -> bool:
     return _CANDIDATE.search(event) is not None
 
 
-def is_injected_usage_event(parsed: dict[str, Any]) -> bool:
-    return False  # Gemini streams always carry usage: nothing is asked for, nothing dropped
+is_injected_usage_event = no_injected_usage_event
 
 
 def ends_stream(event: bytes) -> bool:
