@@ -93,7 +93,8 @@ def with_text_model(
         "timeouts": {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
     }
     config["models"] = [*config["models"], {
-        "id": model, "name": f"Mock {kind}", "creator": "Tests", "capability": "text2text",
+        "id": model, "name": f"Mock {model.rsplit('/', 1)[-1].capitalize()}",  # mock/claude: Mock Claude
+        "creator": "Tests", "capability": "text2text",
         "provider": provider, "upstream_model": upstream_model, "max_output_tokens": max_output_tokens,
     }]
     return config
