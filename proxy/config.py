@@ -14,7 +14,7 @@ from .auth.oidc import IssuerSettings
 from .auth.tokens import TokenSettings
 from .catalog import CAPABILITIES, Deployment, Model
 from .store.settings import StoreConfigError, StoreSettings
-from .upstream.formats import ADAPTERS, RESERVED, adapter
+from .upstream.formats import ADAPTERS, adapter
 
 
 class ConfigError(ValueError):
@@ -230,8 +230,6 @@ class ProviderSettings(_Strict):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, kind: str) -> str:
-        if kind in RESERVED:
-            raise ValueError(f"kind {kind!r} is not implemented yet; use one of: {', '.join(ADAPTERS)}")
         if kind not in ADAPTERS:
             raise ValueError(f"kind {kind!r} is not a provider kind; use one of: {', '.join(ADAPTERS)}")
         return kind

@@ -27,8 +27,6 @@ def test_the_shipped_config_is_valid() -> None:
         ({"server": {"port": "eighty"}}, "server.port:"),
         ({"server": {"port": 70000}}, "server.port:"),
         ({"providers": {"x": {"kind": "http"}}}, "providers.x: kind http needs base_url"),
-        ({"providers": {"x": {"kind": "bedrock", "base_url": "https://b.example"}}},
-         "providers.x.kind: kind 'bedrock' is not implemented yet; use one of: openai, http, demo"),
         ({"providers": {"x": {"kind": "cohere", "base_url": "https://c.example"}}},
          "providers.x.kind: kind 'cohere' is not a provider kind"),
         ({"providers": {"x": {"base_url": "https://a.example", "format": "openai"}}}, "providers.x.format: unknown key"),

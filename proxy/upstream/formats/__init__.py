@@ -2,8 +2,7 @@
 Each module is itself the adapter: it defines the protocol's constants and functions at its top level, so the
 relay's calls are plain function calls.
 
-Adding a format: a module implementing `WireFormat`, its entry in `ADAPTERS`, its config and its tests. Kinds in
-`RESERVED` are names kept for formats not implemented yet: config validation refuses them with that reason.
+Adding a format: a module implementing `WireFormat`, its entry in `ADAPTERS`, its config and its tests.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ ADAPTERS: dict[str, WireFormat] = {
 }
 # route -> the other dialects whose models it serves by translating bodies and answers.
 TRANSLATED: dict[str, tuple[str, ...]] = {bedrock.CHAT_ROUTE: ("bedrock",)}
-RESERVED: tuple[str, ...] = ()
 _ALIASES = {"http": "openai"}
 
 
@@ -38,4 +36,4 @@ def canonical_kind(kind: str) -> str:
     return _ALIASES.get(kind, kind)
 
 
-__all__ = ["ADAPTERS", "RESERVED", "TRANSLATED", "PreparedBody", "WireFormat", "adapter", "canonical_kind"]
+__all__ = ["ADAPTERS", "TRANSLATED", "PreparedBody", "WireFormat", "adapter", "canonical_kind"]
