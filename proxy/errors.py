@@ -7,6 +7,7 @@ from typing import Any, Mapping
 # code -> (HTTP status, OpenAI-style error type)
 CATALOGUE: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "invalid_request_error"),
+    "unsupported_parameter": (400, "invalid_request_error"),
     "missing_credentials": (401, "authentication_error"),
     "invalid_api_key": (401, "authentication_error"),
     "invalid_token": (401, "authentication_error"),

@@ -9,6 +9,7 @@ request without `anthropic-version` is refused like the real API does). What it 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,35 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
                                            "Cache-Control": "no-cache", "request-id": "req_mock"})
     await response.prepare(request)
     return response
+
+
+async def cut_after_two_deltas(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """A stream whose connection breaks after two text deltas (no message_delta: no final usage)."""
+    response = await open_stream(request)
+    for raw in (*start_events(body["model"], USAGE), delta_event("one"), delta_event("two")):
+        await response.write(raw)
+    await asyncio.sleep(0.1)
+    assert request.transport is not None
+    request.transport.close()  # the provider's connection breaks mid-stream
+    return response
+
+
+def endless(closed: asyncio.Event) -> Handler:
+    """A stream of deltas that never ends; `closed` is set once the gateway hangs up on it."""
+
+    async def answer(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_stream(request)
+        try:
+            for raw in start_events(body["model"], USAGE):
+                await response.write(raw)
+            while True:
+                await response.write(delta_event("tick"))
+                await asyncio.sleep(0.05)
+        except (asyncio.CancelledError, ConnectionResetError):
+            closed.set()
+            raise
+
+    return answer
 
 
 @dataclass

@@ -21,7 +21,7 @@ from .gateway_harness import (
     PROVIDER_KEY, TEST_KEY, MeteredGateway, budget_policy, gateway_config, start_gateway, with_text_model, write_policy,
 )
 from .mock_anthropic import (
-    COUNTED_TOKENS, USAGE, MockAnthropic, delta_event, end_events, error_response, open_stream, start_events,
+    COUNTED_TOKENS, USAGE, MockAnthropic, cut_after_two_deltas, delta_event, endless, end_events, error_response, open_stream, start_events,
     stream_events,
 )
 from .mock_provider import MockProvider
@@ -174,7 +174,8 @@ async def test_gateway_errors_use_anthropics_shape_with_our_code(env: Env) -> No
     assert missing.value.body["error"]["code"] == "model_not_found"
     assert "openai wire format" in other_format.value.body["error"]["message"]
     # And the other way round, in OpenAI's shape.
-    status, answer = await env.post("/v1/chat/completions", {"model": "mock/claude", "messages": MESSAGES},
+    # (chat completions are translated: test_anthropic_translate.py; other OpenAI routes are not)
+    status, answer = await env.post("/v1/embeddings", {"model": "mock/claude", "input": "Hi"},
                                     {"Authorization": f"Bearer {TEST_KEY}"})
     assert status == 400 and "/anthropic/v1/messages" in answer["error"]["message"]
     status, answer = await env.post("/anthropic/v1/nothing", {})
@@ -224,16 +225,7 @@ async def test_stream_is_not_buffered(env: Env) -> None:
 
 
 async def test_stream_cut_midway_is_an_error_event_and_charged_an_estimate(env: Env) -> None:
-    async def cut(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        response = await open_stream(request)
-        for raw in (*start_events(body["model"], USAGE), delta_event("one"), delta_event("two")):
-            await response.write(raw)
-        await asyncio.sleep(0.1)
-        assert request.transport is not None
-        request.transport.close()  # the provider's connection breaks mid-stream
-        return response
-
-    env.upstream.handler = cut
+    env.upstream.handler = cut_after_two_deltas
     async with env.sdk() as client:
         with pytest.raises(anthropic.APIStatusError) as broken:
             async with client.messages.stream(model="mock/claude", max_tokens=100, messages=MESSAGES) as stream:
@@ -246,20 +238,7 @@ async def test_stream_cut_midway_is_an_error_event_and_charged_an_estimate(env: 
 
 async def test_client_disconnect_closes_the_upstream_and_charges_an_estimate(env: Env) -> None:
     closed = asyncio.Event()
-
-    async def endless(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        response = await open_stream(request)
-        try:
-            for raw in start_events(body["model"], USAGE):
-                await response.write(raw)
-            while True:
-                await response.write(delta_event("tick"))
-                await asyncio.sleep(0.05)
-        except (asyncio.CancelledError, ConnectionResetError):
-            closed.set()
-            raise
-
-    env.upstream.handler = endless
+    env.upstream.handler = endless(closed)
     body = {"model": "mock/claude", "max_tokens": 100, "messages": MESSAGES, "stream": True}
     async with aiohttp.ClientSession() as http:
         response = await http.post(f"{env.url}/anthropic/v1/messages", json=body, headers=AUTH)

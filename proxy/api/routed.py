@@ -80,7 +80,8 @@ async def open_routed(
         ctx.charged_as = charged  # this model is charged if this attempt answers, or its client leaves during it
         try:
             url = provider.url(route, upstream_model, prepared.stream)
-            upstream = await open_upstream(provider, url, prepared.body, ctx.request_id, forward)
+            headers = {**forward, **dict(prepared.headers)}
+            upstream = await open_upstream(provider, url, prepared.body, ctx.request_id, headers)
         except ApiError as exc:
             span.end(0, "timeout" if exc.code == "upstream_timeout" else "error", exc.code, exc)
             await attempt.aclose()

@@ -16,7 +16,7 @@ from ..policy.types import Usage
 from . import sse
 from .body_usage import BodyUsage
 from ..config import Timeouts
-from .formats import PreparedBody, WireFormat
+from .formats import PreparedBody, WireFormat, openai
 from .formats.base import AnswerTranslation, StreamTranslator
 from .providers import Provider
 
@@ -137,7 +137,7 @@ async def _relay_translated(
                 data, outcome.usage = translation.answer(body)
             else:
                 data = translation.error(upstream.status, error_type, body)
-            response = web.StreamResponse(status=upstream.status, headers=extra_headers)
+            response = web.StreamResponse(status=upstream.status, headers=_retry_after(upstream, extra_headers))
             response.content_type, response.content_length = "application/json", len(data)
             outcome.response = response
             await response.prepare(request)
@@ -148,13 +148,19 @@ async def _relay_translated(
             response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             outcome.response = response
             await response.prepare(request)
-            await _relay_translated_events(response, chunks, translation.stream(), provider.format, outcome)
+            await _relay_translated_events(response, chunks, translation.stream(), outcome)
         outcome.completed = outcome.delivered = outcome.error_code is None
         upstream.release()
         await response.write_eof()
         return response
     finally:
         await release_or_close(upstream, outcome)
+
+
+def _retry_after(upstream: aiohttp.ClientResponse, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The response's headers, with the provider's Retry-After (a 429 says when to come back)."""
+    retry_after = upstream.headers.get("Retry-After")
+    return {**(headers or {}), **({"Retry-After": retry_after} if retry_after else {})}
 
 
 _MAX_TRANSLATED_ANSWER = 16 * 1024 * 1024  # a JSON answer is translated whole: no provider's chat answer is larger
@@ -173,10 +179,10 @@ async def _relay_translated_events(
     response: web.StreamResponse,
     chunks: AsyncIterator[bytes | None],
     stream: StreamTranslator,
-    fmt: WireFormat,
     outcome: RelayOutcome,
 ) -> None:
-    """Each upstream piece's translated events written at once; usage and output counted as they come."""
+    """Each upstream piece's translated events written at once; usage and output counted as they come. A failure
+    ends the stream with an error event in OpenAI's shape: translated answers are for OpenAI chat clients."""
     try:
         async for chunk in chunks:
             data = sse.comment("ping") if chunk is None else stream.feed(chunk)
@@ -190,7 +196,7 @@ async def _relay_translated_events(
             raise ApiError("upstream_error", "the provider closed the stream before it finished")
     except ApiError as exc:
         outcome.error_code = exc.code
-        await _write(response, fmt.error_event(exc), outcome)
+        await _write(response, openai.error_event(exc), outcome)
 
 
 async def usage_from_the_rest(upstream: aiohttp.ClientResponse, fmt: WireFormat, outcome: RelayOutcome) -> None:

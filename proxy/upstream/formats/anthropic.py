@@ -17,6 +17,7 @@ from typing import Any
 from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
+from . import anthropic_translate
 from .base import USAGE_OBJECT, PreparedBody, last_usage_object, no_injected_usage_event, token_figure
 
 dialect = "anthropic"
@@ -24,6 +25,7 @@ example_base_url = "https://api.anthropic.com"
 PREFIX = "/anthropic"  # the gateway's native routes: `/anthropic/v1/messages` -> `<base_url>/v1/messages`
 MESSAGES = f"{PREFIX}/v1/messages"
 COUNT_TOKENS = f"{PREFIX}/v1/messages/count_tokens"
+CHAT_ROUTE = "/v1/chat/completions"  # OpenAI chat calls to Anthropic models, translated (anthropic_translate.py)
 API_VERSION = "2023-06-01"  # sent as `anthropic-version` when the client names none
 _INPUT_FIGURES = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 # Anthropic's error types by HTTP status, for the gateway's own errors on the native routes.
@@ -38,8 +40,9 @@ _LAST_EVENT = re.compile(rb"event: ?message_stop\r?\n")
 
 
 def url(base_url: str, route: str, upstream_model: str, stream: bool) -> str:
-    """`/anthropic/v1/messages` -> `<base_url>/v1/messages` (base_url e.g. `https://api.anthropic.com`)."""
-    return base_url + route.removeprefix(PREFIX)
+    """`/anthropic/v1/messages` (and a translated chat call) -> `<base_url>/v1/messages` (base_url e.g.
+    `https://api.anthropic.com`)."""
+    return base_url + (MESSAGES if route == CHAT_ROUTE else route).removeprefix(PREFIX)
 
 
 def credential_headers(credential: str, header: str | None, scheme: str | None) -> dict[str, str]:
@@ -48,12 +51,19 @@ def credential_headers(credential: str, header: str | None, scheme: str | None) 
 
 
 def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_tokens: int = 0) -> PreparedBody:
-    """The upstream model id, and `max_tokens` lowered to the reservation's bound (0: no cap to send)."""
-    out = dict(body, model=upstream_model)
-    if max_output_tokens > 0 and route == MESSAGES:
-        asked = out.get("max_tokens")  # validated by now: required, an integer (request_facts)
+    """The upstream model id, and `max_tokens` lowered to the reservation's bound (0: no cap to send). An OpenAI
+    chat body (CHAT_ROUTE) is translated to a Messages body, `max_tokens` set to the bound when the client named
+    none (Anthropic requires it), and its answer is translated back (anthropic_translate.py)."""
+    translated = route == CHAT_ROUTE
+    out = dict(anthropic_translate.chat_request(body) if translated else body, model=upstream_model)
+    if max_output_tokens > 0 and route in (MESSAGES, CHAT_ROUTE):
+        asked = out.get("max_tokens")  # validated by now: an integer (request_facts)
         out["max_tokens"] = min(asked, max_output_tokens) if isinstance(asked, int) else max_output_tokens
-    return PreparedBody(json.dumps(out, separators=(",", ":")).encode(), out.get("stream") is True, False)
+    encoded, stream = json.dumps(out, separators=(",", ":")).encode(), out.get("stream") is True
+    if not translated:
+        return PreparedBody(encoded, stream, False)
+    translation = anthropic_translate.ChatTranslation(upstream_model, anthropic_translate.wants_usage(body))
+    return PreparedBody(encoded, stream, False, translation, (("anthropic-version", API_VERSION),))
 
 
 def _usage(figures: Any, final: bool = True) -> Usage | None:

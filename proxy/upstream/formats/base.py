@@ -51,6 +51,7 @@ class PreparedBody:
     stream: bool
     usage_injected: bool  # we asked for a usage event the client did not: drop it before the client sees it
     translation: AnswerTranslation | None = None  # the answer is translated for the client, not relayed as is
+    headers: tuple[tuple[str, str], ...] = ()  # sent upstream besides the client's forwarded ones (e.g. a version)
 
 
 class WireFormat(Protocol):
@@ -146,3 +147,23 @@ def token_figure(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE_TOKENS:
         return None
     return value
+
+
+_CLIENT_REFUSALS = {400: "invalid_request", 413: "payload_too_large", 429: "rate_limit"}
+
+
+def provider_refusal(status: int, message: str) -> ApiError:
+    """A provider's 4xx answer to a translated call as our error: a refusal of the request stays the client's 400
+    (or 413, 429), with the provider's message and status kept; anything else (a bad provider key, an unknown
+    upstream model) is the gateway's 502."""
+    code = _CLIENT_REFUSALS.get(status, "upstream_error")
+    return ApiError(code, f"the provider refused the call: {message}".strip(), upstream_status=status)
+
+
+def error_message(body: bytes) -> str:
+    """The message of a provider's JSON error body (`{"error": {"message": ...}}`), else the body's start."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, RecursionError, AttributeError):
+        error = None
+    return str(error.get("message", "")) if isinstance(error, dict) else body[:500].decode(errors="replace")
