@@ -40,6 +40,7 @@ class MockAzure:
     async def start(self) -> "MockAzure":
         app = web.Application()
         app.router.add_post("/openai/deployments/{deployment}/{tail:.*}", self._dispatch)
+        app.router.add_post("/openai/responses", self._dispatch)  # not per deployment: the deployment is `model`
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -50,7 +51,8 @@ class MockAzure:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.received.append(Received(request.path_qs, dict(request.headers), body))
-        if request.match_info["deployment"] != DEPLOYMENT or request.query.get("api-version") != self.api_version:
+        deployment = request.match_info.get("deployment", body.get("model"))
+        if deployment != DEPLOYMENT or request.query.get("api-version") != self.api_version:
             return web.json_response(NOT_FOUND, status=404)
         if not self.accepts(dict(request.headers)):
             return web.json_response(DENIED, status=401)
@@ -188,3 +190,17 @@ async def test_a_wrong_key_is_the_providers_401_and_charges_nothing(start_azure:
     assert PROVIDER_KEY not in str(refused.value.body)
     state = await settled_balance(gateway)
     assert (state["spent"], state["held"]) == (0, 0)
+
+
+async def test_the_responses_api_goes_to_the_resources_responses_path_with_the_deployment_as_model(
+    start_azure: Start
+) -> None:
+    gateway, azure = await start_azure()
+    async with openai.AsyncOpenAI(base_url=f"{gateway}/openai/v1", api_key=TEST_KEY, max_retries=0) as client:
+        answer = await client.responses.create(model="mock/chat", input="hi", max_output_tokens=20)
+    assert answer.output_text == "Hello from the mock"
+    [received] = azure.received
+    assert received.path == "/openai/responses?api-version=2024-10-21" and received.body["model"] == DEPLOYMENT
+    assert received.headers["api-key"] == PROVIDER_KEY
+    state = await settled_balance(gateway)
+    assert (state["spent"], state["held"]) == (chat_cost(7, 4), 0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -15,10 +17,12 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
+from botocore.credentials import RefreshableCredentials
 from botocore.eventstream import EventStreamBuffer
 
 from proxy.config import ConfigError, parse_config
 from proxy.server import RunningServer
+from proxy.upstream.aws import AwsSigner
 from tests.gateway_harness import TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
 from tests.mock_bedrock import (
     ACCESS_KEY, REGION, SECRET_KEY, MockBedrock, error_response, event, exception, frame, open_event_stream,
@@ -413,3 +417,36 @@ async def test_a_hostile_upstream_gets_no_traceback_out_of_the_gateway(
     assert "Traceback" not in caplog.text and "unhandled" not in caplog.text
     state = await settled_balance(gateway)
     assert state["held"] == 0
+
+
+async def test_a_slow_credential_refresh_never_blocks_the_event_loop() -> None:
+    """botocore's refresh of temporary credentials blocks (STS, a metadata endpoint): it runs in a thread, and calls
+    meanwhile are signed with the credentials already held."""
+    generation = iter(["first", "second"])
+
+    def slow_refresh() -> dict[str, str]:
+        time.sleep(0.4)  # a slow STS round trip, blocking as botocore's refresh is
+        return {"access_key": ACCESS_KEY, "secret_key": SECRET_KEY, "token": next(generation),
+                "expiry_time": "2099-01-01T00:00:00Z"}
+
+    signer = AwsSigner(REGION)
+    signer._credentials = RefreshableCredentials.create_from_metadata(slow_refresh(), slow_refresh, "test")
+    await signer.refresh()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    running = asyncio.create_task(ticker())
+    signer._credentials._expiry_time = datetime.now(timezone.utc)  # due now: the next look refreshes them
+    refreshing = asyncio.create_task(signer.refresh())
+    await asyncio.sleep(0.1)
+    during = signer.sign("https://bedrock-runtime.us-west-2.amazonaws.com/model/m/converse", {"Host": "x"}, b"{}")
+    await refreshing
+    running.cancel()
+    assert during["X-Amz-Security-Token"] == "first" and ticks >= 20  # the loop kept running through the refresh
+    after = signer.sign("https://bedrock-runtime.us-west-2.amazonaws.com/model/m/converse", {"Host": "x"}, b"{}")
+    assert after["X-Amz-Security-Token"] == "second"

@@ -56,11 +56,16 @@ class AwsSigner:
     async def _keep_fresh(self) -> None:
         while True:
             await asyncio.sleep(_REFRESH_EVERY_S)
-            try:
-                self._frozen = await asyncio.to_thread(self._credentials.get_frozen_credentials)
-            except Exception as exc:  # botocore's refresh failed: the last credentials stay until they expire
-                log.warning("AWS credentials could not be refreshed (%s); retrying in %gs",
-                            type(exc).__name__, _REFRESH_EVERY_S)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Take botocore's current credentials, refreshed by it if due, in a thread; calls meanwhile sign with
+        the last ones."""
+        try:
+            self._frozen = await asyncio.to_thread(self._credentials.get_frozen_credentials)
+        except Exception as exc:  # botocore's refresh failed: the last credentials stay until they expire
+            log.warning("AWS credentials could not be refreshed (%s); retrying in %gs",
+                        type(exc).__name__, _REFRESH_EVERY_S)
 
     async def close(self) -> None:
         if self._task is not None:
