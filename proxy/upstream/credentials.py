@@ -84,7 +84,7 @@ class ProviderKeys:
         """The key for the next call: round robin (or the least recently throttled) among the keys not resting;
         if all rest, the one whose rest ends first."""
         now = self.clock()
-        index = self._pick(now)
+        index = self._pick(now) if len(self.sources) > 1 else 0  # one key: nothing to choose
         value = self.sources[index].current(now)
         headers = self._headers.get(value)
         if headers is None:
