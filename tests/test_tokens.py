@@ -321,3 +321,15 @@ def test_a_cached_token_dies_with_its_signing_key():
     assert gateway.cached(old_token) is None
     with pytest.raises(ApiError, match="not signed by a current gateway key"):
         gateway.verify(old_token)
+
+
+def test_the_cache_is_bounded_by_size_too():
+    """A key with many long scopes mints long tokens: the cache holds tokens up to a total length, not a count."""
+    long_scopes = [f"provider-{i}/" + "m" * 150 for i in range(40)]
+    gateway = GatewayTokens(SETTINGS, KeyRing(NEW), cache_chars=20_000)
+    minted = [gateway.mint(KEY, key_scopes=long_scopes).token for _ in range(6)]
+    assert all(7_000 < len(t) < 10_000 for t in minted)
+    for token in minted:
+        gateway.verify(token)
+    assert [gateway.cached(t) is not None for t in minted] == [False] * 4 + [True] * 2
+    assert gateway.verify(minted[0]).key_id == "backend"

@@ -33,8 +33,9 @@ CLAIM_SCOPES = "scopes"
 
 # Verified tokens remembered by their exact text (until they expire), so a client that reuses its token pays for the
 # signature check once, not on every call (an ES256 verification is most of a token's cost). Bounded: least recently
-# used first out.
+# used first out, by count and by size (a key with many long scopes mints long tokens).
 VERIFIED_TOKENS_CACHED = 10_000
+VERIFIED_TOKEN_CHARS_CACHED = 16 * 1024 * 1024
 
 MAX_SUBJECT_LENGTH = 256
 MAX_SCOPES = 64
@@ -274,13 +275,15 @@ class GatewayTokens:
 
     def __init__(
         self, settings: TokenSettings, ring: KeyRing, clock: Callable[[], float] = time.time,
-        cache_size: int = VERIFIED_TOKENS_CACHED,
+        cache_size: int = VERIFIED_TOKENS_CACHED, cache_chars: int = VERIFIED_TOKEN_CHARS_CACHED,
     ) -> None:
         self.settings = settings
         self.ring = ring
         self._clock = clock
         self._verified: OrderedDict[str, tuple[GatewayClaims, str]] = OrderedDict()  # token -> (claims, kid)
         self._cache_size = cache_size
+        self._cache_chars = cache_chars
+        self._cached_chars = 0  # the length of every token in the cache, added up
 
     def mint(
         self,
@@ -324,7 +327,7 @@ class GatewayTokens:
             return None
         claims, kid = entry
         if self._clock() >= claims.expires_at + self.settings.leeway_s or self.ring.get(kid) is None:
-            del self._verified[token]
+            self._forget(token)
             return None
         self._verified.move_to_end(token)
         return claims
@@ -360,9 +363,16 @@ class GatewayTokens:
         return verified
 
     def _remember(self, token: str, claims: GatewayClaims, kid: str) -> None:
+        if token in self._verified or len(token) > self._cache_chars:
+            return
         self._verified[token] = (claims, kid)
-        if len(self._verified) > self._cache_size:
-            self._verified.popitem(last=False)
+        self._cached_chars += len(token)
+        while len(self._verified) > self._cache_size or self._cached_chars > self._cache_chars:
+            self._forget(next(iter(self._verified)))  # the least recently used
+
+    def _forget(self, token: str) -> None:
+        del self._verified[token]
+        self._cached_chars -= len(token)
 
 
 UnverifiedToken = tuple[dict[str, Any], dict[str, Any]]  # (header, payload), neither trusted before verification
