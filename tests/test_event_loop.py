@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,18 @@ async def test_serve_picks_the_event_loop_and_serves_on_it(
                                  headers={"Authorization": f"Bearer {TEST_KEY}"}) as response:
                 assert response.status == 200, await response.text()
                 assert (await response.json())["choices"]
+        # A supervisor announces once every worker is ready, which can be after the first one answered.
+        started = await started_lines(output)
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0  # bounded by shutdown_grace_s, with room for a busy CI
-    started = [line for line in output.read_text().splitlines() if "serving on" in line]
     assert len(started) == 1 and f", {expected} event loop " in started[0], started
+
+
+async def started_lines(output: Path, timeout_s: float = 20.0) -> list[str]:
+    """The start-up lines in `output`, once there is one (or when `timeout_s` has passed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = [line for line in output.read_text().splitlines() if "serving on" in line]
+        if lines or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.1)
