@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
+import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -22,9 +23,10 @@ from .gateway_harness import (
     PROVIDER_KEY, TEST_KEY, MeteredGateway, budget_policy, gateway_config, start_gateway, with_text_model, write_policy,
 )
 from .mock_gemini import (
-    COUNTED_TOKENS, USAGE, MockGemini, error_body, error_response, last_event, open_stream, stream_events, text_event,
+    COUNTED_TOKENS, USAGE, MockGemini, error_body, error_response, last_event, open_stream, response, stream_events,
+    text_event,
 )
-from .mock_provider import MockProvider
+from .mock_provider import Handler, MockProvider
 
 BUDGET = 1_000_000
 MODEL_CAP = 500  # mock/gemini's max_output_tokens
@@ -222,17 +224,53 @@ async def test_our_credential_is_accepted_as_the_sdk_header_a_key_query_or_beare
     assert all(r.query == {} for r in env.upstream.received)  # our ?key= never goes upstream
 
 
+def gated(seen_first: asyncio.Event) -> Handler:
+    """A stream whose second chunk waits until the client has seen the first."""
+    async def answer(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        stream = await open_stream(request)
+        await stream.write(text_event("gemini-up", "one"))
+        await asyncio.wait_for(seen_first.wait(), 5)  # a gateway that buffers never lets the client see "one"
+        await stream.write(last_event("gemini-up", "two"))
+        return stream
+    return answer
+
+
+async def cut_after_two_chunks(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    stream = await open_stream(request)
+    for text in ("one", "two"):
+        await stream.write(text_event("gemini-up", text))
+    await asyncio.sleep(0.1)
+    assert request.transport is not None
+    request.transport.close()  # the provider's connection breaks mid-stream
+    return stream
+
+
+def endless(closed: asyncio.Event) -> Handler:
+    """A stream that never ends; `closed` is set when the gateway hangs up on it."""
+    async def answer(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        stream = await open_stream(request)
+        try:
+            while True:
+                await stream.write(text_event("gemini-up", "tick"))
+                await asyncio.sleep(0.05)
+        except (asyncio.CancelledError, ConnectionResetError):
+            closed.set()
+            raise
+    return answer
+
+
+async def hang_up_after_the_first_event(url: str, body: dict[str, Any], headers: dict[str, str]) -> None:
+    async with aiohttp.ClientSession() as http:
+        answer = await http.post(url, json=body, headers=headers)
+        async for line in answer.content:
+            if line.startswith(b"data: "):
+                break
+        answer.close()
+
+
 async def test_stream_is_not_buffered(env: Env) -> None:
     seen_first = asyncio.Event()
-
-    async def gated(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        answer = await open_stream(request)
-        await answer.write(text_event("gemini-up", "one"))
-        await asyncio.wait_for(seen_first.wait(), 5)  # a gateway that buffers never lets the client see "one"
-        await answer.write(last_event("gemini-up", "two"))
-        return answer
-
-    env.upstream.handler = gated
+    env.upstream.handler = gated(seen_first)
     texts = []
     async with env.sdk() as client:
         async for chunk in await client.models.generate_content_stream(model=MODEL, contents="Hi"):
@@ -242,16 +280,7 @@ async def test_stream_is_not_buffered(env: Env) -> None:
 
 
 async def test_stream_cut_midway_is_an_error_event_and_charged_an_estimate(env: Env) -> None:
-    async def cut(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        answer = await open_stream(request)
-        for text in ("one", "two"):
-            await answer.write(text_event("gemini-up", text))
-        await asyncio.sleep(0.1)
-        assert request.transport is not None
-        request.transport.close()  # the provider's connection breaks mid-stream
-        return answer
-
-    env.upstream.handler = cut
+    env.upstream.handler = cut_after_two_chunks
     texts = []
     async with env.sdk() as client:
         with pytest.raises(genai_errors.APIError) as broken:
@@ -265,25 +294,9 @@ async def test_stream_cut_midway_is_an_error_event_and_charged_an_estimate(env: 
 
 async def test_client_disconnect_closes_the_upstream_and_charges_an_estimate(env: Env) -> None:
     closed = asyncio.Event()
-
-    async def endless(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        answer = await open_stream(request)
-        try:
-            while True:
-                await answer.write(text_event("gemini-up", "tick"))
-                await asyncio.sleep(0.05)
-        except (asyncio.CancelledError, ConnectionResetError):
-            closed.set()
-            raise
-
-    env.upstream.handler = endless
+    env.upstream.handler = endless(closed)
     body = {"contents": CONTENTS, "generationConfig": {"maxOutputTokens": 100}}
-    async with aiohttp.ClientSession() as http:
-        response = await http.post(f"{env.url}{STREAM}", json=body, headers=AUTH)
-        async for line in response.content:
-            if line.startswith(b"data: "):
-                break
-        response.close()  # hang up mid-stream
+    await hang_up_after_the_first_event(f"{env.url}{STREAM}", body, AUTH)
     await asyncio.wait_for(closed.wait(), 5)
     spent = await env.spent()
     assert cost(USAGE["promptTokenCount"], 1) <= spent <= cost(len(json.dumps(body)), 100)  # exact input, capped
@@ -294,3 +307,120 @@ async def test_me_lists_models_by_provider_kind(env: Env) -> None:
         async with http.get(f"{env.url}/v1/me", headers={"Authorization": f"Bearer {TEST_KEY}"}) as r:
             me = await r.json()
     assert me["models_by_provider_kind"]["gemini"] == [MODEL]
+
+
+# OpenAI chat completions to the Gemini model, translated (the openai SDK at both OpenAI base URLs).
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def openai_sdk(env: Env, base: str = "/v1") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{env.url}{base}", api_key=TEST_KEY, max_retries=0)
+
+
+@pytest.mark.parametrize("base", ["/v1", "/openai/v1"])
+async def test_openai_chat_is_translated_and_charged_geminis_usage_to_the_credit(env: Env, base: str) -> None:
+    async with openai_sdk(env, base) as client:
+        completion = await client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0.3)  # type: ignore[arg-type]
+    choice = completion.choices[0]
+    assert choice.message.content == "Hello from Gemini" and choice.finish_reason == "stop"
+    assert completion.model == "gemini-up" and completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (INPUT, OUTPUT)
+    sent = env.upstream.received[0]
+    assert sent.path == "/v1beta/models/gemini-up:generateContent"
+    assert sent.body == {"contents": CONTENTS, "generationConfig": {"temperature": 0.3, "maxOutputTokens": MODEL_CAP}}
+    assert sent.headers["x-goog-api-key"] == PROVIDER_KEY and TEST_KEY not in json.dumps(sent.headers)
+    assert await env.spent() == cost(INPUT, OUTPUT)
+
+
+async def test_openai_stream_is_translated_to_chunks_with_the_usage_asked_for(env: Env) -> None:
+    async with openai_sdk(env) as client:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True})  # type: ignore[arg-type]
+        chunks = [chunk async for chunk in stream]
+    texts = [c.choices[0].delta.content for c in chunks if c.choices]
+    assert texts == ["Hello", " from", " Gemini"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, None, "stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (INPUT, OUTPUT)
+    assert env.upstream.received[0].path.endswith(":streamGenerateContent")
+    assert env.upstream.received[0].query == {"alt": "sse"}
+    assert await env.spent() == cost(INPUT, OUTPUT)
+
+
+async def test_openai_tool_call_and_image_are_translated_both_ways(env: Env) -> None:
+    async def calls_a_function(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        part = {"functionCall": {"name": "weather", "args": {"city": "Paris"}}}
+        return web.json_response(response("gemini-up", [part], USAGE))
+
+    env.upstream.handler = calls_a_function
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    async with openai_sdk(env) as client:
+        completion = await client.chat.completions.create(
+            model=MODEL, tools=[tool],  # type: ignore[list-item]
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Weather where this is?"}, image]}])  # type: ignore[list-item]
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    sent = env.upstream.received[0].body
+    assert sent["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}
+    assert sent["tools"] == [{"functionDeclarations": [{"name": "weather", "parametersJsonSchema": {"type": "object"}}]}]
+    assert await env.spent() == cost(INPUT, OUTPUT)
+
+
+async def test_openai_errors_refusals_and_provider_errors_in_openais_shape(env: Env) -> None:
+    answers = iter([
+        error_response(400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified\n"),
+        error_response(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota."),
+    ])
+
+    async def scripted(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return next(answers)
+
+    env.upstream.handler = scripted
+    async with openai_sdk(env) as client:
+        with pytest.raises(openai.BadRequestError) as untranslatable:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)  # type: ignore[arg-type]
+        assert env.upstream.received == []
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    assert untranslatable.value.param == "n" and "Gemini" in untranslatable.value.message
+    assert "contents is not specified" in refused.value.message
+    assert isinstance(refused.value.body, dict) and refused.value.body["upstream_status"] == 400
+    assert "exceeded your current quota" in limited.value.message
+    assert await env.spent() == 0
+
+
+async def test_openai_stream_is_not_buffered(env: Env) -> None:
+    seen_first = asyncio.Event()
+    env.upstream.handler = gated(seen_first)
+    texts = []
+    async with openai_sdk(env) as client:
+        async for chunk in await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):  # type: ignore[arg-type]
+            texts.append(chunk.choices[0].delta.content)
+            seen_first.set()
+    assert texts == ["one", "two"]
+
+
+async def test_openai_stream_cut_midway_raises_and_is_charged_an_estimate(env: Env) -> None:
+    env.upstream.handler = cut_after_two_chunks
+    texts = []
+    async with openai_sdk(env) as client:
+        with pytest.raises(openai.APIError) as broken:
+            async for chunk in await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):  # type: ignore[arg-type]
+                texts.append(chunk.choices[0].delta.content)
+    assert texts == ["one", "two"] and "closed the stream" in broken.value.message
+    assert await env.spent() == cost(USAGE["promptTokenCount"], 2)
+
+
+async def test_openai_client_disconnect_closes_the_upstream(env: Env) -> None:
+    closed = asyncio.Event()
+    env.upstream.handler = endless(closed)
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 100}
+    await hang_up_after_the_first_event(f"{env.url}/v1/chat/completions", body, {"Authorization": f"Bearer {TEST_KEY}"})
+    await asyncio.wait_for(closed.wait(), 5)
+    assert cost(USAGE["promptTokenCount"], 1) <= await env.spent() <= cost(len(json.dumps(body)), 100)

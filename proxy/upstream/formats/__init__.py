@@ -22,7 +22,7 @@ ADAPTERS: dict[str, WireFormat] = {
     "gemini": gemini,
 }
 # route -> the other dialects whose models it serves by translating bodies and answers.
-TRANSLATED: dict[str, tuple[str, ...]] = {bedrock.CHAT_ROUTE: ("bedrock", "anthropic")}
+TRANSLATED: dict[str, tuple[str, ...]] = {bedrock.CHAT_ROUTE: ("bedrock", "anthropic", "gemini")}
 _ALIASES = {"http": "openai"}
 
 

@@ -11,12 +11,16 @@ output). The module is the adapter (formats.base.WireFormat).
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
+from . import gemini_translate
 from .base import PreparedBody, last_usage_object, no_injected_usage_event, token_figure
 
 dialect = "gemini"
@@ -28,6 +32,7 @@ GENERATE = f"{_MODEL_PATH}:generateContent"
 STREAM = f"{_MODEL_PATH}:streamGenerateContent"
 COUNT_TOKENS = f"{_MODEL_PATH}:countTokens"
 ROUTES = (GENERATE, STREAM, COUNT_TOKENS)
+CHAT_ROUTE = "/v1/chat/completions"  # OpenAI's chat, translated to generateContent (gemini_translate.py)
 _INPUT_FIGURES = ("promptTokenCount", "toolUsePromptTokenCount")
 _OUTPUT_FIGURES = ("candidatesTokenCount", "thoughtsTokenCount")
 # google.rpc.Code names by HTTP status, for the gateway's own errors on the native routes.
@@ -46,6 +51,8 @@ _FINISHED = re.compile(rb'"finishReason"\s*:\s*"')
 
 def url(base_url: str, route: str, upstream_model: str, stream: bool) -> str:
     """`<base_url>/models/<upstream model>:<method>`; streams ask for SSE (`alt=sse`)."""
+    if route == CHAT_ROUTE:
+        route = STREAM if stream else GENERATE
     method = route.rsplit(":", 1)[1]
     target = f"{base_url}/{_model_name(upstream_model)}:{method}"
     return target + "?alt=sse" if route == STREAM else target
@@ -63,7 +70,10 @@ def credential_headers(credential: str, header: str | None, scheme: str | None) 
 
 def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_tokens: int = 0) -> PreparedBody:
     """`generationConfig.maxOutputTokens` lowered to the reservation's bound, or sent as it (0: no cap to send);
-    a countTokens body's nested request names the upstream model. The model is in the URL, not the body."""
+    a countTokens body's nested request names the upstream model. The model is in the URL, not the body.
+    An OpenAI chat body is translated (a 400 for what is not), and so will its answer be."""
+    if route == CHAT_ROUTE:
+        return _prepare_chat(body, upstream_model, max_output_tokens)
     out = dict(body)
     if route == COUNT_TOKENS and isinstance(out.get("generateContentRequest"), dict):
         out["generateContentRequest"] = dict(out["generateContentRequest"], model=_model_name(upstream_model))
@@ -145,3 +155,78 @@ def error_body(error: ApiError) -> dict[str, Any]:
 def error_event(error: ApiError) -> bytes:
     """An SSE event whose data is the error body: google-genai raises a chunk starting `{"error":`."""
     return sse.data_event(error_body(error))
+
+
+def _prepare_chat(body: dict[str, Any], upstream_model: str, max_output_tokens: int) -> PreparedBody:
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    request = gemini_translate.chat_request(body)
+    prepared = prepare(STREAM if stream else GENERATE, request, upstream_model, max_output_tokens)
+    return replace(prepared, translation=ChatTranslation(upstream_model, include_usage))
+
+
+@dataclass(frozen=True)
+class ChatTranslation:
+    """How Gemini's answer to a translated chat call reaches its OpenAI client (PreparedBody.translation)."""
+
+    model: str  # named in the answers, as OpenAI names the model that answered
+    include_usage: bool  # the client asked for the usage chunk (stream_options.include_usage)
+
+    def answer(self, body: bytes) -> tuple[bytes, Usage | None]:
+        try:
+            answer = json.loads(body)
+        except (ValueError, RecursionError):
+            answer = None
+        if not isinstance(answer, dict):
+            raise ApiError("upstream_error", "Gemini answered a body that is not a JSON object")
+        completion = gemini_translate.chat_completion(answer, self.model, _completion_id(), int(time.time()))
+        return json.dumps(completion, separators=(",", ":")).encode(), usage_of(answer)
+
+    def error(self, status: int, error_type: str, body: bytes) -> bytes:
+        return json.dumps(gemini_translate.error_from_gemini(status, body).body(), separators=(",", ":")).encode()
+
+    def stream(self) -> "ChatStream":
+        chunks = gemini_translate.ChatChunks(self.model, _completion_id(), int(time.time()), self.include_usage)
+        return ChatStream(chunks)
+
+
+@dataclass
+class ChatStream:
+    """A Gemini SSE stream in, OpenAI chunk SSE events out, each event as soon as it is whole; usage and output
+    read from Gemini's own events (as on the native route). Ends with `[DONE]` after the chunk with a finishReason."""
+
+    chunks: gemini_translate.ChatChunks
+    usage: Usage | None = None
+    output_chunks: int = 0
+    done: bool = False
+    error: dict[str, Any] | None = None  # an error event: the OpenAI error the stream ended with
+    _splitter: sse.EventSplitter = field(default_factory=sse.EventSplitter)
+
+    def feed(self, data: bytes) -> bytes:
+        return b"".join(self._event(event) for event in self._splitter.feed(data))
+
+    def _event(self, event: bytes) -> bytes:
+        if self.done:
+            return b""
+        if is_output_event(event):
+            self.output_chunks += 1
+        chunk = sse.event_json(event)
+        self.usage = event_usage(self.usage, event, chunk)
+        if chunk is None:
+            return b""
+        if "error" in chunk:
+            error = chunk["error"]
+            status = error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), int) else 500
+            self.error = gemini_translate.error_from_gemini(status, sse.event_data(event)).body()
+            self.done = True
+            return sse.data_event(self.error)
+        out = b"".join(sse.data_event(c) for c in self.chunks.chunks(chunk))
+        if is_finished(chunk):
+            self.done = True
+            out += b"".join(sse.data_event(c) for c in self.chunks.final()) + b"data: [DONE]\n\n"
+        return out
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{os.urandom(12).hex()}"
