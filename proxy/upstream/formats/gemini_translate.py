@@ -36,7 +36,7 @@ _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,(.*)", re.DOTALL)
 
 
 def _refuse(param: str, why: str) -> ApiError:
-    return ApiError("invalid_request", f"`{param}` {why} when the model is served by Gemini (docs/providers.md)",
+    return ApiError("unsupported_parameter", f"`{param}` {why} when the model is served by Gemini (docs/providers.md)",
                     param=param)
 
 
