@@ -41,6 +41,7 @@ ADMIN_ROUTES = [
     ("POST", "/v1/admin/keys/some-key/disable"),
     ("POST", "/v1/admin/keys/some-key/enable"),
     ("POST", "/v1/admin/keys/some-key/rotate"),
+    ("GET", "/v1/admin/usage?account=acme"),
 ]
 
 

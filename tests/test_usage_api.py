@@ -1,5 +1,6 @@
 """`GET /v1/usage` through a running gateway: the caller's own figures only (a token with `sub` sees its user's,
-a key its account's, another account nothing of them), the stable JSON shape, and bad parameters refused."""
+a key its account's, another account nothing of them), the stable JSON shape, and bad parameters refused; and
+`GET /v1/admin/usage` for any account, with the admin token only."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .mock_provider import MockProvider
 
 BACKEND_KEY = "sk_test_backend_" + "b" * 32
 RIVAL_KEY = "sk_test_rival_" + "r" * 34
+ADMIN_TOKEN = "adm_" + "u" * 40
 POLICY = f"""
 plans:
   pro:
@@ -43,14 +45,18 @@ class Client:
             return response.status, await response.json()
 
     async def usage(self, credential: str, query: str = "") -> tuple[int, Any]:
-        return await self.call("GET", f"/v1/usage{query}", credential)
+        """The caller's own usage; with the admin token, the admin route."""
+        path = "/v1/admin/usage" if credential == ADMIN_TOKEN else "/v1/usage"
+        return await self.call("GET", f"{path}{query}", credential)
 
 
 @pytest.fixture
 async def client(
     provider: MockProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gateway_env: None
 ) -> AsyncIterator[Client]:
-    config = gateway_config(provider.url, write_policy(tmp_path / "policies", POLICY), demo={"enabled": False})
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
+    config = gateway_config(provider.url, write_policy(tmp_path / "policies", POLICY), demo={"enabled": False},
+                            admin={"token_env": "TEST_ADMIN_TOKEN"})
     server = await start_gateway(config)
     async with aiohttp.ClientSession() as http:
         yield Client(server.url, http)
@@ -133,3 +139,28 @@ async def test_a_range_of_exactly_92_days_is_accepted(client: Client) -> None:
     first = last - timedelta(days=91)
     status, answer = await client.usage(BACKEND_KEY, f"?from={first.isoformat()}&to={last.isoformat()}")
     assert status == 200 and answer["from"] == first.isoformat()
+
+
+async def test_the_admin_reads_any_account_and_user_and_nobody_else_can(client: Client) -> None:
+    assert (await client.call("POST", "/v1/embeddings", BACKEND_KEY, EMBED))[0] == 200
+    status, minted = await client.call("POST", "/v1/tokens", BACKEND_KEY, {"sub": "alice"})
+    assert (await client.call("POST", "/v1/embeddings", minted["token"], EMBED))[0] == 200
+    assert (await client.call("POST", "/v1/embeddings", RIVAL_KEY, EMBED))[0] == 200
+
+    status, acme = await client.usage(ADMIN_TOKEN, "?account=acme&group_by=model")
+    assert status == 200 and (acme["scope"], acme["account"], acme["user"]) == ("account", "acme", None)
+    assert acme["data"] == [{"model": "mock/embed", **acme["total"]}] and acme["total"]["calls"] == 2
+    status, alice = await client.usage(ADMIN_TOKEN, "?account=acme&user=u:g:alice")
+    assert status == 200 and alice["scope"] == "user" and alice["total"]["calls"] == 1
+    status, globex = await client.usage(ADMIN_TOKEN, "?account=globex")
+    assert status == 200 and globex["total"]["calls"] == 1
+    status, nobody = await client.usage(ADMIN_TOKEN, "?account=nobody")
+    assert status == 200 and nobody["data"] == [] and nobody["total"]["calls"] == 0
+
+    for credential in (BACKEND_KEY, minted["token"]):  # the caller's own route; the admin route refuses them
+        status, answer = await client.call("GET", "/v1/admin/usage?account=acme", credential)
+        assert (status, answer["error"]["code"]) == (403, "admin_required")
+    for query, param in [("", "account"), ("?account=", "account"), ("?account=acme&user=a%00b", "user"),
+                         ("?account=acme&from=2026-02-30", "from"), ("?account=acme&sort=credits", "sort")]:
+        status, answer = await client.usage(ADMIN_TOKEN, query)
+        assert (status, answer["error"]["code"], answer["error"]["param"]) == (400, "invalid_request", param), query

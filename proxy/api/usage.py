@@ -1,5 +1,6 @@
 """`GET /v1/usage`: the caller's own spend by day and model, from the usage ledger's daily aggregates
-(docs/usage.md). A credential with a subject sees its own user's usage; any other, its account's."""
+(docs/usage.md). A credential with a subject sees its own user's usage; any other, its account's.
+`GET /v1/admin/usage?account=...`: any account's (or one of its users'), with the admin token only."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from aiohttp import web
 from ..errors import ApiError
 from ..meter import Meter, from_micro, usage_user
 from ..store.ledger import METRICS
+from .admin import admin_gateway
 from .state import GATEWAY, authenticated
 
 MAX_DAYS = 92  # one query reads one aggregate per day: a quarter at most
 GROUPS = ("day", "model")
 _PARAMS = frozenset({"from", "to", "group_by"})
+_ADMIN_PARAMS = frozenset({"account", "user"})
+MAX_ACCOUNT_CHARS = 256  # an account is a key's name or an identity provider's claim
+MAX_USER_CHARS = 600  # a namespaced user: `u:i:<issuer>:<sub>`, percent-encoded
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -32,13 +37,31 @@ async def usage(request: web.Request) -> web.Response:
     return web.json_response({"scope": "user" if user else "account", **report})
 
 
-def usage_query(query: Mapping[str, str], *, today: date) -> tuple[date, date, tuple[str, ...]]:
+async def admin_usage(request: web.Request) -> web.Response:
+    """Any account's usage, or one of its users' (`user`: the namespaced form the ledger records)."""
+    query = request.query
+    gateway = await admin_gateway(request, "usage.read", query.get("account"))
+    first, last, group_by = usage_query(query, today=datetime.now(timezone.utc).date(), extra=_ADMIN_PARAMS)
+    account, user = query.get("account"), query.get("user")
+    if account is None or not _printable(account, MAX_ACCOUNT_CHARS):
+        raise ApiError("invalid_request", "account is required: the account's name", param="account")
+    if user is not None and not _printable(user, MAX_USER_CHARS):
+        raise ApiError("invalid_request", "user is the ledger's namespaced user, e.g. u:g:alice", param="user")
+    report = await usage_report(gateway.meter, account, user, first, last, group_by)
+    return web.json_response({"scope": "user" if user else "account", **report}, headers={"Cache-Control": "no-store"})
+
+
+def usage_query(
+    query: Mapping[str, str], *, today: date, extra: frozenset[str] = frozenset()
+) -> tuple[date, date, tuple[str, ...]]:
     """`from`, `to` (YYYY-MM-DD, UTC days, inclusive; default: the first of `to`'s month and today) and `group_by`
-    (`day`, `model`, both comma-separated, or empty for totals only; default both). 400 `invalid_request` naming
-    the parameter otherwise."""
+    (`day`, `model`, both comma-separated, or empty for totals only; default both); `extra` parameters are the
+    caller's to read. 400 `invalid_request` naming the parameter otherwise."""
+    known = _PARAMS | extra
     for name in query:
-        if name not in _PARAMS:
-            raise ApiError("invalid_request", f"unknown parameter {name!r}; use from, to, group_by", param=name)
+        if name not in known:
+            raise ApiError("invalid_request", f"unknown parameter {name!r}; use {', '.join(sorted(known))}",
+                           param=name)
         if len(query.getall(name)) > 1:  # type: ignore[attr-defined]
             raise ApiError("invalid_request", f"{name} is given more than once", param=name)
     last = _day(query, "to") or today
@@ -92,6 +115,10 @@ def _figures(figures: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _printable(value: str, limit: int) -> bool:
+    return 0 < len(value) <= limit and value.isprintable()
+
+
 def _day(query: Mapping[str, str], name: str) -> date | None:
     value = query.get(name)
     if value is None:
@@ -106,3 +133,4 @@ def _day(query: Mapping[str, str], name: str) -> date | None:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/usage", usage)
+    app.router.add_get("/v1/admin/usage", admin_usage)
