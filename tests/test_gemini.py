@@ -424,3 +424,30 @@ async def test_openai_client_disconnect_closes_the_upstream(env: Env) -> None:
     await hang_up_after_the_first_event(f"{env.url}/v1/chat/completions", body, {"Authorization": f"Bearer {TEST_KEY}"})
     await asyncio.wait_for(closed.wait(), 5)
     assert cost(USAGE["promptTokenCount"], 1) <= await env.spent() <= cost(len(json.dumps(body)), 100)
+
+
+async def test_keepalives_of_a_quiet_stream_do_not_break_the_sdk(
+    provider: MockProvider, gateway_env: None, tmp_path: Path,
+) -> None:
+    """google-genai reads a line that is neither `data:` nor blank as a JSON error: a `: ping` comment broke it."""
+    upstream = await MockGemini().start()
+
+    async def quiet(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        stream = await open_stream(request)
+        await stream.write(text_event("gemini-up", "one"))
+        await asyncio.sleep(0.3)  # several keepalives go out meanwhile
+        await stream.write(last_event("gemini-up", "two"))
+        return stream
+
+    upstream.handler = quiet
+    config = with_text_model(gateway_config(provider.url, write_policy(tmp_path / "policies", POLICY),
+                                            server={"sse_keepalive_s": 0.05}),
+                             "google", "gemini", f"{upstream.url}/v1beta", MODEL, "gemini-up", MODEL_CAP)
+    server = await start_gateway(config)
+    try:
+        async with Env(server.url, upstream).sdk() as client:
+            texts = [chunk.text async for chunk in await client.models.generate_content_stream(model=MODEL, contents="Hi")]
+        assert texts == ["one", "two"]
+    finally:
+        await server.stop()
+        await upstream.stop()

@@ -393,7 +393,7 @@ async def _relay_events(
         async for chunk in chunks:
             if chunk is None:
                 if splitter.at_boundary:
-                    await _write(response, sse.comment("ping"), outcome)
+                    await _write(response, fmt.keepalive, outcome)
                 continue
             out, ends = bytearray(), False
             for event in splitter.feed(chunk):

@@ -18,9 +18,10 @@ from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
 from . import anthropic_translate
-from .base import USAGE_OBJECT, PreparedBody, last_usage_object, no_injected_usage_event, token_figure
+from .base import SSE_PING, USAGE_OBJECT, PreparedBody, last_usage_object, no_injected_usage_event, token_figure
 
 dialect = "anthropic"
+keepalive = SSE_PING
 example_base_url = "https://api.anthropic.com"
 PREFIX = "/anthropic"  # the gateway's native routes: `/anthropic/v1/messages` -> `<base_url>/v1/messages`
 MESSAGES = f"{PREFIX}/v1/messages"

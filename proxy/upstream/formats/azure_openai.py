@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from .openai import (  # noqa: F401  (OpenAI's format, re-exported: this module is the adapter)
     RESPONSES_ROUTE, dialect, ends_stream, error_body, error_event, event_usage, is_injected_usage_event,
-    is_output_event, may_carry_usage, prepare, usage_in_tail, usage_of,
+    is_output_event, keepalive, may_carry_usage, prepare, usage_in_tail, usage_of,
 )
 
 example_base_url = "https://my-resource.openai.azure.com"

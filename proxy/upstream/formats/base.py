@@ -61,6 +61,7 @@ class WireFormat(Protocol):
 
     dialect: str
     example_base_url: str  # named in the config error when base_url is missing
+    keepalive: bytes  # written between the events of a quiet stream to keep it open, skipped by the format's SDKs
 
     def url(self, base_url: str, route: str, upstream_model: str, stream: bool) -> str:
         """Where a call on public `route` for `upstream_model` goes (`base_url` without a trailing slash)."""
@@ -111,6 +112,8 @@ class WireFormat(Protocol):
         """A gateway error ending an SSE stream whose headers are sent, as this format's clients read it."""
         ...
 
+
+SSE_PING = b": ping\n\n"  # an SSE comment: every SSE client skips it
 
 MAX_USAGE_TOKENS = 2**31 - 1  # per usage figure: anything more is no real count
 

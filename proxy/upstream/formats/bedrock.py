@@ -63,3 +63,4 @@ is_output_event = ends_stream = may_carry_usage
 is_injected_usage_event = may_carry_usage
 error_body = openai.error_body  # clients of a translated answer are OpenAI's
 error_event = openai.error_event
+keepalive = openai.keepalive

@@ -24,6 +24,9 @@ from . import gemini_translate
 from .base import PreparedBody, last_usage_object, no_injected_usage_event, token_figure
 
 dialect = "gemini"
+# A blank line between events: google-genai reads a line that is neither `data:` nor blank as a JSON error body,
+# so an SSE comment (`: ping`) would break its streams; SSE clients skip a blank line that ends no event.
+keepalive = b"\r\n"
 example_base_url = "https://generativelanguage.googleapis.com/v1beta"
 PREFIX = "/gemini"  # the gateway's native routes: `/gemini/v1beta/models/<our id>:<method>`
 # The routes as aiohttp canonical paths (also their metrics label); `model` is our public model id.

@@ -11,9 +11,10 @@ from typing import Any
 from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
-from .base import USAGE_OBJECT, PreparedBody, last_usage_object, token_figure
+from .base import SSE_PING, USAGE_OBJECT, PreparedBody, last_usage_object, token_figure
 
 dialect = "openai"
+keepalive = SSE_PING
 example_base_url = "https://api.openai.com/v1"
 
 # A usage object naming none of these (`{}`, only `total_tokens`) reports nothing to charge: it counts as absent.
