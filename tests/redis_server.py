@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Sequence
 
 
 def free_port() -> int:
@@ -20,10 +21,16 @@ class RedisServer:
     """A redis-server child process; `kill` and `start` again reuse the same port. Without persistence by
     default; `persistent` keeps every write in an append-only file in `workdir`, so data outlives a kill."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, workdir: Path | None = None, persistent: bool = False,
+        args: Sequence[str] = (), config_file: Path | None = None,
+    ) -> None:
+        """`args` are more config options (`--cluster-enabled yes`, `--sentinel`); `config_file` comes first (a
+        sentinel needs a file it may rewrite)."""
         if persistent and workdir is None:
             raise ValueError("a persistent redis-server needs a workdir for its append-only file")
         self.port = port or free_port()
+        self._args = ([str(config_file)] if config_file else [], list(args))
         self._workdir = workdir
         self._persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
         self._process: subprocess.Popen[bytes] | None = None
@@ -34,7 +41,9 @@ class RedisServer:
 
     def start(self, timeout_s: float = 5.0) -> None:
         """Launch the server and wait until it accepts connections."""
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self._persistence]
+        first, more = self._args
+        args = ["redis-server", *first, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                *self._persistence, *more]
         self._process = subprocess.Popen(
             args, cwd=self._workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

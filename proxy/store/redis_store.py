@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from proxy.store import lua
 from proxy.store.admission import CallGate, LoopLag, deadline
 from proxy.store.gcra import Step, limit_states
+from proxy.store.redis_client import Credentials, RedisMode, connect
 from proxy.store.ledger import LedgerRecord, day_of, usage_expiry
 from proxy.store.base import (
     AdmitCancelled,
@@ -51,6 +50,8 @@ class RedisStore:
         self,
         url: str,
         *,
+        mode: RedisMode = "standalone",
+        credentials: Credentials = Credentials(),
         connect_timeout_s: float = 0.25,
         op_timeout_s: float = 0.5,
         max_connections: int = 64,
@@ -60,15 +61,7 @@ class RedisStore:
         # No client-side retries (the breaker decides what happens next) and no client-side timeouts: redis-py
         # would count event-loop stalls against them; `deadline` below does not. Cancelling a call closes its
         # connection, so a late reply can never be read by the next call.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            socket_connect_timeout=None,
-            socket_timeout=None,
-            max_connections=max_connections,
-            timeout=None,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._client = aioredis.Redis.from_pool(pool)
+        self._client = connect(url, mode, max_connections, credentials)
         self._wire_timeout_s = connect_timeout_s + op_timeout_s
         self._lag = LoopLag()
         self._gate = CallGate(max_connections, max_waiting_calls, queue_timeout_s, self._lag)
@@ -112,14 +105,19 @@ class RedisStore:
     async def ledger_streams(self, prefix: str = "ep") -> list[str]:
         """Every account's ledger stream, by SCAN (one bounded call per page)."""
         streams: set[str] = set()
-        cursor = 0
-        while True:
-            cursor, keys = await self._call(
-                lambda: self._client.scan(cursor, match=f"{prefix}:{{*}}:lg", count=1000, _type="stream")
-            )
-            streams.update(key.decode() for key in keys)
-            if cursor == 0:
-                return sorted(streams)
+        cluster = isinstance(self._client, RedisCluster)
+        for node in self._client.get_primaries() if cluster else [None]:  # a cluster scans each primary
+            target = {"target_nodes": node} if cluster else {}
+            cursor = 0
+            while True:
+                cursor, keys = await self._call(lambda: self._client.scan(
+                    cursor, match=f"{prefix}:{{*}}:lg", count=1000, _type="stream", **target))
+                if cluster:
+                    cursor = cursor[node.name]
+                streams.update(key.decode() for key in keys)
+                if cursor == 0:
+                    break
+        return sorted(streams)
 
     async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
         entries = await self._call(lambda: self._client.xrange(stream, min=f"({after}", max="+", count=count))

@@ -8,6 +8,7 @@ from typing import Any, Literal, Mapping
 
 from proxy.store.base import Store, StoreObserver
 from proxy.store.memory import MemoryStore
+from proxy.store.redis_client import REDIS_MODES, Credentials, RedisMode, SentinelAddress
 from proxy.store.redis_store import RedisStore
 from proxy.store.resilient import FailMode, ResilientStore
 
@@ -23,6 +24,10 @@ class StoreSettings:
 
     kind: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
+    redis_mode: RedisMode = "standalone"  # standalone | cluster | sentinel (proxy/store/redis_client.py)
+    redis_username: str | None = None  # an ACL user, when the URL does not carry it
+    redis_password_env: str | None = None  # the env var, or the file, holding the password (not the URL's)
+    redis_password_file: str | None = None
     connect_timeout_s: float = 0.25
     op_timeout_s: float = 0.5
     max_connections: int = 64
@@ -64,6 +69,19 @@ class StoreSettings:
             _fail(f"{source}: store.kind is {self.kind!r}; use memory or redis")
         if self.kind == "redis" and not self.redis_url:
             _fail(f"{source}: store.kind is redis but store.redis_url is empty; set redis_url or redis_url_env")
+        if self.redis_mode not in REDIS_MODES:
+            _fail(f"{source}: store.redis_mode is {self.redis_mode!r}; use one of {', '.join(REDIS_MODES)}")
+        if self.kind == "redis" and self.redis_mode == "sentinel":
+            try:
+                SentinelAddress.parse(self.redis_url or "")
+            except ValueError as exc:
+                _fail(f"{source}: store.redis_url: {exc} (store.redis_mode is sentinel)")
+        if self.redis_password_env and self.redis_password_file:
+            _fail(f"{source}: store.redis_password_env and store.redis_password_file are both set; keep one")
+        if self.redis_password_env and self.redis_password_env not in os.environ:
+            _fail(f"{source}: store.redis_password_env names {self.redis_password_env!r}, which is not set; export it")
+        if self.redis_password_file and not os.path.isfile(self.redis_password_file):
+            _fail(f"{source}: store.redis_password_file {self.redis_password_file!r} is not a readable file")
         for name in ("fail_rate_limits", "fail_credits"):
             if getattr(self, name) not in ("open", "closed"):
                 _fail(f"{source}: store.fail_mode.{name[5:]} must be open or closed")
@@ -90,6 +108,8 @@ def build_store(settings: StoreSettings, observer: StoreObserver | None = None) 
     assert settings.redis_url is not None  # checked by _validate
     redis_store = RedisStore(
         settings.redis_url,
+        mode=settings.redis_mode,
+        credentials=Credentials(settings.redis_username, settings.redis_password_env, settings.redis_password_file),
         connect_timeout_s=settings.connect_timeout_s,
         op_timeout_s=settings.op_timeout_s,
         max_connections=settings.max_connections,
