@@ -13,7 +13,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Self
+
 
 from tests.redis_server import RedisServer, free_port
 
@@ -46,10 +47,42 @@ def _cluster_port() -> int:
                     continue
 
 
-class LocalCluster:
+class _ServerSet:
+    """Processes started together in one temporary directory; all stopped, and the directory removed, on exit."""
+
+    def __init__(self, prefix: str) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix=prefix))
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def servers(self) -> list[RedisServer]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for server in self.servers():
+            server.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LocalCluster(_ServerSet):
     def __init__(self) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="redis-cluster-"))
+        super().__init__("redis-cluster-")
         self.nodes: list[RedisServer] = []
+
+    def servers(self) -> list[RedisServer]:
+        return self.nodes
 
     @property
     def url(self) -> str:
@@ -92,26 +125,10 @@ class LocalCluster:
         redis_cli(replica_port, "CLUSTER", "FAILOVER")
         _until(lambda: "role:master" in redis_cli(replica_port, "INFO", "replication"), "the replica is promoted")
 
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> LocalCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class LocalSentinels:
+class LocalSentinels(_ServerSet):
     def __init__(self) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="redis-sentinel-"))
+        super().__init__("redis-sentinel-")
         self.primary = RedisServer(workdir=self._dir)
         self.replica = RedisServer(workdir=self._dir, args=["--replicaof", "127.0.0.1", str(self.primary.port)])
         self.sentinels: list[RedisServer] = []
@@ -153,18 +170,5 @@ class LocalSentinels:
         _until(lambda: self.primary_port() != before, "the sentinels name the new primary")
         return self.primary_port()
 
-    def stop(self) -> None:
-        for server in (*self.sentinels, self.replica, self.primary):
-            server.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> LocalSentinels:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def servers(self) -> list[RedisServer]:
+        return [*self.sentinels, self.replica, self.primary]

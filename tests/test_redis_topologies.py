@@ -12,11 +12,10 @@ import asyncio
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from redis.asyncio.cluster import RedisCluster
 
 from proxy.auth.api_keys import hash_key
@@ -29,7 +28,6 @@ from proxy.store.redis_client import Credentials, SentinelAddress
 from tests.redis_server import RedisServer
 from tests.redis_topologies import LocalCluster, LocalSentinels, redis_cli
 
-ON_MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")  # the topologies and the mock live for the module
 
 BUDGET = 40  # credits per account; mock/embed costs exactly 1 and reserves exactly that
 ANSWER_BOUND_S = 5.0  # no call may take longer, failover included (the store's deadline is 0.75 s)
@@ -40,13 +38,6 @@ POLICY = "plans:\n  paid:\n    models: [\"mock/*\"]\n" \
                              for a, k in KEYS.items()) + \
          "prices:\n  \"mock/*\": {per_request: 1}\n"
 EMBED = {"model": "mock/embed", "input": "hi"}
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def provider() -> AsyncIterator[MockProvider]:
-    mock = await MockProvider().start()
-    yield mock
-    await mock.stop()
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +105,6 @@ async def assert_budgets_exact(url: str, statuses: dict[str, Counter[int]]) -> N
         assert rest == [200] * (len(rest) - 1) + [402], (account, statuses[account], rest)
 
 
-@ON_MODULE_LOOP
 async def test_cluster_spreads_accounts_over_primaries(cluster: LocalCluster, provider: MockProvider,
                                                        gateway_env: None, tmp_path: Path) -> None:
     server = await gateway_on(provider, tmp_path, {"redis_url": cluster.url, "redis_mode": "cluster"})
@@ -136,7 +126,6 @@ async def test_cluster_spreads_accounts_over_primaries(cluster: LocalCluster, pr
         await server.stop()
 
 
-@ON_MODULE_LOOP
 async def test_cluster_failover_under_load_keeps_budgets_exact(cluster: LocalCluster, provider: MockProvider,
                                                                gateway_env: None, tmp_path: Path) -> None:
     for port in cluster.primaries():
@@ -150,7 +139,6 @@ async def test_cluster_failover_under_load_keeps_budgets_exact(cluster: LocalClu
         await server.stop()
 
 
-@ON_MODULE_LOOP
 async def test_sentinel_failover_under_load_keeps_budgets_exact(sentinels: LocalSentinels, provider: MockProvider,
                                                                 gateway_env: None, tmp_path: Path) -> None:
     server = await gateway_on(provider, tmp_path, {"redis_url": sentinels.url, "redis_mode": "sentinel"})
@@ -183,7 +171,6 @@ def test_sentinel_url_names_sentinels_service_database_and_credentials() -> None
     assert "p@ss" not in repr(address)
 
 
-@ON_MODULE_LOOP
 async def test_acl_user_and_password_from_a_file(tmp_path: Path) -> None:
     """The URL carries no secret; the password comes from a file (a mounted Secret); a wrong one is refused."""
     with RedisServer(args=["--user", "gateway", "on", ">s3cret", "~*", "&*", "+@all"]) as server:
