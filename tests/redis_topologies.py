@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Callable, Self
 
-
 from tests.redis_server import RedisServer, free_port
 
 SERVICE = "mymaster"
