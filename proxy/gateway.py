@@ -193,7 +193,10 @@ def _key_directory(settings: StoreSettings) -> KeyDirectory:
     if settings.kind == "memory":
         return MemoryKeyDirectory()
     assert settings.redis_url is not None  # checked with the store settings
-    return RedisKeyDirectory(settings.redis_url, timeout_s=settings.connect_timeout_s + settings.op_timeout_s)
+    return RedisKeyDirectory(
+        settings.redis_url, timeout_s=settings.connect_timeout_s + settings.op_timeout_s,
+        mode=settings.redis_mode, credentials=settings.credentials(),
+    )
 
 
 def _issuer_plans(config: Config) -> set[str]:

@@ -11,10 +11,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.store.base import StoreError
+from proxy.store.redis_client import Credentials, RedisMode, connect
 
 # One hash tag, so the two keys live in one Redis Cluster slot and one script may touch both.
 RECORDS_KEY = "ep:{keys}:records"
@@ -106,10 +106,10 @@ class MemoryKeyDirectory:
 class RedisKeyDirectory:
     """The records in Redis, on a small pool of its own (admin calls and polling never queue behind metering)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 1.0) -> None:
-        self._client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, max_connections=4
-        )
+    def __init__(
+        self, url: str, *, timeout_s: float = 1.0, mode: RedisMode = "standalone", credentials: Credentials = Credentials()
+    ) -> None:
+        self._client = connect(url, mode, 4, credentials, timeout_s=timeout_s)
         self._put = self._client.register_script(_PUT)
 
     async def version(self) -> int:

@@ -92,10 +92,14 @@ class Credentials:
         }
 
 
-def connect(url: str, mode: RedisMode, max_connections: int, credentials: Credentials = Credentials()) -> RedisClient:
-    """A client for `mode`; nothing connects until the first call."""
+def connect(
+    url: str, mode: RedisMode, max_connections: int, credentials: Credentials = Credentials(),
+    timeout_s: float | None = None,
+) -> RedisClient:
+    """A client for `mode`; nothing connects until the first call. `timeout_s` bounds each socket operation
+    (none by default: the metering store bounds whole calls itself)."""
     options: dict[str, Any] = {
-        "socket_connect_timeout": None, "socket_timeout": None, "retry": Retry(NoBackoff(), 0),
+        "socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, "retry": Retry(NoBackoff(), 0),
         **credentials.options(),
     }
     if mode == "cluster":  # max_connections is per node here; the store's gate bounds the calls on the wire

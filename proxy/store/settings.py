@@ -64,6 +64,9 @@ class StoreSettings:
         settings._validate(source)
         return settings
 
+    def credentials(self) -> Credentials:
+        return Credentials(self.redis_username, self.redis_password_env, self.redis_password_file)
+
     def _validate(self, source: str) -> None:
         if self.kind not in ("memory", "redis"):
             _fail(f"{source}: store.kind is {self.kind!r}; use memory or redis")
@@ -109,7 +112,7 @@ def build_store(settings: StoreSettings, observer: StoreObserver | None = None) 
     redis_store = RedisStore(
         settings.redis_url,
         mode=settings.redis_mode,
-        credentials=Credentials(settings.redis_username, settings.redis_password_env, settings.redis_password_file),
+        credentials=settings.credentials(),
         connect_timeout_s=settings.connect_timeout_s,
         op_timeout_s=settings.op_timeout_s,
         max_connections=settings.max_connections,
