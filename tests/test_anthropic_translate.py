@@ -237,6 +237,8 @@ async def test_provider_errors_in_openais_shape_cost_nothing(env: Env) -> None:
     answers = iter([
         error_response(400, "invalid_request_error", "messages: roles must alternate"),
         error_response(529, "overloaded_error", "Overloaded"),
+        error_response(401, "authentication_error", "invalid x-api-key"),
+        # Last: the deployment then rests for the Retry-After (routing), so later calls would get a 503.
         error_response(429, "rate_limit_error", "Too many tokens", **{"retry-after": "7"}),
     ])
 
@@ -249,11 +251,14 @@ async def test_provider_errors_in_openais_shape_cost_nothing(env: Env) -> None:
             await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
         with pytest.raises(openai.APIStatusError) as overloaded:
             await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        with pytest.raises(openai.InternalServerError) as bad_key:  # the provider's key, not the caller's
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
         with pytest.raises(openai.RateLimitError) as limited:
             await client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
     assert refused.value.body["code"] == "invalid_request"  # type: ignore[index]
     assert "roles must alternate" in refused.value.message
     assert overloaded.value.status_code == 502 and overloaded.value.body["upstream_status"] == 529  # type: ignore[index]
+    assert bad_key.value.status_code == 502 and bad_key.value.body["upstream_status"] == 401  # type: ignore[index]
     assert limited.value.body["upstream_status"] == 429 and "Too many tokens" in limited.value.message  # type: ignore[index]
     assert limited.value.response.headers["retry-after"] == "7"
     assert await env.spent() == 0

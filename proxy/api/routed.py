@@ -80,7 +80,7 @@ async def open_routed(
         ctx.charged_as = charged  # this model is charged if this attempt answers, or its client leaves during it
         try:
             url = provider.url(route, upstream_model, prepared.stream)
-            headers = {**forward, **dict(prepared.headers)}
+            headers = {**forward, **dict(prepared.headers)} if prepared.headers else forward
             upstream = await open_upstream(provider, url, prepared.body, ctx.request_id, headers)
         except ApiError as exc:
             span.end(0, "timeout" if exc.code == "upstream_timeout" else "error", exc.code, exc)
