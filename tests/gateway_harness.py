@@ -152,7 +152,9 @@ async def gateway_process(
     config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY, "PYTHONPATH": str(REPO)}
+    # TMPDIR: a killed worker supervisor leaves its metrics directory in the test's directory, not in /tmp.
+    env = {**os.environ, "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY, "PYTHONPATH": str(REPO),
+           "TMPDIR": str(directory)}
     sink = output.open("wb") if output is not None else None
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--config", str(path), env=env,

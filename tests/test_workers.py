@@ -74,7 +74,7 @@ async def stream_or_default(provider: MockProvider, request: web.Request, body: 
 
 @pytest.fixture
 async def workers(
-    provider: MockProvider, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    provider: MockProvider, redis_server: RedisServer, tmp_path: Path
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Path]]:
     """`python -m proxy serve` with server.workers 2 on a flushed Redis; yields the process, URL and output file."""
     async with aioredis.from_url(redis_server.url) as client:
@@ -85,7 +85,6 @@ async def workers(
         provider.url, policies, server={"workers": 2, "shutdown_grace_s": GRACE_S},
         store={"kind": "redis", "redis_url": redis_server.url},
     )
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the supervisor makes its metrics directory
     output = tmp_path / "gateway.log"
     async with gateway_process(config, tmp_path, output) as (process, url):
         yield process, url, output
@@ -187,7 +186,8 @@ def test_workers_drain_when_the_supervisor_is_killed(redis_server: RedisServer, 
     config = gateway_config("http://127.0.0.1:9", write_policy(tmp_path / "policies"),
                             server={"workers": 2, "port": 0}, store={"kind": "redis", "redis_url": redis_server.url})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY,
+           "TMPDIR": str(tmp_path)}  # the killed supervisor cannot remove its metrics directory
     supervisor = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(tmp_path / "config.yaml")],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
