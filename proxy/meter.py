@@ -21,7 +21,7 @@ from urllib.parse import quote
 from proxy.auth.principal import Principal
 from proxy.errors import ApiError
 from proxy.pending_settles import PendingCancel, PendingSettle, PendingSettles
-from proxy.policy.types import Decision, Dimension, RateLimit
+from proxy.policy.types import Decision, Dimension, Period, RateLimit
 from proxy.store.ledger import LedgerReader, account_usage_key, user_usage_key
 from proxy.store.base import (
     MAX_AMOUNT,
@@ -351,14 +351,31 @@ class Meter:
         budget = decision.budget
         if budget is None:
             return None
-        period = _period_of(budget.period, _utc(now_ms))
-        ledger = f"{base}:cr:{budget.scope}:{_dimension(principal, budget.scope, None)}:{period.label}"
+        ledger, expire_at = self._ledger(base, budget.scope, _dimension(principal, budget.scope, None),
+                                         budget.period, now_ms)
+        amount = to_micro(decision.reserve_credits, round_up=True)
+        return CreditSpec(ledger, f"{ledger}:holds", min(budget.credits * MICRO, MAX_BUDGET), amount, expire_at)
+
+    def _ledger(self, base: str, scope: str, owner: str, period_name: Period, now_ms: int) -> tuple[str, int]:
+        """The credit ledger of this budget owner in the current period, and when it may expire (0: never)."""
+        period = _period_of(period_name, _utc(now_ms))
         expire_at = 0
         if period.ends_at is not None:
             ends_ms = int(period.ends_at.timestamp() * 1000)
             expire_at = max(ends_ms + self._retention_ms, now_ms + 2 * self._ttl_ms)
-        amount = to_micro(decision.reserve_credits, round_up=True)
-        return CreditSpec(ledger, f"{ledger}:holds", min(budget.credits * MICRO, MAX_BUDGET), amount, expire_at)
+        return f"{base}:cr:{scope}:{owner}:{period.label}", expire_at
+
+    async def adjust_credits(self, account: str, period: Period, credits: float) -> float:
+        """Top up (positive) or charge (negative) an account-scoped budget in its current period, atomically in
+        the store; returns the period's `spent` after it. StoreError ApiErrors as for admissions."""
+        now_ms = int(self._clock() * 1000)
+        base = f"{self._prefix}:{{{quote(account, safe='')}}}"
+        ledger, expire_at = self._ledger(base, "account", _escaped(account), period, now_ms)
+        micro = to_micro(abs(credits)) * (1 if credits >= 0 else -1)
+        try:
+            return from_micro(await self._store.adjust_credits(ledger, micro, expire_at))
+        except StoreError as exc:
+            raise _store_error(exc) from exc
 
     async def _peek(self, request: AdmitRequest) -> AdmitResult:
         try:

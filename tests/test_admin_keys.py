@@ -24,6 +24,8 @@ from proxy.gateway import build_gateway
 from proxy.auth.api_keys import hash_key
 from proxy.auth.tokens import SigningKey
 from proxy.server import RunningServer
+from proxy.store import Store
+from proxy.store.base import MAX_BUDGET
 from proxy.store.keys import RECORDS_KEY, VERSION_KEY
 
 from .gateway_harness import DEFAULT_POLICY, PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway, write_policy
@@ -42,6 +44,7 @@ ADMIN_ROUTES = [
     ("POST", "/v1/admin/keys/some-key/enable"),
     ("POST", "/v1/admin/keys/some-key/rotate"),
     ("GET", "/v1/admin/usage?account=acme"),
+    ("POST", "/v1/admin/accounts/some-account/credits"),
 ]
 
 
@@ -299,3 +302,52 @@ def test_admin_token_settings_are_checked_at_start_up(tmp_path: Path, monkeypatc
     with pytest.raises(ApiError) as refused:
         credential.check(f"Bearer {hash_key(ADMIN_TOKEN).removeprefix('sha256:')}")  # its hash is not it
     assert refused.value.code == "invalid_admin_token"
+
+
+async def test_a_top_up_changes_the_balance_exactly_on_every_replica(replicas: Replicas) -> None:
+    secret = (await replicas.admin("POST", "/v1/admin/keys", {"id": "payer", "plan": "demo", "account": "acme"}))[
+        "secret"]
+    await replicas.within_bound(replicas.b, secret, 200)  # one call: 1 credit spent
+
+    async def balance() -> dict[str, float]:
+        status, me = await replicas.call("GET", replicas.b, "/v1/me", secret)
+        assert status == 200, me
+        return me["balance"]
+
+    async def remaining() -> float:
+        return (await balance())["remaining"]
+
+    spent = (await balance())["spent"]
+    before = await remaining()
+    answer = await replicas.admin("POST", "/v1/admin/accounts/acme/credits", {"credits": 12.5, "reason": "goodwill"})
+    assert answer["period"] == "month" and answer["spent"] == spent - 12.5
+    assert await remaining() == before + 12.5
+    await replicas.admin("POST", "/v1/admin/accounts/acme/credits", {"credits": -2.25, "reason": "correction"})
+    assert await remaining() == before + 10.25
+    await replicas.logged('"admin_action":"credits.adjust","admin_target":"acme","admin_reason":"correction"')
+
+    for body, param in [
+        ({"credits": 0, "reason": "x"}, "credits"),
+        ({"credits": "5", "reason": "x"}, "credits"),
+        ({"credits": True, "reason": "x"}, "credits"),
+        ({"credits": 10**10, "reason": "x"}, "credits"),
+        ({"credits": 5}, "reason"),
+        ({"credits": 5, "reason": "x", "period": "week"}, "period"),
+        ({"credits": 5, "reason": "x", "note": "?"}, "note"),
+    ]:
+        status, refused = await replicas.call("POST", replicas.a, "/v1/admin/accounts/acme/credits", body=body)
+        assert status == 400 and refused["error"]["param"] == param, (body, refused)
+    status, refused = await replicas.call("POST", replicas.a, "/v1/admin/accounts/nobody/credits",
+                                          body={"credits": 5, "reason": "x"})
+    assert status == 400 and refused["error"]["param"] == "period"  # no key of that account has a budget
+    assert await remaining() == before + 10.25  # refused calls changed nothing
+
+
+async def test_credit_adjustments_are_exact_in_both_stores(store: Store) -> None:
+    ledger = "ep:{acct}:cr:account:acct:none"
+    assert await store.adjust_credits(ledger, 3_000_000, 0) == -3_000_000
+    assert await store.adjust_credits(ledger, -500_001, 0) == -2_499_999
+    for bad in (MAX_BUDGET + 1, -MAX_BUDGET - 1):
+        with pytest.raises(ValueError):
+            await store.adjust_credits(ledger, bad, 0)
+    assert await store.adjust_credits(ledger, 0, 0) == -2_499_999

@@ -18,7 +18,8 @@ from ..context import CONTEXT, AdminAudit
 from ..errors import ApiError
 from ..gateway import Gateway
 from ..policy.managed import key_spec
-from ..policy.schema import NAME_RE, Invalid
+from ..policy.schema import MAX_BUDGET_CREDITS, NAME_RE, PERIODS, Invalid
+from ..policy.types import Period
 from ..store.base import StoreError
 from ..store.keys import KeyDirectory, StoredKey
 from .body import read_json_object
@@ -157,6 +158,45 @@ async def _edit(
     raise ApiError("edit_conflict", f"key {key_id!r} kept changing under this call; retry", id=key_id)
 
 
+async def adjust_credits(request: web.Request) -> web.Response:
+    """`POST /v1/admin/accounts/{account}/credits` `{"credits", "reason", "period"?}`: a top-up (positive) or a
+    charge (negative) of the account's budget in its current period, in one atomic store step."""
+    account = request.match_info["account"]
+    gateway = await admin_gateway(request, "credits.adjust", account)
+    body = await admin_body(request, frozenset({"credits", "reason", "period"}))
+    credits = body.get("credits")
+    if isinstance(credits, bool) or not isinstance(credits, (int, float)) or credits == 0 \
+            or abs(credits) > MAX_BUDGET_CREDITS:
+        raise ApiError("invalid_request", f"credits must be a non-zero number within ±{MAX_BUDGET_CREDITS}",
+                       param="credits")
+    if not body.get("reason"):
+        raise ApiError("invalid_request", "reason is required: say why the balance changes", param="reason")
+    if not NAME_RE.match(account):
+        raise ApiError("invalid_request", "the account is not a valid name", param="account")
+    period = _budget_period(gateway, account, body.get("period"))
+    spent = await gateway.meter.adjust_credits(account, period, credits)
+    return web.json_response({"account": account, "period": period, "credits": credits, "spent": spent})
+
+
+def _budget_period(gateway: Gateway, account: str, given: object) -> Period:
+    """The period of the account's budget: given, or the one budget its keys share (scope account)."""
+    if given is not None:
+        if given not in PERIODS:
+            raise ApiError("invalid_request", f"period must be one of {', '.join(PERIODS)}", param="period")
+        return given  # type: ignore[return-value]
+    policy = gateway.policy.current
+    periods = sorted({
+        plan.budget.period for key_id, plan in policy.key_plans.items()
+        if plan.budget is not None and plan.budget.scope == "account"
+        and policy.key_records[key_id].billing_account == account
+    })
+    if len(periods) != 1:
+        found = f"budgets of periods {', '.join(periods)}" if periods else "no account budget"
+        raise ApiError("invalid_request", f"the keys billed to account {account!r} have {found}; give period",
+                       param="period")
+    return periods[0]  # type: ignore[return-value]
+
+
 def _checked(gateway: Gateway, record: StoredKey) -> StoredKey:
     """The record if a policy file could declare it with the current plans and models; else 400 naming the field."""
     if not isinstance(record.overrides, dict):
@@ -224,3 +264,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/admin/keys/{key_id}/disable", disable_key)
     app.router.add_post("/v1/admin/keys/{key_id}/enable", enable_key)
     app.router.add_post("/v1/admin/keys/{key_id}/rotate", rotate_key)
+    app.router.add_post("/v1/admin/accounts/{account}/credits", adjust_credits)

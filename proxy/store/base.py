@@ -169,6 +169,12 @@ def check_settle(amount: int, tokens: int, now_ms: int, usage: CallUsage | None 
         _check("seconds_ms", usage.seconds_ms, 0, 2**46)
 
 
+def check_adjust(delta: int, expire_at_ms: int) -> None:
+    """Refuse (ValueError) a credit adjustment the stores could not apply exactly."""
+    _check("delta", delta, -MAX_BUDGET, MAX_BUDGET)
+    _check("expire_at_ms", expire_at_ms, 0, 2**52)
+
+
 def check_renew(ttl_ms: int, now_ms: int) -> None:
     """Refuse (ValueError) a renewal the stores could not apply exactly."""
     _check("ttl_ms", ttl_ms, 1, 10**12)
@@ -268,6 +274,11 @@ class Store(Protocol):
         """Undo the admit with this ticket, whose answer was lost: release what it took (as a release does:
         nothing charged, lease freed, token estimate returned) and leave a tombstone, so that the admit, if it
         reaches the store later, takes nothing (AdmitCancelled). Idempotent; True if it undid a taken admit."""
+        ...
+
+    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int) -> int:
+        """Take `delta` micro-credits off `spent` in one atomic step (a top-up is positive, a charge negative) and
+        return the new `spent`; the ledger keeps `expire_at_ms` (0: no expiry)."""
         ...
 
     async def ping(self) -> bool:

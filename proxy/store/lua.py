@@ -323,3 +323,11 @@ redis.call('HSET', KEYS[1], 'exp', int(now + 2 * ttl))
 redis.call('PEXPIRE', KEYS[1], int(2 * ttl + GRACE))
 return 1
 """
+
+# KEYS: ledger hash. ARGV: micro-credits to take off `spent` (negative: add), ledger expire-at (0 = keep).
+# Reply: the new `spent`.
+ADJUST = _PRELUDE + r"""
+local spent = redis.call('HINCRBY', KEYS[1], 'spent', int(-tonumber(ARGV[1])))
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIREAT', KEYS[1], int(tonumber(ARGV[2]))) end
+return spent
+"""

@@ -20,6 +20,7 @@ from proxy.store.base import (
     LedgerSpec,
     LimitState,
     Reservation,
+    check_adjust,
     check_admit,
     check_renew,
     check_settle,
@@ -125,6 +126,15 @@ class MemoryStore:
 
     async def ping(self) -> bool:
         return True
+
+    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int) -> int:
+        check_adjust(delta, expire_at_ms)
+        ledger = self._keys.get(ledger_key) or {"spent": 0, "held": 0}
+        ledger["spent"] -= delta
+        self._keys.put(ledger_key, ledger)
+        if expire_at_ms:
+            self._keys.expire_at(ledger_key, expire_at_ms)
+        return int(ledger["spent"])
 
     async def close(self) -> None:
         return None

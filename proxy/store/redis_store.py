@@ -25,6 +25,7 @@ from proxy.store.base import (
     StoreError,
     StoreOverloaded,
     StoreScriptError,
+    check_adjust,
     check_admit,
     check_renew,
     check_settle,
@@ -70,6 +71,7 @@ class RedisStore:
         self._settle = self._client.register_script(lua.SETTLE)
         self._renew = self._client.register_script(lua.RENEW)
         self._cancel = self._client.register_script(lua.CANCEL)
+        self._adjust = self._client.register_script(lua.ADJUST)
         self._healthy = True
 
     @property
@@ -158,6 +160,10 @@ class RedisStore:
 
         replies = await self._call(read) if keys else []
         return [{name.decode(): value.decode() for name, value in reply.items()} for reply in replies]
+
+    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int) -> int:
+        check_adjust(delta, expire_at_ms)
+        return int(await self._call(lambda: self._adjust(keys=[ledger_key], args=[delta, expire_at_ms])))
 
     async def ping(self) -> bool:
         try:
