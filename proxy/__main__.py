@@ -1,4 +1,4 @@
-"""Command line: `edge-proxy serve | check | keys new`."""
+"""Command line: `edge-proxy serve | check | keys new | keys admin-token | keys <admin verb>`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from .auth.api_keys import generate_key, hash_key
 from .accesslog import configure_logging
+from .admin_client import add_verbs
 from .config import ConfigError, load_config
 
 
@@ -104,6 +105,7 @@ def parser() -> argparse.ArgumentParser:
     new.set_defaults(run=_new_key)
     admin_token = key_commands.add_parser("admin-token", help="print a new admin token once and its hash")
     admin_token.set_defaults(run=_new_admin_token)
+    add_verbs(key_commands)
     return root
 
 

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 
+from proxy.__main__ import main
 from proxy.accesslog import configure_logging
 from proxy.api.state import GATEWAY
 from proxy.config import ConfigError, parse_config
@@ -351,3 +352,48 @@ async def test_credit_adjustments_are_exact_in_both_stores(store: Store) -> None
         with pytest.raises(ValueError):
             await store.adjust_credits(ledger, bad, 0)
     assert await store.adjust_credits(ledger, 0, 0) == -2_499_999
+
+
+async def test_cli_verbs_drive_a_running_gateway(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("EDGE_PROXY_URL", replicas.a)
+    monkeypatch.delenv("EDGE_PROXY_ADMIN_TOKEN", raising=False)
+
+    async def cli(*argv: str) -> tuple[int, Any, str]:
+        status = await asyncio.to_thread(main, ["keys", *argv])  # the HTTP client blocks; the gateway serves
+        out, err = capsys.readouterr()
+        return status, json.loads(out) if status == 0 else None, err
+
+    status, _, err = await cli("list")
+    assert status == 1 and "no admin token: export EDGE_PROXY_ADMIN_TOKEN" in err
+    monkeypatch.setenv("EDGE_PROXY_ADMIN_TOKEN", ADMIN_TOKEN)
+    status, created, _ = await cli("create", "--plan", "demo", "--id", "cli-key", "--account", "cli-acct",
+                                   "--overrides", '{"concurrency": 3}', "--reason", "from the CLI")
+    secret = created["secret"]
+    assert status == 0 and created["key"]["overrides"] == {"concurrency": 3}
+    await replicas.within_bound(replicas.b, secret, 200)
+    status, listed, _ = await cli("list")
+    assert "cli-key" in {k["id"] for k in listed["keys"]} and secret not in json.dumps(listed)
+    status, changed, _ = await cli("set", "cli-key", "--allow-direct", "false", "--overrides", "null")
+    assert changed["key"]["allow_direct"] is False and changed["key"]["overrides"] == {}
+    await replicas.within_bound(replicas.b, secret, 403)  # mint-only now
+    await cli("set", "cli-key", "--allow-direct", "true")
+    await cli("disable", "cli-key", "--reason", "test")
+    await replicas.within_bound(replicas.b, secret, 401)
+    status, enabled, _ = await cli("enable", "cli-key")
+    assert status == 0 and not enabled["key"]["disabled"]
+    status, rotated, _ = await cli("rotate", "cli-key")
+    await replicas.within_bound(replicas.b, rotated["secret"], 200)
+    status, got, _ = await cli("get", "cli-key")
+    assert status == 0 and got["key"]["in_effect"]
+    status, topped, _ = await cli("topup", "cli-acct", "7.5", "--reason", "promo")
+    assert status == 0 and topped["credits"] == 7.5 and topped["period"] == "month"
+    status, _, err = await cli("topup", "cli-acct", "-1", "--reason", "fix", "--url", "http://127.0.0.1:1")
+    assert status == 1 and "cannot reach" in err
+    status, _, err = await cli("create", "--plan", "demo", "--id", "cli-key")
+    assert status == 1 and "HTTP 409" in err and "key_exists" in err
+    (tmp_path / "wrong").write_text("adm_" + "w" * 40)
+    status, _, err = await cli("list", "--token-file", str(tmp_path / "wrong"))
+    assert status == 1 and "HTTP 401" in err and "invalid_admin_token" in err
+    assert secret not in replicas.log.getvalue() and rotated["secret"] not in replicas.log.getvalue()
