@@ -251,3 +251,10 @@ async def test_the_seeds_v1_responses_stays_the_unified_api(gateway: str, provid
     assert refused[0] == 400 and refused[1]["param"] == "input"  # `input` is no field of the unified API
     assert "event: generation.completed" in unified
     assert provider.received[0].path == "/v1/chat/completions"
+    # An OpenAI SDK given the gateway's /v1 as its base URL is told where OpenAI's Responses API is.
+    async with sdk(f"{gateway}/v1") as client:
+        with pytest.raises(openai.BadRequestError) as misdirected:
+            await client.responses.create(model="mock/chat", input="hi")
+    assert misdirected.value.param == "input" and "base_url=<gateway>/openai/v1" in misdirected.value.message
+    assert "/openai/v1" not in refused[1]["message"]  # the seeds' clients get the plain message
+    assert len(provider.received) == 1 and await spent_once_settled(gateway) == chat_cost(7, 4)

@@ -8,7 +8,6 @@ or `OpenAI/JS <version>`): one base URL then serves both the seeds' clients and 
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Literal
 
 from aiohttp import web
@@ -16,20 +15,17 @@ from aiohttp import web
 from ..catalog import CAPABILITIES, Model
 from ..errors import ApiError
 from .schema import openapi_document
-from .state import GATEWAY, authenticated
+from .state import GATEWAY, authenticated, from_openai_sdk
 
 Shape = Literal["gateway", "openai"]
 _SHAPES: tuple[Shape, ...] = ("gateway", "openai")
-# The official SDKs' default User-Agent (`<client class>/<language> <version>`; AsyncOpenAI for Python's async one).
-_OPENAI_SDK_AGENT = re.compile(r"^(Async)?OpenAI/(Python|JS) ")
 
 
 def _asked_shape(request: web.Request) -> Shape:
     """`?format=` when given, else OpenAI's for an OpenAI SDK that did not ask to group, else the gateway's."""
     asked = request.query.get("format")
     if asked is None:
-        sdk = _OPENAI_SDK_AGENT.match(request.headers.get("User-Agent", "")) is not None
-        return "openai" if sdk and "groupBy" not in request.query else "gateway"
+        return "openai" if from_openai_sdk(request) and "groupBy" not in request.query else "gateway"
     if asked not in _SHAPES:
         raise ApiError("invalid_request", f"format={asked!r} is not supported; use format=gateway or format=openai",
                        param="format")

@@ -31,7 +31,7 @@ from .inputs import validate_inputs
 from .metered import authorize_and_admit, metered_call, request_facts
 from .routed import open_routed
 from .schema import INPUTS
-from .state import GATEWAY, authenticated
+from .state import GATEWAY, authenticated, from_openai_sdk
 from .uploads import keep_asset
 
 # Nearest OpenAI image size per aspect ratio (the sizes OpenAI-format image models accept).
@@ -204,6 +204,15 @@ def _delta_text(chunk: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
+def _pointed_to_openai_v1(request: web.Request, error: ApiError) -> ApiError:
+    """An OpenAI SDK with `base_url=<gateway>/v1` sends OpenAI's Responses API body here: say where that API is."""
+    if not from_openai_sdk(request):
+        return error
+    hint = (" (POST /v1/responses is the gateway's unified generation API; for OpenAI's Responses API, give the "
+            "SDK base_url=<gateway>/openai/v1)")
+    return ApiError(error.code, error.message + hint, headers=error.headers, **error.details)
+
+
 def _message(error: Any) -> str:
     return str(error.get("message", "")) if isinstance(error, dict) else str(error)
 
@@ -213,7 +222,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
     principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
     ctx.model = model = gateway.model(body.get("model"), "openai")
-    call = upstream_call(model, {k: v for k, v in body.items() if k != "model"})
+    try:
+        call = upstream_call(model, {k: v for k, v in body.items() if k != "model"})
+    except ApiError as exc:
+        raise _pointed_to_openai_v1(request, exc) from None
     facts = request_facts(call.route, call.body, len(await request.read()))  # the body is cached by now
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     async with metered_call(gateway, ctx, decision, admission, facts) as outcome:

@@ -1,5 +1,6 @@
 """Where handlers find the gateway's shared parts, and how they learn who is calling."""
 
+import re
 from typing import Any, Callable
 
 from aiohttp import web
@@ -10,8 +11,16 @@ from ..errors import ApiError
 from ..gateway import Gateway
 
 GATEWAY = web.AppKey("gateway", Gateway)
+# The official OpenAI SDKs' default User-Agent: `<client class>/<language> <version>` (`OpenAI/Python 2.8.1`,
+# `AsyncOpenAI/Python ...`, `OpenAI/JS 6.9.1`).
+_OPENAI_SDK_AGENT = re.compile(r"^(Async)?OpenAI/(Python|JS) ")
 # (path prefix, body) for route families whose clients expect another error shape than ours (e.g. Anthropic's)
 ERROR_SHAPES = web.AppKey("error_shapes", list[tuple[str, Callable[[ApiError], dict[str, Any]]]])
+
+
+def from_openai_sdk(request: web.Request) -> bool:
+    """Whether an official OpenAI SDK sent the request (its default User-Agent): a cue for answer shapes only."""
+    return _OPENAI_SDK_AGENT.match(request.headers.get("User-Agent", "")) is not None
 
 
 def authorization_header(request: web.Request) -> str | None:
