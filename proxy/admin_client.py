@@ -40,18 +40,24 @@ def admin_token(token_file: str | None) -> str:
 
 def call(base_url: str, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """One admin call; the answer's JSON, or AdminCallFailed with the error the gateway gave."""
-    request = urllib.request.Request(
-        base_url.rstrip("/") + path, method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
     try:
+        request = urllib.request.Request(
+            base_url.rstrip("/") + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            return json.loads(response.read())
+            raw = response.read()
     except urllib.error.HTTPError as exc:
         raise AdminCallFailed(f"HTTP {exc.code}: {exc.read().decode(errors='replace')}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise AdminCallFailed(f"cannot reach {base_url}: {getattr(exc, 'reason', exc)}") from None
+    except ValueError as exc:  # urllib's word for a URL it cannot parse (empty, no scheme, a broken IPv6 host)
+        raise AdminCallFailed(f"--url {base_url!r} is not a URL like {DEFAULT_URL}: {exc}") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise AdminCallFailed(f"{base_url} answered {raw[:80]!r}, not JSON: is it the gateway?") from None
 
 
 def _key_path(args: argparse.Namespace, action: str = "") -> str:

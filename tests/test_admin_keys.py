@@ -397,3 +397,23 @@ async def test_cli_verbs_drive_a_running_gateway(
     status, _, err = await cli("list", "--token-file", str(tmp_path / "wrong"))
     assert status == 1 and "HTTP 401" in err and "invalid_admin_token" in err
     assert secret not in replicas.log.getvalue() and rotated["secret"] not in replicas.log.getvalue()
+
+
+async def test_cli_answers_a_bad_url_or_a_non_json_answer_with_a_message_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    monkeypatch.setenv("EDGE_PROXY_ADMIN_TOKEN", ADMIN_TOKEN)
+    for url in ("", "http://[broken", "127.0.0.1:8080"):
+        assert await asyncio.to_thread(main, ["keys", "list", "--url", url]) == 1
+        assert "edge-proxy keys list:" in capsys.readouterr().err
+    async def login_page(_: web.Request) -> web.Response:
+        return web.Response(text="<html>a login page</html>")
+
+    not_a_gateway = web.Application()
+    not_a_gateway.router.add_get("/v1/admin/keys", login_page)
+    async with TestServer(not_a_gateway, host="127.0.0.1") as server:
+        status = await asyncio.to_thread(main, ["keys", "list", "--url", str(server.make_url(""))])
+    assert status == 1 and "not JSON: is it the gateway?" in capsys.readouterr().err
