@@ -369,8 +369,7 @@ class Meter:
         """Top up (positive) or charge (negative) an account-scoped budget in its current period, atomically in
         the store; returns the period's `spent` after it. StoreError ApiErrors as for admissions."""
         now_ms = int(self._clock() * 1000)
-        base = f"{self._prefix}:{{{quote(account, safe='')}}}"
-        ledger, expire_at = self._ledger(base, "account", _escaped(account), period, now_ms)
+        ledger, expire_at = self._ledger(self.account_prefix(account), "account", _escaped(account), period, now_ms)
         micro = to_micro(abs(credits)) * (1 if credits >= 0 else -1)
         try:
             return from_micro(await self._store.adjust_credits(ledger, micro, expire_at))
