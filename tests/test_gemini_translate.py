@@ -67,6 +67,8 @@ def test_tools_calls_and_results_map_to_function_declarations_calls_and_response
      "messages[0].content[0].image_url.url"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "messages[0].content[0].type"),
     ({"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "tool", "tool_call_id": {"id": "c1"}, "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "tool", "tool_call_id": ["c1"], "content": "x"}]}, "messages[0].tool_call_id"),
     ({"messages": [{"role": "system", "content": "only"}]}, "messages"),
 ])
 def test_what_cannot_be_translated_is_a_400_naming_it(extra: dict[str, Any], param: str) -> None:

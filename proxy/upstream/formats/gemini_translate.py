@@ -189,7 +189,8 @@ def _arguments(arguments: Any, where: str, index: int) -> dict[str, Any]:
 
 
 def _tool_result(message: dict[str, Any], where: str, call_names: dict[str, str]) -> dict[str, Any]:
-    name = call_names.get(message.get("tool_call_id"))  # type: ignore[arg-type]
+    call_id = message.get("tool_call_id")
+    name = call_names.get(call_id) if isinstance(call_id, str) else None  # a JSON object or array is no key
     if name is None:
         raise ApiError("invalid_request", f"{where}.tool_call_id must name a tool call of an earlier assistant "
                        "message", param=f"{where}.tool_call_id")
