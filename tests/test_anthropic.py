@@ -305,6 +305,17 @@ async def test_image_blocks_count_in_the_reserve_wherever_they_nest(env: Env) ->
     assert balance_after_hold == BUDGET - cost(len(json.dumps(body)) + media_tokens, 10)
 
 
+async def test_a_block_type_that_is_not_a_string_is_relayed_and_counts_as_no_media(env: Env) -> None:
+    # An object or array as `type` once crashed the media count (unhashable in a set): a 500 and a traceback.
+    body = {"model": "mock/claude", "max_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": {"image": 1}}, {"type": ["image"]}, {"type": "text", "text": "Hi"}]}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{env.url}/anthropic/v1/messages", json=body, headers=AUTH) as response:
+            assert response.status == 200
+            balance_after_hold = int(response.headers["X-Credits-Balance"])
+    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)), 10)
+
+
 async def test_sdk_lists_and_retrieves_the_models_it_can_call(env: Env) -> None:
     async with env.sdk() as client:
         listed = [model.id async for model in client.models.list()]

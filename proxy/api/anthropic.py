@@ -18,7 +18,7 @@ from ..policy.types import RequestFacts
 from ..upstream.formats import anthropic as anthropic_format
 from ..upstream.formats.anthropic import API_VERSION, COUNT_TOKENS, MESSAGES, PREFIX
 from ..upstream.relay import forwarded_headers
-from .body import read_json_object
+from .body import objects_within, read_json_object
 from .metered import MAX_OUTPUT_TOKENS, count_param
 from .passthrough import relay_generation
 from .state import ERROR_SHAPES, GATEWAY, authenticated
@@ -54,16 +54,10 @@ def request_facts(route: str, body: dict[str, Any], input_bytes: int) -> Request
 
 
 def _media_blocks(body: dict[str, Any]) -> int:
-    """Image and document blocks anywhere in the messages (tool results nest them), counted without recursion."""
-    count, pending = 0, [body.get("messages")]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, list):
-            pending.extend(node)
-        elif isinstance(node, dict):
-            count += node.get("type") in _MEDIA_BLOCKS
-            pending.extend(v for v in node.values() if isinstance(v, (list, dict)))
-    return count
+    """Image and document blocks anywhere in the messages (tool results nest them); a `type` that is not a string
+    names no block."""
+    return sum(1 for node in objects_within(body.get("messages"))
+               if isinstance(kind := node.get("type"), str) and kind in _MEDIA_BLOCKS)
 
 
 def add_routes(app: web.Application) -> None:

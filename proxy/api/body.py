@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 from aiohttp import web
 
@@ -55,3 +55,16 @@ async def read_raw(request: web.Request, max_bytes: int) -> bytes:
 
 def _too_large(max_bytes: int) -> ApiError:
     return ApiError("payload_too_large", f"the request body exceeds {max_bytes} bytes", max_bytes=max_bytes)
+
+
+def objects_within(root: Any) -> Iterator[dict[str, Any]]:
+    """Every JSON object nested anywhere in `root` (itself included), walked without recursion: a body nested
+    deeper than Python's stack still counts."""
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            yield node
+            pending.extend(v for v in node.values() if isinstance(v, (list, dict)))

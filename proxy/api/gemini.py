@@ -22,7 +22,7 @@ from ..policy.types import RequestFacts
 from ..upstream.formats import gemini as gemini_format
 from ..upstream.formats.gemini import COUNT_TOKENS, PREFIX, ROUTES, STREAM
 from ..upstream.relay import forwarded_headers
-from .body import read_json_object
+from .body import objects_within, read_json_object
 from .metered import MAX_CHOICES, MAX_OUTPUT_TOKENS, count_param
 from .passthrough import relay_generation
 from .state import ERROR_SHAPES, GATEWAY, authenticated
@@ -90,17 +90,8 @@ def _check_tools(tools: Any) -> None:
 
 
 def _media_parts(body: dict[str, Any]) -> int:
-    """Inline and file parts anywhere in the body (contents, systemInstruction, a nested countTokens request),
-    counted without recursion."""
-    count, pending = 0, [body]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, list):
-            pending.extend(node)
-        elif isinstance(node, dict):
-            count += sum(1 for key in _MEDIA_PARTS if key in node)
-            pending.extend(v for v in node.values() if isinstance(v, (list, dict)))
-    return count
+    """Inline and file parts anywhere in the body (contents, systemInstruction, a nested countTokens request)."""
+    return sum(len(_MEDIA_PARTS & node.keys()) for node in objects_within(body))
 
 
 def add_routes(app: web.Application) -> None:
