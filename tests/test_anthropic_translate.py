@@ -12,7 +12,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from proxy.upstream.formats.anthropic_translate import ChatAnswer
+from proxy.upstream.formats.anthropic_translate import ChatAnswer, chat_completion
 
 from .gateway_harness import TEST_KEY
 from .mock_anthropic import (
@@ -341,3 +341,10 @@ def test_hostile_stream_events_translate_to_nothing_rather_than_fail() -> None:
     (last,) = answer.final()
     assert last["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
                              "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+@pytest.mark.parametrize("content", [1, True, {"type": "text", "text": "Hi"}, None])
+def test_an_answer_whose_content_is_not_an_array_has_no_text_rather_than_a_crash(content: Any) -> None:
+    # A broken provider's `content: 1` once raised a TypeError (not iterable) in the translation.
+    completion = chat_completion({"content": content, "stop_reason": "end_turn"}, "mock/claude", "chatcmpl-1", 1)
+    assert completion["choices"][0]["message"] == {"role": "assistant", "content": None, "refusal": None}

@@ -258,7 +258,8 @@ def _tool_call(block: dict[str, Any]) -> dict[str, Any]:
 
 def chat_completion(answer: dict[str, Any], model: str, completion_id: str, created: int) -> dict[str, Any]:
     """An Anthropic message as an OpenAI chat.completion (thinking blocks are not part of the answer's text)."""
-    blocks = [b for b in answer.get("content") or [] if isinstance(b, dict)]
+    content = answer.get("content")
+    blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
     text = "".join(b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str))
     calls = [_tool_call(b) for b in blocks if b.get("type") == "tool_use"]
     message: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
