@@ -19,7 +19,7 @@ from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
 from . import anthropic as wire  # its usage readers, used at call time (anthropic.py imports this module)
-from .base import error_message, provider_refusal
+from .base import answer_object, error_message, provider_refusal
 
 # OpenAI fields that only label a call or steer the provider's storage: accepted, not forwarded.
 _IGNORED = frozenset({"metadata", "store", "stream_options", "model"})
@@ -396,12 +396,7 @@ class ChatTranslation:
         self._id, self._created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
     def answer(self, body: bytes) -> tuple[bytes, Usage | None]:
-        try:
-            message = json.loads(body)
-        except (ValueError, RecursionError):
-            message = None
-        if not isinstance(message, dict):
-            raise ApiError("upstream_error", "the provider's answer is not a JSON object")
+        message = answer_object(body, "Anthropic")
         completion = chat_completion(message, self._model, self._id, self._created)
         return json.dumps(completion, separators=(",", ":")).encode(), wire.usage_of(message)
 

@@ -170,3 +170,15 @@ def error_message(body: bytes) -> str:
     except (ValueError, RecursionError, AttributeError):
         error = None
     return str(error.get("message", "")) if isinstance(error, dict) else body[:500].decode(errors="replace")
+
+
+def answer_object(body: bytes, provider: str) -> dict[str, Any]:
+    """A translated call's JSON answer as an object, or the gateway's 502 (`upstream_error`) naming the provider:
+    a broken or hostile one (not JSON, nested past Python's stack, not an object) is never a traceback."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict):
+        raise ApiError("upstream_error", f"{provider} answered a body that is not a JSON object")
+    return answer

@@ -19,7 +19,7 @@ from typing import Any
 from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
-from .base import token_figure
+from .base import answer_object, token_figure
 
 try:  # the `bedrock` extra; proxy/upstream/aws.py refuses a bedrock provider at start-up without it
     from botocore.eventstream import EventStreamBuffer, ParserError
@@ -381,13 +381,7 @@ class ChatTranslation:
     include_usage: bool
 
     def answer(self, body: bytes) -> tuple[bytes, Usage | None]:
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            raise ApiError("upstream_error", "Bedrock answered a body that is not JSON") from None
-        if not isinstance(answer, dict):
-            raise ApiError("upstream_error", "Bedrock answered a body that is not a JSON object")
-        completion, usage = to_chat_completion(answer, self.model, _call_id())
+        completion, usage = to_chat_completion(answer_object(body, "Bedrock"), self.model, _call_id())
         return json.dumps(completion, separators=(",", ":")).encode(), usage
 
     def error(self, status: int, error_type: str, body: bytes) -> bytes:

@@ -21,7 +21,7 @@ from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
 from . import gemini_translate
-from .base import PreparedBody, last_usage_object, no_injected_usage_event, token_figure
+from .base import PreparedBody, answer_object, last_usage_object, no_injected_usage_event, token_figure
 
 dialect = "gemini"
 # A blank line between events: google-genai reads a line that is neither `data:` nor blank as a JSON error body,
@@ -177,12 +177,7 @@ class ChatTranslation:
     include_usage: bool  # the client asked for the usage chunk (stream_options.include_usage)
 
     def answer(self, body: bytes) -> tuple[bytes, Usage | None]:
-        try:
-            answer = json.loads(body)
-        except (ValueError, RecursionError):
-            answer = None
-        if not isinstance(answer, dict):
-            raise ApiError("upstream_error", "Gemini answered a body that is not a JSON object")
+        answer = answer_object(body, "Gemini")
         completion = gemini_translate.chat_completion(answer, self.model, _completion_id(), int(time.time()))
         return json.dumps(completion, separators=(",", ":")).encode(), usage_of(answer)
 
