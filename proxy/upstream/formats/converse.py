@@ -176,8 +176,10 @@ def _assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
             raise _refuse("each tool call needs an id and a function", "messages")
         try:
             arguments = json.loads(function.get("arguments") or "{}")
-        except (ValueError, TypeError):
-            raise _refuse("tool call arguments must be a JSON object", "messages") from None
+        except (ValueError, TypeError, RecursionError):
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise _refuse("tool call arguments must be a JSON object", "messages")
         blocks.append({"toolUse": {"toolUseId": call["id"], "name": function.get("name"), "input": arguments}})
     if not blocks:
         raise _refuse("an assistant message needs content or tool_calls", "messages")
@@ -269,7 +271,7 @@ def error_body(status: int, error_type: str, payload: bytes) -> dict[str, Any]:
     """A Bedrock error (`x-amzn-ErrorType` or an exception event's type, `{"message": ...}`) in OpenAI's shape."""
     try:
         message = json.loads(payload).get("message") or json.loads(payload).get("Message")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         message = None
     kind = error_type.split(":", 1)[0] or "BedrockError"
     return {"error": {"message": str(message or f"Bedrock answered {status} {kind}"), "type": _error_type(status),
@@ -315,7 +317,7 @@ class StreamTranslation:
             return sse.data_event(self.error)
         try:
             data = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):
             raise ApiError("upstream_error", "Bedrock sent an event that is not a JSON object")
