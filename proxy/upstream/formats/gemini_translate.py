@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from ...errors import ApiError
+from .base import error_message, provider_refusal
 
 # OpenAI fields that only label a call or steer the provider's bookkeeping: accepted, not forwarded.
 _IGNORED = frozenset({"user", "metadata", "store", "parallel_tool_calls", "stream_options"})
@@ -334,14 +335,7 @@ class ChatChunks:
 
 
 def error_from_gemini(status: int, body: bytes) -> ApiError:
-    """A Gemini error answer (or in-stream error) as our error, whose body is OpenAI's shape: the provider's message
-    and status kept (`upstream_status`); its code by that status: a refusal of the request `invalid_request` (or
-    `payload_too_large`, `rate_limit`), anything else (a bad provider key, an unknown upstream model, a failure)
-    `upstream_error`."""
-    try:
-        error = json.loads(body).get("error")  # Gemini's {"error": {"code", "message", "status"}}
-    except (ValueError, RecursionError, AttributeError):
-        error = None
-    message = str(error.get("message", "")) if isinstance(error, dict) else body[:500].decode(errors="replace")
-    code = {400: "invalid_request", 413: "payload_too_large", 429: "rate_limit"}.get(status, "upstream_error")
-    return ApiError(code, f"the provider refused the call: {message}".strip(), upstream_status=status)
+    """A Gemini error answer (or in-stream error, `{"error": {"code", "message", "status"}}`) as our error, whose
+    body is OpenAI's shape: the provider's message and status kept, a refusal of the request the client's 400 (413,
+    429), anything else the gateway's 502 (formats.base.provider_refusal, as for every translated call)."""
+    return provider_refusal(status, error_message(body))
