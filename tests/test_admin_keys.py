@@ -329,6 +329,8 @@ async def test_a_top_up_changes_the_balance_exactly_on_every_replica(replicas: R
 
     for body, param in [
         ({"credits": 0, "reason": "x"}, "credits"),
+        ({"credits": 4e-7, "reason": "x"}, "credits"),  # below one micro-credit: it would change nothing
+        ({"credits": -4e-7, "reason": "x"}, "credits"),
         ({"credits": "5", "reason": "x"}, "credits"),
         ({"credits": True, "reason": "x"}, "credits"),
         ({"credits": 10**10, "reason": "x"}, "credits"),

@@ -17,6 +17,7 @@ from ..auth.api_keys import ApiKey, generate_key, hash_key
 from ..context import CONTEXT, AdminAudit
 from ..errors import ApiError
 from ..gateway import Gateway
+from ..meter import to_micro
 from ..policy.managed import key_spec
 from ..policy.schema import MAX_BUDGET_CREDITS, NAME_RE, PERIODS, Invalid
 from ..policy.types import Period
@@ -165,10 +166,11 @@ async def adjust_credits(request: web.Request) -> web.Response:
     gateway = await admin_gateway(request, "credits.adjust", account)
     body = await admin_body(request, frozenset({"credits", "reason", "period"}))
     credits = body.get("credits")
-    if isinstance(credits, bool) or not isinstance(credits, (int, float)) or credits == 0 \
+    # An amount below one micro-credit (the store's unit) would change nothing: refused rather than echoed as done.
+    if isinstance(credits, bool) or not isinstance(credits, (int, float)) or to_micro(abs(credits)) == 0 \
             or abs(credits) > MAX_BUDGET_CREDITS:
-        raise ApiError("invalid_request", f"credits must be a non-zero number within ±{MAX_BUDGET_CREDITS}",
-                       param="credits")
+        raise ApiError("invalid_request", f"credits must be a number of at least 0.000001 in size, within "
+                       f"±{MAX_BUDGET_CREDITS}", param="credits")
     if not body.get("reason"):
         raise ApiError("invalid_request", "reason is required: say why the balance changes", param="reason")
     if not NAME_RE.match(account):
