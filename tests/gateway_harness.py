@@ -35,6 +35,15 @@ prices:
 """
 
 
+# A token price for budget_policy's `prices`, and what it charges: tests check settles to the credit against it.
+TOKEN_PRICE = "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"
+
+
+def token_cost(input_tokens: int, output_tokens: int) -> int:
+    """TOKEN_PRICE applied: 1 per request, 1 per input token, 2 per output token."""
+    return 1 + input_tokens + 2 * output_tokens
+
+
 def budget_policy(budget: int, prices: dict[str, str], plan_lines: tuple[str, ...] = ()) -> str:
     """Policy text: plan `demo` on every mock model with a monthly account budget, `plan_lines` added to the
     plan, every mock model at 1 per request unless `prices` (model -> YAML flow mapping) says otherwise."""

@@ -18,7 +18,7 @@ from proxy.config import ConfigError, parse_config
 from proxy.server import RunningServer
 
 from .gateway_harness import (
-    PROVIDER_KEY, TEST_KEY, MeteredGateway, budget_policy, gateway_config, start_gateway, with_text_model, write_policy,
+    PROVIDER_KEY, TEST_KEY, TOKEN_PRICE, MeteredGateway, budget_policy, gateway_config, start_gateway, token_cost, with_text_model, write_policy,
 )
 from .mock_anthropic import (
     COUNTED_TOKENS, USAGE, MockAnthropic, cut_after_two_deltas, delta_event, endless, end_events, error_response, open_stream, start_events,
@@ -28,15 +28,10 @@ from .mock_provider import MockProvider
 
 BUDGET = 1_000_000
 MODEL_CAP = 500  # mock/claude's max_output_tokens
-POLICY = budget_policy(BUDGET, {"mock/claude": "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"})
+POLICY = budget_policy(BUDGET, {"mock/claude": TOKEN_PRICE})
 MESSAGES = [{"role": "user", "content": "Hi"}]
 ALL_INPUT = USAGE["input_tokens"] + USAGE["cache_creation_input_tokens"] + USAGE["cache_read_input_tokens"]
 AUTH = {"x-api-key": TEST_KEY, "anthropic-version": "2023-06-01"}
-
-
-def cost(input_tokens: int, output_tokens: int) -> int:
-    """mock/claude's price: 1 per request, 1 per input token, 2 per output token."""
-    return 1 + input_tokens + 2 * output_tokens
 
 
 class Env(MeteredGateway):
@@ -77,7 +72,7 @@ async def test_sdk_message_is_relayed_and_charged_its_usage_to_the_credit(env: E
     assert sent.headers["x-api-key"] == PROVIDER_KEY and "Authorization" not in sent.headers
     assert TEST_KEY not in json.dumps(sent.headers)
     assert sent.headers["anthropic-version"] == anthropic._constants.ANTHROPIC_API_VERSION
-    assert await env.spent() == cost(ALL_INPUT, USAGE["output_tokens"])
+    assert await env.spent() == token_cost(ALL_INPUT, USAGE["output_tokens"])
 
 
 async def test_sdk_stream_gets_the_events_and_is_charged_their_usage(env: Env) -> None:
@@ -88,7 +83,7 @@ async def test_sdk_stream_gets_the_events_and_is_charged_their_usage(env: Env) -
     assert texts == ["Hello", " from", " Claude"]
     assert final.usage.output_tokens == USAGE["output_tokens"] and final.stop_reason == "end_turn"
     assert env.upstream.received[0].body["stream"] is True
-    assert await env.spent() == cost(ALL_INPUT, USAGE["output_tokens"])
+    assert await env.spent() == token_cost(ALL_INPUT, USAGE["output_tokens"])
 
 
 async def test_stream_bytes_are_exactly_what_the_provider_sent(env: Env) -> None:
@@ -107,7 +102,7 @@ async def test_max_tokens_is_lowered_to_the_model_cap_and_bounds_the_reservation
             assert response.status == 200
             balance_after_hold = int(response.headers["X-Credits-Balance"])
     assert env.upstream.received[0].body["max_tokens"] == MODEL_CAP
-    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)), MODEL_CAP)
+    assert balance_after_hold == BUDGET - token_cost(len(json.dumps(body)), MODEL_CAP)
 
 
 @pytest.mark.parametrize("max_tokens", [None, 0, -1, "100", 2**31])
@@ -126,7 +121,7 @@ async def test_count_tokens_is_relayed_and_charged_only_per_request(env: Env) ->
     assert counted.input_tokens == COUNTED_TOKENS
     sent = env.upstream.received[0]
     assert sent.path == "/v1/messages/count_tokens" and sent.body == {"model": "claude-up", "messages": MESSAGES}
-    assert await env.spent() == cost(0, 0)
+    assert await env.spent() == token_cost(0, 0)
 
 
 async def test_provider_errors_reach_the_sdk_and_cost_nothing(env: Env) -> None:
@@ -233,7 +228,7 @@ async def test_stream_cut_midway_is_an_error_event_and_charged_an_estimate(env: 
                     pass
     assert broken.value.body["error"]["code"] == "upstream_error"
     # The input message_start reported is exact; the output is estimated from the two deltas relayed.
-    assert await env.spent() == cost(ALL_INPUT, 2)
+    assert await env.spent() == token_cost(ALL_INPUT, 2)
 
 
 async def test_client_disconnect_closes_the_upstream_and_charges_an_estimate(env: Env) -> None:
@@ -248,7 +243,7 @@ async def test_client_disconnect_closes_the_upstream_and_charges_an_estimate(env
         response.close()  # hang up mid-stream
     await asyncio.wait_for(closed.wait(), 5)
     spent = await env.spent()
-    assert cost(ALL_INPUT, 1) <= spent <= cost(len(json.dumps(body)), 100)  # exact input, some output, capped
+    assert token_cost(ALL_INPUT, 1) <= spent <= token_cost(len(json.dumps(body)), 100)  # exact input, some output, capped
 
 
 async def test_me_lists_models_by_provider_kind(env: Env) -> None:
@@ -289,7 +284,7 @@ async def test_a_hostile_provider_reporting_a_huge_input_then_breaking_off_costs
         async with http.post(f"{env.url}/anthropic/v1/messages", json=body, headers=AUTH) as response:
             relayed = await response.read()
     assert relayed.endswith(b"\n\n") and b"event: error" in relayed
-    assert await env.spent() == cost(len(json.dumps(body)), 100)  # the reserve: an estimate is never more
+    assert await env.spent() == token_cost(len(json.dumps(body)), 100)  # the reserve: an estimate is never more
 
 
 async def test_image_blocks_count_in_the_reserve_wherever_they_nest(env: Env) -> None:
@@ -302,7 +297,7 @@ async def test_image_blocks_count_in_the_reserve_wherever_they_nest(env: Env) ->
             assert response.status == 200
             balance_after_hold = int(response.headers["X-Credits-Balance"])
     media_tokens = 3 * 4096  # proxy.policy.pricing.MEDIA_PART_TOKENS per image block
-    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)) + media_tokens, 10)
+    assert balance_after_hold == BUDGET - token_cost(len(json.dumps(body)) + media_tokens, 10)
 
 
 async def test_a_block_type_that_is_not_a_string_is_relayed_and_counts_as_no_media(env: Env) -> None:
@@ -313,7 +308,7 @@ async def test_a_block_type_that_is_not_a_string_is_relayed_and_counts_as_no_med
         async with http.post(f"{env.url}/anthropic/v1/messages", json=body, headers=AUTH) as response:
             assert response.status == 200
             balance_after_hold = int(response.headers["X-Credits-Balance"])
-    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)), 10)
+    assert balance_after_hold == BUDGET - token_cost(len(json.dumps(body)), 10)
 
 
 async def test_sdk_lists_and_retrieves_the_models_it_can_call(env: Env) -> None:

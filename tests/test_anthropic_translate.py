@@ -19,7 +19,8 @@ from .mock_anthropic import (
     USAGE, cut_after_two_deltas, delta_event, end_events, endless, error_response, event, message, open_stream,
     start_events,
 )
-from .test_anthropic import ALL_INPUT, MODEL_CAP, Env, cost, env  # noqa: F401  (env: the gateway fixture)
+from .gateway_harness import token_cost
+from .test_anthropic import ALL_INPUT, MODEL_CAP, Env, env  # noqa: F401  (env: the gateway fixture)
 
 MODEL = "mock/claude"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -81,7 +82,7 @@ async def test_chat_is_translated_and_charged_anthropics_usage_to_the_credit(env
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}],
         "temperature": 0.3, "top_p": 0.9, "stop_sequences": ["END"], "metadata": {"user_id": "u-7"},
     }
-    assert await env.spent() == cost(ALL_INPUT, USAGE["output_tokens"])
+    assert await env.spent() == token_cost(ALL_INPUT, USAGE["output_tokens"])
 
 
 async def test_max_tokens_is_lowered_to_the_reservations_bound(env: Env) -> None:
@@ -114,7 +115,7 @@ async def test_stream_is_translated_to_chunks_with_the_usage_asked_for(env: Env)
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (ALL_INPUT, USAGE["output_tokens"])
     assert all(c.object == "chat.completion.chunk" and c.model == "claude-up" for c in chunks)
     assert env.upstream.received[0].body["stream"] is True
-    assert await env.spent() == cost(ALL_INPUT, USAGE["output_tokens"])
+    assert await env.spent() == token_cost(ALL_INPUT, USAGE["output_tokens"])
 
 
 async def test_stream_without_include_usage_has_no_usage_chunk_and_ends_with_done(env: Env) -> None:
@@ -126,7 +127,7 @@ async def test_stream_without_include_usage_has_no_usage_chunk_and_ends_with_don
     events = raw.decode().strip().split("\n\n")
     assert events[-1] == "data: [DONE]"
     assert all('"usage"' not in e for e in events)
-    assert await env.spent() == cost(ALL_INPUT, USAGE["output_tokens"])
+    assert await env.spent() == token_cost(ALL_INPUT, USAGE["output_tokens"])
 
 
 async def test_tool_calls_and_images_are_translated_both_ways(env: Env) -> None:
@@ -168,7 +169,7 @@ async def test_tool_calls_and_images_are_translated_both_ways(env: Env) -> None:
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
                                      {"type": "text", "text": "And Oslo?"}]},
     ]
-    assert await env.spent() == cost(ALL_INPUT, USAGE["output_tokens"])
+    assert await env.spent() == token_cost(ALL_INPUT, USAGE["output_tokens"])
 
 
 @pytest.mark.parametrize("choice, sent", [
@@ -202,7 +203,7 @@ async def test_streamed_tool_call_arrives_in_fragments_the_sdk_joins(env: Env) -
     assert choice.message.content == "Let me look." and choice.finish_reason == "tool_calls"
     call = choice.message.tool_calls[0]  # type: ignore[index]
     assert (call.id, call.function.name, call.function.arguments) == ("toolu_1", "weather", '{"city": "Paris"}')
-    assert await env.spent() == cost(ALL_INPUT, USAGE["output_tokens"])
+    assert await env.spent() == token_cost(ALL_INPUT, USAGE["output_tokens"])
 
 
 @pytest.mark.parametrize("extra, param", [
@@ -279,7 +280,7 @@ async def test_error_event_midway_is_raised_by_the_sdk_and_charged_an_estimate(e
             async for chunk in await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):  # type: ignore[arg-type]
                 texts.append(chunk.choices[0].delta.content)
     assert texts == ["", "one"] and "Overloaded" in failed.value.message
-    assert await env.spent() == cost(ALL_INPUT, 1)  # the input message_start reported, one delta relayed
+    assert await env.spent() == token_cost(ALL_INPUT, 1)  # the input message_start reported, one delta relayed
 
 
 async def test_stream_is_not_buffered(env: Env) -> None:
@@ -309,7 +310,7 @@ async def test_stream_cut_midway_raises_and_is_charged_an_estimate(env: Env) -> 
             async for _ in await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):  # type: ignore[arg-type]
                 pass
     assert broken.value.body["code"] == "upstream_error"  # type: ignore[index]
-    assert await env.spent() == cost(ALL_INPUT, 2)  # exact input (message_start), two deltas relayed
+    assert await env.spent() == token_cost(ALL_INPUT, 2)  # exact input (message_start), two deltas relayed
 
 
 async def test_client_disconnect_closes_the_upstream_and_charges_an_estimate(env: Env) -> None:
@@ -324,7 +325,7 @@ async def test_client_disconnect_closes_the_upstream_and_charges_an_estimate(env
         response.close()  # hang up mid-stream
     await asyncio.wait_for(closed.wait(), 5)
     spent = await env.spent()
-    assert cost(ALL_INPUT, 1) <= spent <= cost(len(json.dumps(body)), 100)  # exact input, some output, capped
+    assert token_cost(ALL_INPUT, 1) <= spent <= token_cost(len(json.dumps(body)), 100)  # exact input, some output, capped
 
 
 def test_hostile_stream_events_translate_to_nothing_rather_than_fail() -> None:

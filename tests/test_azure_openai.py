@@ -13,11 +13,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.server import RunningServer
-from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
+from tests.gateway_harness import PROVIDER_KEY, TEST_KEY, TOKEN_PRICE, budget_policy, gateway_config, start_gateway, write_policy
 from tests.mock_provider import MockProvider, Received
 from tests.test_metering_e2e import chat_cost, settled_balance
 
-PRICES = {"mock/chat": "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"}
+PRICES = {"mock/chat": TOKEN_PRICE}
 BUDGET = 1_000_000
 DEPLOYMENT = "gpt-4o-mini-prod"
 NOT_FOUND = {"error": {"code": "404", "message": "Resource not found"}}

@@ -23,7 +23,7 @@ from botocore.eventstream import EventStreamBuffer
 from proxy.config import ConfigError, parse_config
 from proxy.server import RunningServer
 from proxy.upstream.aws import AwsSigner
-from tests.gateway_harness import TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
+from tests.gateway_harness import TEST_KEY, TOKEN_PRICE, budget_policy, gateway_config, start_gateway, write_policy
 from tests.mock_bedrock import (
     ACCESS_KEY, REGION, SECRET_KEY, MockBedrock, error_response, event, exception, frame, open_event_stream,
     text_events, wait_for,
@@ -31,7 +31,7 @@ from tests.mock_bedrock import (
 from tests.test_metering_e2e import chat_cost, settled_balance
 
 MODEL_ID = "anthropic.claude-3-haiku-20240307-v1:0"
-PRICES = {"mock/chat": "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"}
+PRICES = {"mock/chat": TOKEN_PRICE}
 BUDGET = 1_000_000
 HI = [{"role": "user", "content": "hi"}]
 

@@ -20,7 +20,7 @@ from google.genai import types
 from proxy.server import RunningServer
 
 from .gateway_harness import (
-    PROVIDER_KEY, TEST_KEY, MeteredGateway, budget_policy, gateway_config, start_gateway, with_text_model, write_policy,
+    PROVIDER_KEY, TEST_KEY, TOKEN_PRICE, MeteredGateway, budget_policy, gateway_config, start_gateway, token_cost, with_text_model, write_policy,
 )
 from .mock_gemini import (
     COUNTED_TOKENS, USAGE, MockGemini, error_body, error_response, last_event, open_stream, response, stream_events,
@@ -31,18 +31,13 @@ from .mock_provider import Handler, MockProvider
 BUDGET = 1_000_000
 MODEL_CAP = 500  # mock/gemini's max_output_tokens
 MODEL = "mock/gemini"
-POLICY = budget_policy(BUDGET, {MODEL: "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"})
+POLICY = budget_policy(BUDGET, {MODEL: TOKEN_PRICE})
 CONTENTS = [{"role": "user", "parts": [{"text": "Hi"}]}]
 AUTH = {"x-goog-api-key": TEST_KEY}
 GENERATE = f"/gemini/v1beta/models/{MODEL}:generateContent"
 STREAM = f"/gemini/v1beta/models/{MODEL}:streamGenerateContent?alt=sse"
 INPUT = USAGE["promptTokenCount"] + USAGE["toolUsePromptTokenCount"]
 OUTPUT = USAGE["candidatesTokenCount"] + USAGE["thoughtsTokenCount"]
-
-
-def cost(input_tokens: int, output_tokens: int) -> int:
-    """mock/gemini's price: 1 per request, 1 per input token, 2 per output token."""
-    return 1 + input_tokens + 2 * output_tokens
 
 
 class Env(MeteredGateway):
@@ -83,7 +78,7 @@ async def test_sdk_generate_content_is_relayed_and_charged_its_usage_to_the_cred
     # The provider's credential, never the caller's.
     assert sent.headers["x-goog-api-key"] == PROVIDER_KEY and "Authorization" not in sent.headers
     assert TEST_KEY not in json.dumps(sent.headers) and env.upstream.received[0].query == {}
-    assert await env.spent() == cost(INPUT, OUTPUT)
+    assert await env.spent() == token_cost(INPUT, OUTPUT)
 
 
 async def test_sdk_stream_gets_the_chunks_and_is_charged_the_last_usage(env: Env) -> None:
@@ -95,7 +90,7 @@ async def test_sdk_stream_gets_the_chunks_and_is_charged_the_last_usage(env: Env
     assert last.candidates and last.candidates[0].finish_reason == types.FinishReason.STOP
     assert env.upstream.received[0].path == "/v1beta/models/gemini-up:streamGenerateContent"
     assert env.upstream.received[0].query == {"alt": "sse"}
-    assert await env.spent() == cost(INPUT, OUTPUT)
+    assert await env.spent() == token_cost(INPUT, OUTPUT)
 
 
 async def test_stream_bytes_are_exactly_what_the_provider_sent(env: Env) -> None:
@@ -119,7 +114,7 @@ async def test_max_output_tokens_is_lowered_to_the_model_cap_and_bounds_the_rese
             assert response.status == 200
             balance_after_hold = int(response.headers["X-Credits-Balance"])
     assert env.upstream.received[0].body["generationConfig"] == sent
-    assert balance_after_hold == BUDGET - cost(len(json.dumps(body)), reserved_output)
+    assert balance_after_hold == BUDGET - token_cost(len(json.dumps(body)), reserved_output)
 
 
 @pytest.mark.parametrize("config", [{"maxOutputTokens": 0}, {"maxOutputTokens": "100"}, {"maxOutputTokens": 2**31},
@@ -156,7 +151,7 @@ async def test_count_tokens_is_relayed_and_charged_only_per_request(env: Env) ->
     assert counted.total_tokens == COUNTED_TOKENS
     sent = env.upstream.received[0]
     assert sent.path == "/v1beta/models/gemini-up:countTokens" and sent.body == {"contents": CONTENTS}
-    assert await env.spent() == cost(0, 0)
+    assert await env.spent() == token_cost(0, 0)
 
 
 async def test_provider_errors_reach_the_sdk_and_cost_nothing(env: Env) -> None:
@@ -289,7 +284,7 @@ async def test_stream_cut_midway_is_an_error_event_and_charged_an_estimate(env: 
     assert texts == ["one", "two"]
     assert broken.value.code == 502 and broken.value.details["error"]["details"][0]["reason"] == "upstream_error"
     # The prompt count the chunks reported is exact; the output is estimated from the two chunks relayed.
-    assert await env.spent() == cost(USAGE["promptTokenCount"], 2)
+    assert await env.spent() == token_cost(USAGE["promptTokenCount"], 2)
 
 
 async def test_client_disconnect_closes_the_upstream_and_charges_an_estimate(env: Env) -> None:
@@ -299,7 +294,7 @@ async def test_client_disconnect_closes_the_upstream_and_charges_an_estimate(env
     await hang_up_after_the_first_event(f"{env.url}{STREAM}", body, AUTH)
     await asyncio.wait_for(closed.wait(), 5)
     spent = await env.spent()
-    assert cost(USAGE["promptTokenCount"], 1) <= spent <= cost(len(json.dumps(body)), 100)  # exact input, capped
+    assert token_cost(USAGE["promptTokenCount"], 1) <= spent <= token_cost(len(json.dumps(body)), 100)  # exact input, capped
 
 
 async def test_me_lists_models_by_provider_kind(env: Env) -> None:
@@ -330,7 +325,7 @@ async def test_openai_chat_is_translated_and_charged_geminis_usage_to_the_credit
     assert sent.path == "/v1beta/models/gemini-up:generateContent"
     assert sent.body == {"contents": CONTENTS, "generationConfig": {"temperature": 0.3, "maxOutputTokens": MODEL_CAP}}
     assert sent.headers["x-goog-api-key"] == PROVIDER_KEY and TEST_KEY not in json.dumps(sent.headers)
-    assert await env.spent() == cost(INPUT, OUTPUT)
+    assert await env.spent() == token_cost(INPUT, OUTPUT)
 
 
 async def test_openai_stream_is_translated_to_chunks_with_the_usage_asked_for(env: Env) -> None:
@@ -345,7 +340,7 @@ async def test_openai_stream_is_translated_to_chunks_with_the_usage_asked_for(en
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (INPUT, OUTPUT)
     assert env.upstream.received[0].path.endswith(":streamGenerateContent")
     assert env.upstream.received[0].query == {"alt": "sse"}
-    assert await env.spent() == cost(INPUT, OUTPUT)
+    assert await env.spent() == token_cost(INPUT, OUTPUT)
 
 
 async def test_openai_tool_call_and_image_are_translated_both_ways(env: Env) -> None:
@@ -367,7 +362,7 @@ async def test_openai_tool_call_and_image_are_translated_both_ways(env: Env) -> 
     sent = env.upstream.received[0].body
     assert sent["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}
     assert sent["tools"] == [{"functionDeclarations": [{"name": "weather", "parametersJsonSchema": {"type": "object"}}]}]
-    assert await env.spent() == cost(INPUT, OUTPUT)
+    assert await env.spent() == token_cost(INPUT, OUTPUT)
 
 
 async def test_openai_errors_refusals_and_provider_errors_in_openais_shape(env: Env) -> None:
@@ -414,7 +409,7 @@ async def test_openai_stream_cut_midway_raises_and_is_charged_an_estimate(env: E
             async for chunk in await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):  # type: ignore[arg-type]
                 texts.append(chunk.choices[0].delta.content)
     assert texts == ["one", "two"] and "closed the stream" in broken.value.message
-    assert await env.spent() == cost(USAGE["promptTokenCount"], 2)
+    assert await env.spent() == token_cost(USAGE["promptTokenCount"], 2)
 
 
 async def test_openai_client_disconnect_closes_the_upstream(env: Env) -> None:
@@ -423,7 +418,7 @@ async def test_openai_client_disconnect_closes_the_upstream(env: Env) -> None:
     body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 100}
     await hang_up_after_the_first_event(f"{env.url}/v1/chat/completions", body, {"Authorization": f"Bearer {TEST_KEY}"})
     await asyncio.wait_for(closed.wait(), 5)
-    assert cost(USAGE["promptTokenCount"], 1) <= await env.spent() <= cost(len(json.dumps(body)), 100)
+    assert token_cost(USAGE["promptTokenCount"], 1) <= await env.spent() <= token_cost(len(json.dumps(body)), 100)
 
 
 async def test_keepalives_of_a_quiet_stream_do_not_break_the_sdk(

@@ -16,19 +16,15 @@ from aiohttp import web
 from proxy.server import RunningServer
 
 from . import mock_anthropic, mock_gemini
-from .gateway_harness import MeteredGateway, TEST_KEY, budget_policy, gateway_config, start_gateway, with_text_model, write_policy
+from .gateway_harness import (
+    TEST_KEY, TOKEN_PRICE, MeteredGateway, budget_policy, gateway_config, start_gateway, token_cost, with_text_model, write_policy,
+)
 from .mock_provider import Handler, LoopbackMock, MockProvider
 from .openai_node import NodeChatClient
 from .test_anthropic_translate import answer_with, tool_stream_events
 
-PRICE = "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
-
-
-def cost(input_tokens: int, output_tokens: int) -> int:
-    """PRICE applied: 1 per request, 1 per input token, 2 per output token."""
-    return 1 + input_tokens + 2 * output_tokens
 
 
 def streamed(events: Callable[[str], list[bytes]], opens: Callable[[web.Request], Any]) -> Handler:
@@ -106,7 +102,7 @@ class Env(MeteredGateway):
 
     def charge(self) -> int:
         """What one call answered with the mock's usage costs."""
-        return cost(self.provider.input_tokens, self.provider.output_tokens)
+        return token_cost(self.provider.input_tokens, self.provider.output_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +120,7 @@ async def env(request: pytest.FixtureRequest, provider: MockProvider, gateway_en
     async with aioredis.from_url(redis_url) as client:
         await client.flushdb()
     upstream = await translated.mock().start()
-    policy = write_policy(tmp_path / "policies", budget_policy(1_000_000, {translated.model: PRICE}))
+    policy = write_policy(tmp_path / "policies", budget_policy(1_000_000, {translated.model: TOKEN_PRICE}))
     config = with_text_model(
         gateway_config(provider.url, policy, store={"kind": "redis", "redis_url": redis_url}),
         translated.kind, translated.kind, upstream.url + translated.base_path, translated.model,

@@ -15,11 +15,11 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from tests.gateway_harness import TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
+from tests.gateway_harness import TEST_KEY, TOKEN_PRICE, budget_policy, gateway_config, start_gateway, token_cost, write_policy
 from tests.mock_provider import (
-    MockProvider, named_sse, open_sse, response_object, responses_events, responses_usage, wait_for,
+    MockProvider, named_sse, open_sse, responses_events, wait_for,
 )
-from tests.test_openai_surface import CHAT_PRICE, sdk, spent_once_settled
+from tests.test_openai_surface import sdk, spent_once_settled
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"}
 MODEL_CAP = 64  # mock/chat's max_output_tokens: the bound of a request that sets none
@@ -27,14 +27,9 @@ TOKENS = ("Hello", " from", " the", " mock")
 USAGE = (7, len(TOKENS))  # what the mock reports
 
 
-def chat_cost(input_tokens: int, output_tokens: int) -> int:
-    """CHAT_PRICE: 1 per request, 1 per input token, 2 per output token."""
-    return 1 + input_tokens + 2 * output_tokens
-
-
 def reserve_for(body: bytes, max_output_tokens: int) -> int:
     """The hold: input bounded by the body's bytes, output by the request's (or the model's) limit."""
-    return chat_cost(len(body), max_output_tokens)
+    return token_cost(len(body), max_output_tokens)
 
 
 @pytest.fixture
@@ -42,7 +37,7 @@ async def gateway(provider: MockProvider, gateway_env: None, tmp_path: Path, red
     async with aioredis.from_url(redis_url) as client:
         await client.flushdb()
     config = gateway_config(provider.url, write_policy(tmp_path / "policies", budget_policy(1_000_000, {
-        "mock/chat": CHAT_PRICE})), store={"kind": "redis", "redis_url": redis_url})
+        "mock/chat": TOKEN_PRICE})), store={"kind": "redis", "redis_url": redis_url})
     config["models"][0]["max_output_tokens"] = MODEL_CAP
     server = await start_gateway(config)
     yield server.url
@@ -60,7 +55,7 @@ async def test_sdk_json_response_is_settled_at_its_usage(gateway: str, provider:
         answer = await client.responses.create(model="mock/chat", input="hi", max_output_tokens=500)
     assert answer.output_text == "Hello from the mock"
     assert answer.usage is not None and (answer.usage.input_tokens, answer.usage.output_tokens) == USAGE
-    assert await spent_once_settled(gateway) == chat_cost(*USAGE)
+    assert await spent_once_settled(gateway) == token_cost(*USAGE)
     sent = provider.received[0]
     # The model's id at the provider, and the output capped at the model's cap (the client asked for more).
     assert (sent.path, sent.body["model"], sent.body["max_output_tokens"]) == ("/v1/responses", "mock-up", MODEL_CAP)
@@ -82,7 +77,7 @@ async def test_sdk_stream_gets_every_event_and_is_settled_at_the_completed_usage
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Hello from the mock"
     assert final.output_text == "Hello from the mock" and final.usage is not None
-    assert await spent_once_settled(gateway) == 2 * chat_cost(*USAGE)
+    assert await spent_once_settled(gateway) == 2 * token_cost(*USAGE)
     assert [r.body.get("max_output_tokens") for r in provider.received] == [MODEL_CAP, 20]
     assert "stream_options" not in provider.received[0].body  # Responses streams always end with their usage
 
@@ -117,7 +112,7 @@ async def test_first_event_reaches_the_client_before_the_provider_sends_the_seco
             types.append(event.type)
             seen_first.set()
     assert types[0] == "response.created" and types[-1] == "response.completed"
-    assert await spent_once_settled(gateway) == chat_cost(*USAGE)
+    assert await spent_once_settled(gateway) == token_cost(*USAGE)
 
 
 def cut_after(deltas: int) -> Any:
@@ -149,7 +144,7 @@ async def test_stream_cut_midway_is_charged_an_estimate_capped_at_the_reservatio
     # The estimate: a token per 4 bytes of the request, one output token per delta relayed; never above the hold
     # (200 deltas under a bound of 16 is a provider ignoring the cap it was sent).
     raw_body = json.dumps(body).encode()
-    estimate, reserve = chat_cost(len(raw_body) // 4, deltas), reserve_for(raw_body, max_output_tokens)
+    estimate, reserve = token_cost(len(raw_body) // 4, deltas), reserve_for(raw_body, max_output_tokens)
     assert (estimate < reserve) == (deltas == 3)
     assert await spent_once_settled(gateway) == min(estimate, reserve)
     async with sdk(f"{gateway}/openai/v1") as client:  # the SDK raises the gateway's error event
@@ -257,4 +252,4 @@ async def test_the_seeds_v1_responses_stays_the_unified_api(gateway: str, provid
             await client.responses.create(model="mock/chat", input="hi")
     assert misdirected.value.param == "input" and "base_url=<gateway>/openai/v1" in misdirected.value.message
     assert "/openai/v1" not in refused[1]["message"]  # the seeds' clients get the plain message
-    assert len(provider.received) == 1 and await spent_once_settled(gateway) == chat_cost(7, 4)
+    assert len(provider.received) == 1 and await spent_once_settled(gateway) == token_cost(7, 4)

@@ -12,7 +12,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from tests.gateway_harness import TEST_KEY, budget_policy, gateway_config, start_gateway, write_policy
+from tests.gateway_harness import TEST_KEY, TOKEN_PRICE, budget_policy, gateway_config, start_gateway, write_policy
 from tests.mock_provider import MockProvider
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
@@ -136,8 +136,7 @@ async def test_models_of_every_provider_kind_are_listed(every_kind: str) -> None
         assert (await client.models.retrieve("claude/chat")).owned_by == "claude"
 
 
-CHAT_PRICE = "{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}"  # 1 + 1/input + 2/output
-METERED_POLICY = budget_policy(1_000_000, {"mock/chat": CHAT_PRICE})
+METERED_POLICY = budget_policy(1_000_000, {"mock/chat": TOKEN_PRICE})
 
 
 @pytest.fixture
