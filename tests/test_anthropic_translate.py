@@ -228,7 +228,8 @@ async def test_what_cannot_be_translated_is_a_400_naming_it(env: Env, extra: dic
 
 async def test_broken_messages_are_a_400(env: Env) -> None:
     for messages in ([], [{"role": "system", "content": "x"}], [{"role": "robot", "content": "x"}],
-                     [{"role": "assistant", "tool_calls": [{"id": "t", "function": {"name": "f", "arguments": "[1]"}}]}]):
+                     [{"role": "assistant", "tool_calls": [{"id": "t", "function": {"name": "f", "arguments": "[1]"}}]}],
+                     [{"role": "assistant", "tool_calls": [{"id": "t", "function": {"name": "f", "arguments": {"a": 1}}}]}]):
         status, answer = await env.post("/v1/chat/completions", {"model": MODEL, "messages": messages}, BEARER)
         assert status == 400 and answer["error"]["code"] == "invalid_request", messages
     assert env.upstream.received == []

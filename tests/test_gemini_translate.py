@@ -70,6 +70,8 @@ def test_tools_calls_and_results_map_to_function_declarations_calls_and_response
     ({"messages": [{"role": "tool", "tool_call_id": {"id": "c1"}, "content": "x"}]}, "messages[0].tool_call_id"),
     ({"messages": [{"role": "tool", "tool_call_id": ["c1"], "content": "x"}]}, "messages[0].tool_call_id"),
     ({"messages": [{"role": "system", "content": "only"}]}, "messages"),
+    ({"messages": [{"role": "assistant", "tool_calls": [  # arguments as an object, not its JSON text
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"city": "Paris"}}}]}]}, "messages[0].tool_calls"),
 ])
 def test_what_cannot_be_translated_is_a_400_naming_it(extra: dict[str, Any], param: str) -> None:
     with pytest.raises(ApiError) as refused:

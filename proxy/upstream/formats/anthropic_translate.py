@@ -19,7 +19,7 @@ from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
 from . import anthropic as wire  # its usage readers, used at call time (anthropic.py imports this module)
-from .base import answer_object, error_message, provider_refusal
+from .base import answer_object, error_message, provider_refusal, tool_call_arguments
 
 # OpenAI fields that only label a call or steer the provider's storage: accepted, not forwarded.
 _IGNORED = frozenset({"metadata", "store", "stream_options", "model"})
@@ -186,11 +186,7 @@ def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any
 
 
 def _arguments(arguments: Any, where: str) -> dict[str, Any]:
-    try:
-        value = json.loads(arguments) if isinstance(arguments, str) and arguments else {}
-    except (ValueError, RecursionError):
-        value = None
-    if not isinstance(value, dict):
+    if (value := tool_call_arguments(arguments)) is None:
         raise _invalid(where, "must be a JSON object")
     return value
 

@@ -172,6 +172,20 @@ def error_message(body: bytes) -> str:
     return str(error.get("message", "")) if isinstance(error, dict) else body[:500].decode(errors="replace")
 
 
+def tool_call_arguments(arguments: Any) -> dict[str, Any] | None:
+    """An OpenAI tool call's `arguments` (a JSON text; empty or absent: none) as the object a translation sends on;
+    None when it is no JSON object, so the caller refuses it rather than send the call on without its arguments."""
+    if not arguments:
+        return {}
+    if not isinstance(arguments, str):
+        return None
+    try:
+        value = json.loads(arguments)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def answer_object(body: bytes, provider: str) -> dict[str, Any]:
     """A translated call's JSON answer as an object, or the gateway's 502 (`upstream_error`) naming the provider:
     a broken or hostile one (not JSON, nested past Python's stack, not an object) is never a traceback."""

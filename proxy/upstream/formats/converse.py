@@ -19,7 +19,7 @@ from typing import Any
 from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
-from .base import answer_object, token_figure
+from .base import answer_object, token_figure, tool_call_arguments
 
 try:  # the `bedrock` extra; proxy/upstream/aws.py refuses a bedrock provider at start-up without it
     from botocore.eventstream import EventStreamBuffer, ParserError
@@ -174,11 +174,7 @@ def _assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(call.get("id"), str):
             raise _refuse("each tool call needs an id and a function", "messages")
-        try:
-            arguments = json.loads(function.get("arguments") or "{}")
-        except (ValueError, TypeError, RecursionError):
-            arguments = None
-        if not isinstance(arguments, dict):
+        if (arguments := tool_call_arguments(function.get("arguments"))) is None:
             raise _refuse("tool call arguments must be a JSON object", "messages")
         blocks.append({"toolUse": {"toolUseId": call["id"], "name": function.get("name"), "input": arguments}})
     if not blocks:

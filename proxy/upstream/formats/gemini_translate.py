@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from ...errors import ApiError
-from .base import error_message, provider_refusal
+from .base import error_message, provider_refusal, tool_call_arguments
 
 # OpenAI fields that only label a call or steer the provider's bookkeeping: accepted, not forwarded.
 _IGNORED = frozenset({"user", "metadata", "store", "parallel_tool_calls", "stream_options"})
@@ -179,11 +179,7 @@ def _assistant_parts(message: dict[str, Any], where: str, call_names: dict[str, 
 
 
 def _arguments(arguments: Any, where: str, index: int) -> dict[str, Any]:
-    try:
-        value = json.loads(arguments) if isinstance(arguments, str) and arguments else {}
-    except (ValueError, RecursionError):
-        value = None
-    if not isinstance(value, dict):
+    if (value := tool_call_arguments(arguments)) is None:
         raise ApiError("invalid_request", f"{where}.tool_calls[{index}].function.arguments must be a JSON object",
                        param=f"{where}.tool_calls")
     return value
