@@ -224,3 +224,29 @@ async def test_a_late_release_takes_back_the_expired_holds_call_and_charge(store
     assert undone == {"calls:m/chat": 0, "credits:m/chat": 0}
     assert [r.fields["outcome"] for r in await records(store)] == ["expired", "released"]
     assert credits_of(await records(store)) == await spent(meter) == 0
+
+
+async def test_records_a_dead_consumer_left_unacknowledged_are_claimed_after_the_idle_time(
+    store: Store, clock: Clock
+) -> None:
+    meter = meter_on(store, clock, usage_max_records=3)
+    reader: LedgerReader = store  # type: ignore[assignment]
+    stream = "ep:{acme}:lg"
+    assert await reader.claim_ledger(stream, "export", "c2", 0) == []  # no stream, no group: nothing
+    for i in range(3):
+        await (await meter.admit(ALICE, "m/a", BUDGET, f"r{i}")).settle(0.1, 1, USED)
+    taken = await reader.read_ledger_group(stream, "export", "c1")  # c1 dies before acknowledging
+    assert await reader.claim_ledger(stream, "export", "c2", 60_000) == []  # not idle long enough yet
+    await asyncio.sleep(0.06)
+    claimed = await reader.claim_ledger(stream, "export", "c2", 50, count=2)
+    assert [r.id for r in claimed] == [r.id for r in taken[:2]] and claimed[0].fields == taken[0].fields
+    again = await reader.claim_ledger(stream, "export", "c3", 50)  # c2's were just claimed: not idle
+    assert [r.id for r in again] == [taken[2].id]
+    assert [r.id for r in await reader.read_ledger_group(stream, "export", "c2", pending=True)] == [r.id for r in claimed]
+    assert await reader.read_ledger_group(stream, "export", "c1", pending=True) == []
+    for i in range(200):  # the unacknowledged records are trimmed away (at most 3 kept)
+        await (await meter.admit(ALICE, "m/a", BUDGET, f"t{i}")).settle(0.1, 1, USED)
+    await asyncio.sleep(0.06)
+    lost = await reader.claim_ledger(stream, "export", "c3", 50)
+    assert sorted(r.id for r in lost) == sorted(r.id for r in taken) and all(r.fields == {} for r in lost)
+    assert await reader.claim_ledger(stream, "export", "c3", 0) == []  # and they are no longer pending

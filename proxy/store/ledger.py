@@ -8,6 +8,7 @@ whose fields are `<metric>:<model>`. The settle script (lua.py) and MemoryStore 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -76,6 +77,14 @@ class LedgerReader(Protocol):
         with `pending`, those delivered to this consumer and not acknowledged yet."""
         ...
 
+    async def claim_ledger(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int = 100
+    ) -> list[LedgerRecord]:
+        """Take over up to `count` records of `group` delivered to any consumer at least `min_idle_ms` ago and not
+        acknowledged (a consumer that died): they become `consumer`'s, delivered now. A record trimmed meanwhile
+        comes back without fields and is no longer pending."""
+        ...
+
     async def ack_ledger(self, stream: str, group: str, ids: list[str]) -> int:
         """Acknowledge delivered records; returns how many were pending."""
         ...
@@ -88,7 +97,7 @@ class LedgerReader(Protocol):
 @dataclass
 class _Group:
     last: tuple[int, int] = (0, 0)
-    pending: dict[tuple[int, int], str] = field(default_factory=dict)  # id -> consumer
+    pending: dict[tuple[int, int], tuple[str, float]] = field(default_factory=dict)  # id -> consumer, delivered at
 
 
 class _Stream:
@@ -113,15 +122,33 @@ class _Stream:
     def read_group(self, group: str, consumer: str, count: int, pending: bool) -> list[tuple[str, dict[str, str]]]:
         state = self.groups.setdefault(group, _Group())
         if pending:
-            mine = sorted(eid for eid, owner in state.pending.items() if owner == consumer)[:count]
-            present = dict(self.entries)
+            mine = sorted(eid for eid, (owner, _) in state.pending.items() if owner == consumer)[:count]
+            present, now = dict(self.entries), time.monotonic()
+            for eid in mine:  # delivered again now: not idle (as in Redis)
+                state.pending[eid] = (consumer, now)
             return [(_format(eid), present.get(eid, {})) for eid in mine]  # trimmed: no fields, as in Redis
         fresh = self.after(state.last, count)
+        delivered = time.monotonic()
         for eid, _ in fresh:
-            state.pending[eid] = consumer
+            state.pending[eid] = (consumer, delivered)
         if fresh:
             state.last = fresh[-1][0]
         return [(_format(eid), fields) for eid, fields in fresh]
+
+    def claim(self, group: str, consumer: str, min_idle_ms: int, count: int) -> list[tuple[str, dict[str, str]]]:
+        """XAUTOCLAIM from the start: idle pending records become `consumer`'s; trimmed ones leave the pending list."""
+        state = self.groups.get(group)
+        if state is None:
+            return []
+        now = time.monotonic()
+        idle = sorted(eid for eid, (_, at) in state.pending.items() if (now - at) * 1000 >= min_idle_ms)[:count]
+        present = dict(self.entries)
+        for eid in idle:
+            if eid in present:
+                state.pending[eid] = (consumer, now)
+            else:
+                del state.pending[eid]
+        return [(_format(eid), present.get(eid, {})) for eid in idle]
 
     def ack(self, group: str, ids: list[str]) -> int:
         state = self.groups.get(group)

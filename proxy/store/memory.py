@@ -414,6 +414,14 @@ class MemoryStore:
             return []
         return [LedgerRecord(stream, eid, fields) for eid, fields in found.read_group(group, consumer, count, pending)]
 
+    async def claim_ledger(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int = 100
+    ) -> list[LedgerRecord]:
+        found = self._keys.get(stream)
+        if not isinstance(found, _Stream):
+            return []
+        return [LedgerRecord(stream, eid, fields) for eid, fields in found.claim(group, consumer, min_idle_ms, count)]
+
     async def ack_ledger(self, stream: str, group: str, ids: list[str]) -> int:
         found = self._keys.get(stream)
         return found.ack(group, ids) if isinstance(found, _Stream) else 0

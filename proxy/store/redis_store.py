@@ -146,6 +146,21 @@ class RedisStore:
         reply = await self._call(read)
         return [_record(stream, eid, fields or {}) for _, entries in reply for eid, fields in entries]
 
+    async def claim_ledger(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int = 100
+    ) -> list[LedgerRecord]:
+        async def claim() -> list[Any]:
+            try:
+                return await self._client.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count)
+            except ResponseError as exc:
+                if str(exc).startswith("NOGROUP"):
+                    return ["0-0", [], []]  # no stream or no group yet: nothing was ever delivered
+                raise
+
+        reply = await self._call(claim)
+        found = [_record(stream, eid, fields or {}) for eid, fields in reply[1]]
+        return found + [_record(stream, eid, {}) for eid in (reply[2] if len(reply) > 2 else [])]
+
     async def ack_ledger(self, stream: str, group: str, ids: list[str]) -> int:
         if not ids:
             return 0

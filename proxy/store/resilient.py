@@ -110,6 +110,13 @@ class ResilientStore:
             "ledger", lambda: self._reader.read_ledger_group(stream, group, consumer, count, pending=pending)
         )
 
+    async def claim_ledger(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int = 100
+    ) -> list[LedgerRecord]:
+        return await self._shared(
+            "ledger", lambda: self._reader.claim_ledger(stream, group, consumer, min_idle_ms, count)
+        )
+
     async def ack_ledger(self, stream: str, group: str, ids: list[str]) -> int:
         return await self._shared("ledger", lambda: self._reader.ack_ledger(stream, group, ids))
 
