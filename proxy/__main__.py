@@ -1,4 +1,4 @@
-"""Command line: `edge-proxy serve | check | keys new | keys admin-token | keys <admin verb>`."""
+"""Command line: `edge-proxy serve | check | export | keys new | keys admin-token | keys <admin verb>`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .auth.api_keys import generate_key, hash_key
 from .accesslog import configure_logging
 from .admin_client import add_verbs
 from .config import ConfigError, load_config
+from .export.cli import add_export_command
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -96,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate config and policies, then exit")
     check.add_argument("--config", default="config.yaml")
     check.set_defaults(run=_check)
+    add_export_command(commands)
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     new = key_commands.add_parser("new", help="print a new API key once and its policy line")

@@ -9,6 +9,7 @@ a promoted replica) is loaded there again.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,12 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from proxy.auth.api_keys import hash_key
+from proxy.auth.principal import Principal
+from proxy.export.exporter import ExportSettings, Exporter
+from proxy.export.sinks import JsonlSink
+from proxy.meter import Meter
+from proxy.policy.types import Budget, Decision
+from proxy.store.base import CallUsage
 from proxy.config import ConfigError, parse_config
 from proxy.server import RunningServer
 from tests.gateway_harness import TEST_KEY, gateway_config, start_gateway, write_policy
@@ -38,6 +45,7 @@ POLICY = "plans:\n  paid:\n    models: [\"mock/*\"]\n" \
                              for a, k in KEYS.items()) + \
          "prices:\n  \"mock/*\": {per_request: 1}\n"
 EMBED = {"model": "mock/embed", "input": "hi"}
+LEDGER_BUDGET = Decision(allowed=True, plan="paid", budget=Budget(credits=100), reserve_credits=1)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +132,31 @@ async def test_cluster_spreads_accounts_over_primaries(cluster: LocalCluster, pr
             assert {await call(http, server.url, key) for key in KEYS.values()} == {200}
     finally:
         await server.stop()
+
+
+async def test_the_ledger_exporter_drains_every_accounts_stream_on_every_primary(cluster: LocalCluster,
+                                                                                 tmp_path: Path) -> None:
+    """Each account's ledger stream lives in its own slot: the exporter finds them on every primary, and reads,
+    claims and acknowledges each in its slot."""
+    for port in cluster.primaries():
+        redis_cli(port, "FLUSHALL")
+    store = RedisStore(cluster.url, mode="cluster")
+    try:
+        meter = Meter(store, reservation_ttl_s=60)
+        for i in range(12):
+            account = f"acct{i % 3}"
+            principal = Principal(kind="api_key", account=account, plan="paid", key_id=account)
+            await (await meter.admit(principal, "m/a", LEDGER_BUDGET, f"r{i}")).settle(0.5, 1, CallUsage())
+        out = tmp_path / "usage.jsonl"
+        settings = ExportSettings(batch_size=5, claim_idle_s=0.1)
+        counts = await Exporter(store, JsonlSink(out), settings).run(once=True)
+        exported = [json.loads(line) for line in out.read_text().splitlines()]
+        assert counts.exported == 12 and sorted(r["request_id"] for r in exported) == sorted(f"r{i}" for i in range(12))
+        assert {r["account"] for r in exported} == set(KEYS)
+        streams = await store.ledger_streams()
+        assert [await store.claim_ledger(s, settings.group, "next", 0) for s in streams] == [[], [], []]
+    finally:
+        await store.close()
 
 
 async def test_cluster_failover_under_load_keeps_budgets_exact(cluster: LocalCluster, provider: MockProvider,

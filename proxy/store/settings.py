@@ -108,8 +108,20 @@ def build_store(settings: StoreSettings, observer: StoreObserver | None = None) 
     """A MemoryStore, or Redis behind a circuit breaker with the configured fail modes."""
     if settings.kind == "memory":
         return MemoryStore()
+    return ResilientStore(
+        redis_store(settings),
+        breaker_failures=settings.breaker_failures,
+        breaker_reset_s=settings.breaker_reset_s,
+        fail_rate_limits=settings.fail_rate_limits,
+        fail_credits=settings.fail_credits,
+        observer=observer,
+    )
+
+
+def redis_store(settings: StoreSettings) -> RedisStore:
+    """The Redis store of a `kind: redis` section, without a breaker (the ledger exporter retries by itself)."""
     assert settings.redis_url is not None  # checked by _validate
-    redis_store = RedisStore(
+    return RedisStore(
         settings.redis_url,
         mode=settings.redis_mode,
         credentials=settings.credentials(),
@@ -118,14 +130,6 @@ def build_store(settings: StoreSettings, observer: StoreObserver | None = None) 
         max_connections=settings.max_connections,
         max_waiting_calls=settings.max_waiting_calls,
         queue_timeout_s=settings.queue_timeout_s,
-    )
-    return ResilientStore(
-        redis_store,
-        breaker_failures=settings.breaker_failures,
-        breaker_reset_s=settings.breaker_reset_s,
-        fail_rate_limits=settings.fail_rate_limits,
-        fail_credits=settings.fail_credits,
-        observer=observer,
     )
 
 
