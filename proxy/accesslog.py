@@ -23,7 +23,7 @@ ACCESS_LOGGER = "edge_proxy.access"
 
 # The access-log schema (contract for log pipelines); other keys passed to `log_access` are dropped.
 ACCESS_FIELDS: tuple[str, ...] = (
-    "request_id", "method", "path", "route", "status", "principal_type", "principal_id",
+    "request_id", "method", "path", "route", "status", "principal_type", "principal_id", "end_user",
     "model", "provider", "upstream_status", "duration_ms", "ttfb_ms",
     "tokens_in", "tokens_out", "credits", "error", "deployment", "attempts",
     "admin_action", "admin_target", "admin_reason",
@@ -48,10 +48,16 @@ def principal_log_id(principal: Principal | None) -> str | None:
         return None
     if principal.key_id:
         return principal.key_id
-    if principal.subject:
-        digest = hashlib.sha256(f"{principal.issuer or ''}|{principal.subject}".encode()).hexdigest()
-        return f"sub_{digest[:12]}"
-    return principal.account
+    return end_user_log_id(principal) or principal.account
+
+
+def end_user_log_id(principal: Principal | None) -> str | None:
+    """The end user a call is made for (a token's `sub`, `X-End-User-Id`), as a short hash of issuer and subject:
+    stable for joining lines, never the id itself."""
+    if principal is None or not principal.subject:
+        return None
+    digest = hashlib.sha256(f"{principal.issuer or ''}|{principal.subject}".encode()).hexdigest()
+    return f"sub_{digest[:12]}"
 
 
 def _scrub(value: Any) -> Any:

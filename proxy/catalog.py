@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
 
 Capability = Literal[
     "text2image", "image2image", "text2text", "text2video", "image2video", "text2speech", "speech2text"
@@ -40,6 +40,8 @@ class Model:
     fallbacks: tuple[str, ...] = ()  # model ids tried, in order, once every deployment of this one failed
     selection: str = "weighted"  # how the first deployment is chosen: weighted, least_in_flight or sticky
     wire_format: str = "openai"  # the request/answer body format its deployments speak (their kinds' dialect)
+    # Form hints for its input schema (`x-property-order`, per input `x-imgly-*`), from config: not part of equality.
+    schema_hints: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def served_by(self) -> tuple[Deployment, ...]:
         return self.deployments or (Deployment(self.provider, self.provider, self.upstream_model),)

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .auth.oidc import IssuerSettings
+from .api.schema import INPUTS
 from .auth.tokens import TokenSettings
 from .catalog import CAPABILITIES, Deployment, Model
 from .store.settings import StoreConfigError, StoreSettings
@@ -285,6 +286,63 @@ class DeploymentSettings(_Strict):
         return Deployment(self.name, self.provider, self.upstream_model, self.weight)
 
 
+class PropertyHints(_Strict):
+    """How a client renders one input (the IMG.LY plugins' schema extensions); none changes what is accepted."""
+
+    title: str | None = Field(None, min_length=1, max_length=200)
+    description: str | None = Field(None, min_length=1, max_length=2000)
+    enum_labels: dict[str, str] = {}  # x-imgly-enum-labels: enum value -> label
+    enum_icons: dict[str, str] = {}  # x-imgly-enum-icons: enum value -> icon id (e.g. ratio16by9)
+    builder: dict[str, Any] | None = None  # x-imgly-builder, e.g. {component: TextArea}
+
+
+class SchemaHints(_Strict):
+    """A model's form hints, served in its input schema. `property_order` (x-property-order) lists the inputs a
+    form shows, in order; default: every input in the schema's order."""
+
+    property_order: tuple[str, ...] | None = None
+    properties: dict[str, PropertyHints] = {}
+
+    def check(self, capability: str) -> None:
+        """Every hint names an input of the capability (and an enum hint a value of it); the order lists each
+        input once and every required one, so a form built from it can always be submitted."""
+        inputs = INPUTS[capability]
+        known = inputs["properties"]
+        for name in (*(self.property_order or ()), *self.properties):
+            if name not in known:
+                raise ValueError(f"schema_hints names {name!r}, which is not an input of {capability} models; "
+                                 f"use one of: {', '.join(known)}")
+        order = self.property_order
+        if order is not None:
+            if len(set(order)) != len(order):
+                raise ValueError("schema_hints.property_order lists an input twice; list each once")
+            if missing := [name for name in inputs.get("required", ()) if name not in order]:
+                raise ValueError(f"schema_hints.property_order leaves out required input {missing[0]!r}; add it")
+        for name, hints in self.properties.items():
+            values = known[name].get("enum")
+            for key in ("enum_labels", "enum_icons"):
+                for value in getattr(hints, key):
+                    if values is None or value not in values:
+                        raise ValueError(f"schema_hints.properties.{name}.{key}: {value!r} is not a value of "
+                                         f"{name}; use one of: {', '.join(map(str, values or ())) or '(no enum)'}")
+
+    def extensions(self) -> dict[str, Any]:
+        """The hints as schema keywords: `x-property-order` and, per input, its extension keywords."""
+        out: dict[str, Any] = {}
+        if self.property_order is not None:
+            out["x-property-order"] = list(self.property_order)
+        properties = {name: _property_keywords(hints) for name, hints in self.properties.items()}
+        if properties := {name: keywords for name, keywords in properties.items() if keywords}:
+            out["properties"] = properties
+        return out
+
+
+def _property_keywords(hints: PropertyHints) -> dict[str, Any]:
+    keywords = {"title": hints.title, "description": hints.description, "x-imgly-enum-labels": hints.enum_labels,
+                "x-imgly-enum-icons": hints.enum_icons, "x-imgly-builder": hints.builder}
+    return {key: value for key, value in keywords.items() if value}
+
+
 class ModelSettings(_Strict):
     id: str = Field(min_length=1)
     name: str
@@ -299,11 +357,13 @@ class ModelSettings(_Strict):
     # latency: the lowest smoothed time to response headers first, by weight for routing.latency_explore of calls.
     selection: Literal["weighted", "least_in_flight", "sticky", "latency"] = "weighted"
     max_output_tokens: int | None = Field(None, gt=0)
+    schema_hints: SchemaHints = SchemaHints()
 
     @model_validator(mode="after")
     def _known_capability(self) -> "ModelSettings":
         if self.capability not in CAPABILITIES:
             raise ValueError(f"capability {self.capability!r} is not one of {', '.join(CAPABILITIES)}")
+        self.schema_hints.check(self.capability)
         return self
 
     @model_validator(mode="after")
@@ -333,7 +393,7 @@ class ModelSettings(_Strict):
             id=self.id, name=self.name, creator=self.creator, capability=self.capability,
             provider=deployments[0].provider, upstream_model=deployments[0].upstream_model,
             max_output_tokens=self.max_output_tokens, deployments=deployments, fallbacks=self.fallbacks,
-            selection=self.selection, wire_format=wire_format,
+            selection=self.selection, wire_format=wire_format, schema_hints=self.schema_hints.extensions(),
         )
 
 

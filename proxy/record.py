@@ -6,7 +6,7 @@ import time
 
 from aiohttp import web
 
-from .accesslog import log_access, principal_log_id
+from .accesslog import end_user_log_id, log_access, principal_log_id
 from .context import RequestContext
 from .errors import ApiError
 from .metrics import Metrics
@@ -45,7 +45,7 @@ def record(metrics: Metrics, request: web.Request, ctx: RequestContext, status: 
         log_access({
             "request_id": ctx.request_id, "method": request.method, "path": request.path, "route": ctx.route,
             "status": status, "principal_type": principal_type, "principal_id": principal_log_id(ctx.principal),
-            "model": model, "provider": provider, "upstream_status": outcome.status if outcome else None,
+            "end_user": end_user_log_id(ctx.principal), "model": model, "provider": provider, "upstream_status": outcome.status if outcome else None,
             "duration_ms": round(duration * 1000, 2),
             "ttfb_ms": round(outcome.first_byte_s * 1000, 2) if outcome and outcome.first_byte_s is not None else None,
             "tokens_in": ctx.usage.input_tokens if ctx.usage else None,

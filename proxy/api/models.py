@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ..catalog import CAPABILITIES, Model
 from ..errors import ApiError
-from .schema import openapi_document
+from .schema import openapi_document, schema_answer
 from .state import GATEWAY, authenticated, from_openai_sdk
 
 Shape = Literal["gateway", "openai"]
@@ -83,11 +83,11 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(_grouped(models) if group_by else [m.public() for m in models])
 
 
-async def _permitted_model(request: web.Request, api_key_header: str | None = None) -> Model:
-    """The model in the path; one outside the caller's scopes answers like `decide` would."""
+async def _permitted_model(request: web.Request, api_key_header: str | None = None, model_id: Any = None) -> Model:
+    """The model in the path (or `model_id`); one outside the caller's scopes answers like `decide` would."""
     gateway = request.app[GATEWAY]
     principal = await authenticated(request, api_key_header)
-    model = gateway.model(request.match_info["model_id"])
+    model = gateway.model(model_id if model_id is not None else request.match_info["model_id"])
     decision = gateway.policy.current.decide(principal, model)
     if not decision.allowed:
         raise ApiError(decision.error_code or "forbidden", decision.error_message or "not allowed")
@@ -102,6 +102,14 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def get_schema(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(await _permitted_model(request)))
+
+
+async def get_schema_by_query(request: web.Request) -> web.Response:
+    """The seeds' form: `GET /v1/models/schema?model=<id>`."""
+    model_ids = request.query.getall("model", [])
+    if len(model_ids) != 1 or not model_ids[0]:
+        raise ApiError("invalid_request", "give the model id once: /v1/models/schema?model=<id>", param="model")
+    return web.json_response(schema_answer(await _permitted_model(request, model_id=model_ids[0])))
 
 
 async def list_openai_models(request: web.Request) -> web.Response:
@@ -133,6 +141,7 @@ async def get_anthropic_model(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/schema", get_schema_by_query)  # before the id routes
     app.router.add_get("/v1/models/{model_id:.+}/schema", get_schema)  # before the catch-all id route
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/openai/v1/models", list_openai_models)

@@ -1,7 +1,9 @@
-"""`GET /v1/models/{id}/schema`: a model's input schema as an OpenAPI 3.1 document, by capability."""
+"""A model's input schema by capability, with the form hints config gives it: `GET /v1/models/{id}/schema` (an
+OpenAPI 3.1 document) and the seeds' `GET /v1/models/schema?model=<id>` (the schema itself, as `input_schema`)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from ..catalog import Model
@@ -31,12 +33,27 @@ INPUTS: dict[str, dict[str, Any]] = {
 }
 
 
+def input_schema(model: Model) -> dict[str, Any]:
+    """The JSON Schema of the model's inputs, with its hints: `x-property-order` (config's, else every input in
+    order) and each input's `title`, `description` and `x-imgly-*` keywords from config."""
+    inputs = copy.deepcopy(INPUTS[model.capability])
+    hints = model.schema_hints
+    for name, keywords in hints.get("properties", {}).items():
+        inputs["properties"][name].update(keywords)
+    order = hints.get("x-property-order") or list(inputs["properties"])
+    return {"type": "object", "additionalProperties": False, **inputs, "x-property-order": order}
+
+
 def openapi_document(model: Model) -> dict[str, Any]:
     """An OpenAPI 3.1 document whose `components.schemas.Input` describes the model's inputs."""
-    inputs = INPUTS[model.capability]
     return {
         "openapi": "3.1.0",
         "info": {"title": model.name, "version": "1", "x-model-id": model.id, "x-capability": model.capability},
         "paths": {},
-        "components": {"schemas": {"Input": {"type": "object", "additionalProperties": False, **inputs}}},
+        "components": {"schemas": {"Input": input_schema(model)}},
     }
+
+
+def schema_answer(model: Model) -> dict[str, Any]:
+    """`GET /v1/models/schema?model=<id>`: the model and its `input_schema`."""
+    return {"model": model.id, "name": model.name, "capability": model.capability, "input_schema": input_schema(model)}

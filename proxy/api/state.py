@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from ..auth.end_user import END_USER_HEADER, with_end_user
 from ..auth.principal import Principal
 from ..context import CONTEXT
 from ..errors import ApiError
@@ -60,8 +61,10 @@ def _bearer(keys: list[str], where: str) -> str | None:
 async def authenticated(
     request: web.Request, api_key_header: str | None = None, api_key_query: str | None = None
 ) -> Principal:
-    """The caller, also noted in the request context so metrics and the access log name it."""
+    """The caller (with the end user an API key names in `X-End-User-Id`), also noted in the request context so
+    metrics and the access log name it."""
     credential = credential_header(request, api_key_header, api_key_query)
     principal = await request.app[GATEWAY].auth.authenticate(credential)
+    principal = with_end_user(principal, request.headers.getall(END_USER_HEADER, []))
     request[CONTEXT].principal = principal
     return principal
