@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from proxy.auth.principal import Principal
 from proxy.meter import MICRO, Meter
@@ -250,3 +251,28 @@ async def test_records_a_dead_consumer_left_unacknowledged_are_claimed_after_the
     lost = await reader.claim_ledger(stream, "export", "c3", 50)
     assert sorted(r.id for r in lost) == sorted(r.id for r in taken) and all(r.fields == {} for r in lost)
     assert await reader.claim_ledger(stream, "export", "c3", 0) == []  # and they are no longer pending
+
+
+async def test_every_ledger_and_usage_key_keeps_its_expiry_when_settles_skip_resetting_it(redis_url: str, clock: Clock) -> None:
+    """The scripts set an expiry when they create a key (a new aggregate field, a hold after an expired one), not on
+    every settle: after on-time, late and repeated settles over two models, every key of the account still has one,
+    and the day's aggregates expire at the end of the day plus the retention."""
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    store = RedisStore(redis_url)
+    meter, monthly = meter_on(store, clock), decide(budget=Budget(credits=100, period="month"), reserve_credits=4)
+    dying = await meter.admit(ALICE, "m/a", monthly, "late")
+    for model in ("m/a", "m/a", "m/b"):
+        await (await meter.admit(ALICE, model, monthly, "r")).settle(0.5, 7, USED)
+    clock.now += 61  # the first hold expires: charged by the next admit, corrected by its late settle
+    await (await meter.admit(BOB, "m/a", monthly, "r")).settle(0.5, 7, USED)
+    await dying.settle(1.0, 7, USED)
+    keys = sorted([key.decode() async for key in client.scan_iter(match="ep:{acme}:*")])
+    ttls = {key: await client.pttl(key) for key in keys}
+    await client.aclose()
+    await store.close()
+    assert [any(part in key for key in keys) for part in (":us:a:", ":us:u:", ":lg", ":cr:")] == [True] * 4
+    assert all(ttl > 0 for ttl in ttls.values()), ttls
+    day_end_ms = (int(clock() * 1000) // 86_400_000 + 1) * 86_400_000
+    for key in (key for key in keys if ":us:" in key):
+        assert abs(time.time() * 1000 + ttls[key] - (day_end_ms + 35 * 86_400_000)) < 60_000

@@ -104,14 +104,16 @@ local function record(lg, r)
   local totals = {lg.prefix .. ':us:a:' .. lg.day}
   if r.user ~= '' then totals[2] = lg.prefix .. ':us:u:' .. r.user .. ':' .. lg.day end
   for _, key in ipairs(totals) do
-    local touched = false
+    -- the day's expiry is set when a field is created (an increment that returns its own delta), not again by
+    -- every settle of the day: a field exists only in a key that already got it
+    local created = false
     for _, metric in ipairs(METRICS) do
-      if r[metric] ~= 0 then
-        redis.call('HINCRBY', key, metric .. ':' .. r.model, int(r[metric]))
-        touched = true
+      local delta = r[metric]
+      if delta ~= 0 and redis.call('HINCRBY', key, metric .. ':' .. r.model, int(delta)) == delta then
+        created = true
       end
     end
-    if touched then redis.call('PEXPIREAT', key, lg.usage_exp) end
+    if created then redis.call('PEXPIREAT', key, lg.usage_exp) end
   end
 end
 
@@ -190,8 +192,8 @@ end
 local spent, held = 0, 0
 if budget >= 0 then
   sweep(KEYS[3], KEYS[4], lg)
-  spent = tonumber(redis.call('HGET', KEYS[3], 'spent')) or 0
-  held = tonumber(redis.call('HGET', KEYS[3], 'held')) or 0
+  local balance = redis.call('HMGET', KEYS[3], 'spent', 'held')
+  spent, held = tonumber(balance[1]) or 0, tonumber(balance[2]) or 0
 end
 if kind == 0 and not dry then
   if lease_limit >= 0 and in_flight >= lease_limit then
@@ -229,10 +231,13 @@ if budget >= 0 then
   expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[8]))
   held = held + amount
 end
--- the ticket's logical expiry is judged by `now`, like everything else; the TTL only collects garbage
-redis.call('HSET', KEYS[1], 'amt', int(reserved), 'exp', int(now + 2 * ttl))
--- who the call is for, should its hold expire (the sweep records it from here)
-if lg then redis.call('HSET', KEYS[1], 'q', lg.q, 'k', lg.k, 'u', lg.u, 'm', lg.m) end
+-- the ticket's logical expiry is judged by `now`, like everything else; the TTL only collects garbage. With the
+-- usage ledger, it also says who the call is for, should its hold expire (the sweep records it from here).
+if lg then
+  redis.call('HSET', KEYS[1], 'amt', int(reserved), 'exp', int(now + 2 * ttl), 'q', lg.q, 'k', lg.k, 'u', lg.u, 'm', lg.m)
+else
+  redis.call('HSET', KEYS[1], 'amt', int(reserved), 'exp', int(now + 2 * ttl))
+end
 redis.call('PEXPIRE', KEYS[1], int(2 * ttl + GRACE))
 return reply(1, new_tats)
 """
@@ -266,14 +271,15 @@ local credits, late = amount, 0  -- without a budget, the record carries the cal
 if ARGV[5] == '1' then
   sweep(KEYS[3], KEYS[4], lg)
   if redis.call('ZREM', KEYS[4], int(reserved) .. ':' .. rid) == 1 then
+    -- the hold was there, so both keys still carry the expiry its admit gave them: no PEXPIREAT needed
     add(KEYS[3], 'held', -reserved)
     add(KEYS[3], 'spent', amount)
   else
     -- the hold expired and was charged at `reserved`: correct that charge to the actual amount
     add(KEYS[3], 'spent', amount - reserved)
     credits, late = amount - reserved, 1
+    expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[6]))
   end
-  expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[6]))
 end
 redis.call('DEL', KEYS[1])  -- after the sweep, which may record this very call's expired hold from it
 if lg then
