@@ -59,16 +59,45 @@ class ServerSettings(_Strict):
     workers: int | None = Field(None, ge=1)
 
 
-class AssetSettings(_Strict):
-    """The in-memory store behind uploads and generated outputs: short-lived, bounded in total and per account
-    (an account over its share loses its own least recently used assets, never another account's)."""
+class SecretSource(_Strict):
+    """A secret read from an environment variable or a file (never written in config.yaml)."""
 
-    ttl_s: float = Field(3600.0, gt=0)
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SecretSource":
+        if bool(self.file) == bool(self.env):
+            raise ValueError("give exactly one of file or env")
+        return self
+
+
+class S3Settings(_Strict):
+    """S3-compatible object storage for `assets.backend: s3`; credentials from the standard AWS chain
+    (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, a web identity or the instance's role)."""
+
+    bucket: str = Field(min_length=3)
+    prefix: str = "assets/"  # object keys: <prefix><asset id>; match a lifecycle rule to it (docs/configuration.md)
+    endpoint_url: str | None = None  # e.g. https://minio.example.com; none: AWS S3 of `region`
+    region: str | None = None  # none: from the AWS chain (AWS_REGION, the profile)
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+
+class AssetSettings(_Strict):
+    """The store behind uploads and generated outputs: short-lived, bounded per account (an account over its
+    share loses its own oldest assets, never another account's) and, in memory, in total."""
+
+    backend: Literal["memory", "redis", "s3"] = "memory"
+    ttl_s: float = Field(3600.0, gt=0)  # how long an object is kept
+    url_ttl_s: float | None = Field(None, gt=0)  # how long an asset URL works (at most ttl_s); none: as the object
+    url_signing_keys: tuple[SecretSource, ...] = ()  # HMAC keys for asset URLs: the first signs, all verify
+    upload_url_ttl_s: float = Field(900.0, gt=0)  # how long a presigned upload URL (POST /v1/uploads, JSON) works
     max_total_bytes: int = Field(256 * 1024 * 1024, gt=0)
     max_count: int = Field(1000, gt=0)
     max_bytes_per_account: int = Field(64 * 1024 * 1024, gt=0)
     max_count_per_account: int = Field(250, gt=0)
     max_receiving_bytes: int = Field(100 * 1024 * 1024, gt=0)  # upload bodies being read at once, all accounts
+    s3: S3Settings | None = None
 
     @model_validator(mode="after")
     def _shares_fit_the_total(self) -> "AssetSettings":
@@ -81,6 +110,20 @@ class AssetSettings(_Strict):
             raise ValueError(
                 f"max_count_per_account ({self.max_count_per_account}) exceeds max_count ({self.max_count}); "
                 "an account's share must fit in the store: lower it or raise the total"
+            )
+        if self.url_ttl_s is not None and self.url_ttl_s > self.ttl_s:
+            raise ValueError(f"url_ttl_s ({self.url_ttl_s}) exceeds ttl_s ({self.ttl_s}); a URL cannot outlive its "
+                             "object: lower url_ttl_s or raise ttl_s")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_backends_are_complete(self) -> "AssetSettings":
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("backend s3 needs an s3 section (bucket, prefix, endpoint_url, region)")
+        if self.backend != "memory" and not self.url_signing_keys:
+            raise ValueError(
+                f"backend {self.backend} is shared by replicas, which must sign asset URLs with the same key: "
+                "add url_signing_keys: [{env: ASSET_URL_KEY}] (32 or more random bytes)"
             )
         return self
 
@@ -96,18 +139,10 @@ def store_settings(raw: Mapping[str, Any], source: str) -> StoreSettings:
         raise ConfigError(str(exc)) from None
 
 
-class SigningKeyConfig(_Strict):
+class SigningKeyConfig(SecretSource):
     """A PEM private key for gateway tokens, read from a file or an environment variable."""
 
-    file: str | None = None
-    env: str | None = None
     active: bool = False
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "SigningKeyConfig":
-        if bool(self.file) == bool(self.env):
-            raise ValueError("give exactly one of file or env")
-        return self
 
 
 class AuthSettings(_Strict):
@@ -526,6 +561,11 @@ class Config(_Strict):
     def store_settings(self) -> StoreSettings:
         return store_settings(self.store, self.source)
 
+    def _redis_assets_need_a_redis_store(self) -> None:
+        if self.assets.backend == "redis" and self.store_settings().kind != "redis":
+            raise ConfigError(f"{self.source}: assets.backend: redis keeps assets in the store's Redis, but store.kind is "
+                              "memory. Fix: set store.kind: redis (with its redis_url) or use assets.backend: memory or s3")
+
     def _wire_format(self, model: ModelSettings) -> str:
         """The wire format a model's deployments speak (one, validated)."""
         return self.providers[model.served_by()[0].provider].dialect
@@ -560,6 +600,7 @@ def parse_config(data: Any, source: str) -> Config:
         raise ConfigError(f"{source}: invalid configuration:\n  {lines}") from None
     config = config.model_copy(update={"source": source})
     config.store_settings()  # validated now, so a bad store section stops start-up and `check`
+    config._redis_assets_need_a_redis_store()
     return config
 
 

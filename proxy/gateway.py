@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Mapping
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from .assets import AssetStore
+from .assets import Assets, build_assets
 from .auth.admin import AdminConfigError, AdminCredential
 from .auth.api_keys import ApiKey, generate_key, hash_key
 from .auth.authenticator import Authenticator
@@ -77,7 +77,7 @@ class Gateway:
     metrics: Metrics
     relay: RelaySettings
     router: Router
-    assets: AssetStore
+    assets: Assets
     managed_keys: ManagedKeys
     admin: AdminCredential = AdminCredential()
     tracing: Tracing = NO_TRACING
@@ -154,6 +154,7 @@ class Gateway:
         await self.auth.aclose()
         await self.meter.close()  # after the last request settled, before the store goes away
         await self.store.close()
+        await self.assets.store.close()
         await self.managed_keys.directory.close()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes spans; the exporter blocks
 
@@ -265,7 +266,7 @@ def build_gateway(
         metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
         router=Router({m.id: m for m in catalog}, config.routing, on_breaker=metrics.breaker),
-        assets=AssetStore(config.assets),
+        assets=build_assets(config),
         managed_keys=ManagedKeys(_key_directory(store_settings), policy, config.admin.keys_refresh_s),
         admin=_admin_credential(config),
         tracing=tracing,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -11,7 +12,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.assets import AssetStore, AssetStoreFull
+from proxy.assets import AssetStoreFull, MemoryAssets, ReceivingBudget, valid_asset_id
 from proxy.auth.api_keys import hash_key
 from proxy.config import AssetSettings
 
@@ -71,86 +72,86 @@ async def test_oversize_chunked_upload_is_413(small_gateway: str) -> None:
             assert (r.status, (await r.json())["error"]["code"]) == (413, "payload_too_large")
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/json", "application/octet-stream"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/pdf", "application/octet-stream"])
 async def test_other_media_types_are_415(gateway: str, content_type: str) -> None:
     status, answer = await upload(gateway, b"hello", content_type)
     assert (status, answer["error"]["code"]) == (415, "unsupported_media_type")
 
 
-async def test_expired_and_unknown_assets_are_404(small_gateway: str) -> None:
+async def test_expired_urls_are_410_and_unsigned_ones_403(small_gateway: str) -> None:
     _, answer = await upload(small_gateway, PNG, "image/png")
     async with aiohttp.ClientSession() as http:
         async with http.get(answer["url"]) as r:
             assert r.status == 200
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(datetime.fromisoformat(answer["expires_at"]).timestamp() - time.time() + 0.05)
         async with http.get(answer["url"]) as r:
-            assert (r.status, (await r.json())["error"]["code"]) == (404, "not_found")
+            assert (r.status, (await r.json())["error"]["code"]) == (410, "asset_url_expired")
         async with http.get(f"{small_gateway}/v1/assets/not-an-id") as r:
-            assert r.status == 404
+            assert (r.status, (await r.json())["error"]["code"]) == (403, "invalid_asset_signature")
 
 
-def asset_store(clock: Callable[[], float] = time.time, **settings: Any) -> AssetStore:
-    return AssetStore(AssetSettings(**settings), clock)
+def asset_store(clock: Callable[[], float] = time.time, **settings: Any) -> MemoryAssets:
+    return MemoryAssets(AssetSettings(**settings), clock)
 
 
-def test_store_evicts_least_recently_used_to_stay_within_bytes_and_count() -> None:
+async def test_store_evicts_least_recently_used_to_stay_within_bytes_and_count() -> None:
     store = asset_store(ttl_s=60, max_total_bytes=10, max_count=3, max_bytes_per_account=10, max_count_per_account=3)
-    a, b = store.put(b"aaaa", "image/png", "acme"), store.put(b"bbbb", "image/png", "acme")
-    assert store.get(a.id) is not None  # a is now more recently used than b
-    c = store.put(b"cccc", "image/png", "acme")  # 12 bytes would not fit: b goes
-    assert [store.get(x.id) is not None for x in (a, b, c)] == [True, False, True]
-    d = store.put(b"d", "image/png", "acme")
-    e = store.put(b"e", "image/png", "acme")  # a fourth asset would pass max_count: the least recently used (a) goes
-    assert [store.get(x.id) is not None for x in (a, c, d, e)] == [False, True, True, True]
+    a, b = await store.put(b"aaaa", "image/png", "acme"), await store.put(b"bbbb", "image/png", "acme")
+    assert await store.get(a.id) is not None  # a is now more recently used than b
+    c = await store.put(b"cccc", "image/png", "acme")  # 12 bytes would not fit: b goes
+    assert [await store.get(x.id) is not None for x in (a, b, c)] == [True, False, True]
+    d = await store.put(b"d", "image/png", "acme")
+    e = await store.put(b"e", "image/png", "acme")  # a fourth asset would pass max_count: the least recently used (a) goes
+    assert [await store.get(x.id) is not None for x in (a, c, d, e)] == [False, True, True, True]
     with pytest.raises(ValueError):
-        store.put(b"x" * 11, "image/png", "acme")
+        await store.put(b"x" * 11, "image/png", "acme")
 
 
-def test_an_account_over_its_share_loses_only_its_own_least_recently_used() -> None:
+async def test_an_account_over_its_share_loses_only_its_own_least_recently_used() -> None:
     store = asset_store(max_total_bytes=100, max_count=10, max_bytes_per_account=12, max_count_per_account=3)
-    kept = store.put(b"b" * 10, "image/png", "tenant-b")
-    flood = [store.put(b"a", "image/png", "tenant-a") for _ in range(1001)]
-    assert store.get(kept.id) is not None
-    assert [store.get(asset.id) is not None for asset in flood[-4:]] == [False, True, True, True]  # count share: 3
-    big = store.put(b"a" * 12, "image/png", "tenant-a")  # byte share: 12, so the other three go
-    assert [store.get(asset.id) is not None for asset in (*flood[-3:], big, kept)] == [False, False, False, True, True]
+    kept = await store.put(b"b" * 10, "image/png", "tenant-b")
+    flood = [await store.put(b"a", "image/png", "tenant-a") for _ in range(1001)]
+    assert await store.get(kept.id) is not None
+    assert [await store.get(asset.id) is not None for asset in flood[-4:]] == [False, True, True, True]  # count share: 3
+    big = await store.put(b"a" * 12, "image/png", "tenant-a")  # byte share: 12, so the other three go
+    assert [await store.get(asset.id) is not None for asset in (*flood[-3:], big, kept)] == [False, False, False, True, True]
 
 
-def test_a_full_store_refuses_rather_than_evict_another_accounts_asset() -> None:
+async def test_a_full_store_refuses_rather_than_evict_another_accounts_asset() -> None:
     now = [1000.0]
     store = asset_store(lambda: now[0], ttl_s=60, max_total_bytes=100, max_count=4,
                         max_bytes_per_account=100, max_count_per_account=3)
-    others = [store.put(b"x", "image/png", tenant) for tenant in ("a", "a", "b", "b")]
+    others = [await store.put(b"x", "image/png", tenant) for tenant in ("a", "a", "b", "b")]
     with pytest.raises(AssetStoreFull) as full:
-        store.put(b"c", "image/png", "c")
+        await store.put(b"c", "image/png", "c")
     assert full.value.retry_after_s == 60  # when the oldest asset expires
-    assert all(store.get(asset.id) is not None for asset in others)
-    replacing = store.put(b"y", "image/png", "a")  # under its share in a full store: a's own oldest makes room
-    assert [store.get(asset.id) is not None for asset in (*others, replacing)] == [False, True, True, True, True]
+    assert [await store.get(asset.id) is not None for asset in others] == [True] * 4
+    replacing = await store.put(b"y", "image/png", "a")  # under its share in a full store: a's own oldest makes room
+    assert [await store.get(asset.id) is not None for asset in (*others, replacing)] == [False, True, True, True, True]
     now[0] += 60.5
-    assert store.get(store.put(b"c", "image/png", "c").id) is not None  # expired assets made room
+    assert await store.get((await store.put(b"c", "image/png", "c")).id) is not None  # expired assets made room
 
 
 def test_receiving_budget_is_held_while_reading_and_given_back() -> None:
-    store = asset_store(max_receiving_bytes=100)
-    with store.receiving(60):
+    budget = ReceivingBudget(100)
+    with budget.hold(60):
         with pytest.raises(AssetStoreFull):
-            with store.receiving(41):
+            with budget.hold(41):
                 pass
-        with store.receiving(40):
+        with budget.hold(40):
             pass
-    with store.receiving(100):
+    with budget.hold(100):
         pass
 
 
-def test_store_expires_by_its_clock_and_ids_are_unguessable() -> None:
+async def test_store_expires_by_its_clock_and_ids_are_unguessable() -> None:
     now = [1000.0]
     store = asset_store(lambda: now[0], ttl_s=60, max_total_bytes=100, max_count=10,
                         max_bytes_per_account=100, max_count_per_account=10)
-    asset = store.put(b"data", "audio/wav", "acme")
-    assert len(asset.id) >= 22 and store.seconds_left(asset) == 60  # 16 random bytes, URL-safe base64
+    asset = await store.put(b"data", "audio/wav", "acme")
+    assert valid_asset_id(asset.id) and asset.expires_at == 1060  # an account tag and 16 random bytes, URL-safe
     now[0] += 60
-    assert store.get(asset.id) is None
+    assert await store.get(asset.id) is None
 
 
 TENANT_KEYS = {"tenant-a": "sk_test_tenant_a_" + "a" * 24, "tenant-b": "sk_test_tenant_b_" + "b" * 24}

@@ -112,7 +112,7 @@ class UpstreamAnswer:
     content_type: str
     events: EventStream
     outcome: RelayOutcome  # readers note usage and output here, for settle
-    keep: Callable[[bytes, str], dict[str, Any]]  # stores bytes as an asset; returns its description
+    keep: Callable[[bytes, str], Awaitable[dict[str, Any]]]  # stores bytes as an asset; returns its description
     max_bytes: int
 
 
@@ -144,7 +144,7 @@ async def _image_output(answer: UpstreamAnswer) -> dict[str, Any]:
     result = _json_object(await _read_all(answer))
     answer.outcome.usage = openai_format.usage_of(result)
     items = [item for item in result.get("data") or () if isinstance(item, dict)]
-    urls = [item["url"] if isinstance(item.get("url"), str) else _keep_b64(answer, item) for item in items]
+    urls = [item["url"] if isinstance(item.get("url"), str) else await _keep_b64(answer, item) for item in items]
     if not urls:
         raise ApiError("upstream_error", "the provider's answer carries no image")
     return {"url": urls[0], "urls": urls}
@@ -156,7 +156,7 @@ async def _speech_output(answer: UpstreamAnswer) -> dict[str, Any]:
     length = BodyUsage(answer.content_type, openai_format)
     length.feed(audio)
     answer.outcome.seconds = length.seconds()
-    return answer.keep(audio, answer.content_type or "audio/mpeg")
+    return await answer.keep(audio, answer.content_type or "audio/mpeg")
 
 
 _READERS: dict[str, Callable[[UpstreamAnswer], Awaitable[dict[str, Any]]]] = {
@@ -177,12 +177,12 @@ async def _read_all(answer: UpstreamAnswer) -> bytes:
     return bytes(body)
 
 
-def _keep_b64(answer: UpstreamAnswer, item: dict[str, Any]) -> str:
+async def _keep_b64(answer: UpstreamAnswer, item: dict[str, Any]) -> str:
     try:
         image = base64.b64decode(item.get("b64_json") or "", validate=True)
     except (binascii.Error, ValueError, TypeError):
         raise ApiError("upstream_error", "the provider's image is neither a URL nor valid base64") from None
-    return str(answer.keep(image, "image/png")["url"])
+    return str((await answer.keep(image, "image/png"))["url"])
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -11,10 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Protocol
 
-from redis.exceptions import RedisError
-
-from proxy.store.base import StoreError
-from proxy.store.redis_client import Credentials, RedisMode, connect
+from proxy.store.redis_client import Credentials, RedisMode, connect, guarded
 
 # One hash tag, so the two keys live in one Redis Cluster slot and one script may touch both.
 RECORDS_KEY = "ep:{keys}:records"
@@ -113,31 +110,24 @@ class RedisKeyDirectory:
         self._put = self._client.register_script(_PUT)
 
     async def version(self) -> int:
-        raw = await self._call(self._client.get(VERSION_KEY))
+        raw = await guarded(self._client.get(VERSION_KEY), "keys")
         return int(raw or 0)
 
     async def records(self) -> tuple[int, dict[str, StoredKey]]:
         async with self._client.pipeline(transaction=True) as pipe:  # MULTI: version and records agree
             pipe.get(VERSION_KEY).hgetall(RECORDS_KEY)
-            raw_version, raw_records = await self._call(pipe.execute())
+            raw_version, raw_records = await guarded(pipe.execute(), "keys")
         records = {key_id.decode(): StoredKey.from_json(raw) for key_id, raw in raw_records.items()}
         return int(raw_version or 0), records
 
     async def get(self, key_id: str) -> StoredKey | None:
-        raw = await self._call(self._client.hget(RECORDS_KEY, key_id))
+        raw = await guarded(self._client.hget(RECORDS_KEY, key_id), "keys")
         return StoredKey.from_json(raw) if raw is not None else None
 
     async def put(self, record: StoredKey, expected: StoredKey | None) -> bool:
         args = [record.id, expected.to_json() if expected else "", record.to_json()]
-        written, _ = await self._call(self._put(keys=[RECORDS_KEY, VERSION_KEY], args=args))
+        written, _ = await guarded(self._put(keys=[RECORDS_KEY, VERSION_KEY], args=args), "keys")
         return bool(written)
 
     async def close(self) -> None:
         await self._client.aclose()
-
-    @staticmethod
-    async def _call(awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis (keys): {type(exc).__name__}") from exc

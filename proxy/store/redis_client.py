@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Awaitable, Literal, TypeVar, Union
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -24,6 +24,11 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.store.base import StoreError
+
+T = TypeVar("T")
 
 RedisMode = Literal["standalone", "cluster", "sentinel"]
 REDIS_MODES: tuple[str, ...] = ("standalone", "cluster", "sentinel")
@@ -117,3 +122,11 @@ def connect(
         return sentinel.master_for(address.service)
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None, **options)
     return aioredis.Redis.from_pool(pool)
+
+
+async def guarded(awaitable: Awaitable[T], what: str) -> T:
+    """`awaitable`'s result; a Redis or socket failure becomes a StoreError naming `what` (keys, assets)."""
+    try:
+        return await awaitable
+    except (RedisError, OSError) as exc:
+        raise StoreError(f"redis ({what}): {type(exc).__name__}") from exc
