@@ -7,6 +7,7 @@ gets everything once it is back; bad settings stop start-up with a clear error."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -208,3 +209,50 @@ def test_the_exporter_refuses_the_memory_store(tmp_path: Path, capsys: pytest.Ca
     config.write_text("store:\n  kind: memory\n")
     assert main(["export", "--config", str(config), "--sink", "jsonl", "--out", "-"]) == 2
     assert "store.kind is memory" in capsys.readouterr().err
+
+
+async def test_between_scans_the_exporter_reads_the_accounts_the_gateways_index_marks(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    """A new account's stream, created after the exporter's scan, is found through the index within a round or
+    two (the store marks it after its records are written), not at the next scan minutes later."""
+    await settle_calls(store, clock, 2)
+    out = tmp_path / "usage.jsonl"
+    exporter = Exporter(store, JsonlSink(out), ExportSettings(poll_interval_s=0.05, discover_interval_s=600))  # type: ignore[arg-type]
+    running = asyncio.create_task(exporter.run())
+    try:
+        while exporter.counts.exported < 2:
+            await asyncio.sleep(0.02)
+        meter = Meter(store, reservation_ttl_s=60, clock=clock)
+        newcomer = dataclasses.replace(CAROL, account="initech", key_id="key7")
+        await (await meter.admit(newcomer, "m/a", BUDGET, "n1")).settle(0.01, 1, USED)
+        await asyncio.wait_for(until(lambda: exporter.counts.exported == 3), 5)  # Redis: marked within a second
+    finally:
+        exporter.stop()
+        await running
+    assert json.loads(out.read_text().splitlines()[-1])["account"] == "initech"
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.02)
+
+
+async def test_the_index_lists_the_streams_written_since_a_time_and_forgets_those_past_retention(
+    redis_url: str, clock: Clock
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    await client.zadd("ep:lgix", {"ep:{gone}:lg": 1})  # marked long ago: past the ledger's retention
+    store = RedisStore(redis_url)
+    before_ms = int(time.time() * 1000)
+    await settle_calls(store, clock, 2)
+    await store.close()  # flushes the marks not written yet
+    store = RedisStore(redis_url)
+    try:
+        assert await store.active_ledger_streams(before_ms) == ["ep:{acme}:lg", "ep:{globex}:lg"]
+        assert await store.active_ledger_streams(int(time.time() * 1000) + 60_000) == []
+        assert await client.zscore("ep:lgix", "ep:{gone}:lg") is None
+    finally:
+        await store.close()
+        await client.aclose()

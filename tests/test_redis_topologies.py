@@ -156,7 +156,12 @@ async def test_the_ledger_exporter_drains_every_accounts_stream_on_every_primary
         streams = await store.ledger_streams()
         assert [await store.claim_ledger(s, settings.group, "next", 0) for s in streams] == [[], [], []]
     finally:
-        await store.close()
+        await store.close()  # writes the index of the streams it appended to (one key, in its own slot)
+    reader = RedisStore(cluster.url, mode="cluster")
+    try:
+        assert await reader.active_ledger_streams(0) == streams
+    finally:
+        await reader.close()
 
 
 async def test_cluster_failover_under_load_keeps_budgets_exact(cluster: LocalCluster, provider: MockProvider,

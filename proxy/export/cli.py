@@ -48,7 +48,8 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:  # type: i
     export.add_argument("--consumer", help="this exporter's name in the group (default: the host name)")
     export.add_argument("--batch-size", type=int, default=defaults.batch_size)
     export.add_argument("--poll-interval", type=float, default=defaults.poll_interval_s, help="seconds")
-    export.add_argument("--discover-interval", type=float, default=defaults.discover_interval_s, help="seconds")
+    export.add_argument("--discover-interval", type=float, default=defaults.discover_interval_s,
+                        help="seconds between scans of every stream (rounds in between read the index)")
     export.add_argument("--claim-idle", type=float, default=defaults.claim_idle_s,
                         help="seconds after which another consumer's unacknowledged records are taken over")
     export.add_argument("--max-backoff", type=float, default=defaults.max_backoff_s, help="seconds")

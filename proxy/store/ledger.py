@@ -66,6 +66,11 @@ class LedgerReader(Protocol):
         """The ledger streams that exist now (one per account that has records) under the meter's key prefix."""
         ...
 
+    async def active_ledger_streams(self, since_ms: int, prefix: str = "ep") -> list[str]:
+        """The streams appended to since `since_ms` (ms since the epoch, by the gateways' clocks), as far as the
+        gateways' index knows (ledger_index.py); `ledger_streams` finds the rest."""
+        ...
+
     async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
         """Up to `count` records of `stream` with ids after `after`, oldest first."""
         ...
@@ -107,6 +112,11 @@ class _Stream:
         self.entries: deque[tuple[tuple[int, int], dict[str, str]]] = deque()
         self.groups: dict[str, _Group] = {}
         self._last = (0, 0)
+
+    @property
+    def last_ms(self) -> int:
+        """When the last record was appended (its id's time)."""
+        return self._last[0]
 
     def add(self, now_ms: int, fields: dict[str, str], max_len: int, min_ms: int) -> str:
         ms = max(now_ms, self._last[0])

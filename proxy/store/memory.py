@@ -400,6 +400,10 @@ class MemoryStore:
             key for key, value in self._keys.items() if isinstance(value, _Stream) and key.startswith(f"{prefix}:{{")
         )
 
+    async def active_ledger_streams(self, since_ms: int, prefix: str = "ep") -> list[str]:
+        streams = [(stream, self._keys.get(stream)) for stream in await self.ledger_streams(prefix)]
+        return [stream for stream, found in streams if isinstance(found, _Stream) and found.last_ms >= since_ms]
+
     async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
         found = self._keys.get(stream)
         if not isinstance(found, _Stream):

@@ -13,6 +13,7 @@ from proxy.store.admission import CallGate, LoopLag, deadline
 from proxy.store.gcra import Step, limit_states
 from proxy.store.redis_client import Credentials, RedisMode, connect
 from proxy.store.ledger import LedgerRecord, day_of, usage_expiry
+from proxy.store.ledger_index import LedgerIndexer, index_key
 from proxy.store.base import (
     AdmitCancelled,
     AdmitRequest,
@@ -73,6 +74,7 @@ class RedisStore:
         self._cancel = self._client.register_script(lua.CANCEL)
         self._adjust = self._client.register_script(lua.ADJUST)
         self._healthy = True
+        self._index = LedgerIndexer(self._write_index)
 
     @property
     def healthy(self) -> bool:
@@ -90,13 +92,19 @@ class RedisStore:
     ) -> bool:
         check_settle(amount, tokens, now_ms, usage)
         keys, args = _settle_call(reservation.request, amount, tokens, now_ms, usage or CallUsage())
-        return bool(await self._call(lambda: self._settle(keys=keys, args=args)))
+        try:
+            return bool(await self._call(lambda: self._settle(keys=keys, args=args)))
+        finally:  # even if the answer was lost: the record may be written
+            self._index.note(reservation.request.ledger)
 
     async def cancel(self, request: AdmitRequest, now_ms: int) -> bool:
         check_settle(0, 0, now_ms)
         keys, args = _settle_call(request, 0, 0, now_ms, CallUsage(), "cancelled")
         tombstone_ms = 2 * request.ttl_ms  # as long as the ticket of the admit would have lived
-        return bool(await self._call(lambda: self._cancel(keys=keys, args=[*args, tombstone_ms])))
+        try:
+            return bool(await self._call(lambda: self._cancel(keys=keys, args=[*args, tombstone_ms])))
+        finally:
+            self._index.note(request.ledger)
 
     async def renew(self, reservation: Reservation, ttl_ms: int, now_ms: int) -> bool:
         check_renew(ttl_ms, now_ms)
@@ -120,6 +128,19 @@ class RedisStore:
                 if cursor == 0:
                     break
         return sorted(streams)
+
+    async def active_ledger_streams(self, since_ms: int, prefix: str = "ep") -> list[str]:
+        streams = await self._call(lambda: self._client.zrangebyscore(index_key(prefix), since_ms, "+inf"))
+        return sorted(stream.decode() for stream in streams)
+
+    async def _write_index(self, index: str, streams: dict[str, int], drop_below_ms: int) -> None:
+        async def write() -> None:
+            pipe = self._client.pipeline(transaction=False)  # one key: one slot, one node
+            pipe.zadd(index, streams, gt=True)  # a replica whose clock lags never moves a stream back
+            pipe.zremrangebyscore(index, "-inf", f"({drop_below_ms}")
+            await pipe.execute()
+
+        await self._call(write)
 
     async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
         entries = await self._call(lambda: self._client.xrange(stream, min=f"({after}", max="+", count=count))
@@ -189,6 +210,7 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        await self._index.close()
         await self._client.aclose()
         await self._lag.close()
 
@@ -211,7 +233,10 @@ class RedisStore:
             step = Step.of(cost, spec.window_ms, spec.limit) if cost <= spec.limit else Step(0, 0)
             args += [spec.limit, spec.window_ms, step.whole, step.rem, int(cost <= spec.limit)]
         keys = [*_fixed_keys(req), *(spec.key for spec in req.limits)]
-        reply = await self._call(lambda: self._admit(keys=keys, args=args))
+        try:
+            reply = await self._call(lambda: self._admit(keys=keys, args=args))
+        finally:  # an admit charges expired holds, each with its record
+            self._index.note(req.ledger)
         return _parse_admit(req, reply, dry=dry)
 
     async def _call(self, send: Callable[[], Awaitable[T]]) -> T:

@@ -100,6 +100,9 @@ class ResilientStore:
     async def ledger_streams(self, prefix: str = "ep") -> list[str]:
         return await self._shared("ledger", lambda: self._reader.ledger_streams(prefix))
 
+    async def active_ledger_streams(self, since_ms: int, prefix: str = "ep") -> list[str]:
+        return await self._shared("ledger", lambda: self._reader.active_ledger_streams(since_ms, prefix))
+
     async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
         return await self._shared("ledger", lambda: self._reader.read_ledger(stream, after, count))
 
