@@ -83,6 +83,16 @@ class S3Settings(_Strict):
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
 
 
+class RehostSettings(_Strict):
+    """Copy providers' output URLs into the asset store (`/v1/responses` image answers given as URLs)."""
+
+    enabled: bool = False
+    timeout_s: float = Field(30.0, gt=0)  # the whole fetch
+    max_redirects: int = Field(3, ge=0)
+    # Hosts exempt from the https and public-address checks, e.g. an in-cluster provider's asset host.
+    private_hosts: tuple[str, ...] = ()
+
+
 class AssetSettings(_Strict):
     """The store behind uploads and generated outputs: short-lived, bounded per account (an account over its
     share loses its own oldest assets, never another account's) and, in memory, in total."""
@@ -98,6 +108,7 @@ class AssetSettings(_Strict):
     max_count_per_account: int = Field(250, gt=0)
     max_receiving_bytes: int = Field(100 * 1024 * 1024, gt=0)  # upload bodies being read at once, all accounts
     s3: S3Settings | None = None
+    rehost: RehostSettings = RehostSettings()
 
     @model_validator(mode="after")
     def _shares_fit_the_total(self) -> "AssetSettings":

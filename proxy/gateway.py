@@ -154,7 +154,7 @@ class Gateway:
         await self.auth.aclose()
         await self.meter.close()  # after the last request settled, before the store goes away
         await self.store.close()
-        await self.assets.store.close()
+        await self.assets.close()
         await self.managed_keys.directory.close()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes spans; the exporter blocks
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
@@ -21,21 +21,24 @@ import redis.asyncio as aioredis
 from aiobotocore.session import get_session
 from aiohttp import web
 
-from proxy.assets import AssetExists, build_assets
+from proxy.assets import AssetExists, MemoryAssets, RehostError, build_assets
+from proxy.assets.rehost import Rehoster
 from proxy.assets.redis import RedisAssets
 from proxy.assets.s3 import S3Assets
 from proxy.assets.signing import UrlSigner
-from proxy.config import AssetSettings, ConfigError, S3Settings, parse_config
+from proxy.config import AssetSettings, ConfigError, RehostSettings, S3Settings, parse_config
 from proxy.errors import ApiError
 from proxy.server import RunningServer
 
 from .gateway_harness import TEST_KEY, gateway_config, start_gateway
-from .mock_provider import MockProvider
+from .mock_provider import MockProvider, serve_on_loopback
 from .redis_server import free_port
+from .test_responses import generate
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 URL_KEY = "k" * 48
+PUBLIC_URL = "https://ai.example.com"  # what clients reach, never a replica's own address
 
 
 @pytest.fixture
@@ -50,7 +53,7 @@ def shared_config(provider: MockProvider, policies_dir: Path, backend: dict[str,
     the key in ASSET_URL_KEY, a public URL that is not this replica's address."""
     assets = {"url_signing_keys": [{"env": "ASSET_URL_KEY"}], **backend["assets"], **overrides.pop("assets", {})}
     return gateway_config(provider.url, policies_dir, assets=assets, store=backend.get("store", {}),
-                          server={"max_upload_bytes": 4096}, **overrides)
+                          server={"max_upload_bytes": 4096, "public_url": PUBLIC_URL}, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +148,11 @@ async def presign(gateway: str, size: int, content_type: str = "image/png") -> t
 async def test_an_asset_stored_on_one_replica_is_served_by_the_other(replicas: tuple[str, str]) -> None:
     a, b = replicas
     status, raw = await post_upload(a, data=PNG, headers={"Content-Type": "image/png"})
-    assert status == 200
+    assert status == 200 and raw["url"].startswith(f"{PUBLIC_URL}/v1/assets/")
     assert await fetch(on(b, raw["url"])) == (200, PNG)
     status, offer = await presign(a, len(PNG))
     assert status == 200 and offer["method"] == "PUT" and offer["headers"] == {"Content-Type": "image/png"}
+    assert offer["upload_url"].startswith(f"{PUBLIC_URL}/v1/uploads/") and offer["asset_url"].startswith(PUBLIC_URL)
     assert await fetch(on(b, offer["asset_url"])) == (404, "not_found")  # nothing uploaded yet
     status, stored = await put(on(b, offer["upload_url"]), PNG, "image/png")
     assert (status, stored["bytes"]) == (200, len(PNG))
@@ -302,3 +306,84 @@ async def test_s3_backend_refuses_expired_and_foreign_objects(s3_bucket: dict[st
         assert await store.get(asset.id) is None
     finally:
         await store.close()
+
+
+@pytest.fixture
+async def output_host() -> AsyncIterator[str]:
+    """A provider's output host on loopback: /img.png, /page (HTML), /big.png, /to?url= (a 302 to `url`)."""
+    def answer(body: bytes, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(_: web.Request) -> web.Response:
+            return web.Response(body=body, content_type=content_type)
+        return handle
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["url"])
+
+    app = web.Application()
+    app.router.add_get("/img.png", answer(PNG, "image/png"))
+    app.router.add_get("/page", answer(b"<html>", "text/html"))
+    app.router.add_get("/big.png", answer(b"x" * 5000, "image/png"))
+    app.router.add_get("/to", redirect)
+    runner, url = await serve_on_loopback(app)
+    yield url
+    await runner.cleanup()
+
+
+async def test_provider_outputs_are_rehosted_into_the_shared_store(
+    provider: MockProvider, gateway_env: None, policies_dir: Path, output_host: str, s3_bucket: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With rehost on, an image URL the provider answers becomes the gateway's own signed URL, on every replica."""
+    monkeypatch.setenv("ASSET_URL_KEY", URL_KEY)
+    backend = {"assets": {"backend": "s3", "s3": s3_bucket, "rehost": {"enabled": True, "private_hosts": ["127.0.0.1"]}}}
+    config = shared_config(provider, policies_dir, backend)
+
+    async def answers_a_url(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return web.json_response({"created": 1, "data": [{"url": f"{output_host}/to?url=/img.png"}]})
+
+    provider.handler = answers_a_url
+    servers = [await start_gateway(config) for _ in range(2)]
+    try:
+        _, events = await generate(servers[0].url, {"model": "mock/image", "prompt": "a cat"})
+        name, data = events[-1]
+        assert name == "generation.completed" and data["output"]["url"].startswith(f"{PUBLIC_URL}/v1/assets/")
+        assert await fetch(on(servers[1].url, data["output"]["url"])) == (200, PNG)
+    finally:
+        for server in servers:
+            await server.stop()
+
+
+@pytest.mark.parametrize(("path", "exempt", "says"), [
+    ("/img.png", (), "only https URLs"),  # plain http, not exempt
+    ("/page", ("127.0.0.1",), "not an image, audio or video"),
+    ("/big.png", ("127.0.0.1",), "exceeds 4096 bytes"),
+    ("/to?url=https://10.1.2.3/x.png", ("127.0.0.1",), "10.1.2.3 is not a public address"),
+    ("/to?url=https://localhost:1/x.png", ("127.0.0.1",), "localhost resolves to a non-public address"),
+    ("/to?url=http://example.com/x.png", ("127.0.0.1",), "only https URLs"),
+    ("/to?url=/to%3Furl%3D/img.png", ("127.0.0.1",), "redirects"),
+])
+async def test_rehost_refuses_private_plain_or_oversized_sources(
+    output_host: str, path: str, exempt: tuple[str, ...], says: str
+) -> None:
+    settings = RehostSettings(enabled=True, private_hosts=exempt, max_redirects=1)
+    rehoster = Rehoster(settings, MemoryAssets(AssetSettings()), max_bytes=4096)
+    try:
+        with pytest.raises(RehostError, match=re.escape(says)):
+            await rehoster.rehost(output_host + path, "acme")
+        with pytest.raises(RehostError, match="127.0.0.2 is not a public address"):
+            await rehoster.rehost("https://127.0.0.2/x.png", "acme")
+    finally:
+        await rehoster.close()
+
+
+async def test_a_failed_rehost_passes_the_providers_url_on(
+    provider: MockProvider, gateway_env: None, policies_dir: Path
+) -> None:
+    config = gateway_config(provider.url, policies_dir, assets={"rehost": {"enabled": True}})
+    server = await start_gateway(config)
+    try:  # the mock answers http://127.0.0.1/img.png: neither https nor public, so it is not fetched
+        _, events = await generate(server.url, {"model": "mock/image", "prompt": "a cat"})
+        assert events[-1] == ("generation.completed", {"output": {"url": "http://127.0.0.1/img.png",
+                                                                  "urls": ["http://127.0.0.1/img.png"]}})
+    finally:
+        await server.stop()

@@ -32,7 +32,7 @@ from .metered import authorize_and_admit, metered_call, request_facts
 from .routed import open_routed
 from .schema import INPUTS
 from .state import GATEWAY, authenticated, from_openai_sdk
-from .uploads import keep_asset
+from .uploads import keep_asset, output_url
 
 # Nearest OpenAI image size per aspect ratio (the sizes OpenAI-format image models accept).
 _IMAGE_SIZES = {"1:1": "1024x1024", "16:9": "1792x1024", "9:16": "1024x1792", "4:3": "1536x1024", "3:4": "1024x1536"}
@@ -113,6 +113,7 @@ class UpstreamAnswer:
     events: EventStream
     outcome: RelayOutcome  # readers note usage and output here, for settle
     keep: Callable[[bytes, str], Awaitable[dict[str, Any]]]  # stores bytes as an asset; returns its description
+    keep_url: Callable[[str], Awaitable[str]]  # a provider's output URL as the client gets it (maybe re-hosted)
     max_bytes: int
 
 
@@ -144,7 +145,8 @@ async def _image_output(answer: UpstreamAnswer) -> dict[str, Any]:
     result = _json_object(await _read_all(answer))
     answer.outcome.usage = openai_format.usage_of(result)
     items = [item for item in result.get("data") or () if isinstance(item, dict)]
-    urls = [item["url"] if isinstance(item.get("url"), str) else await _keep_b64(answer, item) for item in items]
+    urls = [await answer.keep_url(item["url"]) if isinstance(item.get("url"), str) else await _keep_b64(answer, item)
+            for item in items]
     if not urls:
         raise ApiError("upstream_error", "the provider's answer carries no image")
     return {"url": urls[0], "urls": urls}
@@ -261,6 +263,7 @@ async def _generate(
         output = await _READERS[capability](UpstreamAnswer(
             chunks=read_chunks(upstream, call.provider.timeouts, gateway.relay.keepalive_s, call.ends_at),
             content_type=upstream.content_type, events=events, outcome=outcome, keep=partial(keep_asset, request),
+            keep_url=partial(output_url, request),
             max_bytes=gateway.config.server.max_upload_bytes,
         ))
         outcome.completed = True

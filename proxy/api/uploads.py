@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from dataclasses import replace
@@ -18,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..assets import Asset, AssetExists, AssetStoreError, AssetStoreFull, valid_asset_id
+from ..assets import Asset, AssetExists, AssetStoreError, AssetStoreFull, RehostError, valid_asset_id
 from ..assets.signing import expiry_param
 from ..auth.principal import Principal
 from ..context import CONTEXT
@@ -30,6 +31,8 @@ from .state import GATEWAY, authenticated
 # A bare media type (no parameters): what a presigned PUT's Content-Type must then equal.
 _ALLOWED_MEDIA = re.compile(r"^(image|audio|video)/[A-Za-z0-9][A-Za-z0-9.+-]{0,100}$")
 _MAX_FILENAME = 255
+
+log = logging.getLogger("edge_proxy")
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -152,6 +155,20 @@ async def keep_asset(request: web.Request, data: bytes, content_type: str) -> di
     except (AssetStoreFull, AssetStoreError, ValueError) as exc:
         raise _not_kept(exc) from None
     return describe(request, asset)
+
+
+async def output_url(request: web.Request, url: str) -> str:
+    """A provider's output URL as the client gets it: copied into the store (a signed URL of ours) when
+    `assets.rehost.enabled`, else as is. A copy that fails keeps the provider's URL: the generation is done and
+    paid for, and the client still gets its result (for the provider's lifetime); the log says why."""
+    assets, principal = request.app[GATEWAY].assets, request[CONTEXT].principal
+    if not assets.rehoster.enabled or principal is None:
+        return url
+    try:
+        return assets.get_url(public_base(request), await assets.rehost(url, principal.account))
+    except RehostError as exc:
+        log.warning("provider output not re-hosted, its own URL is passed on: %s", exc)
+        return url
 
 
 def _not_kept(exc: Exception) -> ApiError:

@@ -18,11 +18,12 @@ from .base import (
     valid_asset_id,
 )
 from .memory import MemoryAssets
+from .rehost import Rehoster, RehostError
 from .signing import MIN_KEY_BYTES, UrlSigner
 
 __all__ = [
     "Asset", "AssetExists", "AssetStore", "AssetStoreError", "AssetStoreFull", "Assets", "MemoryAssets",
-    "ReceivingBudget", "build_assets", "valid_asset_id",
+    "ReceivingBudget", "RehostError", "build_assets", "valid_asset_id",
 ]
 
 
@@ -32,6 +33,7 @@ class Assets:
     signer: UrlSigner
     receiving: ReceivingBudget
     url_ttl_s: float | None  # None: a URL lives as long as its object
+    rehoster: Rehoster
 
     def url_expiry(self, asset: Asset) -> int:
         """When a URL issued now for `asset` stops working: the object's expiry, or sooner by `url_ttl_s`."""
@@ -42,6 +44,14 @@ class Assets:
         expires = self.url_expiry(asset)
         signature = self.signer.sign(("get", asset.id, expires))
         return f"{base_url.rstrip('/')}/v1/assets/{asset.id}?exp={expires}&sig={signature}"
+
+    async def rehost(self, url: str, account: str) -> Asset:
+        """Copy a provider's output `url` into the store for `account` (RehostError when it cannot be)."""
+        return await self.rehoster.rehost(url, account)
+
+    async def close(self) -> None:
+        await self.rehoster.close()
+        await self.store.close()
 
     def check_get(self, asset_id: str, expires: int, signature: str) -> None:
         """Raise the 403 or 410 ApiError unless the URL for `asset_id` is ours and still valid."""
@@ -65,11 +75,13 @@ class Assets:
 def build_assets(config: Config) -> Assets:
     settings = config.assets
     keys = tuple(_read_key(config, source, i) for i, source in enumerate(settings.url_signing_keys))
+    store = _build_store(config)
     return Assets(
-        store=_build_store(config),
+        store=store,
         signer=UrlSigner(keys) if keys else UrlSigner.ephemeral(),
         receiving=ReceivingBudget(settings.max_receiving_bytes),
         url_ttl_s=settings.url_ttl_s,
+        rehoster=Rehoster(settings.rehost, store, config.server.max_upload_bytes),
     )
 
 
