@@ -202,6 +202,36 @@ class AdminSettings(_Strict):
     keys_refresh_s: float = Field(1.0, gt=0, le=60)
 
 
+class AlertSettings(_Strict):
+    """Budget alerts (docs/usage.md, "Budget alerts"): the webhook every claimed threshold is POSTed to, signed with
+    HMAC-SHA256 under a secret from an env var or a file; without `webhook_url`, thresholds are not claimed."""
+
+    webhook_url: str | None = Field(None, pattern=r"^https?://[^\s/]+")
+    secret_env: str | None = Field(None, min_length=1)
+    secret_file: str | None = Field(None, min_length=1)
+    timeout_s: float = Field(5.0, gt=0, le=60)  # one delivery attempt
+    max_backoff_s: float = Field(30.0, gt=0, le=600)  # retries wait 1 s, 2 s, 4 s ... up to this
+    retry_for_s: float = Field(86_400.0, gt=0)  # an alert not delivered this long after it fired is given up
+    # An alert read by a replica that has not acknowledged it for this long is taken over by another (its reader
+    # died); above max_backoff_s + timeout_s, so a live reader's retries are never taken away.
+    claim_after_s: float = Field(60.0, gt=0)
+    sweep_interval_s: float = Field(10.0, gt=0, le=3600)  # how often a replica looks for alerts of every account
+
+    @model_validator(mode="after")
+    def _webhook_is_complete(self) -> "AlertSettings":
+        if self.webhook_url is None:
+            return self
+        if bool(self.secret_env) == bool(self.secret_file):
+            raise ValueError("webhook_url needs its signing secret: give exactly one of secret_env or secret_file")
+        if self.claim_after_s <= self.max_backoff_s + self.timeout_s:
+            raise ValueError(
+                f"claim_after_s ({self.claim_after_s:g}) must exceed max_backoff_s + timeout_s "
+                f"({self.max_backoff_s + self.timeout_s:g}), else replicas take retried alerts from each other: "
+                "raise claim_after_s or lower the others"
+            )
+        return self
+
+
 class DemoSettings(_Strict):
     """The quick-start development key: from `key_env` if set there, else generated and printed once."""
 
@@ -501,6 +531,7 @@ class Config(_Strict):
     assets: AssetSettings = AssetSettings()
     demo: DemoSettings = DemoSettings()
     admin: AdminSettings = AdminSettings()
+    alerts: AlertSettings = AlertSettings()
     policies: PoliciesSettings = PoliciesSettings()
     providers: dict[str, ProviderSettings] = {}
     models: tuple[ModelSettings, ...] = ()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Mapping
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from .alerts import AlertDelivery, load_secret
 from .assets import Assets, build_assets
 from .auth.admin import AdminConfigError, AdminCredential
 from .auth.api_keys import ApiKey, generate_key, hash_key
@@ -80,6 +81,7 @@ class Gateway:
     assets: Assets
     managed_keys: ManagedKeys
     admin: AdminCredential = AdminCredential()
+    alerts: AlertDelivery | None = None  # budget alerts' webhook delivery, when alerts.webhook_url is configured
     tracing: Tracing = NO_TRACING
     providers: dict[str, Provider] = field(default_factory=dict)
     provider_kinds: Mapping[str, str] = field(default_factory=dict)  # provider name -> its kind (canonical name)
@@ -110,6 +112,8 @@ class Gateway:
         self.meter.start()
         await self.managed_keys.refresh()  # before the first request: stored keys work from the start
         self._tasks.append(asyncio.create_task(self.managed_keys.run()))
+        if self.alerts is not None:
+            self._tasks.append(asyncio.create_task(self.alerts.run()))
         for name, settings in self.config.providers.items():
             base_url = settings.endpoint
             if settings.kind == "demo":
@@ -247,6 +251,7 @@ def build_gateway(
         IssuerVerifier(issuer.settings(name), on_fetch=metrics.jwks_fetch) for name, issuer in config.issuers.items()
     ]
     store_settings = config.store_settings()
+    secret = load_secret(config) if config.alerts.webhook_url else None  # before the store: fail fast
     store = build_store(store_settings, observer=MetricsStoreObserver(metrics))
     metrics.store_up(True)
     if new_demo_key and announce:
@@ -262,6 +267,7 @@ def build_gateway(
             store, reservation_ttl_s=store_settings.reservation_ttl_s, on_pending_settles=metrics.pending_settles,
             usage_retention_s=store_settings.usage_retention_days * 86_400,
             usage_max_records=store_settings.usage_max_records,
+            alert_keep_s=config.alerts.retry_for_s if secret else 0.0, on_budget_used=metrics.budget_used,
         ),
         metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
@@ -269,6 +275,8 @@ def build_gateway(
         assets=build_assets(config),
         managed_keys=ManagedKeys(_key_directory(store_settings), policy, config.admin.keys_refresh_s),
         admin=_admin_credential(config),
+        # every store is an AlertOutbox (the Store protocol does not say so)
+        alerts=AlertDelivery(store, config.alerts, secret, metrics) if secret else None,  # type: ignore[arg-type]
         tracing=tracing,
         provider_kinds=provider_kinds,
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import math
 import secrets
@@ -21,6 +22,7 @@ from urllib.parse import quote
 from proxy.auth.principal import Principal
 from proxy.errors import ApiError
 from proxy.pending_settles import PendingCancel, PendingSettle, PendingSettles
+from proxy.policy.schema import BASIS_POINTS
 from proxy.policy.types import Decision, Dimension, Period, RateLimit
 from proxy.store.ledger import LedgerReader, account_usage_key, user_usage_key
 from proxy.store.base import (
@@ -28,6 +30,7 @@ from proxy.store.base import (
     MAX_BUDGET,
     MAX_TOKENS,
     AdmitRequest,
+    AlertSpec,
     AdmitResult,
     CallUsage,
     CreditSpec,
@@ -217,7 +220,12 @@ class Meter:
         prefix: str = "ep",
         max_pending_settles: int = 10_000,
         on_pending_settles: Callable[[int], None] = lambda length: None,
+        alert_keep_s: float = 0.0,
+        on_budget_used: Callable[[str, str, str, float], None] = lambda account, scope, owner, ratio: None,
     ) -> None:
+        """`alert_keep_s`: how long a claimed budget alert waits in its outbox for delivery; 0: budgets' alert
+        thresholds are not claimed (no webhook is configured). `on_budget_used(account, scope, owner, share)`: the
+        share of the caller's budget spent, as each admission saw it."""
         self._store = store
         self._ttl_ms = int(reservation_ttl_s * 1000)
         self._retention_ms = int(ledger_retention_s * 1000)
@@ -225,6 +233,8 @@ class Meter:
         self._usage_max_records = usage_max_records
         self._clock = clock
         self._prefix = prefix
+        self._alert_keep_ms = int(alert_keep_s * 1000)
+        self._on_budget_used = on_budget_used
         self._pending = PendingSettles(store, clock, max_pending=max_pending_settles, on_length=on_pending_settles)
 
     @property
@@ -249,6 +259,10 @@ class Meter:
         if not _touches_store(request):
             return Admission(self._store, self._clock, None, {}, self._pending)
         result = await self._admit(request)
+        budget, balance = decision.budget, result.balance
+        if budget is not None and balance is not None and balance.budget:
+            owner = _owner_label(_dimension(principal, budget.scope, None))
+            self._on_budget_used(principal.account, budget.scope, owner, balance.spent / balance.budget)
         if result.denial is not None or result.reservation is None:
             raise _denial(rules, request, result)
         return Admission(self._store, self._clock, result.reservation, _headers(rules, result), self._pending)
@@ -351,25 +365,32 @@ class Meter:
         budget = decision.budget
         if budget is None:
             return None
-        ledger, expire_at = self._ledger(base, budget.scope, _dimension(principal, budget.scope, None),
-                                         budget.period, now_ms)
+        owner = _dimension(principal, budget.scope, None)
+        ledger, expire_at, label = self._ledger(base, budget.scope, owner, budget.period, now_ms)
         amount = to_micro(decision.reserve_credits, round_up=True)
-        return CreditSpec(ledger, f"{ledger}:holds", min(budget.credits * MICRO, MAX_BUDGET), amount, expire_at)
+        total = min(budget.credits * MICRO, MAX_BUDGET)
+        alerts = None
+        if budget.alerts and self._alert_keep_ms:
+            levels = tuple((points, -(-total * points // BASIS_POINTS)) for points in budget.alerts)
+            budget_id = f"{_escaped(principal.account)}/{budget.scope}/{owner}/{label}"
+            alerts = AlertSpec(budget_id, levels, self._alert_keep_ms)
+        return CreditSpec(ledger, f"{ledger}:holds", total, amount, expire_at, alerts)
 
-    def _ledger(self, base: str, scope: str, owner: str, period_name: Period, now_ms: int) -> tuple[str, int]:
-        """The credit ledger of this budget owner in the current period, and when it may expire (0: never)."""
+    def _ledger(self, base: str, scope: str, owner: str, period_name: Period, now_ms: int) -> tuple[str, int, str]:
+        """The credit ledger of this budget owner in the current period, when it may expire (0: never), and the
+        period's label."""
         period = _period_of(period_name, _utc(now_ms))
         expire_at = 0
         if period.ends_at is not None:
             ends_ms = int(period.ends_at.timestamp() * 1000)
             expire_at = max(ends_ms + self._retention_ms, now_ms + 2 * self._ttl_ms)
-        return f"{base}:cr:{scope}:{owner}:{period.label}", expire_at
+        return f"{base}:cr:{scope}:{owner}:{period.label}", expire_at, period.label
 
     async def adjust_credits(self, account: str, period: Period, credits: float) -> float:
         """Top up (positive) or charge (negative) an account-scoped budget in its current period, atomically in
         the store; returns the period's `spent` after it. StoreError ApiErrors as for admissions."""
         now_ms = int(self._clock() * 1000)
-        ledger, expire_at = self._ledger(self.account_prefix(account), "account", _escaped(account), period, now_ms)
+        ledger, expire_at, _ = self._ledger(self.account_prefix(account), "account", _escaped(account), period, now_ms)
         micro = to_micro(abs(credits)) * (1 if credits >= 0 else -1)
         try:
             return from_micro(await self._store.adjust_credits(ledger, micro, expire_at))
@@ -480,6 +501,11 @@ def _user_id(principal: Principal) -> str:
     if principal.key_id:
         return _escaped(principal.key_id)
     return f"a:{_escaped(principal.account)}"
+
+
+def _owner_label(owner: str) -> str:
+    """A budget owner as a metric label: an end user's subject only as a short hash (as in the access log)."""
+    return f"sub_{hashlib.sha256(owner.encode()).hexdigest()[:12]}" if owner.startswith("u:") else owner
 
 
 def _key_id(principal: Principal) -> str:

@@ -53,6 +53,7 @@ CREDIT_ACTIONS: frozenset[str] = frozenset({"reserved", "settled", "released"})
 STORE_ERROR_KINDS: frozenset[str] = frozenset({"error", "script_error", "overloaded", "fallback", "refused"})
 ATTEMPT_RESULTS: frozenset[str] = frozenset({"ok", "error", "timeout", "throttled", "cancelled"})
 RETRY_KINDS: frozenset[str] = frozenset({"retry", "fallback"})
+ALERT_OUTCOMES: frozenset[str] = frozenset({"fired", "delivered", "retried", "failed"})
 BREAKER_STATES: dict[str, int] = {"closed": 0, "half_open": 1, "open": 2}
 ERROR_CODES: frozenset[str] = frozenset(CATALOGUE)
 
@@ -70,6 +71,7 @@ DenialKind = Literal["rate_limit", "budget", "concurrency", "scope"]
 UpstreamOutcome = Literal["ok", "error", "timeout", "cancelled"]
 AttemptResult = Literal["ok", "error", "timeout", "throttled", "cancelled"]
 RetryKind = Literal["retry", "fallback"]
+AlertOutcome = Literal["fired", "delivered", "retried", "failed"]
 
 
 def _capped(value: str | None, allowed: frozenset[str]) -> str:
@@ -213,6 +215,16 @@ class Metrics:
         self._build_info = Gauge(
             f"{p}_build_info", "Always 1; the gateway version as a label.", ["version"],
             multiprocess_mode="max", registry=r)
+        self._budget_alerts = Counter(
+            f"{p}_budget_alerts_total",
+            "Budget alerts, by outcome: fired (a threshold claimed, counted by the replica whose settle claimed it), "
+            "delivered (the webhook answered 2xx), retried (an attempt failed; retried with backoff), failed "
+            "(given up after alerts.retry_for_s).", ["outcome"], registry=r)
+        self._budget_used = Gauge(
+            f"{p}_budget_used_ratio",
+            "Share of a budget spent in its current period, as the last admission on this replica saw it "
+            "(operator opt-in: per_principal_labels).",
+            ["account", "scope", "owner"], multiprocess_mode="livemax", registry=r) if per_principal_labels else None
         self._principal_requests = Counter(
             f"{p}_principal_requests_total", "Requests per caller (operator opt-in: per_principal_labels).",
             ["principal", "status_class"], registry=r) if per_principal_labels else None
@@ -348,6 +360,15 @@ class Metrics:
     def pending_settles(self, length: int) -> None:
         """The length of the meter's queue of settles to retry; set whenever it changes."""
         self._pending_settles.set(length)
+
+    def budget_alert(self, outcome: AlertOutcome, count: int = 1) -> None:
+        """Budget alerts fired, delivered, retried or given up (proxy/alerts.py)."""
+        self._budget_alerts.labels(_capped(outcome, ALERT_OUTCOMES)).inc(count)
+
+    def budget_used(self, account: str, scope: str, owner: str, ratio: float) -> None:
+        """The share of a budget spent; recorded only with per_principal_labels (one series per budget owner)."""
+        if self._budget_used is not None:
+            self._budget_used.labels(account, scope, owner).set(ratio)
 
     def jwks_fetch(self, issuer: str | None, ok: bool) -> None:
         """A JWKS (re)fetch for a configured issuer."""

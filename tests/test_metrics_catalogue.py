@@ -74,6 +74,9 @@ def exercise_every_helper(m: Metrics) -> None:
     m.pending_settles(3)
     m.jwks_fetch("clerk", ok=False)
     m.policy_reload(ok=True)
+    m.budget_alert("fired", 2)
+    m.budget_alert("delivered")
+    m.budget_used("acme", "account", "acme", 0.8)
 
 
 def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
@@ -130,6 +133,9 @@ def test_every_helper_moves_exactly_its_series(metrics: Metrics) -> None:
     assert value(s, "edge_proxy_policy_reload_failing") == 0
     assert value(s, "edge_proxy_build_info", version=__version__) == 1
     assert value(s, "edge_proxy_principal_requests_total", principal="backend", status_class="2xx") == 1
+    assert value(s, "edge_proxy_budget_alerts_total", outcome="fired") == 2
+    assert value(s, "edge_proxy_budget_alerts_total", outcome="delivered") == 1
+    assert value(s, "edge_proxy_budget_used_ratio", account="acme", scope="account", owner="acme") == 0.8
 
 
 def test_metric_names_are_exactly_what_a_scrape_exports(metrics: Metrics) -> None:

@@ -27,6 +27,8 @@ from proxy.store import RedisStore
 from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, wait_healthy, write_policy
 from .mock_provider import MockProvider, chat_chunk, open_sse, sse
 from .redis_server import free_port
+from .test_budget_alerts import SECRET as ALERT_SECRET, Receiver
+from .test_workers import eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,6 +41,7 @@ RESERVATION_TTL_S = 1.5
 LIMITED_KEY = "sk_test_" + "l" * 40
 STREAMER_KEY = "sk_test_" + "s" * 40
 LEDGER_KEY = "sk_test_" + "g" * 40
+ALERTING_KEY = "sk_test_" + "a" * 40
 MAX_TOKENS = 10
 
 POLICY = f"""
@@ -49,6 +52,9 @@ plans:
   limited:
     models: ["mock/*"]
     rate_limits: [{{per: key, requests: {RATE}, window: 1h}}]
+  alerting:
+    models: ["mock/*"]
+    budget: {{credits: {BUDGET}, period: month, scope: account, alerts: {{thresholds: [0.25, 0.5, 1.0]}}}}
   streamer:
     models: ["mock/*"]
     concurrency: 1
@@ -57,6 +63,7 @@ keys:
   - {{id: limited, hash: "{hash_key(LIMITED_KEY)}", plan: limited}}
   - {{id: streamer, hash: "{hash_key(STREAMER_KEY)}", plan: streamer}}
   - {{id: ledger, hash: "{hash_key(LEDGER_KEY)}", plan: demo}}
+  - {{id: alerting, hash: "{hash_key(ALERTING_KEY)}", plan: alerting}}
 prices:
   "mock/*": {{per_request: 1}}
   mock/chat: {{per_request: 1, input_per_1k_tokens: 1000, output_per_1k_tokens: 2000}}
@@ -75,7 +82,8 @@ class Replica:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(REPO),
-               "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY}
+               "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY,
+               "EDGE_PROXY_ALERT_SECRET": ALERT_SECRET.decode()}
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "serve", "--config", str(config_path), "--port", str(self.port)],
@@ -104,14 +112,25 @@ async def provider() -> AsyncIterator[MockProvider]:
     await mock.stop()
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def webhook() -> AsyncIterator[Receiver]:
+    """The budget alerts' webhook: verifies every signature, keeps what it was sent."""
+    receiver = await Receiver().start()
+    yield receiver
+    await receiver.stop()
+
+
 @pytest.fixture(scope="module")
-def config_path(redis_url: str, provider: MockProvider, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def config_path(
+    redis_url: str, provider: MockProvider, webhook: Receiver, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     workdir = tmp_path_factory.mktemp("replicas")
     config = gateway_config(
         provider.url, write_policy(workdir / "policies", POLICY),
         server={"access_log": False, "log_level": "warning", "workers": 1},  # a replica: one process, as a pod
         # The shipped store timeouts: 400 requests at once must not turn into 503s (docs/metering.md).
         store={"kind": "redis", "redis_url": redis_url, "reservation_ttl_s": RESERVATION_TTL_S},
+        alerts={"webhook_url": webhook.url, "secret_env": "EDGE_PROXY_ALERT_SECRET"},
     )
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -173,6 +192,32 @@ async def test_budget_is_exact_across_replicas(replicas: list[Replica]) -> None:
     for replica in replicas:
         state = await balance(replica, TEST_KEY)
         assert (state["spent"], state["held"], state["remaining"]) == (BUDGET, 0, 0)
+
+
+async def test_budget_alerts_fire_once_per_threshold_across_replicas(
+    replicas: list[Replica], webhook: Receiver
+) -> None:
+    """Four replicas settle a concurrent burst that crosses every threshold: each is claimed by exactly one settle
+    (the `fired` counters add up to the thresholds) and reaches the webhook once, signed."""
+    answers = await fan_out(replicas, "/v1/embeddings", EMBED, ALERTING_KEY)
+    assert Counter(status for status, _ in answers) == {200: BUDGET, 402: REQUESTS - BUDGET}
+    await eventually(lambda: len(webhook.alerts) >= 3)
+    await asyncio.sleep(0.5)  # room for a duplicate to show up, were there one
+    assert sorted(alert["threshold"] for alert in webhook.alerts) == [0.25, 0.5, 1.0]
+    assert len(set(webhook.ids())) == 3 and all(alert["account"] == "alerting" for alert in webhook.alerts)
+    assert [alert["spent"] >= alert["threshold"] * BUDGET for alert in webhook.alerts] == [True] * 3
+    fired = delivered = 0
+    async with aiohttp.ClientSession() as http:
+        for replica in replicas:
+            async with http.get(f"{replica.url}/metrics") as response:
+                text = await response.text()
+            fired += metric_value(text, 'edge_proxy_budget_alerts_total{outcome="fired"}')
+            delivered += metric_value(text, 'edge_proxy_budget_alerts_total{outcome="delivered"}')
+    assert (fired, delivered) == (3, 3)
+
+
+def metric_value(exposition: str, sample: str) -> int:
+    return sum(int(float(line.split()[-1])) for line in exposition.splitlines() if line.startswith(sample + " "))
 
 
 async def test_rate_limit_is_exact_across_replicas(replicas: list[Replica]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from decimal import Decimal
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Literal, TypeVar
 
@@ -228,7 +229,9 @@ def _kind(value: Any) -> str:
 PLAN_FIELDS = (
     "models", "capabilities", "rate_limits", "concurrency", "budget", "max_output_tokens", "max_seconds", "fallbacks"
 )
-BUDGET_FIELDS = ("credits", "period", "scope")
+BUDGET_FIELDS = ("credits", "period", "scope", "alerts")
+MAX_ALERT_THRESHOLDS = 10
+BASIS_POINTS = 10_000
 PRICE_FIELDS = tuple(Price.__dataclass_fields__)
 KEY_FIELDS = ("id", "hash", "plan", "account", "allow_direct", "disabled", "overrides")
 DEFAULT_FIELDS = tuple(Defaults.__dataclass_fields__)
@@ -278,7 +281,28 @@ def parse_budget_fields(raw: Any, path: str, required: tuple[str, ...]) -> dict[
         fields["period"] = choice(raw["period"], child(path, "period"), PERIODS)
     if "scope" in raw:
         fields["scope"] = choice(raw["scope"], child(path, "scope"), BUDGET_SCOPES)
+    if "alerts" in raw:
+        fields["alerts"] = parse_alerts(raw["alerts"], child(path, "alerts"))
     return fields
+
+
+def parse_alerts(raw: Any, path: str) -> tuple[int, ...]:
+    """`alerts: {thresholds: [0.5, 0.8, 1.0]}`: shares of the budget, ascending, as basis points (`[]`: none)."""
+    raw = mapping(raw, path, ("thresholds",), required=("thresholds",))
+    where = child(path, "thresholds")
+    given = raw["thresholds"]
+    fix = f"write up to {MAX_ALERT_THRESHOLDS} ascending shares of the budget in (0, 1], e.g. [0.5, 0.8, 1.0]"
+    if not isinstance(given, list) or len(given) > MAX_ALERT_THRESHOLDS:
+        raise Invalid(where, f"expected a list of at most {MAX_ALERT_THRESHOLDS} numbers, got {_kind(given)}", fix)
+    points: list[int] = []
+    for i, share in enumerate(given):
+        number_given = isinstance(share, (int, float)) and not isinstance(share, bool) and 0 < share <= 1
+        if not number_given or (Decimal(repr(share)) * BASIS_POINTS) % 1:
+            raise Invalid(child(where, i), f"{share!r} is not a share in (0, 1] with at most 4 decimals", fix)
+        points.append(round(share * BASIS_POINTS))
+        if len(points) > 1 and points[-1] <= points[-2]:
+            raise Invalid(child(where, i), f"{share!r} is not above the threshold before it", fix)
+    return tuple(points)
 
 
 def parse_limits(raw: dict[str, Any], path: str) -> dict[str, Any]:

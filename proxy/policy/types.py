@@ -33,6 +33,9 @@ class Budget:
     credits: int
     period: Period = "none"
     scope: BudgetScope = "account"
+    # Alert thresholds in basis points of `credits` (8000: 80 %), ascending: each fires one signed webhook per
+    # budget period when `spent` reaches it (docs/usage.md, "Budget alerts").
+    alerts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

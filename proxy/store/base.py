@@ -74,6 +74,19 @@ class LeaseSpec:
 
 
 @dataclass(frozen=True)
+class AlertSpec:
+    """The budget's alert thresholds, claimed by the settle that makes `spent` reach them (docs/usage.md, "Budget
+    alerts"): each `(basis points, micro-credits)` once per ledger, i.e. per budget period, across replicas.
+
+    A claimed alert goes to the account's outbox (proxy/store/alerts.py) in the same step; `budget_id` names the
+    budget and its period (alert ids are `<budget_id>/<basis points>`); the outbox keeps an alert `keep_ms`."""
+
+    budget_id: str
+    levels: tuple[tuple[int, int], ...]
+    keep_ms: int
+
+
+@dataclass(frozen=True)
 class CreditSpec:
     """Reserve `amount` micro-credits against `budget` in the ledger `ledger_key` (holds in `holds_key`).
 
@@ -85,6 +98,7 @@ class CreditSpec:
     budget: int
     amount: int
     expire_at_ms: int = 0
+    alerts: AlertSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,11 @@ def check_admit(request: AdmitRequest) -> None:
         _check("budget", request.credits.budget, 0, MAX_BUDGET)
         _check("amount", request.credits.amount, 0, MAX_AMOUNT)
         _check("expire_at_ms", request.credits.expire_at_ms, 0, 2**52)
+        if request.credits.alerts is not None:
+            _check("alert keep_ms", request.credits.alerts.keep_ms, 1, 2**46)
+            for points, amount in request.credits.alerts.levels:
+                _check("alert threshold", points, 1, 10_000)
+                _check("alert amount", amount, 0, MAX_BUDGET)
     if request.ledger is not None:
         _check("ledger retention_ms", request.ledger.retention_ms, 1, 2**46)
         _check("ledger max_records", request.ledger.max_records, 1, 10**9)

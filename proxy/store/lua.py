@@ -140,6 +140,27 @@ local function sweep(ledger, holds, lg)
   add(ledger, 'spent', total)
 end
 
+-- Budget alerts (docs/usage.md): a threshold `spent` has reached is claimed once per credit ledger (so once per
+-- budget period) by HSETNX of `al:<basis points>` beside `spent`, and appended to the account's outbox in the
+-- same step. ARGV[o+1 .. o+ALERT_ARGS]: budget id ('' = no alerts), levels "<bp>:<micro-credits>,...", outbox
+-- lifetime ms, the budget in micro-credits. Returns how many alerts it claimed.
+local ALERT_ARGS = 4
+local function claim_alerts(ledger, lg, o)
+  if (not lg) or ARGV[o + 1] == '' then return 0 end
+  local spent = tonumber(redis.call('HGET', ledger, 'spent')) or 0
+  local outbox, fired = lg.prefix .. ':al', 0
+  for bp, amount in string.gmatch(ARGV[o + 2], '(%d+):(%d+)') do
+    if spent >= tonumber(amount) and redis.call('HSETNX', ledger, 'al:' .. bp, int(now)) == 1 then
+      redis.call('XADD', outbox, 'MAXLEN', '~', 10000, '*', 'id', ARGV[o + 1] .. '/' .. bp, 'ts', int(now),
+        'account', lg.account, 'budget', ARGV[o + 1], 'threshold_bp', bp, 'budget_micro', ARGV[o + 4],
+        'spent_micro', int(spent), 'key', lg.k, 'user', lg.u, 'request_id', lg.q)
+      fired = fired + 1
+    end
+  end
+  if fired > 0 then redis.call('PEXPIRE', outbox, ARGV[o + 3]) end
+  return fired
+end
+
 local function expire_ledger(ledger, holds, expire_at)
   if expire_at > 0 then
     redis.call('PEXPIREAT', ledger, int(expire_at))
@@ -245,29 +266,32 @@ return reply(1, new_tats)
 # KEYS: ticket, lease zset, ledger hash, holds zset, then one key per token limit.
 # ARGV: now_ms, reservation id, actual amount, has lease (0|1), has credits (0|1), ledger expire-at (0 = keep),
 #       the usage ledger's block (LEDGER_ARGS), the record's outcome, provider, deployment, tokens in, tokens out,
-#       images, seconds ms, then per token limit: limit, (actual − estimated tokens)·T as (whole ms, rem).
-# Reply: 1 if settled now (its record written), 0 if it was already settled (or its ticket expired): no record.
+#       images, seconds ms, the budget alerts' block (ALERT_ARGS), then per token limit: limit,
+#       (actual − estimated tokens)·T as (whole ms, rem).
+# Reply: {1, alerts claimed} if settled now (its record written), {0, 0} if it was already settled (or its ticket
+#        expired): no record.
 _SETTLE_BODY = r"""
 local rid = ARGV[2]
 local lg = read_ledger(6)
 local u = 6 + LEDGER_ARGS  -- the record's own fields
+local a = u + 7  -- the alerts' block
 local ticket = redis.call('HMGET', KEYS[1], 'amt', 'exp')
 if (not ticket[1]) or (not ticket[2]) or tonumber(ticket[2]) <= now then  -- gone, expired or a tombstone
   redis.call('DEL', KEYS[1])
-  return 0
+  return {0, 0}
 end
 local reserved = tonumber(ticket[1])
 local amount = tonumber(ARGV[3])
 local limits, new_tats = {}, {}
 for i = 5, #KEYS do
-  local base = u + 7 + (i - 5) * 3
+  local base = a + ALERT_ARGS + (i - 5) * 3
   local limit = tonumber(ARGV[base + 1])
   limits[i] = limit
   new_tats[i] = shifted(start_of(read_tat(KEYS[i], limit)), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), limit)
 end
 
 if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], rid) end
-local credits, late = amount, 0  -- without a budget, the record carries the call's price
+local credits, late, fired = amount, 0, 0  -- without a budget, the record carries the call's price
 if ARGV[5] == '1' then
   sweep(KEYS[3], KEYS[4], lg)
   if redis.call('ZREM', KEYS[4], int(reserved) .. ':' .. rid) == 1 then
@@ -280,6 +304,7 @@ if ARGV[5] == '1' then
     credits, late = amount - reserved, 1
     expire_ledger(KEYS[3], KEYS[4], tonumber(ARGV[6]))
   end
+  fired = claim_alerts(KEYS[3], lg, a)
 end
 redis.call('DEL', KEYS[1])  -- after the sweep, which may record this very call's expired hold from it
 if lg then
@@ -289,7 +314,7 @@ if lg then
     outcome = ARGV[u + 1], late = late})
 end
 for i = 5, #KEYS do store_tat(KEYS[i], new_tats[i], limits[i]) end
-return 1
+return {1, fired}
 """
 SETTLE = _COMMON + _SETTLE_BODY
 
@@ -297,7 +322,7 @@ SETTLE = _COMMON + _SETTLE_BODY
 # that the admit, if it arrives later, takes nothing. KEYS and ARGV: those of SETTLE with amount and tokens 0,
 # then the tombstone's lifetime in ms. Reply: 1 if it undid a taken admit, else 0.
 CANCEL = _COMMON + "local function settle()\n" + _SETTLE_BODY + r"""end
-local undone = settle()
+local undone = settle()[1]
 local tombstone_ms = tonumber(ARGV[#ARGV])
 redis.call('HSET', KEYS[1], 'cancelled', '1', 'exp', int(now + tombstone_ms))
 redis.call('PEXPIRE', KEYS[1], int(tombstone_ms + GRACE))
@@ -336,4 +361,14 @@ ADJUST = _PRELUDE + r"""
 local spent = redis.call('HINCRBY', KEYS[1], 'spent', int(-tonumber(ARGV[1])))
 if tonumber(ARGV[2]) > 0 then redis.call('PEXPIREAT', KEYS[1], int(tonumber(ARGV[2]))) end
 return spent
+"""
+
+# KEYS: an alert outbox. ARGV: its consumer group, then the ids of entries delivered (or given up on).
+# Deletes them, and the outbox once empty (AlertDelivery finds outboxes with alerts by SCAN).
+ACK_ALERTS = r"""
+local ids = {unpack(ARGV, 2)}
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+redis.call('XDEL', KEYS[1], unpack(ids))
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return 1
 """

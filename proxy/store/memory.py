@@ -6,7 +6,8 @@ Atomicity comes from the event loop: no method awaits between reading and writin
 from __future__ import annotations
 
 import heapq
-from typing import Any
+import time
+from typing import Any, Callable
 
 from proxy.store.base import (
     AdmitCancelled,
@@ -25,6 +26,7 @@ from proxy.store.base import (
     check_renew,
     check_settle,
 )
+from proxy.store.alerts import FreshAlerts, OutboxEntry, _Outbox, outbox_key
 from proxy.store.gcra import Tat, ceil_ms, gcra_adjust, gcra_take, limit_states
 from proxy.store.ledger import (
     METRICS,
@@ -107,8 +109,10 @@ class _Keyspace:
 class MemoryStore:
     """Single-process store; asyncio-safe because every operation runs without awaiting."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._keys = _Keyspace()
+        self._clock = clock  # for the alert outbox's idle times (every other operation is given its `now`)
+        self._fresh_alerts = FreshAlerts()
 
     @property
     def healthy(self) -> bool:
@@ -203,6 +207,7 @@ class MemoryStore:
         if req.credits is not None:
             late = not self._settle_credits(req, ticket["amt"], amount, now)
             credits = amount - ticket["amt"] if late else amount
+            self._claim_alerts(req, now)
         self._keys.delete(req.ticket_key)  # after the sweep, which may record this very call's expired hold from it
         if req.ledger is not None:
             self._record(req.ledger, now, {
@@ -358,6 +363,54 @@ class MemoryStore:
         self._keys.put(credits.ledger_key, ledger)
         self._expire_ledger(credits)
         return live
+
+    def _claim_alerts(self, req: AdmitRequest, now: int) -> None:
+        """Claim the thresholds `spent` has reached, once per credit ledger, into the account's outbox (as the Lua
+        `claim_alerts`)."""
+        credits, lg = req.credits, req.ledger
+        if credits is None or credits.alerts is None or lg is None:
+            return
+        ledger = self._keys.get(credits.ledger_key)
+        key = outbox_key(lg.prefix)
+        fired = 0
+        for points, amount in credits.alerts.levels:
+            claim = f"al:{points}"
+            if ledger["spent"] >= amount and claim not in ledger:
+                ledger[claim] = now
+                outbox = self._keys.get(key) or _Outbox()
+                outbox.add(now, {
+                    "id": f"{credits.alerts.budget_id}/{points}", "ts": str(now), "account": lg.account,
+                    "budget": credits.alerts.budget_id, "threshold_bp": str(points),
+                    "budget_micro": str(credits.budget), "spent_micro": str(ledger["spent"]), "key": lg.key_id,
+                    "user": lg.user, "request_id": lg.request_id,
+                })
+                self._keys.put(key, outbox)
+                fired += 1
+        if fired:
+            self._keys.expire_at(key, now + credits.alerts.keep_ms)
+            self._fresh_alerts.note(key, fired)
+
+    @property
+    def fresh_alerts(self) -> FreshAlerts:
+        return self._fresh_alerts
+
+    async def alert_streams(self, prefix: str = "ep") -> list[str]:
+        return sorted(key for key, value in self._keys.items()
+                      if isinstance(value, _Outbox) and value.entries and key.startswith(f"{prefix}:{{"))
+
+    async def read_alerts(self, stream: str, consumer: str, count: int, min_idle_ms: int) -> list[OutboxEntry]:
+        found = self._keys.get(stream)
+        if not isinstance(found, _Outbox):
+            return []
+        now = int(self._clock() * 1000)
+        return [OutboxEntry(stream, eid, fields) for eid, fields in found.read(consumer, count, min_idle_ms, now)]
+
+    async def ack_alerts(self, stream: str, ids: list[str]) -> None:
+        found = self._keys.get(stream)
+        if isinstance(found, _Outbox):
+            found.ack([parse_id(eid) for eid in ids])
+            if not found.entries:
+                self._keys.delete(stream)
 
     def _record_expired(self, spec: LedgerSpec, rid: str, reserved: int, now: int) -> None:
         """The record of a hold charged at expiry; who it was for comes from its ticket, if still there."""

@@ -12,7 +12,8 @@ from proxy.store import lua
 from proxy.store.admission import CallGate, LoopLag, deadline
 from proxy.store.gcra import Step, limit_states
 from proxy.store.redis_client import Credentials, RedisMode, connect
-from proxy.store.ledger import LedgerRecord, day_of, usage_expiry
+from proxy.store.alerts import GROUP, FreshAlerts, OutboxEntry, outbox_key
+from proxy.store.ledger import LedgerRecord, day_of, parse_id, stream_key, usage_expiry
 from proxy.store.ledger_index import LedgerIndexer, index_key
 from proxy.store.base import (
     AdmitCancelled,
@@ -20,6 +21,7 @@ from proxy.store.base import (
     AdmitResult,
     Balance,
     CallUsage,
+    CreditSpec,
     Denial,
     DenialKind,
     Reservation,
@@ -73,8 +75,14 @@ class RedisStore:
         self._renew = self._client.register_script(lua.RENEW)
         self._cancel = self._client.register_script(lua.CANCEL)
         self._adjust = self._client.register_script(lua.ADJUST)
+        self._ack_alerts = self._client.register_script(lua.ACK_ALERTS)
+        self._fresh_alerts = FreshAlerts()
         self._healthy = True
         self._index = LedgerIndexer(self._write_index)
+
+    @property
+    def fresh_alerts(self) -> FreshAlerts:
+        return self._fresh_alerts
 
     @property
     def healthy(self) -> bool:
@@ -91,11 +99,15 @@ class RedisStore:
         self, reservation: Reservation, amount: int, tokens: int, now_ms: int, usage: CallUsage | None = None
     ) -> bool:
         check_settle(amount, tokens, now_ms, usage)
-        keys, args = _settle_call(reservation.request, amount, tokens, now_ms, usage or CallUsage())
+        request = reservation.request
+        keys, args = _settle_call(request, amount, tokens, now_ms, usage or CallUsage())
         try:
-            return bool(await self._call(lambda: self._settle(keys=keys, args=args)))
+            settled, fired = await self._call(lambda: self._settle(keys=keys, args=args))
         finally:  # even if the answer was lost: the record may be written
-            self._index.note(reservation.request.ledger)
+            self._index.note(request.ledger)
+        if fired and request.ledger is not None:
+            self._fresh_alerts.note(outbox_key(request.ledger.prefix), int(fired))
+        return bool(settled)
 
     async def cancel(self, request: AdmitRequest, now_ms: int) -> bool:
         check_settle(0, 0, now_ms)
@@ -114,6 +126,13 @@ class RedisStore:
 
     async def ledger_streams(self, prefix: str = "ep") -> list[str]:
         """Every account's ledger stream, by SCAN (one bounded call per page)."""
+        return await self._streams(stream_key(f"{prefix}:{{*}}"))
+
+    async def alert_streams(self, prefix: str = "ep") -> list[str]:
+        """Every account's alert outbox that holds alerts (an emptied one is deleted), by SCAN."""
+        return await self._streams(outbox_key(f"{prefix}:{{*}}"))
+
+    async def _streams(self, pattern: str) -> list[str]:
         streams: set[str] = set()
         cluster = isinstance(self._client, RedisCluster)
         for node in self._client.get_primaries() if cluster else [None]:  # a cluster scans each primary
@@ -121,7 +140,7 @@ class RedisStore:
             cursor = 0
             while True:
                 cursor, keys = await self._call(lambda: self._client.scan(
-                    cursor, match=f"{prefix}:{{*}}:lg", count=1000, _type="stream", **target))
+                    cursor, match=pattern, count=1000, _type="stream", **target))
                 if cluster:
                     cursor = cursor[node.name]
                 streams.update(key.decode() for key in keys)
@@ -141,6 +160,44 @@ class RedisStore:
             await pipe.execute()
 
         await self._call(write)
+
+    async def read_alerts(self, stream: str, consumer: str, count: int, min_idle_ms: int) -> list[OutboxEntry]:
+        """Pending to `consumer` (XREADGROUP 0), idle with another consumer (XAUTOCLAIM), new (XREADGROUP >)."""
+
+        async def read() -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+            try:
+                return await self._read_alerts(stream, consumer, count, min_idle_ms)
+            except ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+            try:  # a new outbox (or one emptied and deleted since): its group starts at its first entry
+                await self._client.xgroup_create(stream, GROUP, id="0")
+            except ResponseError as exc:
+                if "requires the key to exist" in str(exc):
+                    return []  # delivered and deleted meanwhile
+                if not str(exc).startswith("BUSYGROUP"):
+                    raise
+            return await self._read_alerts(stream, consumer, count, min_idle_ms)
+
+        entries = await self._call(read)
+        return [OutboxEntry(stream, eid.decode(), {k.decode(): v.decode() for k, v in (fields or {}).items()})
+                for eid, fields in entries]
+
+    async def _read_alerts(
+        self, stream: str, consumer: str, count: int, min_idle_ms: int
+    ) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+        found: dict[bytes, dict[bytes, bytes] | None] = {}
+        for _, entries in await self._client.xreadgroup(GROUP, consumer, {stream: "0"}, count=count):
+            found.update(entries)
+        _, claimed, *_ = await self._client.xautoclaim(stream, GROUP, consumer, min_idle_ms, count=count)
+        found.update((eid, fields) for eid, fields in claimed)
+        for _, entries in await self._client.xreadgroup(GROUP, consumer, {stream: ">"}, count=count):
+            found.update(entries)
+        return sorted(found.items(), key=lambda item: parse_id(item[0].decode()))[:count]
+
+    async def ack_alerts(self, stream: str, ids: list[str]) -> None:
+        if ids:
+            await self._call(lambda: self._ack_alerts(keys=[stream], args=[GROUP, *ids]))
 
     async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
         entries = await self._call(lambda: self._client.xrange(stream, min=f"({after}", max="+", count=count))
@@ -288,6 +345,15 @@ def _ledger_args(req: AdmitRequest, now_ms: int) -> list[int | str]:
     ]
 
 
+def _alert_args(credits: CreditSpec | None) -> list[int | str]:
+    """The budget alerts' block of the settle's ARGV (lua.ALERT_ARGS)."""
+    alerts = credits.alerts if credits else None
+    if credits is None or alerts is None or not alerts.levels:
+        return ["", "", 1, 0]
+    levels = ",".join(f"{points}:{amount}" for points, amount in alerts.levels)
+    return [alerts.budget_id, levels, alerts.keep_ms, credits.budget]
+
+
 def _record(stream: str, eid: bytes, fields: dict[bytes, bytes]) -> LedgerRecord:
     return LedgerRecord(stream, eid.decode(), {name.decode(): value.decode() for name, value in fields.items()})
 
@@ -307,7 +373,7 @@ def _settle_call(
         credits.expire_at_ms if credits else 0,
         *_ledger_args(req, now_ms),
         outcome or usage.outcome, usage.provider, usage.deployment, usage.tokens_in, usage.tokens_out,
-        usage.images, usage.seconds_ms,
+        usage.images, usage.seconds_ms, *_alert_args(credits),
     ]
     for spec in token_limits:
         step = Step.of(tokens - req.estimated_tokens, spec.window_ms, spec.limit)

@@ -20,6 +20,7 @@ from proxy.store.base import (
     StoreOverloaded,
     StoreUnavailable,
 )
+from proxy.store.alerts import AlertOutbox, FreshAlerts, OutboxEntry
 from proxy.store.breaker import CircuitBreaker
 from proxy.store.ledger import LedgerReader, LedgerRecord
 from proxy.store.memory import MemoryStore
@@ -125,6 +126,24 @@ class ResilientStore:
 
     async def read_usage(self, keys: list[str]) -> list[dict[str, str]]:
         return await self._shared("usage", lambda: self._reader.read_usage(keys))
+
+    # Budget alerts are claimed and kept only in the shared store, like the ledger.
+    @property
+    def fresh_alerts(self) -> FreshAlerts:
+        return self._outbox.fresh_alerts
+
+    async def alert_streams(self, prefix: str = "ep") -> list[str]:
+        return await self._shared("alerts", lambda: self._outbox.alert_streams(prefix))
+
+    async def read_alerts(self, stream: str, consumer: str, count: int, min_idle_ms: int) -> list[OutboxEntry]:
+        return await self._shared("alerts", lambda: self._outbox.read_alerts(stream, consumer, count, min_idle_ms))
+
+    async def ack_alerts(self, stream: str, ids: list[str]) -> None:
+        await self._shared("alerts", lambda: self._outbox.ack_alerts(stream, ids))
+
+    @property
+    def _outbox(self) -> AlertOutbox:
+        return self._primary  # type: ignore[return-value]  # both shared stores implement AlertOutbox
 
     @property
     def _reader(self) -> LedgerReader:
