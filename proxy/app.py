@@ -93,7 +93,7 @@ def cors_middleware(server: ServerSettings) -> Callable[..., Awaitable[web.Strea
             return web.Response(
                 status=204,
                 headers={
-                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",  # PUT, DELETE: assets
                     "Access-Control-Allow-Headers": request.headers.get(
                         "Access-Control-Request-Headers", "Authorization, Content-Type"
                     ),

@@ -387,3 +387,15 @@ async def test_a_failed_rehost_passes_the_providers_url_on(
                                                                   "urls": ["http://127.0.0.1/img.png"]}})
     finally:
         await server.stop()
+
+
+async def test_a_browser_may_put_a_presigned_upload_cross_origin(gateway: str) -> None:
+    """The seeds' web clients upload from the page's origin: the preflight for the PUT must allow it."""
+    offer = (await presign(gateway, len(PNG)))[1]
+    origin = {"Origin": "https://app.example.com"}
+    async with aiohttp.ClientSession() as http:
+        async with http.options(offer["upload_url"], headers={
+                **origin, "Access-Control-Request-Method": "PUT", "Access-Control-Request-Headers": "content-type"}) as r:
+            assert r.status == 204 and "PUT" in r.headers["Access-Control-Allow-Methods"].split(", ")
+        async with http.put(offer["upload_url"], data=PNG, headers={**origin, "Content-Type": "image/png"}) as r:
+            assert (r.status, r.headers["Access-Control-Allow-Origin"]) == (200, "https://app.example.com")

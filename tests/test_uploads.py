@@ -220,6 +220,25 @@ async def test_one_tenants_flood_never_evicts_another_tenants_asset(tenants_gate
     assert alive == [False] * 55 + [True] * 5  # tenant A keeps its 5 newest: its share, and no more
 
 
+async def test_only_the_owners_account_deletes_an_asset(tenants_gateway: str) -> None:
+    def auth(account: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TENANT_KEYS[account]}"}
+
+    _, kept = await upload(tenants_gateway, PNG, "image/png", auth("tenant-a"))
+    asset = f"{tenants_gateway}/v1/assets/{kept['url'].split('/v1/assets/')[1].split('?')[0]}"
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(asset, headers=auth("tenant-b")) as r:
+            assert r.status == 404  # as if it did not exist: no oracle for other accounts' ids
+        async with http.get(kept["url"]) as r:
+            assert r.status == 200
+        async with http.delete(asset) as r:
+            assert r.status == 401
+        async with http.delete(asset, headers=auth("tenant-a")) as r:
+            assert r.status == 204
+        async with http.get(kept["url"]) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (404, "not_found")
+
+
 async def held_upload(url: str, gate: asyncio.Event) -> tuple[int, dict[str, Any], str | None]:
     """A chunked upload (it holds the whole `max_upload_bytes` of receiving budget) whose body waits for `gate`."""
     async def body() -> AsyncIterator[bytes]:

@@ -175,8 +175,12 @@ def _not_kept(exc: Exception) -> ApiError:
     if isinstance(exc, AssetStoreFull):
         return overloaded(exc)
     if isinstance(exc, AssetStoreError):
-        return ApiError("store_unavailable", "the asset store cannot be reached; retry shortly")
+        return unreachable()
     return ApiError("payload_too_large", f"{exc}; the asset cannot be kept")
+
+
+def unreachable() -> ApiError:
+    return ApiError("store_unavailable", "the asset store cannot be reached; retry shortly")
 
 
 def overloaded(full: AssetStoreFull) -> ApiError:
@@ -195,7 +199,7 @@ async def serve_asset(request: web.Request) -> web.Response:
     try:
         asset = await gateway.assets.store.get(asset_id) if valid_asset_id(asset_id) else None
     except AssetStoreError:
-        raise ApiError("store_unavailable", "the asset store cannot be reached; retry shortly") from None
+        raise unreachable() from None
     if asset is None:
         raise ApiError("not_found", "no such asset; assets expire, upload the file again")
     max_age = max(0, int(min(expires, asset.expires_at) - time.time()))
@@ -209,6 +213,20 @@ async def serve_asset(request: web.Request) -> web.Response:
             "Content-Security-Policy": "default-src 'none'; sandbox",
         },
     )
+
+
+async def delete_asset(request: web.Request) -> web.Response:
+    """The owner's account removes an asset before it expires (e.g. an input once the generation is done)."""
+    gateway, asset_id = request.app[GATEWAY], request.match_info["asset_id"]
+    principal = await authenticated(request)
+    try:
+        asset = await gateway.assets.store.get(asset_id) if valid_asset_id(asset_id) else None
+        if asset is None or asset.account != principal.account:  # another account's asset is not there for you
+            raise ApiError("not_found", "no such asset of your account")
+        await gateway.assets.store.delete(asset_id)
+    except AssetStoreError:
+        raise unreachable() from None
+    return web.Response(status=204)
 
 
 def public_base(request: web.Request) -> str:
@@ -231,3 +249,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/uploads", upload)
     app.router.add_put("/v1/uploads/{asset_id}", presigned_put)
     app.router.add_get("/v1/assets/{asset_id}", serve_asset)
+    app.router.add_delete("/v1/assets/{asset_id}", delete_asset)
