@@ -26,7 +26,7 @@ ACCESS_FIELDS: tuple[str, ...] = (
     "request_id", "method", "path", "route", "status", "principal_type", "principal_id", "end_user",
     "model", "provider", "upstream_status", "duration_ms", "ttfb_ms",
     "tokens_in", "tokens_out", "credits", "error", "deployment", "attempts",
-    "admin_action", "admin_target", "admin_reason",
+    "admin_action", "admin_target", "admin_reason", "admin_actor",
 )
 LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 

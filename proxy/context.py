@@ -20,11 +20,13 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{8,128}$")
 
 @dataclass(frozen=True)
 class AdminAudit:
-    """What an admin call did, for its access-log line: the action, its target (key id or account), the reason."""
+    """What an admin call did, for its access-log line: the action, its target (key id or account), the reason, and
+    who made it (the admin token's actor, once checked)."""
 
     action: str
     target: str | None = None
     reason: str | None = None
+    actor: str | None = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from proxy.store.base import (
     MAX_AMOUNT,
     MAX_BUDGET,
     MAX_TOKENS,
+    Adjustment,
     AdmitRequest,
     AlertSpec,
     AdmitResult,
@@ -253,7 +254,7 @@ class Meter:
     async def admit(self, principal: Principal, model_id: str, decision: Decision, request_id: str) -> Admission:
         """Take every limit, the concurrency lease and the credit hold, or raise the ApiError that denied it."""
         now_ms = int(self._clock() * 1000)
-        rid = f"{quote(request_id[:64], safe='')}.{secrets.token_hex(6)}"
+        rid = _record_id(request_id)
         rules = decision.rate_limits
         request = self._request(principal, model_id, decision, rules, rid, now_ms, request_id)
         if not _touches_store(request):
@@ -386,14 +387,20 @@ class Meter:
             expire_at = max(ends_ms + self._retention_ms, now_ms + 2 * self._ttl_ms)
         return f"{base}:cr:{scope}:{owner}:{period.label}", expire_at, period.label
 
-    async def adjust_credits(self, account: str, period: Period, credits: float) -> float:
+    async def adjust_credits(
+        self, account: str, period: Period, credits: float, *, request_id: str, reason: str, actor: str
+    ) -> float:
         """Top up (positive) or charge (negative) an account-scoped budget in its current period, atomically in
-        the store; returns the period's `spent` after it. StoreError ApiErrors as for admissions."""
+        the store with its usage ledger record (outcome `topup` or `adjustment`, the reason and the admin actor);
+        returns the period's `spent` after it. StoreError ApiErrors as for admissions."""
         now_ms = int(self._clock() * 1000)
-        ledger, expire_at, _ = self._ledger(self.account_prefix(account), "account", _escaped(account), period, now_ms)
+        prefix = self.account_prefix(account)
+        ledger, expire_at, _ = self._ledger(prefix, "account", _escaped(account), period, now_ms)
         micro = to_micro(abs(credits)) * (1 if credits >= 0 else -1)
+        record = LedgerSpec(prefix, request_id, account, "", "", "", self._usage_retention_ms, self._usage_max_records)
+        audit = Adjustment(record, _record_id(request_id), now_ms, reason, actor)
         try:
-            return from_micro(await self._store.adjust_credits(ledger, micro, expire_at))
+            return from_micro(await self._store.adjust_credits(ledger, micro, expire_at, audit))
         except StoreError as exc:
             raise _store_error(exc) from exc
 
@@ -501,6 +508,11 @@ def _user_id(principal: Principal) -> str:
     if principal.key_id:
         return _escaped(principal.key_id)
     return f"a:{_escaped(principal.account)}"
+
+
+def _record_id(request_id: str) -> str:
+    """A reservation's (and its ledger record's) id: the request id, percent-encoded, and 12 random hex digits."""
+    return f"{quote(request_id[:64], safe='')}.{secrets.token_hex(6)}"
 
 
 def _owner_label(owner: str) -> str:

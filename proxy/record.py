@@ -55,6 +55,7 @@ def record(metrics: Metrics, request: web.Request, ctx: RequestContext, status: 
             "admin_action": ctx.admin.action if ctx.admin else None,
             "admin_target": ctx.admin.target if ctx.admin else None,
             "admin_reason": ctx.admin.reason if ctx.admin else None,
+            "admin_actor": ctx.admin.actor if ctx.admin else None,
         })
 
 

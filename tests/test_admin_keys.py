@@ -8,6 +8,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -25,8 +26,9 @@ from proxy.gateway import build_gateway
 from proxy.auth.api_keys import hash_key
 from proxy.auth.tokens import SigningKey
 from proxy.server import RunningServer
-from proxy.store import Store
-from proxy.store.base import MAX_BUDGET
+from proxy.store import RedisStore, Store
+from proxy.store.base import MAX_BUDGET, Adjustment, LedgerSpec
+from proxy.store.ledger import LedgerReader
 from proxy.store.keys import RECORDS_KEY, VERSION_KEY
 
 from .gateway_harness import DEFAULT_POLICY, PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway, write_policy
@@ -305,7 +307,8 @@ def test_admin_token_settings_are_checked_at_start_up(tmp_path: Path, monkeypatc
     assert refused.value.code == "invalid_admin_token"
 
 
-async def test_a_top_up_changes_the_balance_exactly_on_every_replica(replicas: Replicas) -> None:
+async def test_a_top_up_changes_the_balance_exactly_on_every_replica(replicas: Replicas, redis_url: str) -> None:
+    started_ms = int(time.time() * 1000)
     secret = (await replicas.admin("POST", "/v1/admin/keys", {"id": "payer", "plan": "demo", "account": "acme"}))[
         "secret"]
     await replicas.within_bound(replicas.b, secret, 200)  # one call: 1 credit spent
@@ -325,7 +328,19 @@ async def test_a_top_up_changes_the_balance_exactly_on_every_replica(replicas: R
     assert await remaining() == before + 12.5
     await replicas.admin("POST", "/v1/admin/accounts/acme/credits", {"credits": -2.25, "reason": "correction"})
     assert await remaining() == before + 10.25
-    await replicas.logged('"admin_action":"credits.adjust","admin_target":"acme","admin_reason":"correction"')
+    await replicas.logged('"admin_action":"credits.adjust","admin_target":"acme","admin_reason":"correction",'
+                          f'"admin_actor":"admin:{hash_key(ADMIN_TOKEN)[7:19]}"')
+    # each adjustment is a ledger record, written with it: its reason, the admin actor, the balance change
+    reader = RedisStore(redis_url)
+    try:
+        records = [r.fields for r in await reader.read_ledger("ep:{acme}:lg", count=10_000)
+                   if r.fields["outcome"] in ("topup", "adjustment") and int(r.fields["ts"]) >= started_ms]
+    finally:
+        await reader.close()
+    assert [(r["outcome"], int(r["credits"]), r["reason"]) for r in records] == [
+        ("topup", -12_500_000, "goodwill"), ("adjustment", 2_250_000, "correction")]
+    assert all(r["actor"] == f"admin:{hash_key(ADMIN_TOKEN)[7:19]}" and r["account"] == "acme"
+               and r["request_id"].startswith("req_") and r["key"] == "" for r in records)
 
     for body, param in [
         ({"credits": 0, "reason": "x"}, "credits"),
@@ -346,14 +361,26 @@ async def test_a_top_up_changes_the_balance_exactly_on_every_replica(replicas: R
     assert await remaining() == before + 10.25  # refused calls changed nothing
 
 
-async def test_credit_adjustments_are_exact_in_both_stores(store: Store) -> None:
+async def test_credit_adjustments_are_exact_in_both_stores_and_each_is_a_ledger_record(store: Store) -> None:
     ledger = "ep:{acct}:cr:account:acct:none"
-    assert await store.adjust_credits(ledger, 3_000_000, 0) == -3_000_000
-    assert await store.adjust_credits(ledger, -500_001, 0) == -2_499_999
+    now_ms = int(time.time() * 1000)
+    audit = Adjustment(LedgerSpec("ep:{acct}", "req-adm", "acct", "", "", "", 86_400_000, 100), "adj-1", now_ms,
+                       "invoice 7", "admin:0123456789ab")
+    assert await store.adjust_credits(ledger, 3_000_000, 0, audit) == -3_000_000
+    assert await store.adjust_credits(ledger, -500_001, 0, audit) == -2_499_999
     for bad in (MAX_BUDGET + 1, -MAX_BUDGET - 1):
         with pytest.raises(ValueError):
-            await store.adjust_credits(ledger, bad, 0)
-    assert await store.adjust_credits(ledger, 0, 0) == -2_499_999
+            await store.adjust_credits(ledger, bad, 0, audit)
+    assert await store.adjust_credits(ledger, 0, 0, audit) == -2_499_999
+    reader: LedgerReader = store  # type: ignore[assignment]
+    records = [r.fields for r in await reader.read_ledger("ep:{acct}:lg")]
+    assert [(r["outcome"], int(r["credits"])) for r in records] == [
+        ("topup", -3_000_000), ("adjustment", 500_001), ("adjustment", 0)]  # the refused ones wrote nothing
+    assert records[0]["reason"] == "invoice 7" and records[0]["actor"] == "admin:0123456789ab"
+    assert (records[0]["tokens_in"], records[0]["model"], records[0]["late"]) == ("0", "", "0")  # as in Redis
+    # a balance change, not usage: the daily aggregates do not count it
+    day = datetime.fromtimestamp(now_ms / 1000, timezone.utc).strftime("%Y%m%d")
+    assert await reader.read_usage([f"ep:{{acct}}:us:a:{day}"]) == [{}]
 
 
 async def test_cli_verbs_drive_a_running_gateway(

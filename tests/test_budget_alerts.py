@@ -5,10 +5,12 @@ webhook that checks the signature, retries while the webhook is down, and takes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import time
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -119,6 +121,18 @@ def delivery(store: Store, url: str, metrics: Counted, clock: Any = time.time, *
     return AlertDelivery(store, AlertSettings(**options), SECRET, metrics, clock=clock)  # type: ignore[arg-type]
 
 
+@asynccontextmanager
+async def running(alerts: AlertDelivery) -> AsyncIterator[None]:
+    """The delivery loop in the background, cancelled (and its HTTP session closed) when the block ends."""
+    task = asyncio.create_task(alerts.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def test_each_threshold_is_claimed_once_per_period_by_the_settle_that_reaches_it(
     store: Store, clock: Clock
 ) -> None:
@@ -148,15 +162,12 @@ async def test_a_signed_alert_reaches_the_webhook_after_it_comes_back_up(
     meter = alerting_meter(store, clock)
     metrics = Counted()
     receiver.up = False
-    task = asyncio.create_task(delivery(store, receiver.url, metrics, max_backoff_s=0.5, claim_after_s=30).run())
-    try:
+    async with running(delivery(store, receiver.url, metrics, max_backoff_s=0.5, claim_after_s=30)):
         await spend(meter, 5)
         await eventually(lambda: receiver.refused >= 2)  # retried with backoff while the webhook is down
         receiver.up = True
         await eventually(lambda: len(receiver.alerts) == 1)
         await eventually(lambda: metrics.counts.get("delivered") == 1)
-    finally:
-        task.cancel()
     alert = receiver.alerts[0]
     assert alert["type"] == "budget.threshold_reached" and alert["threshold"] == 0.5
     assert alert["account"] == "acme" and alert["spent"] == 5.0 and alert["budget"]["credits"] == 10.0
@@ -173,12 +184,8 @@ async def test_an_alert_read_by_a_reader_that_died_is_taken_over_and_delivered(
     outbox: AlertOutbox = store  # type: ignore[assignment]
     assert len(await outbox.read_alerts(ALERTS, "dead-replica", 10, 60_000)) == 1  # read, never acknowledged
     metrics = Counted()
-    task = asyncio.create_task(delivery(store, receiver.url, metrics, max_backoff_s=0.2, timeout_s=0.5,
-                                        claim_after_s=1).run())
-    try:
+    async with running(delivery(store, receiver.url, metrics, max_backoff_s=0.2, timeout_s=0.5, claim_after_s=1)):
         await eventually(lambda: len(receiver.alerts) == 1)
-    finally:
-        task.cancel()
     assert receiver.alerts[0]["threshold"] == 0.5
 
 
@@ -189,11 +196,8 @@ async def test_an_alert_older_than_retry_for_is_given_up_and_counted_failed(
     await spend(meter, 5)
     metrics = Counted()
     a_day_later = lambda: clock.now + 86_401  # noqa: E731 - the delivery's clock judges the alert's age
-    task = asyncio.create_task(delivery(store, receiver.url, metrics, a_day_later).run())
-    try:
+    async with running(delivery(store, receiver.url, metrics, a_day_later)):
         await eventually(lambda: metrics.counts.get("failed") == 1)
-    finally:
-        task.cancel()
     assert receiver.alerts == [] and await outbox_ids(store) == []
 
 

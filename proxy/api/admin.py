@@ -40,7 +40,8 @@ async def admin_gateway(request: web.Request, action: str, target: str | None = 
     request[CONTEXT].admin = AdminAudit(action, target)
     if not gateway.admin.enabled:
         raise ApiError("admin_api_disabled", "the admin API is off: configure admin.token_env, token_file or token_sha256")
-    gateway.admin.check(authorization_header(request))
+    ctx = request[CONTEXT]
+    ctx.admin = replace(ctx.admin, actor=gateway.admin.check(authorization_header(request)))  # type: ignore[arg-type]
     return gateway
 
 
@@ -176,7 +177,10 @@ async def adjust_credits(request: web.Request) -> web.Response:
     if not NAME_RE.match(account):
         raise ApiError("invalid_request", "the account is not a valid name", param="account")
     period = _budget_period(gateway, account, body.get("period"))
-    spent = await gateway.meter.adjust_credits(account, period, credits)
+    ctx = request[CONTEXT]
+    assert ctx.admin is not None and ctx.admin.actor is not None  # set by admin_gateway
+    spent = await gateway.meter.adjust_credits(account, period, credits, request_id=ctx.request_id,
+                                               reason=body["reason"], actor=ctx.admin.actor)
     return web.json_response({"account": account, "period": period, "credits": credits, "spent": spent})
 
 

@@ -40,7 +40,8 @@ def encode(records: Iterable[LedgerRecord]) -> bytes:
     lines = []
     for record in records:
         row: dict[str, str | int] = {
-            name: int(record.fields[name]) if name in INTEGER_FIELDS else record.fields[name]
+            # .get: a record written before a field existed (reason, actor) has it empty
+            name: int(record.fields[name]) if name in INTEGER_FIELDS else record.fields.get(name, "")
             for name in RECORD_FIELDS
         }
         row["stream_id"] = record.id

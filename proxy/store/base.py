@@ -120,6 +120,19 @@ class LedgerSpec:
 
 
 @dataclass(frozen=True)
+class Adjustment:
+    """An admin's change of a balance, for its ledger record (outcome `topup` or `adjustment`): written with the
+    change, so the ledger explains every balance change. `ledger` names the account (its key, user and model are
+    empty) and the admin call's request id."""
+
+    ledger: LedgerSpec
+    record_id: str
+    now_ms: int
+    reason: str
+    actor: str
+
+
+@dataclass(frozen=True)
 class CallUsage:
     """What a settle records in the ledger beside its charge. `released`: nothing billable came back."""
 
@@ -188,10 +201,13 @@ def check_settle(amount: int, tokens: int, now_ms: int, usage: CallUsage | None 
         _check("seconds_ms", usage.seconds_ms, 0, 2**46)
 
 
-def check_adjust(delta: int, expire_at_ms: int) -> None:
+def check_adjust(delta: int, expire_at_ms: int, audit: Adjustment) -> None:
     """Refuse (ValueError) a credit adjustment the stores could not apply exactly."""
     _check("delta", delta, -MAX_BUDGET, MAX_BUDGET)
     _check("expire_at_ms", expire_at_ms, 0, 2**52)
+    _check("now_ms", audit.now_ms, 0, 2**52)
+    _check("ledger retention_ms", audit.ledger.retention_ms, 1, 2**46)
+    _check("ledger max_records", audit.ledger.max_records, 1, 10**9)
 
 
 def check_renew(ttl_ms: int, now_ms: int) -> None:
@@ -295,9 +311,9 @@ class Store(Protocol):
         reaches the store later, takes nothing (AdmitCancelled). Idempotent; True if it undid a taken admit."""
         ...
 
-    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int) -> int:
-        """Take `delta` micro-credits off `spent` in one atomic step (a top-up is positive, a charge negative) and
-        return the new `spent`; the ledger keeps `expire_at_ms` (0: no expiry)."""
+    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int, audit: Adjustment) -> int:
+        """Take `delta` micro-credits off `spent` in one atomic step (a top-up is positive, a charge negative), with
+        its usage ledger record, and return the new `spent`; the ledger keeps `expire_at_ms` (0: no expiry)."""
         ...
 
     async def ping(self) -> bool:

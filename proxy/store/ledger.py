@@ -22,8 +22,10 @@ METRICS = ("calls", "credits", "tokens_in", "tokens_out", "images", "seconds_ms"
 # A record's fields, in the order both stores write them; every value is a string (integers in plain digits).
 RECORD_FIELDS = (
     "id", "request_id", "ts", "account", "key", "user", "model", "provider", "deployment",
-    "tokens_in", "tokens_out", "images", "seconds_ms", "credits", "reserved", "outcome", "late",
+    "tokens_in", "tokens_out", "images", "seconds_ms", "credits", "reserved", "outcome", "late", "reason", "actor",
 )
+# The outcomes of a balance changed by an admin (no call): recorded, but not usage, so not in the aggregates.
+ADJUSTMENTS = ("topup", "adjustment")
 
 
 def stream_key(prefix: str) -> str:

@@ -80,14 +80,14 @@ local function read_ledger(o)
 end
 
 local RECORD_FIELDS = {'id', 'request_id', 'ts', 'account', 'key', 'user', 'model', 'provider', 'deployment',
-  'tokens_in', 'tokens_out', 'images', 'seconds_ms', 'credits', 'reserved', 'outcome', 'late'}
+  'tokens_in', 'tokens_out', 'images', 'seconds_ms', 'credits', 'reserved', 'outcome', 'late', 'reason', 'actor'}
 local METRICS = {'calls', 'credits', 'tokens_in', 'tokens_out', 'images', 'seconds_ms'}
 
 local function record(lg, r)
   r.ts, r.account = now, lg.account
   local entry = {}
   for _, name in ipairs(RECORD_FIELDS) do
-    local value = r[name]
+    local value = r[name] or ''  -- reason and actor: only an admin's adjustment has them
     if type(value) == 'number' then value = int(value) end
     entry[#entry + 1] = name
     entry[#entry + 1] = value
@@ -96,6 +96,7 @@ local function record(lg, r)
   redis.call('XADD', stream, 'MAXLEN', '~', lg.max_len, '*', unpack(entry))
   redis.call('XTRIM', stream, 'MINID', '~', lg.min_id)
   redis.call('PEXPIRE', stream, int(lg.keep + GRACE))
+  if r.outcome == 'topup' or r.outcome == 'adjustment' then return end  -- a balance change, not usage
   -- a call counts once: when charged at its settle or at its hold's expiry, not again when a late settle corrects
   -- it; a late release or cancel (nothing billable after all) takes back the count of its expired hold
   local undone = r.outcome == 'released' or r.outcome == 'cancelled'
@@ -355,11 +356,22 @@ redis.call('PEXPIRE', KEYS[1], int(2 * ttl + GRACE))
 return 1
 """
 
-# KEYS: ledger hash. ARGV: micro-credits to take off `spent` (negative: add), ledger expire-at (0 = keep).
-# Reply: the new `spent`.
-ADJUST = _PRELUDE + r"""
-local spent = redis.call('HINCRBY', KEYS[1], 'spent', int(-tonumber(ARGV[1])))
-if tonumber(ARGV[2]) > 0 then redis.call('PEXPIREAT', KEYS[1], int(tonumber(ARGV[2]))) end
+# KEYS: ledger hash. ARGV: now_ms, micro-credits to take off `spent` (negative: add), ledger expire-at (0 = keep),
+#       the usage ledger's block (LEDGER_ARGS), then the record's id, reason and actor.
+# Reply: the new `spent`. The ledger record (outcome `topup` or `adjustment`) is written in the same step.
+ADJUST = _COMMON + r"""
+local delta = tonumber(ARGV[2])
+local lg = read_ledger(3)
+local o = 3 + LEDGER_ARGS
+local spent = redis.call('HINCRBY', KEYS[1], 'spent', int(-delta))
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIREAT', KEYS[1], int(tonumber(ARGV[3]))) end
+if lg then
+  local outcome = 'adjustment'
+  if delta > 0 then outcome = 'topup' end
+  record(lg, {id = ARGV[o + 1], request_id = lg.q, key = '', user = '', model = '', provider = '', deployment = '',
+    tokens_in = 0, tokens_out = 0, images = 0, seconds_ms = 0, credits = -delta, reserved = 0, outcome = outcome,
+    late = 0, reason = ARGV[o + 2], actor = ARGV[o + 3]})
+end
 return spent
 """
 

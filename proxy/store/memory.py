@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable
 
 from proxy.store.base import (
+    Adjustment,
     AdmitCancelled,
     AdmitRequest,
     AdmitResult,
@@ -29,6 +30,7 @@ from proxy.store.base import (
 from proxy.store.alerts import FreshAlerts, OutboxEntry, _Outbox, outbox_key
 from proxy.store.gcra import Tat, ceil_ms, gcra_adjust, gcra_take, limit_states
 from proxy.store.ledger import (
+    ADJUSTMENTS,
     METRICS,
     RECORD_FIELDS,
     LedgerRecord,
@@ -131,13 +133,20 @@ class MemoryStore:
     async def ping(self) -> bool:
         return True
 
-    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int) -> int:
-        check_adjust(delta, expire_at_ms)
+    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int, audit: Adjustment) -> int:
+        check_adjust(delta, expire_at_ms, audit)
+        self._keys.purge(audit.now_ms)
         ledger = self._keys.get(ledger_key) or {"spent": 0, "held": 0}
         ledger["spent"] -= delta
         self._keys.put(ledger_key, ledger)
         if expire_at_ms:
             self._keys.expire_at(ledger_key, expire_at_ms)
+        self._record(audit.ledger, audit.now_ms, {
+            "id": audit.record_id, "request_id": audit.ledger.request_id, "key": "", "user": "", "model": "",
+            "provider": "", "deployment": "", "tokens_in": 0, "tokens_out": 0, "images": 0, "seconds_ms": 0,
+            "credits": -delta, "reserved": 0, "outcome": "topup" if delta > 0 else "adjustment", "late": 0,
+            "reason": audit.reason, "actor": audit.actor,
+        })
         return int(ledger["spent"])
 
     async def close(self) -> None:
@@ -431,6 +440,8 @@ class MemoryStore:
         stream.add(now, fields, spec.max_records, now - spec.retention_ms)
         self._keys.put(key, stream)
         self._keys.expire_at(key, now + spec.retention_ms)
+        if values["outcome"] in ADJUSTMENTS:
+            return  # a balance change, not usage
         undone = values["outcome"] in ("released", "cancelled")  # nothing billable; late: takes back its expiry's count
         counted = (1 if not undone else 0) if values["late"] == 0 else (-1 if undone else 0)
         day, expiry = day_of(now), usage_expiry(now, spec.retention_ms)

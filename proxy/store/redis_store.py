@@ -17,12 +17,14 @@ from proxy.store.ledger import LedgerRecord, day_of, parse_id, stream_key, usage
 from proxy.store.ledger_index import LedgerIndexer, index_key
 from proxy.store.base import (
     AdmitCancelled,
+    Adjustment,
     AdmitRequest,
     AdmitResult,
     Balance,
     CallUsage,
     CreditSpec,
     Denial,
+    LedgerSpec,
     DenialKind,
     Reservation,
     StoreError,
@@ -254,9 +256,14 @@ class RedisStore:
         replies = await self._call(read) if keys else []
         return [{name.decode(): value.decode() for name, value in reply.items()} for reply in replies]
 
-    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int) -> int:
-        check_adjust(delta, expire_at_ms)
-        return int(await self._call(lambda: self._adjust(keys=[ledger_key], args=[delta, expire_at_ms])))
+    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int, audit: Adjustment) -> int:
+        check_adjust(delta, expire_at_ms, audit)
+        args = [audit.now_ms, delta, expire_at_ms, *_ledger_args(audit.ledger, audit.now_ms), audit.record_id,
+                audit.reason, audit.actor]
+        try:
+            return int(await self._call(lambda: self._adjust(keys=[ledger_key], args=args)))
+        finally:  # even if the answer was lost: the record may be written
+            self._index.note(audit.ledger)
 
     async def ping(self) -> bool:
         try:
@@ -283,7 +290,7 @@ class RedisStore:
             credits.budget if credits else -1,
             credits.amount if credits else 0,
             credits.expire_at_ms if credits else 0,
-            *_ledger_args(req, req.now_ms),
+            *_ledger_args(req.ledger, req.now_ms),
         ]
         for spec in req.limits:
             cost = 0 if dry else spec.cost
@@ -334,9 +341,8 @@ def _fixed_keys(req: AdmitRequest) -> list[str]:
     ]
 
 
-def _ledger_args(req: AdmitRequest, now_ms: int) -> list[int | str]:
+def _ledger_args(lg: LedgerSpec | None, now_ms: int) -> list[int | str]:
     """The usage ledger's block of ARGV (lua.LEDGER_ARGS): where records and aggregates go, and who for."""
-    lg = req.ledger
     if lg is None:
         return [0, "", "", 0, 1, 0, 1, "", "", "", "", ""]
     return [
@@ -371,7 +377,7 @@ def _settle_call(
         int(req.lease is not None),
         int(credits is not None),
         credits.expire_at_ms if credits else 0,
-        *_ledger_args(req, now_ms),
+        *_ledger_args(req.ledger, now_ms),
         outcome or usage.outcome, usage.provider, usage.deployment, usage.tokens_in, usage.tokens_out,
         usage.images, usage.seconds_ms, *_alert_args(credits),
     ]

@@ -8,6 +8,7 @@ import time
 from typing import Any, Awaitable, Callable, Literal, TypeVar
 
 from proxy.store.base import (
+    Adjustment,
     AdmitRequest,
     AdmitResult,
     CallUsage,
@@ -171,9 +172,10 @@ class ResilientStore:
             log.debug("renew of reservation %s skipped: store unavailable", reservation.request.reservation_id)
         return ok and result
 
-    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int) -> int:
+    async def adjust_credits(self, ledger_key: str, delta: int, expire_at_ms: int, audit: Adjustment) -> int:
         """Only on the shared store: a top-up kept in a replica's fallback would be lost; StoreError if it is down."""
-        return await self._shared("adjust", lambda: self._primary.adjust_credits(ledger_key, delta, expire_at_ms))
+        return await self._shared("adjust", lambda: self._primary.adjust_credits(ledger_key, delta, expire_at_ms,
+                                                                                 audit))
 
     async def ping(self) -> bool:
         ok, result = await self._attempt("ping", self._checked_ping, probe=False)  # a ping is its own probe
