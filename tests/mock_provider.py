@@ -134,9 +134,33 @@ class LoopbackMock:
             await self._runner.cleanup()
 
     async def record(self, request: web.Request) -> dict[str, Any]:
-        body = await request.json()
+        body = await form_fields(request) if request.content_type == "multipart/form-data" else await request.json()
         self.received.append(Received(request.path, dict(request.headers), body, dict(request.query)))
         return body
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A file part of a multipart request, as a provider receives it."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+async def form_fields(request: web.Request) -> dict[str, Any]:
+    """A multipart/form-data body: text fields as strings, file parts as UploadedFile; a name sent several times
+    (`image[]`) as the list of its values."""
+    fields: dict[str, Any] = {}
+    for name, value in (await request.post()).items():
+        is_file = isinstance(value, web.FileField)
+        part = UploadedFile(value.filename, value.content_type, value.file.read()) if is_file else value
+        if name in fields:
+            earlier = fields[name]
+            fields[name] = [*earlier, part] if isinstance(earlier, list) else [earlier, part]
+        else:
+            fields[name] = part
+    return fields
 
 
 @dataclass
@@ -168,6 +192,10 @@ class MockProvider(LoopbackMock):
             return web.json_response({"created": 1700000000, "data": [{"url": "http://127.0.0.1/img.png"}]})
         if request.path.endswith("/audio/speech"):
             return web.Response(body=b"RIFF....WAVEfmt ", content_type="audio/wav")
+        if request.path.endswith("/audio/transcriptions"):  # whisper's JSON answer, its usage in seconds
+            return web.json_response({"text": "hello from the upload", "usage": {"type": "duration", "seconds": 3}})
+        if request.path.endswith("/images/edits"):
+            return web.json_response({"created": 1700000000, "data": [{"url": "http://127.0.0.1/edited.png"}]})
         if request.path.endswith("/responses"):
             return await self.responses(request, body)
         if not body.get("stream"):

@@ -1,7 +1,7 @@
 """Check generation inputs against a model's input schema (the JSON Schema subset proxy/api/schema.py uses).
 
-Supported: required, type, enum, minimum/maximum, minLength, and additionalProperties false (always, as the
-published schema says). Errors are 400 `invalid_request` naming the field in `param`.
+Supported: required, type, enum, minimum/maximum, minLength, minItems/maxItems and items, and additionalProperties
+false (always, as the published schema says). Errors are 400 `invalid_request` naming the field in `param`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def _check_value(name: str, value: Any, rule: dict[str, Any]) -> None:
         raise _invalid(name, f"`{name}` must be at most {rule['maximum']}")
     if "minLength" in rule and len(value) < rule["minLength"]:
         raise _invalid(name, f"`{name}` must have at least {rule['minLength']} characters")
+    if "minItems" in rule and len(value) < rule["minItems"]:
+        raise _invalid(name, f"`{name}` must have at least {rule['minItems']} items")
+    if "maxItems" in rule and len(value) > rule["maxItems"]:
+        raise _invalid(name, f"`{name}` must have at most {rule['maxItems']} items")
+    for item in value if "items" in rule else ():
+        _check_value(name, item, rule["items"])
 
 
 def _is_type(value: Any, kind: str) -> bool:

@@ -12,8 +12,9 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
@@ -22,12 +23,16 @@ from aiohttp import web
 from ..catalog import Model
 from ..context import CONTEXT
 from ..errors import ApiError
+from ..policy.types import Usage
 from ..upstream import sse
+from ..upstream.formats import WireFormat, elevenlabs
 from ..upstream.formats import openai as openai_format
-from ..upstream.body_usage import BodyUsage
+from ..upstream.formats.base import FilePart
+from ..upstream.body_usage import BodyUsage, wav_seconds
 from ..upstream.relay import OpenedCall, RelayOutcome, read_chunks, upstream_failure, usage_from_the_rest
 from .body import read_json_object
 from .inputs import validate_inputs
+from .media import media_fetcher, media_input
 from .metered import authorize_and_admit, metered_call, request_facts
 from .routed import open_routed
 from .schema import INPUTS
@@ -36,48 +41,106 @@ from .uploads import keep_asset, output_url
 
 # Nearest OpenAI image size per aspect ratio (the sizes OpenAI-format image models accept).
 _IMAGE_SIZES = {"1:1": "1024x1024", "16:9": "1792x1024", "9:16": "1024x1792", "4:3": "1536x1024", "3:4": "1024x1536"}
+# Image edits take fewer sizes (gpt-image-1's); without an aspect ratio the provider keeps the input's shape.
+_EDIT_SIZES = {"1:1": "1024x1024", "16:9": "1536x1024", "4:3": "1536x1024", "9:16": "1024x1536", "3:4": "1024x1536"}
 _UPSTREAM_HEADERS = {"Content-Type": "application/json"}
+_AUDIO, _IMAGE = ("audio/", "video/"), ("image/",)
+_OPENAI_VOICE = "alloy"
+_ELEVENLABS_VOICE = "JBFqnCBsd6RMkjVDRZzb"  # a premade voice every ElevenLabs account has
+_VOICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # it goes into ElevenLabs' URL path
 
 
 @dataclass(frozen=True)
 class UpstreamCall:
     route: str
     body: dict[str, Any]
+    characters: int = 0  # text to speak, bounding a per-character price
+    seconds: float | None = None  # the input audio's length where it is known, bounding a per-second price
 
 
-def _text_call(inputs: dict[str, Any]) -> UpstreamCall:
+async def _text_call(request: web.Request, inputs: dict[str, Any]) -> UpstreamCall:
     body: dict[str, Any] = {"messages": [{"role": "user", "content": inputs["prompt"]}], "stream": True}
     body.update({k: inputs[k] for k in ("max_tokens", "temperature") if k in inputs})
     return UpstreamCall("/v1/chat/completions", body)
 
 
-def _image_call(inputs: dict[str, Any]) -> UpstreamCall:
+async def _image_call(request: web.Request, inputs: dict[str, Any]) -> UpstreamCall:
     size = _IMAGE_SIZES[inputs["aspect_ratio"]]
     return UpstreamCall("/v1/images/generations", {"prompt": inputs["prompt"], "n": inputs["n"], "size": size})
 
 
-def _speech_call(inputs: dict[str, Any]) -> UpstreamCall:
-    return UpstreamCall("/v1/audio/speech", {"input": inputs["input"], "voice": inputs["voice"]})
+async def _image_edit_call(request: web.Request, inputs: dict[str, Any]) -> UpstreamCall:
+    param, urls = _image_urls(inputs)
+    images = [await media_input(request, url, param, _IMAGE) for url in urls]
+    body: dict[str, Any] = {"prompt": inputs["prompt"]}
+    body.update({"image": images[0]} if len(images) == 1 else {"image[]": images})  # OpenAI's names for one, several
+    if "aspect_ratio" in inputs:
+        body["size"] = _EDIT_SIZES[inputs["aspect_ratio"]]
+    return UpstreamCall("/v1/images/edits", body)
 
 
-_CALLS: dict[str, Callable[[dict[str, Any]], UpstreamCall]] = {
-    "text2text": _text_call, "text2image": _image_call, "text2speech": _speech_call,
+def _image_urls(inputs: dict[str, Any]) -> tuple[str, list[Any]]:
+    """The input images: `image_urls` (the seeds' name) or one `image_url`, never both."""
+    if ("image_urls" in inputs) == ("image_url" in inputs):
+        raise ApiError("invalid_request", "give the input images as `image_urls` (or one `image_url`), not both",
+                       param="image_urls")
+    return ("image_urls", inputs["image_urls"]) if "image_urls" in inputs else ("image_url", [inputs["image_url"]])
+
+
+async def _speech_call(request: web.Request, inputs: dict[str, Any]) -> UpstreamCall:
+    text = inputs["input"]
+    return UpstreamCall("/v1/audio/speech", {"input": text, "voice": inputs.get("voice", _OPENAI_VOICE)}, len(text))
+
+
+async def _transcription_call(request: web.Request, inputs: dict[str, Any]) -> UpstreamCall:
+    audio = await media_input(request, inputs["audio_url"], "audio_url", _AUDIO)
+    return UpstreamCall("/v1/audio/transcriptions", {"file": audio}, seconds=_known_length(audio))
+
+
+async def _elevenlabs_speech_call(request: web.Request, inputs: dict[str, Any]) -> UpstreamCall:
+    voice, text = inputs.get("voice", _ELEVENLABS_VOICE), inputs["input"]
+    if not _VOICE_ID.fullmatch(voice):
+        raise ApiError("invalid_request", "`voice` must be an ElevenLabs voice id (letters, digits, _ and -)",
+                       param="voice")
+    return UpstreamCall(elevenlabs.speech_route(voice), {"text": text}, len(text))
+
+
+async def _elevenlabs_transcription_call(request: web.Request, inputs: dict[str, Any]) -> UpstreamCall:
+    audio = await media_input(request, inputs["audio_url"], "audio_url", _AUDIO, by_url=True)
+    body = {"file": audio} if isinstance(audio, FilePart) else {"cloud_storage_url": audio}
+    return UpstreamCall(elevenlabs.SPEECH_TO_TEXT_ROUTE, body, seconds=_known_length(audio))
+
+
+def _known_length(audio: FilePart | str) -> float | None:
+    """A WAV's length from its header (other formats, and URLs, are bounded by the plan's `max_seconds`)."""
+    return wav_seconds(audio.data[:4096], len(audio.data)) if isinstance(audio, FilePart) else None
+
+
+# (the model's wire format, its capability) -> the provider call its inputs map to.
+_CALLS: dict[tuple[str, str], Callable[[web.Request, dict[str, Any]], Awaitable[UpstreamCall]]] = {
+    ("openai", "text2text"): _text_call, ("openai", "text2image"): _image_call,
+    ("openai", "image2image"): _image_edit_call, ("openai", "text2speech"): _speech_call,
+    ("openai", "speech2text"): _transcription_call,
+    ("elevenlabs", "text2speech"): _elevenlabs_speech_call, ("elevenlabs", "speech2text"): _elevenlabs_transcription_call,
 }
+_DIALECTS = tuple({dialect for dialect, _ in _CALLS if dialect != "openai"})
 
 
-def upstream_call(model: Model, inputs: dict[str, Any]) -> UpstreamCall:
-    """Validate the inputs against the model's schema and map them to an OpenAI-format call."""
-    build = _CALLS.get(model.capability)
+async def upstream_call(request: web.Request, model: Model, inputs: dict[str, Any]) -> UpstreamCall:
+    """Validate the inputs against the model's schema and map them to a call in its provider's wire format."""
+    build = _CALLS.get((model.wire_format, model.capability))
     if build is None:
+        supported = sorted(capability for dialect, capability in _CALLS if dialect == model.wire_format)
         raise ApiError(
             "invalid_request",
-            f"{model.capability} models are not supported by /v1/responses yet; supported: {', '.join(_CALLS)}",
+            f"{model.capability} models of {model.wire_format} providers are not supported by /v1/responses yet; "
+            f"supported: {', '.join(supported) or 'none'}",
             param="model",
         )
     schema = INPUTS[model.capability]
     validate_inputs(inputs, schema)
     defaults = {name: rule["default"] for name, rule in schema["properties"].items() if "default" in rule}
-    return build({**defaults, **inputs})
+    return await build(request, {**defaults, **inputs})
 
 
 class EventStream:
@@ -112,6 +175,8 @@ class UpstreamAnswer:
     content_type: str
     events: EventStream
     outcome: RelayOutcome  # readers note usage and output here, for settle
+    headers: Mapping[str, str]  # the provider's response headers
+    format: WireFormat  # the provider's wire format, which reads usage from its answers
     keep: Callable[[bytes, str], Awaitable[dict[str, Any]]]  # stores bytes as an asset; returns its description
     keep_url: Callable[[str], Awaitable[str]]  # a provider's output URL as the client gets it (maybe re-hosted)
     max_bytes: int
@@ -153,7 +218,9 @@ async def _image_output(answer: UpstreamAnswer) -> dict[str, Any]:
 
 
 async def _speech_output(answer: UpstreamAnswer) -> dict[str, Any]:
-    """The audio, kept as an asset: the client gets a short-lived URL like for uploads."""
+    """The audio, kept as an asset: the client gets a short-lived URL like for uploads. Characters billed are the
+    provider's figure where it states one (ElevenLabs), noted before reading: a cut answer was billed too."""
+    answer.outcome.usage = elevenlabs.character_usage(answer.headers)
     audio = await _read_all(answer)
     length = BodyUsage(answer.content_type, openai_format)
     length.feed(audio)
@@ -161,8 +228,21 @@ async def _speech_output(answer: UpstreamAnswer) -> dict[str, Any]:
     return await answer.keep(audio, answer.content_type or "audio/mpeg")
 
 
+async def _transcript_output(answer: UpstreamAnswer) -> dict[str, Any]:
+    """The transcript's text (and language, when the provider names it); the audio's length for settle."""
+    result = _json_object(await _read_all(answer))
+    text = result.get("text")
+    if not isinstance(text, str):
+        raise ApiError("upstream_error", "the provider's answer carries no transcript text")
+    seconds = openai_format.transcription_seconds(result)  # whisper's duration, where the format has no usage
+    answer.outcome.usage = answer.format.usage_of(result) or (Usage(seconds=seconds) if seconds is not None else None)
+    language = result.get("language_code", result.get("language"))
+    return {"text": text, **({"language": language} if isinstance(language, str) else {})}
+
+
 _READERS: dict[str, Callable[[UpstreamAnswer], Awaitable[dict[str, Any]]]] = {
     "text2text": _text_output, "text2image": _image_output, "text2speech": _speech_output,
+    "image2image": _image_output, "speech2text": _transcript_output,
 }
 
 
@@ -223,12 +303,13 @@ async def responses(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
-    ctx.model = model = gateway.model(body.get("model"), "openai")
+    ctx.model = model = gateway.model(body.get("model"), "openai", _DIALECTS)
     try:
-        call = upstream_call(model, {k: v for k, v in body.items() if k != "model"})
+        call = await upstream_call(request, model, {k: v for k, v in body.items() if k != "model"})
     except ApiError as exc:
         raise _pointed_to_openai_v1(request, exc) from None
     facts = request_facts(call.route, call.body, len(await request.read()))  # the body is cached by now
+    facts = replace(facts, characters=call.characters, seconds=call.seconds)
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     async with metered_call(gateway, ctx, decision, admission, facts) as outcome:
         events = await EventStream.open(request, admission.headers, outcome)
@@ -263,8 +344,8 @@ async def _generate(
         output = await _READERS[capability](UpstreamAnswer(
             chunks=read_chunks(upstream, call.provider.timeouts, gateway.relay.keepalive_s, call.ends_at),
             content_type=upstream.content_type, events=events, outcome=outcome, keep=partial(keep_asset, request),
-            keep_url=partial(output_url, request),
-            max_bytes=gateway.config.server.max_upload_bytes,
+            keep_url=partial(output_url, request), max_bytes=gateway.config.server.max_upload_bytes,
+            headers=upstream.headers, format=call.provider.format,
         ))
         outcome.completed = True
         return output
@@ -282,3 +363,4 @@ async def _generate(
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/responses", responses)
+    app.cleanup_ctx.append(media_fetcher)

@@ -19,15 +19,18 @@ INPUTS: dict[str, dict[str, Any]] = {
         "temperature": {"type": "number", "minimum": 0, "maximum": 2}}},
     "text2image": {"required": ["prompt"], "properties": {
         "prompt": _PROMPT, "aspect_ratio": _ASPECT, "n": {"type": "integer", "minimum": 1, "maximum": 4, "default": 1}}},
-    "image2image": {"required": ["prompt", "image_url"], "properties": {
-        "prompt": _PROMPT, "image_url": _IMAGE_URL, "aspect_ratio": _ASPECT}},
+    "image2image": {"required": ["prompt"], "properties": {  # and image_urls or image_url (checked when mapped)
+        "prompt": _PROMPT, "image_urls": {"type": "array", "items": _IMAGE_URL, "minItems": 1, "maxItems": 4,
+                                          "description": "Input images (URLs, e.g. from POST /v1/uploads)"},
+        "image_url": _IMAGE_URL, "aspect_ratio": _ASPECT}},
     "text2video": {"required": ["prompt"], "properties": {
         "prompt": _PROMPT, "aspect_ratio": _ASPECT, "duration": {"type": "integer", "minimum": 1, "maximum": 60}}},
     "image2video": {"required": ["image_url"], "properties": {
         "prompt": _PROMPT, "image_url": _IMAGE_URL, "duration": {"type": "integer", "minimum": 1, "maximum": 60}}},
     "text2speech": {"required": ["input"], "properties": {
         "input": {"type": "string", "minLength": 1, "description": "Text to speak"},
-        "voice": {"type": "string", "default": "alloy"}}},
+        "voice": {"type": "string", "minLength": 1,
+                  "description": "Voice: OpenAI's name (default alloy) or an ElevenLabs voice id (default George)"}}},
     "speech2text": {"required": ["audio_url"], "properties": {
         "audio_url": {"type": "string", "format": "uri", "description": "Audio to transcribe"}}},
 }

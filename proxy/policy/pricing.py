@@ -27,6 +27,7 @@ class Bounds:
     images: int
     seconds: float
     output_tokens_per_choice: int = 0
+    characters: int = 0
 
     @property
     def tokens(self) -> int:
@@ -42,6 +43,7 @@ def bounds(facts: RequestFacts, model: Model, default_output_tokens: int, defaul
         images=max(facts.images, 0),
         seconds=facts.seconds if facts.seconds is not None else default_seconds,
         output_tokens_per_choice=per_choice,
+        characters=max(facts.characters, 0),
     )
 
 
@@ -53,7 +55,9 @@ def _output_bound(facts: RequestFacts, model: Model, default: int) -> int:
     return default if model.capability in TEXT_OUTPUT_CAPABILITIES else 0
 
 
-def _charge(price: Price, input_tokens: float, output_tokens: float, images: float, seconds: float) -> float:
+def _charge(
+    price: Price, input_tokens: float, output_tokens: float, images: float, seconds: float, characters: float
+) -> float:
     # One formula for both estimate and cost: with non-negative prices it is monotone in every
     # argument (IEEE rounding is monotone too), which is what makes reserve >= cost hold exactly.
     return (
@@ -62,6 +66,7 @@ def _charge(price: Price, input_tokens: float, output_tokens: float, images: flo
         + output_tokens * price.output_per_1k_tokens / 1000
         + images * price.per_image
         + seconds * price.per_second
+        + characters * price.per_character
     )
 
 
@@ -74,12 +79,12 @@ def estimate(
 
 def charge_bounds(price: Price, limit: Bounds) -> float:
     """Credits for a request that uses everything its bounds allow."""
-    return _charge(price, limit.input_tokens, limit.output_tokens, limit.images, limit.seconds)
+    return _charge(price, limit.input_tokens, limit.output_tokens, limit.images, limit.seconds, limit.characters)
 
 
 def cost(price: Price, usage: Usage) -> float:
     """The real cost, in credits, of what the upstream reports the call used."""
-    return _charge(price, usage.input_tokens, usage.output_tokens, usage.images, usage.seconds)
+    return _charge(price, usage.input_tokens, usage.output_tokens, usage.images, usage.seconds, usage.characters)
 
 
 def specificity(pattern: str) -> tuple[int, int]:

@@ -47,6 +47,7 @@ class Price:
     output_per_1k_tokens: float = 0.0
     per_image: float = 0.0
     per_second: float = 0.0
+    per_character: float = 0.0  # characters of text spoken (text-to-speech providers bill these)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class RequestFacts:
     media_parts: int = 0  # image/audio/file parts in messages: their tokens are not bounded by the body's bytes
     images: int = 1
     seconds: float | None = None
+    characters: int = 0  # text to speak: its length bounds what a per-character price can charge
     stream: bool = False
 
 
@@ -70,6 +72,7 @@ class Usage:
     output_tokens: int = 0
     images: int = 0
     seconds: float = 0.0
+    characters: int = 0
     # False: figures a stream reports before its end (Anthropic's `message_start`), which its final event
     # replaces; a stream cut before that is charged an estimate (its input known), never these alone.
     final: bool = True

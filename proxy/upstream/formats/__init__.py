@@ -7,7 +7,7 @@ Adding a format: a module implementing `WireFormat`, its entry in `ADAPTERS`, it
 
 from __future__ import annotations
 
-from . import anthropic, azure_openai, bedrock, gemini, openai
+from . import anthropic, azure_openai, bedrock, elevenlabs, gemini, openai
 from .base import PreparedBody, WireFormat
 
 # kind -> its wire format. `http` is the former name of `openai`, accepted for existing configs.
@@ -20,6 +20,7 @@ ADAPTERS: dict[str, WireFormat] = {
     "azure_openai": azure_openai,
     "bedrock": bedrock,
     "gemini": gemini,
+    "elevenlabs": elevenlabs,
 }
 # route -> the other dialects whose models it serves by translating bodies and answers.
 TRANSLATED: dict[str, tuple[str, ...]] = {bedrock.CHAT_ROUTE: ("bedrock", "anthropic", "gemini")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,6 +53,35 @@ class PreparedBody:
     usage_injected: bool  # we asked for a usage event the client did not: drop it before the client sees it
     translation: AnswerTranslation | None = None  # the answer is translated for the client, not relayed as is
     headers: tuple[tuple[str, str], ...] = ()  # sent upstream besides the client's forwarded ones (e.g. a version)
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """A file in a request body that goes upstream as a multipart/form-data part (an audio file, an image)."""
+
+    data: bytes
+    content_type: str
+    filename: str
+
+
+def multipart_body(fields: dict[str, Any]) -> PreparedBody:
+    """`fields` as multipart/form-data (RFC 7578): a FilePart is a file part, anything else a text field (lists:
+    one field per item, as form clients send arrays). Names and filenames are the gateway's own, never a client's."""
+    boundary = secrets.token_hex(16)  # random: no file's bytes can contain it by chance
+    out = bytearray()
+    for name, value in fields.items():
+        for item in value if isinstance(value, list) else [value]:
+            out += f"--{boundary}\r\n".encode()
+            if isinstance(item, FilePart):
+                out += (f'Content-Disposition: form-data; name="{name}"; filename="{item.filename}"\r\n'
+                        f"Content-Type: {item.content_type}\r\n\r\n").encode()
+                out += item.data
+            else:
+                out += f'Content-Disposition: form-data; name="{name}"\r\n\r\n{item}'.encode()
+            out += b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    content_type = f"multipart/form-data; boundary={boundary}"
+    return PreparedBody(bytes(out), stream=False, usage_injected=False, headers=(("Content-Type", content_type),))
 
 
 class WireFormat(Protocol):
@@ -150,6 +180,17 @@ def token_figure(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE_TOKENS:
         return None
     return value
+
+
+MAX_AUDIO_SECONDS = 7 * 24 * 3600.0  # per usage figure: a week of audio is beyond any one call
+
+
+def audio_seconds(value: Any) -> float | None:
+    """A provider's audio length in seconds; None if it is broken or hostile (not a number, negative, infinite,
+    beyond any one call)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0 <= value <= MAX_AUDIO_SECONDS else None
 
 
 _CLIENT_REFUSALS = {400: "invalid_request", 413: "payload_too_large", 429: "rate_limit"}

@@ -11,7 +11,7 @@ from typing import Any
 from ...errors import ApiError
 from ...policy.types import Usage
 from .. import sse
-from .base import SSE_PING, USAGE_OBJECT, PreparedBody, last_usage_object, token_figure
+from .base import SSE_PING, USAGE_OBJECT, PreparedBody, audio_seconds, last_usage_object, multipart_body, token_figure
 
 dialect = "openai"
 keepalive = SSE_PING
@@ -22,6 +22,8 @@ _TOKEN_FIGURES = ("prompt_tokens", "input_tokens", "completion_tokens", "output_
 
 # Routes whose streams support `stream_options.include_usage`.
 _USAGE_STREAM_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Routes whose bodies carry a file: multipart/form-data, not JSON (the unified API's speech2text, image2image).
+MULTIPART_ROUTES = frozenset({"/v1/audio/transcriptions", "/v1/images/edits"})
 # OpenAI's Responses API, called on the gateway's /openai/v1/responses (its /v1/responses is the unified API).
 RESPONSES_ROUTE = "/v1/responses"
 # The output limit each text route takes; the first is the one to send when the client sent none.
@@ -34,8 +36,10 @@ _OUTPUT_LIMIT_FIELDS = {
 
 def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_tokens: int = 0) -> PreparedBody:
     """Rewrite the public model id to the upstream's, cap the output per choice at the reservation's bound
-    (0: no cap to send), and ask streams for their final usage event."""
+    (0: no cap to send), and ask streams for their final usage event. A file-carrying route's body is multipart."""
     out = dict(body, model=upstream_model)
+    if route in MULTIPART_ROUTES:
+        return multipart_body(out)
     if max_output_tokens > 0:
         _cap_output(route, out, max_output_tokens)
     stream = out.get("stream") is True
@@ -99,6 +103,13 @@ def event_usage(previous: Usage | None, event: bytes, parsed: dict[str, Any] | N
 
 def _images_of(usage: Usage | None) -> int:
     return usage.images if usage is not None else 0
+
+
+def transcription_seconds(answer: dict[str, Any]) -> float | None:
+    """The audio length a transcription answer reports (`usage: {"type": "duration", "seconds"}`, whisper's)."""
+    usage = answer.get("usage")
+    seconds = usage.get("seconds") if isinstance(usage, dict) and usage.get("type") == "duration" else None
+    return audio_seconds(seconds)
 
 
 def is_usage_only_chunk(chunk: dict[str, Any]) -> bool:
