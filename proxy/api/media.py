@@ -5,17 +5,17 @@ fetches URLs itself, or fetched here: no redirects, bounded in size and time, an
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import mimetypes
-import socket
 from typing import Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import ResolveResult
 from yarl import URL
 
 from ..assets import Asset, AssetStoreError, valid_asset_id
+from ..assets.rehost import PublicResolver, is_public
 from ..assets.signing import expiry_param
 from ..errors import ApiError
 from ..upstream.formats.base import FilePart
@@ -29,26 +29,6 @@ _EXTENSIONS = {"audio/mpeg": ".mp3", "audio/wav": ".wav", "audio/x-wav": ".wav",
                "image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 
-class PrivateAddress(OSError):
-    """A name that resolves to an address not on the public internet."""
-
-
-class PublicResolver(aiohttp.ThreadedResolver):
-    """Resolves names as the system does, refusing any name with an address that is not globally routable."""
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await super().resolve(host, port, family)
-        if not all(is_public(result["host"]) for result in results):
-            raise PrivateAddress(f"{host} resolves to a private address")
-        return results
-
-
-def is_public(address: str) -> bool:
-    """A globally routable IP address (not loopback, private, link-local, shared, reserved or multicast)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    return ip.is_global and not ip.is_multicast
-
-
 class MediaFetcher:
     """One client session for fetching inputs from URLs, opened with the app and closed with it."""
 
@@ -58,8 +38,8 @@ class MediaFetcher:
     async def fetch(self, url: URL, param: str, accepted: tuple[str, ...], max_bytes: int) -> FilePart:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=PublicResolver(), limit=64),
-                timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S), auto_decompress=False,
+                connector=aiohttp.TCPConnector(resolver=PublicResolver(frozenset()), limit=64),  # no host exempt
+                timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S), auto_decompress=False, trust_env=False,
             )
         try:
             async with self._session.get(url, allow_redirects=False) as response:
@@ -75,7 +55,7 @@ class MediaFetcher:
                     if len(data) > max_bytes:
                         raise ApiError("payload_too_large", f"`{param}` is over {max_bytes} bytes", param=param)
         except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, PrivateAddress):
+            if exc.os_error.errno == errno.EACCES:  # PublicResolver's refusal
                 raise _invalid(param, f"`{param}` points at a private address; give a public https URL") from None
             raise _invalid(param, f"`{param}` could not be reached") from None
         except (aiohttp.ClientError, TimeoutError):

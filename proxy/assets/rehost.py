@@ -30,7 +30,8 @@ class RehostError(Exception):
     """The URL could not be copied (refused, unreachable, too large, not media); the message says why."""
 
 
-def _public(address: str) -> bool:
+def is_public(address: str) -> bool:
+    """A globally routable IP address (not loopback, private, link-local, shared or reserved)."""
     return ipaddress.ip_address(address.split("%", 1)[0]).is_global
 
 
@@ -43,7 +44,7 @@ class PublicResolver(AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         answers = await self._inner.resolve(host, port, family)
-        if host not in self._exempt and not all(_public(answer["host"]) for answer in answers):
+        if host not in self._exempt and not all(is_public(answer["host"]) for answer in answers):
             raise OSError(errno.EACCES, f"{host} resolves to a non-public address")  # strerror: aiohttp quotes it
         return answers
 
