@@ -77,6 +77,21 @@ def test_exceptions_are_one_json_line(read_lines: Reader) -> None:
     assert line["level"] == "error" and "RuntimeError: boom" in line["exc"]
 
 
+def test_the_direct_access_line_is_the_line_the_formatter_writes(read_lines: Reader) -> None:
+    """Access lines skip the LogRecord when the JSON writer is the only handler; with another handler present
+    (a capture), they go through the logging module: both lines are the same, timestamps aside."""
+    record = {"request_id": "req_5", "path": "/v1/chat/completions?key=sk_live_" + "b" * 32, "status": 200,
+              "duration_ms": 1.5, "credits": 0.25, "error": "Bearer abc.def", "model": "m/\u00e9"}
+    log_access(record)
+    capture = logging.NullHandler()
+    logging.getLogger().addHandler(capture)
+    log_access(record)
+    logging.getLogger().removeHandler(capture)
+    direct, formatted = read_lines()
+    assert {**direct, "ts": None} == {**formatted, "ts": None}
+    assert direct["path"] == "/v1/chat/completions" and direct["error"] == REDACTED and direct["model"] == "m/\u00e9"
+
+
 def test_text_mode_is_readable() -> None:
     buffer = io.StringIO()
     stop = configure_logging("info", json=False, stream=buffer)
