@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from types import TracebackType
 
 from proxy.store.base import StoreOverloaded
 
@@ -41,17 +40,16 @@ class LoopLag:
         stalled_at, cpu_at = mark
         return max(self._stalled_s - stalled_at, time.process_time() - cpu_at)
 
-    @asynccontextmanager
-    async def watching(self) -> AsyncIterator[None]:
-        """Keep the ticker running for the duration of the block."""
+    def watch(self) -> None:
+        """Keep the ticker running until the matching `unwatch`."""
         self._watchers += 1
         if self._task is None or self._task.done():
             # The first tick is due from now: a stall that starts before the ticker first runs counts too.
-            self._task = asyncio.get_running_loop().create_task(self._tick(asyncio.get_running_loop().time()))
-        try:
-            yield
-        finally:
-            self._watchers -= 1
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._tick(loop.time()))
+
+    def unwatch(self) -> None:
+        self._watchers -= 1
 
     async def close(self) -> None:
         if self._task is not None:
@@ -68,33 +66,45 @@ class LoopLag:
             self._stalled_s += max(0.0, loop.time() - due)
 
 
-@asynccontextmanager
-async def deadline(seconds: float, lag: LoopLag) -> AsyncIterator[None]:
+class Deadline:
     """Like `asyncio.timeout(seconds)`, but time this process was busy or stalled does not count (up to a cap).
 
     When the budget seems spent, the check subtracts what `lag` measured since the start (or its own lateness,
     if larger) and re-arms itself for what is left. The final expiry goes through `asyncio.timeout` one loop
     step later, so a reply that arrived while the loop was busy is delivered rather than cancelled.
+    A class rather than a generator-based context manager: it wraps every store call, twice per request.
     """
-    loop = asyncio.get_running_loop()
-    started, mark = loop.time(), lag.mark()
-    async with lag.watching(), asyncio.timeout(None) as timeout:
 
-        def check(due: float) -> None:
-            now = loop.time()
-            busy = min(max(lag.busy_since(mark), now - due), MAX_STALL_EXTENSION_S)
-            left = seconds - (now - started - busy)
-            if left > 0:
-                nonlocal handle
-                handle = loop.call_at(now + left, check, now + left)
-            else:
-                timeout.reschedule(now)
+    __slots__ = ("_seconds", "_lag", "_loop", "_started", "_mark", "_timeout", "_handle")
 
-        handle = loop.call_at(started + seconds, check, started + seconds)
-        try:
-            yield
-        finally:
-            handle.cancel()
+    def __init__(self, seconds: float, lag: LoopLag) -> None:
+        self._seconds = seconds
+        self._lag = lag
+
+    async def __aenter__(self) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+        self._started, self._mark = loop.time(), self._lag.mark()
+        self._lag.watch()
+        due = self._started + self._seconds
+        self._handle = loop.call_at(due, self._check, due)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self._handle.cancel()
+        self._lag.unwatch()
+        return await self._timeout.__aexit__(kind, exc, tb)
+
+    def _check(self, due: float) -> None:
+        now = self._loop.time()
+        busy = min(max(self._lag.busy_since(self._mark), now - due), MAX_STALL_EXTENSION_S)
+        left = self._seconds - (now - self._started - busy)
+        if left > 0:
+            self._handle = self._loop.call_at(now + left, self._check, now + left)
+        else:
+            self._timeout.reschedule(now)
 
 
 class CallGate:
@@ -108,24 +118,23 @@ class CallGate:
         self._lag = lag
         self._waiting = 0
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one in-flight slot for the block; raises StoreOverloaded (nothing was sent) if none comes free."""
+    async def __aenter__(self) -> None:
+        """Hold one in-flight slot for the block (`async with gate:`); raises StoreOverloaded (nothing was sent)
+        if none comes free."""
         if self._slots.locked():
             await self._wait_for_slot()
         else:
             await self._slots.acquire()  # free: returns at once
-        try:
-            yield
-        finally:
-            self._slots.release()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._slots.release()
 
     async def _wait_for_slot(self) -> None:
         if self._waiting >= self._max_waiting:
             raise StoreOverloaded(f"{self._waiting} store calls already waiting", retry_after_s=1)
         self._waiting += 1
         try:
-            async with deadline(self._queue_timeout_s, self._lag):
+            async with Deadline(self._queue_timeout_s, self._lag):
                 await self._slots.acquire()
         except TimeoutError:
             message = f"no store connection came free within {self._queue_timeout_s}s"

@@ -9,7 +9,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from proxy.store import lua
-from proxy.store.admission import CallGate, LoopLag, deadline
+from proxy.store.admission import CallGate, Deadline, LoopLag
 from proxy.store.gcra import Step, limit_states
 from proxy.store.redis_client import Credentials, RedisMode, connect
 from proxy.store.alerts import GROUP, FreshAlerts, OutboxEntry, outbox_key
@@ -65,7 +65,7 @@ class RedisStore:
         queue_timeout_s: float = 2.0,
     ) -> None:
         # No client-side retries (the breaker decides what happens next) and no client-side timeouts: redis-py
-        # would count event-loop stalls against them; `deadline` below does not. Cancelling a call closes its
+        # would count event-loop stalls against them; `Deadline` below does not. Cancelling a call closes its
         # connection, so a late reply can never be read by the next call.
         self._client = connect(url, mode, max_connections, credentials)
         self._wire_timeout_s = connect_timeout_s + op_timeout_s
@@ -308,9 +308,9 @@ class RedisStore:
 
         A failure on the wire is uncertain (Redis may have run the call); StoreOverloaded from the gate is not.
         """
-        async with self._gate.slot():
+        async with self._gate:
             try:
-                async with deadline(self._wire_timeout_s, self._lag):
+                async with Deadline(self._wire_timeout_s, self._lag):
                     result = await send()
             except ResponseError as exc:
                 if not _is_script_error(exc):
