@@ -355,29 +355,31 @@ async def read_chunks(
     """
     loop = asyncio.get_running_loop()
     idle_until = loop.time() + timeouts.idle_s
-    while True:
-        now = loop.time()
-        if now >= ends_at:
-            raise ApiError("upstream_timeout", f"the provider's answer took longer than {timeouts.total_s:g}s")
-        if now >= idle_until:
-            raise ApiError("upstream_timeout", f"no data from the provider for {timeouts.idle_s:g}s")
-        give_up_at = min(idle_until, ends_at)
-        wake_at = min(give_up_at, now + keepalive_s) if keepalive_s else give_up_at
+    while True:  # one asyncio.timeout per stream, re-armed per read; a new one only after it expired
         try:
-            async with asyncio.timeout_at(wake_at) as waited:
-                chunk = await upstream.content.readany()
+            async with asyncio.timeout(None) as waited:
+                while True:
+                    now = loop.time()
+                    if now >= ends_at:
+                        raise ApiError("upstream_timeout", f"the provider's answer took longer than {timeouts.total_s:g}s")
+                    if now >= idle_until:
+                        raise ApiError("upstream_timeout", f"no data from the provider for {timeouts.idle_s:g}s")
+                    give_up_at = min(idle_until, ends_at)
+                    wake_at = min(give_up_at, now + keepalive_s) if keepalive_s else give_up_at
+                    waited.reschedule(wake_at)
+                    chunk = await upstream.content.readany()
+                    waited.reschedule(None)  # disarmed while the consumer handles the chunk (in this task)
+                    if not chunk:
+                        return
+                    idle_until = loop.time() + timeouts.idle_s
+                    yield chunk
         except TimeoutError:
             if not waited.expired():
                 raise ApiError("upstream_timeout", "the connection to the provider timed out") from None
             if wake_at < give_up_at:
                 yield None  # a quiet moment: time for a keep-alive ping
-            continue
         except aiohttp.ClientPayloadError:
             raise ApiError("upstream_error", "the provider closed the stream before it finished") from None
-        if not chunk:
-            return
-        idle_until = loop.time() + timeouts.idle_s
-        yield chunk
 
 
 async def _relay_events(
@@ -395,16 +397,13 @@ async def _relay_events(
                 if splitter.at_boundary:
                     await _write(response, fmt.keepalive, outcome)
                 continue
-            out, ends = bytearray(), False
-            for event in splitter.feed(chunk):
-                if _inspect_event(event, fmt, drop_usage_event, outcome):
-                    out += event
-                    outcome.events_out += 1
-                    ends = ends or fmt.ends_stream(event)
-            if out:
-                await _write(response, bytes(out), outcome)
-            # Clients stop at the stream's last event (`[DONE]`) and may hang up before the upstream's body has ended.
-            outcome.delivered = outcome.delivered or ends
+            kept = [event for event in splitter.feed(chunk) if _inspect_event(event, fmt, drop_usage_event, outcome)]
+            if kept:
+                outcome.events_out += len(kept)
+                await _write(response, kept[0] if len(kept) == 1 else b"".join(kept), outcome)
+                # Clients stop at the stream's last event (`[DONE]`) and may hang up before the upstream's body has
+                # ended.
+                outcome.delivered = outcome.delivered or any(fmt.ends_stream(event) for event in kept)
         rest = splitter.flush()  # a last event without its blank line still counts, usage included
         if rest and _inspect_event(rest, fmt, drop_usage_event, outcome):
             await _write(response, rest, outcome)

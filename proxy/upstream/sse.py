@@ -24,6 +24,10 @@ class EventSplitter:
         return not self._pending
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if not self._pending:
+            first = _EVENT_END.search(chunk)
+            if first is not None and first.end() == len(chunk):
+                return [chunk]  # the usual chunk: exactly one whole event, passed on without a copy
         data = self._pending + chunk
         events: list[bytes] = []
         start = 0
