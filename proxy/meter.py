@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -360,7 +361,7 @@ class Meter:
 
     def account_prefix(self, account: str) -> str:
         """The prefix of every key of `account`, with its hash tag (one Redis Cluster slot per account)."""
-        return f"{self._prefix}:{{{quote(account, safe='')}}}"
+        return f"{self._prefix}:{{{_escaped(account)}}}"
 
     def _credits(self, base: str, principal: Principal, decision: Decision, now_ms: int) -> CreditSpec | None:
         budget = decision.budget
@@ -525,7 +526,9 @@ def _key_id(principal: Principal) -> str:
     return _escaped(principal.key_id) if principal.key_id else _user_id(principal)
 
 
+@functools.lru_cache(maxsize=4096)
 def _escaped(value: str) -> str:
+    """Percent-encoded (a few per metered call, of the same few account, key, user and model ids: cached)."""
     return quote(value, safe="")
 
 
