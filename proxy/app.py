@@ -8,7 +8,9 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .api import admin, anthropic, gemini, health, identity, me, models, passthrough, responses, uploads, usage
+from .api import (
+    admin, anthropic, gemini, health, identity, jobs, me, models, passthrough, responses, uploads, usage,
+)
 from .api.state import ERROR_SHAPES, GATEWAY
 from .config import Config, ServerSettings
 from .context import CONTEXT, RequestContext, request_id_for, route_name
@@ -21,7 +23,8 @@ log = logging.getLogger("edge_proxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _EXPOSED_HEADERS = (
-    "X-Request-Id, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, X-Credits-Balance"
+    "X-Request-Id, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, X-Credits-Balance, Location, "
+    "Preference-Applied"
 )
 _HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
@@ -141,6 +144,6 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(drain)
-    for routes in (admin, health, identity, me, models, passthrough, responses, uploads, usage, anthropic, gemini):
+    for routes in (admin, health, identity, jobs, me, models, passthrough, responses, uploads, usage, anthropic, gemini):
         routes.add_routes(app)
     return app

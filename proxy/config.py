@@ -14,6 +14,7 @@ from .auth.oidc import IssuerSettings
 from .api.schema import INPUTS
 from .auth.tokens import TokenSettings
 from .catalog import CAPABILITIES, Deployment, Model
+from .jobs.kinds import JOB_CAPABILITIES, JOB_KINDS
 from .store.settings import StoreConfigError, StoreSettings
 from .upstream.formats import ADAPTERS, adapter
 
@@ -150,6 +151,27 @@ def store_settings(raw: Mapping[str, Any], source: str) -> StoreSettings:
         raise ConfigError(str(exc)) from None
 
 
+class JobSettings(_Strict):
+    """How a job provider's jobs are driven (proxy/jobs/): the pause between status polls, how long a job may take
+    in all before it is cancelled and failed, and how many provider calls in a row may fail (5xx, connection errors)
+    before the job fails."""
+
+    poll_interval_s: float = Field(1.0, gt=0, le=60)
+    timeout_s: float = Field(900.0, gt=0, le=86_400)
+    retries: int = Field(3, ge=0, le=10)
+
+
+class JobsSettings(_Strict):
+    """Jobs that outlive the connection (docs/api.md#jobs): when a stream detaches, what it tells the client, how
+    long a replica's lease on a job lasts without renewal, and how long job records and idempotency keys live."""
+
+    detach_after_s: float = Field(60.0, gt=0, le=3600)  # a job's event stream ends with generation.detached then
+    poll_after_ms: int = Field(2000, ge=100, le=600_000)  # the client's hint in generation.detached and 202s
+    lease_s: float = Field(15.0, ge=1, le=600)  # another replica resumes a job this long after its poller died
+    record_ttl_s: float = Field(86_400.0, ge=60, le=30 * 86_400)  # GET /v1/responses/{id} answers this long
+    idempotency_ttl_s: float = Field(86_400.0, ge=60, le=30 * 86_400)
+
+
 class SigningKeyConfig(SecretSource):
     """A PEM private key for gateway tokens, read from a file or an environment variable."""
 
@@ -252,7 +274,7 @@ class ProviderSettings(_Strict):
     """An upstream and its wire format (`kind`). `kind: demo` starts the built-in demo upstream in-process instead
     of calling out."""
 
-    kind: str = Field("openai", json_schema_extra={"enum": list(ADAPTERS)})
+    kind: str = Field("openai", json_schema_extra={"enum": [*ADAPTERS, *JOB_KINDS]})
     base_url: str | None = None
     api_key_env: str | None = None
     api_key_file: str | None = None
@@ -279,6 +301,7 @@ class ProviderSettings(_Strict):
     pool_wait_s: float = Field(5.0, gt=0)
     # Hosts (`host` or `host:port`) a 307/308 from this provider may lead to, credential included; none by default.
     follow_redirects_to: tuple[str, ...] = ()
+    jobs: JobSettings = JobSettings()  # job providers (fal, demo): polling, timeout, retries
 
     @field_validator("follow_redirects_to")
     @classmethod
@@ -307,14 +330,15 @@ class ProviderSettings(_Strict):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, kind: str) -> str:
-        if kind not in ADAPTERS:
-            raise ValueError(f"kind {kind!r} is not a provider kind; use one of: {', '.join(ADAPTERS)}")
+        if kind not in ADAPTERS and kind not in JOB_KINDS:
+            raise ValueError(f"kind {kind!r} is not a provider kind; use one of: {', '.join([*ADAPTERS, *JOB_KINDS])}")
         return kind
 
     @property
     def dialect(self) -> str:
-        """The body format its answers come in: models served by several providers need one."""
-        return adapter(self.kind).dialect
+        """The body format its answers come in: models served by several providers need one. A job-only kind
+        (fal) is its own: its models are served on /v1/responses only."""
+        return self.kind if self.kind in JOB_KINDS else adapter(self.kind).dialect
 
     @model_validator(mode="after")
     def _api_version_is_azure(self) -> "ProviderSettings":
@@ -340,7 +364,8 @@ class ProviderSettings(_Strict):
     @model_validator(mode="after")
     def _http_needs_url(self) -> "ProviderSettings":
         if self.kind not in ("demo", "bedrock") and not self.base_url:
-            raise ValueError(f"kind {self.kind} needs base_url, e.g. {adapter(self.kind).example_base_url}")
+            example = JOB_KINDS.get(self.kind) or adapter(self.kind).example_base_url
+            raise ValueError(f"kind {self.kind} needs base_url, e.g. {example}")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url {self.base_url!r} must start with http:// or https://")
         return self
@@ -536,6 +561,7 @@ class Config(_Strict):
     providers: dict[str, ProviderSettings] = {}
     models: tuple[ModelSettings, ...] = ()
     routing: RoutingSettings = RoutingSettings()
+    jobs: JobsSettings = JobsSettings()
     base_dir: str = "."  # set by the loader: relative paths resolve against the config file's folder
     source: str = "config.yaml"  # set by the loader: the file named in errors
 
@@ -564,6 +590,17 @@ class Config(_Strict):
                 raise ValueError(
                     f"models[{i}] ({m.id}) is served in several wire formats ({', '.join(sorted(dialects))}); "
                     "a model's deployments must all speak one: declare a model per format"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _job_models_fit_their_provider(self) -> "Config":
+        for i, m in enumerate(self.models):
+            kind = self.providers[m.served_by()[0].provider].kind
+            if kind in JOB_KINDS and m.capability not in JOB_CAPABILITIES[kind]:
+                raise ValueError(
+                    f"models[{i}] ({m.id}) is {m.capability}, which {kind} providers do not serve; use one of "
+                    f"{', '.join(sorted(JOB_CAPABILITIES[kind]))}"
                 )
         return self
 

@@ -29,6 +29,7 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "asset_exists": (409, "conflict_error"),
     "asset_url_expired": (410, "not_found_error"),
     "payload_too_large": (413, "invalid_request_error"),
+    "idempotency_key_reused": (422, "invalid_request_error"),
     "unsupported_media_type": (415, "invalid_request_error"),
     "rate_limit": (429, "rate_limit_error"),
     "concurrency_limit": (429, "rate_limit_error"),

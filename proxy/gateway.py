@@ -23,6 +23,10 @@ from .auth.tokens import GatewayTokens, KeyConfigError, KeyRing, SigningKeySetti
 from .catalog import Model
 from .config import Config, ConfigError
 from .errors import ApiError
+from .jobs.kinds import JOB_KINDS, runs_as_job
+from .jobs.registry import build_adapter
+from .jobs.runner import JobService
+from .jobs.store import JobStore, MemoryJobStore, RedisJobStore
 from .meter import Meter
 from .metrics import Metrics
 from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
@@ -48,6 +52,7 @@ NATIVE_ROUTES = {
     "openai": "/v1/chat/completions and the other /v1 generation routes",
     "anthropic": "/anthropic/v1/messages",
     "gemini": "/gemini/v1beta/models/<model id>:generateContent",
+    **{kind: "/v1/responses" for kind in JOB_KINDS},
 }
 
 
@@ -80,6 +85,7 @@ class Gateway:
     router: Router
     assets: Assets
     managed_keys: ManagedKeys
+    jobs: JobService
     admin: AdminCredential = AdminCredential()
     alerts: AlertDelivery | None = None  # budget alerts' webhook delivery, when alerts.webhook_url is configured
     tracing: Tracing = NO_TRACING
@@ -88,6 +94,10 @@ class Gateway:
     draining: bool = False
     _runners: list[web.AppRunner] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def runs_as_job(self, model: Model) -> bool:
+        """Whether the model's calls are jobs (submitted to a provider's queue, then polled: proxy/jobs/)."""
+        return runs_as_job(self.provider_kinds[model.served_by()[0].provider], model.capability)
 
     def model(self, model_id: object, wire_format: str | None = None, translated: tuple[str, ...] = ()) -> Model:
         """A catalogue model; `wire_format`: the body format the route takes, which the model must speak unless
@@ -119,6 +129,11 @@ class Gateway:
             if settings.kind == "demo":
                 runner, base_url = await start_demo_upstream()
                 self._runners.append(runner)
+            job_adapter = build_adapter(name, settings, base_url or "", self.config.path("."))
+            if job_adapter is not None:
+                self.jobs.add_adapter(name, job_adapter, settings.jobs)
+            if settings.kind in JOB_KINDS:
+                continue  # serves jobs only
             keys = credentials(name, settings, self.config.path("."))
             self.providers[name] = Provider(
                 name=name,
@@ -134,6 +149,7 @@ class Gateway:
                 url_query=url_query(settings),
                 inject_trace=self.tracing.inject,
             )
+        self.jobs.start()
         if self.config.policies.watch_interval_s:
             self._tasks.append(asyncio.create_task(self.policy.watch(self.config.policies.watch_interval_s)))
         try:
@@ -149,6 +165,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.jobs.close()  # gives the leases of its jobs up: another replica resumes them at once
         for provider in self.providers.values():
             await provider.session.close()
             if provider.signer is not None:
@@ -199,6 +216,16 @@ def _key_directory(settings: StoreSettings) -> KeyDirectory:
         return MemoryKeyDirectory()
     assert settings.redis_url is not None  # checked with the store settings
     return RedisKeyDirectory(
+        settings.redis_url, timeout_s=settings.connect_timeout_s + settings.op_timeout_s,
+        mode=settings.redis_mode, credentials=settings.credentials(),
+    )
+
+
+def _job_store(settings: StoreSettings) -> JobStore:
+    if settings.kind == "memory":
+        return MemoryJobStore()
+    assert settings.redis_url is not None  # checked with the store settings
+    return RedisJobStore(
         settings.redis_url, timeout_s=settings.connect_timeout_s + settings.op_timeout_s,
         mode=settings.redis_mode, credentials=settings.credentials(),
     )
@@ -256,6 +283,12 @@ def build_gateway(
     metrics.store_up(True)
     if new_demo_key and announce:
         announce_demo_key(config, new_demo_key)
+    meter = Meter(
+        store, reservation_ttl_s=store_settings.reservation_ttl_s, on_pending_settles=metrics.pending_settles,
+        usage_retention_s=store_settings.usage_retention_days * 86_400,
+        usage_max_records=store_settings.usage_max_records,
+        alert_keep_s=config.alerts.retry_for_s if secret else 0.0, on_budget_used=metrics.budget_used,
+    )
     return Gateway(
         config=config,
         models={m.id: m for m in catalog},
@@ -263,17 +296,16 @@ def build_gateway(
         auth=Authenticator(lambda: policy.current.keys, tokens, issuers),
         tokens=tokens,
         store=store,
-        meter=Meter(
-            store, reservation_ttl_s=store_settings.reservation_ttl_s, on_pending_settles=metrics.pending_settles,
-            usage_retention_s=store_settings.usage_retention_days * 86_400,
-            usage_max_records=store_settings.usage_max_records,
-            alert_keep_s=config.alerts.retry_for_s if secret else 0.0, on_budget_used=metrics.budget_used,
-        ),
+        meter=meter,
         metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
         router=Router({m.id: m for m in catalog}, config.routing, on_breaker=metrics.breaker),
         assets=build_assets(config),
         managed_keys=ManagedKeys(_key_directory(store_settings), policy, config.admin.keys_refresh_s),
+        jobs=JobService(
+            _job_store(store_settings), meter, lease_s=config.jobs.lease_s, record_ttl_s=config.jobs.record_ttl_s,
+            idempotency_ttl_s=config.jobs.idempotency_ttl_s, on_settled=metrics.settled_job,
+        ),
         admin=_admin_credential(config),
         # every store is an AlertOutbox (the Store protocol does not say so)
         alerts=AlertDelivery(store, config.alerts, secret, metrics) if secret else None,  # type: ignore[arg-type]

@@ -124,6 +124,11 @@ class Admission:
         """True once settled or released, or queued for a retry while the store is down."""
         return self._settled
 
+    @property
+    def reservation(self) -> Reservation | None:
+        """What the admission holds (None: nothing in the store), e.g. to hand a job's hold to another replica."""
+        return self._reservation
+
     @asynccontextmanager
     async def keepalive(self) -> AsyncIterator[None]:
         """Renew the lease and the hold every ttl/3 while the body runs, so that only the holds of a replica
@@ -268,6 +273,11 @@ class Meter:
         if result.denial is not None or result.reservation is None:
             raise _denial(rules, request, result)
         return Admission(self._store, self._clock, result.reservation, _headers(rules, result), self._pending)
+
+    def resume(self, reservation: Reservation | None) -> Admission:
+        """An admission for a hold taken earlier, maybe by another replica (a job's): it renews and settles that
+        hold. Settling twice, from here or anywhere, charges once (the store's settle is idempotent)."""
+        return Admission(self._store, self._clock, reservation, {}, self._pending)
 
     async def _admit(self, request: AdmitRequest) -> AdmitResult:
         """Admit; if the store may run the admit although its answer was lost, queue a cancel by its ticket."""
@@ -490,6 +500,11 @@ def _dimension(principal: Principal, dim: Dimension, model_id: str | None) -> st
     if dim == "user":
         return _user_id(principal)
     return _escaped(principal.account if dim == "account" else model_id or "")
+
+
+def user_id(principal: Principal) -> str:
+    """The principal's end user (or API key, or account) as the meter names it: see `_user_id`."""
+    return _user_id(principal)
 
 
 def usage_user(principal: Principal) -> str | None:

@@ -334,6 +334,11 @@ class Metrics:
         """Credits reserved before forwarding, settled to the real cost, or released on failure."""
         self._credits.labels(_capped(action, CREDIT_ACTIONS)).inc(amount)
 
+    def settled_job(self, reserved: float, charged: float) -> None:
+        """A job's hold settled at `charged` (0: released): like credits() for a call."""
+        self.credits("settled", charged)
+        self.credits("released", max(0.0, reserved - charged))
+
     def credit_overrun(self) -> None:
         """A call whose usage cost more than its reserve: the provider ignored the bound it was sent."""
         self._credit_overruns.inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import openai
 
 from tests.gateway_harness import wait_healthy
@@ -59,6 +61,22 @@ async def test_edge_proxy_serve_with_the_default_config_answers_the_sdk() -> Non
         assert "You said: ping" in (answer.choices[0].message.content or "")
         assert streamed == answer.choices[0].message.content == response.output_text == streamed_response
         assert image.data and image.data[0].url and image.data[0].url.endswith(".png")
+        await _demo_video_job(base, key.group(1))
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=20)
+
+
+async def _demo_video_job(base: str, key: str) -> None:
+    """The demo's job mode: queued, progress, the result on the gateway's own URL (not the demo's loopback one)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/v1/responses", json={"model": "demo/video", "prompt": "a lighthouse"},
+                             headers=headers) as r:
+            events = [json.loads(line[5:]) for line in (await r.text()).splitlines() if line.startswith("data:")]
+        assert events[0]["status"] == "queued" and any(e.get("progress") for e in events)
+        assert {e["request_id"] for e in events} == {r.headers["X-Request-Id"]}
+        url = events[-1]["output"]["url"]
+        assert url.startswith(f"{base}/v1/demo/files/") and url.endswith(".mp4")
+        async with http.get(url) as video:
+            assert (video.status, video.content_type) == (200, "video/mp4")

@@ -20,7 +20,8 @@ Event = tuple[str, dict[str, Any]]
 
 
 async def events_of(response: aiohttp.ClientResponse) -> AsyncIterator[Event]:
-    """Parse `event:` / `data:` frames as they arrive (a client's view of the stream)."""
+    """Parse `event:` / `data:` frames as they arrive (a client's view of the stream); each event's `request_id`
+    must be the response's X-Request-Id, and is left out of what is yielded."""
     name, data = "message", b""
     async for line in response.content:
         line = line.rstrip(b"\r\n")
@@ -29,7 +30,9 @@ async def events_of(response: aiohttp.ClientResponse) -> AsyncIterator[Event]:
         elif line.startswith(b"data:"):
             data += line[5:].strip()
         elif not line and data:
-            yield name, json.loads(data)
+            event = json.loads(data)
+            assert event.pop("request_id") == response.headers["X-Request-Id"], event
+            yield name, event
             name, data = "message", b""
 
 

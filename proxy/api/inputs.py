@@ -29,6 +29,13 @@ def validate_inputs(inputs: dict[str, Any], schema: dict[str, Any]) -> None:
         _check_value(name, value, properties[name])
 
 
+def checked_inputs(inputs: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """The inputs validated against the schema, with the schema's defaults filled in."""
+    validate_inputs(inputs, schema)
+    defaults = {name: rule["default"] for name, rule in schema["properties"].items() if "default" in rule}
+    return {**defaults, **inputs}
+
+
 def _check_value(name: str, value: Any, rule: dict[str, Any]) -> None:
     kind = rule.get("type")
     if kind is not None and not _is_type(value, kind):

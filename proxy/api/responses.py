@@ -31,7 +31,9 @@ from ..upstream.formats.base import FilePart
 from ..upstream.body_usage import BodyUsage, wav_seconds
 from ..upstream.relay import OpenedCall, RelayOutcome, read_chunks, upstream_failure, usage_from_the_rest
 from .body import read_json_object
-from .inputs import validate_inputs
+from .events import EventStream
+from .inputs import checked_inputs
+from .jobs import generate_job
 from .media import media_fetcher, media_input
 from .metered import authorize_and_admit, metered_call, request_facts
 from .routed import open_routed
@@ -137,34 +139,7 @@ async def upstream_call(request: web.Request, model: Model, inputs: dict[str, An
             f"supported: {', '.join(supported) or 'none'}",
             param="model",
         )
-    schema = INPUTS[model.capability]
-    validate_inputs(inputs, schema)
-    defaults = {name: rule["default"] for name, rule in schema["properties"].items() if "default" in rule}
-    return await build(request, {**defaults, **inputs})
-
-
-class EventStream:
-    """The client's event stream; `events_out` counts what was sent."""
-
-    def __init__(self, response: web.StreamResponse, outcome: RelayOutcome) -> None:
-        self.response = response
-        self._outcome = outcome
-
-    @classmethod
-    async def open(cls, request: web.Request, headers: Mapping[str, str], outcome: RelayOutcome) -> "EventStream":
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers,
-        })
-        await response.prepare(request)
-        return cls(response, outcome)
-
-    async def send(self, event: str, data: dict[str, Any]) -> None:
-        payload = json.dumps(data, separators=(",", ":"))
-        await self.response.write(f"event: {event}\ndata: {payload}\n\n".encode())
-        self._outcome.events_out += 1
-
-    async def ping(self) -> None:
-        await self.response.write(sse.comment("ping"))
+    return await build(request, checked_inputs(inputs, INPUTS[model.capability]))
 
 
 @dataclass
@@ -303,7 +278,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     principal = await authenticated(request)
     body = await read_json_object(request, gateway.config.server.max_body_bytes)
-    ctx.model = model = gateway.model(body.get("model"), "openai", _DIALECTS)
+    ctx.model = model = gateway.model(body.get("model"))
+    if gateway.runs_as_job(model):
+        return await generate_job(request, principal, model, body)
+    gateway.model(model.id, "openai", _DIALECTS)  # the other calls: OpenAI's wire format or a dialect above
     try:
         call = await upstream_call(request, model, {k: v for k, v in body.items() if k != "model"})
     except ApiError as exc:
@@ -312,7 +290,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     facts = replace(facts, characters=call.characters, seconds=call.seconds)
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     async with metered_call(gateway, ctx, decision, admission, facts) as outcome:
-        events = await EventStream.open(request, admission.headers, outcome)
+        events = await EventStream.open(request, admission.headers, outcome, ctx.request_id)
         outcome.response = events.response
         await events.send("generation.status", {"status": "queued"})
         try:

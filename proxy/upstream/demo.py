@@ -20,8 +20,14 @@ from aiohttp import web
 _PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
+# The smallest MP4 players accept as a file (an `ftyp` box): the demo's "video".
+_MP4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
 _TOKEN_DELAY_S = 0.02
 _MAX_IMAGES = 10  # like real image APIs; also keeps a huge `n` from exhausting the demo's memory
+# A demo job (fal's queue API, proxy/jobs/fal.py): queued this long, then running until done, in seconds.
+JOB_QUEUED_S = 0.3
+JOB_DONE_S = 1.5
+_MAX_JOBS = 1000  # the oldest are forgotten beyond this
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
@@ -173,8 +179,78 @@ async def images(request: web.Request) -> web.Response:
     return web.json_response({"created": int(time.time()), "data": data})
 
 
+def demo_file(name: str) -> tuple[bytes, str] | None:
+    """The body and type of a demo output file by name (`<id>.png`, `<id>.mp4`); None for any other name."""
+    if name.endswith(".png"):
+        return _PNG, "image/png"
+    if name.endswith(".mp4"):
+        return _MP4, "video/mp4"
+    return None
+
+
 async def image_file(request: web.Request) -> web.Response:
-    return web.Response(body=_PNG, content_type="image/png")
+    found = demo_file(request.match_info["name"])
+    if found is None:
+        raise web.HTTPNotFound()
+    return web.Response(body=found[0], content_type=found[1])
+
+
+_JOBS = web.AppKey("jobs", dict)
+
+
+async def queue_submit(request: web.Request) -> web.Response:
+    """fal's `POST /{owner}/{app}`: the job is queued; its phases follow from the time since."""
+    inputs = await _json_body(request)
+    app, jobs = f"{request.match_info['owner']}/{request.match_info['app']}", request.app[_JOBS]
+    if len(jobs) >= _MAX_JOBS:
+        del jobs[next(iter(jobs))]
+    request_id = str(uuid.uuid4())
+    jobs[request_id] = {"started": time.monotonic(), "app": app, "inputs": inputs}
+    base = f"{request.scheme}://{request.host}/queue/{app}/requests/{request_id}"
+    return web.json_response({"request_id": request_id, "status": "IN_QUEUE", "queue_position": 0,
+                              "status_url": f"{base}/status", "response_url": base, "cancel_url": f"{base}/cancel"})
+
+
+def _queued_job(request: web.Request) -> tuple[dict[str, Any], float]:
+    job = request.app[_JOBS].get(request.match_info["request_id"])
+    if job is None:
+        raise web.HTTPNotFound(text='{"detail":"Request not found"}', content_type="application/json")
+    return job, time.monotonic() - job["started"]
+
+
+async def queue_status(request: web.Request) -> web.Response:
+    """IN_QUEUE, then IN_PROGRESS with a `progress` the demo adds to fal's shape, then COMPLETED."""
+    job, elapsed = _queued_job(request)
+    if job.get("cancelled"):
+        return web.json_response({"status": "COMPLETED", "error": "cancelled"})
+    if elapsed < JOB_QUEUED_S:
+        return web.json_response({"status": "IN_QUEUE", "queue_position": 0}, status=202)
+    if elapsed < JOB_DONE_S:
+        progress = round((elapsed - JOB_QUEUED_S) / (JOB_DONE_S - JOB_QUEUED_S), 2)
+        logs = [{"message": f"rendering: {progress:.0%}", "level": "INFO", "timestamp": ""}]
+        return web.json_response({"status": "IN_PROGRESS", "progress": progress, "logs": logs}, status=202)
+    return web.json_response({"status": "COMPLETED", "logs": []})
+
+
+async def queue_result(request: web.Request) -> web.Response:
+    job, elapsed = _queued_job(request)
+    if elapsed < JOB_DONE_S or job.get("cancelled"):
+        return web.json_response({"detail": "Request is still in progress"}, status=400)
+    base = f"{request.scheme}://{request.host}/files/{request.match_info['request_id']}"
+    if "video" in job["app"]:
+        duration = job["inputs"].get("duration") or 5
+        return web.json_response({"video": {"url": f"{base}.mp4", "content_type": "video/mp4",
+                                            "duration": duration}})
+    return web.json_response({"images": [{"url": f"{base}.png", "width": 1, "height": 1,
+                                          "content_type": "image/png"}]})
+
+
+async def queue_cancel(request: web.Request) -> web.Response:
+    job, elapsed = _queued_job(request)
+    if elapsed >= JOB_DONE_S:
+        return web.json_response({"status": "ALREADY_COMPLETED"}, status=400)
+    job["cancelled"] = True
+    return web.json_response({"status": "CANCELLATION_REQUESTED"}, status=202)
 
 
 async def speech(request: web.Request) -> web.Response:
@@ -198,6 +274,11 @@ def _tone(seconds: float, rate: int = 8000) -> bytes:
 
 def demo_app() -> web.Application:
     app = web.Application()
+    app[_JOBS] = {}
+    app.router.add_post("/queue/{owner}/{app}", queue_submit)
+    app.router.add_get("/queue/{owner}/{app}/requests/{request_id}/status", queue_status)
+    app.router.add_get("/queue/{owner}/{app}/requests/{request_id}", queue_result)
+    app.router.add_put("/queue/{owner}/{app}/requests/{request_id}/cancel", queue_cancel)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/responses", responses)

@@ -1,0 +1,181 @@
+"""fal.ai's queue API (https://queue.fal.run), as a JobAdapter.
+
+- submit: `POST {base}/{model_id}` with the model's input → `{"request_id", "status_url", "response_url",
+  "cancel_url"}`; a model id may carry a subpath (`fal-ai/flux/dev`), which the later calls leave out: they go to
+  the app (`owner/name`).
+- status: `GET {base}/{app}/requests/{id}/status?logs=1` → `{"status": "IN_QUEUE", "queue_position"}`,
+  `IN_PROGRESS` (with `logs`), `COMPLETED` (with `error` when the run failed).
+- result: `GET {base}/{app}/requests/{id}` → the model's output (`images: [{url, width, height}]`,
+  `video: {url}`); an error status with `{"detail"}` when the run failed.
+- cancel: `PUT {base}/{app}/requests/{id}/cancel` → 202 `CANCELLATION_REQUESTED` or 400 `ALREADY_COMPLETED`.
+- auth: `Authorization: Key <key>`.
+
+The later URLs are built from the configured base URL and the request id, never taken from an answer, so a
+handle can never send the provider credential anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+from urllib.parse import quote
+
+import aiohttp
+
+from ..config import Timeouts
+from ..upstream.credentials import ProviderKeys
+from .adapter import Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
+
+_PHASES = {"IN_QUEUE": "queued", "IN_PROGRESS": "running", "COMPLETED": "completed"}
+_FAILED = frozenset({"FAILED", "CANCELED", "CANCELLED"})
+# fal's image models take a named size; the gateway's schema an aspect ratio.
+_IMAGE_SIZES = {"1:1": "square_hd", "16:9": "landscape_16_9", "9:16": "portrait_16_9", "4:3": "landscape_4_3",
+                "3:4": "portrait_4_3"}
+_MAX_ANSWER_BYTES = 1024 * 1024  # status and result answers are small JSON; outputs are URLs
+
+
+def credential_headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Key {key}"}
+
+
+def fal_input(request: JobRequest) -> dict[str, Any]:
+    """The gateway's inputs in fal's names: `n` → `num_images`, an image model's `aspect_ratio` → `image_size`."""
+    inputs = dict(request.inputs)
+    if "n" in inputs:
+        inputs["num_images"] = inputs.pop("n")
+    if request.capability in ("text2image", "image2image") and "aspect_ratio" in inputs:
+        inputs["image_size"] = _IMAGE_SIZES.get(inputs.pop("aspect_ratio"), "square_hd")
+    return inputs
+
+
+class FalAdapter:
+    """fal.ai's queue: one aiohttp session (the provider's pool), the provider's keys, per-call timeouts."""
+
+    def __init__(
+        self, name: str, base_url: str, session: aiohttp.ClientSession, keys: ProviderKeys | None, timeouts: Timeouts,
+    ) -> None:
+        self._name = name
+        self._base = base_url.rstrip("/")
+        self._session = session
+        self._keys = keys
+        self._timeout = aiohttp.ClientTimeout(total=timeouts.first_byte_s + timeouts.idle_s,
+                                              connect=timeouts.connect_s)
+
+    async def submit(self, request: JobRequest) -> Handle:
+        model = request.upstream_model.strip("/")
+        answer = await self._call("POST", f"{self._base}/{_path(model)}", fal_input(request))
+        request_id = answer.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise JobCallFailed(f"{self._name} queued the job without a request_id", retryable=False)
+        return {"request_id": request_id, "app": "/".join(model.split("/")[:2])}
+
+    async def status(self, handle: Handle) -> JobStatus:
+        return status_of(await self.status_answer(handle), self._name)
+
+    async def status_answer(self, handle: Handle) -> dict[str, Any]:
+        """The status call's answer as fal sent it."""
+        return await self._call("GET", f"{self._requests(handle)}/status?logs=1")
+
+    async def result(self, handle: Handle, request: JobRequest) -> JobResult:
+        return job_result(await self._call("GET", self._requests(handle)), request, self._name)
+
+    async def cancel(self, handle: Handle) -> None:
+        try:
+            await self._call("PUT", f"{self._requests(handle)}/cancel")
+        except JobCallFailed as failed:
+            if failed.status != 400:  # 400: ALREADY_COMPLETED, nothing left to stop
+                raise
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    def _requests(self, handle: Handle) -> str:
+        return f"{self._base}/{_path(handle['app'])}/requests/{quote(handle['request_id'], safe='')}"
+
+    async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        chosen = self._keys.choose() if self._keys else None
+        headers = {"Content-Type": "application/json", **(chosen.headers if chosen else {})}
+        data = json.dumps(body).encode() if body is not None else None
+        try:
+            async with self._session.request(method, url, data=data, headers=headers, timeout=self._timeout,
+                                             allow_redirects=False) as response:
+                raw = await _read_bounded(response)
+                if chosen is not None and self._keys is not None:
+                    self._keys.refused(chosen, response.status, response.headers.get("Retry-After"))
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise JobCallFailed(f"{self._name} could not be reached ({type(exc).__name__})", retryable=True) from None
+        answer = _json_object(raw) if len(raw) <= _MAX_ANSWER_BYTES else None
+        if status >= 400:
+            raise JobCallFailed(
+                f"{self._name} answered {status}: {_message((answer or {}).get('detail') or answer)}",
+                retryable=status >= 500 or status in (408, 429), status=status,
+                code="invalid_request" if status == 422 else "upstream_error",
+            )
+        if answer is None:
+            raise JobCallFailed(f"{self._name} answered something that is not a JSON object", retryable=True)
+        return answer
+
+
+def status_of(answer: Mapping[str, Any], provider: str) -> JobStatus:
+    """A status answer as a JobStatus: IN_QUEUE (with its position), IN_PROGRESS, COMPLETED; failed when the answer
+    says FAILED or CANCELED, or COMPLETED with an `error`."""
+    status = answer.get("status")
+    if status in _FAILED or (status == "COMPLETED" and answer.get("error")):
+        return JobStatus("failed", error=_message(answer.get("error") or status))
+    phase = _PHASES.get(status) if isinstance(status, str) else None
+    if phase is None:
+        raise JobCallFailed(f"{provider} answered an unknown job status {str(status)[:40]!r}", retryable=True)
+    position = answer.get("queue_position")
+    return JobStatus(phase, queue_position=position if type(position) is int and position >= 0 else None)
+
+
+def job_result(answer: Mapping[str, Any], request: JobRequest, provider: str) -> JobResult:
+    """A fal output as the gateway's: `{"url", "urls"}` for images (units: images, megapixels when sizes are
+    given), `{"url"}` for a video (units: its `duration`, else the requested one)."""
+    images = [i for i in answer.get("images") or () if isinstance(i, dict) and isinstance(i.get("url"), str)]
+    if images:
+        pixels = sum(_number(i.get("width")) * _number(i.get("height")) for i in images)
+        urls = [i["url"] for i in images]
+        return JobResult({"url": urls[0], "urls": urls}, JobUnits(images=len(urls), megapixels=pixels / 1e6))
+    video = answer.get("video")
+    if isinstance(video, dict) and isinstance(video.get("url"), str):
+        seconds = _number(video.get("duration")) or _number(request.inputs.get("duration"))
+        output = {"url": video["url"], **({"content_type": video["content_type"]}
+                                          if isinstance(video.get("content_type"), str) else {})}
+        return JobResult(output, JobUnits(seconds=seconds))
+    raise JobCallFailed(f"{provider}'s result carries no image or video", retryable=False)
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    """The body, or its first _MAX_ANSWER_BYTES + 1 bytes (then it is refused as too large)."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > _MAX_ANSWER_BYTES:
+            break
+    return bytes(body)
+
+
+def _path(model: str) -> str:
+    return "/".join(quote(part, safe="") for part in model.split("/") if part)
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0.0
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _message(value: Any) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        value = value[0].get("msg", value[0])
+    if isinstance(value, dict):
+        value = value.get("message", value)
+    return str(value)[:300]

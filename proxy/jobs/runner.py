@@ -1,0 +1,310 @@
+"""Driving jobs: each replica runs the jobs it holds the lease of (submit, poll, result, settle), renews those
+leases, and picks up jobs whose lease expired (their replica died). Clients watch a job through the store, so a
+stream or a poll may be answered by any replica.
+
+A job's life, on the replica holding its lease:
+  submit (unless the record has a handle already) → poll `status` every `poll_interval_s` → `result` → finish
+  (completed) and settle from the provider's units; a failure, a timeout (`timeout_s`, then cancelled at the
+  provider) or `retries` failed calls in a row → finish (failed) and release the hold. Only the replica whose
+  finish applied settles; the store charges a hold once anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+import time
+from dataclasses import replace
+from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+
+from ..config import JobSettings
+from ..errors import ApiError
+from ..meter import Admission, Meter
+from ..policy.pricing import cost
+from ..policy.types import Usage
+from ..store.base import CallUsage, StoreError
+from .adapter import Handle, JobAdapter, JobCallFailed, JobRequest, JobResult, JobStatus
+from .billing import decode_price, decode_reservation
+from .store import Created, JobRecord, JobStore, changed, dumps
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_ORPHAN_BATCH = 50
+_VIDEO = frozenset({"text2video", "image2video"})
+
+
+class _LeaseLost(Exception):
+    """Another replica holds the job's lease now (or the job ended elsewhere): stop driving it here."""
+
+
+class JobService:
+    """The replica's part in every job: create, drive, watch, resume."""
+
+    def __init__(
+        self, store: JobStore, meter: Meter, *, lease_s: float, record_ttl_s: float, idempotency_ttl_s: float,
+        clock: Callable[[], float] = time.time,
+        on_settled: Callable[[float, float], None] = lambda reserved, charged: None,
+    ) -> None:
+        self.store = store
+        self.owner = secrets.token_hex(8)  # this replica, as a lease holder
+        self._meter = meter
+        self._lease_ms = int(lease_s * 1000)
+        self._ttl_ms = int(record_ttl_s * 1000)
+        self._idem_ttl_ms = int(idempotency_ttl_s * 1000)
+        self._clock = clock
+        self._on_settled = on_settled
+        self._adapters: dict[str, JobAdapter] = {}
+        self._settings: dict[str, JobSettings] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._scanner: asyncio.Task[None] | None = None
+
+    def add_adapter(self, provider: str, adapter: JobAdapter, settings: JobSettings) -> None:
+        self._adapters[provider] = adapter
+        self._settings[provider] = settings
+
+    def settings(self, provider: str) -> JobSettings:
+        return self._settings[provider]
+
+    def start(self) -> None:
+        """Look for orphaned jobs (lease expired) every half lease, in the running loop."""
+        self._scanner = asyncio.create_task(self._scan())
+
+    async def close(self) -> None:
+        """Stop driving jobs and give their leases up, so another replica resumes them at once."""
+        tasks = [t for t in (self._scanner, *self._running.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for adapter in self._adapters.values():
+            await adapter.close()
+        await self.store.close()
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def create(self, record: JobRecord, idempotency_key: str | None) -> Created:
+        """Store a new job (with its idempotency key), or name the job the key already points to."""
+        record = replace(record, created_ms=self._now_ms(), owner=self.owner,
+                         lease_until=self._now_ms() + self._lease_ms)
+        return await self.store.create(record, idempotency_key, self._ttl_ms, self._idem_ttl_ms)
+
+    def run(self, key: str) -> None:
+        """Drive the job in the background on this replica (it holds the lease from `create`)."""
+        if key not in self._running:
+            task = asyncio.create_task(self._drive(key))
+            self._running[key] = task
+            task.add_done_callback(lambda _: self._running.pop(key, None))
+
+    async def watch(self, key: str, until: float) -> AsyncIterator[JobRecord]:
+        """The job as it changes (each version once), until it ends or the monotonic time `until`. Woken at
+        once by changes this replica makes; changes made elsewhere are seen within a second."""
+        event = asyncio.Event()
+        self._watchers.setdefault(key, set()).add(event)
+        seen = -1
+        try:
+            while True:
+                event.clear()
+                record = await self.store.get(key)
+                if record is None:
+                    return
+                if record.version != seen:
+                    seen = record.version
+                    yield record
+                if record.state != "working":
+                    return
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(event.wait(), min(left, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            watchers = self._watchers.get(key)
+            if watchers is not None:
+                watchers.discard(event)
+                if not watchers:
+                    del self._watchers[key]
+
+    async def cancel(self, key: str) -> None:
+        """Stop a job for a client that left, where its plan says so: cancelled at the provider, hold released."""
+        task = self._running.get(key)
+        if task is not None:
+            task.cancel()
+        record = await self.store.get(key)
+        if record is None or record.state != "working":
+            return
+        if record.handle and record.provider in self._adapters:
+            try:
+                await self._adapters[record.provider].cancel(json.loads(record.handle))
+            except JobCallFailed as failed:
+                log.warning("job %s: cancel at the provider failed: %s", record.id, failed)
+        error = ApiError("upstream_error", "the job was cancelled: the client disconnected and its plan cancels "
+                                           "jobs then")
+        await self._finish_failed(record, error)
+
+    def _changed(self, key: str) -> None:
+        for event in self._watchers.get(key, ()):
+            event.set()
+
+    async def _drive(self, key: str) -> None:
+        """Run one job to its end while holding its lease; a lost lease (another replica took it) stops here."""
+        heartbeat = asyncio.create_task(self._keep_lease(key, asyncio.current_task()))
+        try:
+            record = await self.store.get(key)
+            if record is None or record.state != "working" or record.provider not in self._adapters:
+                return
+            await self.store.index(key, record.lease_until)
+            async with self._meter.resume(decode_reservation(record.reservation)).keepalive():
+                await self._run(record)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._give_up(key))
+            raise
+        except _LeaseLost:
+            log.info("job %s: another replica drives it now", key)
+        except StoreError as exc:
+            log.warning("job %s: the job store failed (%s); another replica resumes it", key, exc)
+        finally:
+            heartbeat.cancel()
+
+    async def _give_up(self, key: str) -> None:
+        try:
+            await self.store.release(key, self.owner)
+            await self.store.index(key, self._now_ms())
+        except StoreError:
+            pass  # the lease expires by itself
+
+    async def _keep_lease(self, key: str, driver: asyncio.Task[None] | None) -> None:
+        """Renew the lease every third of it; if another replica holds it now, stop driving the job here."""
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                ours = await self.store.claim(key, self.owner, self._now_ms(), self._lease_ms, renew=True)
+            except StoreError:
+                continue  # try again; the lease outlives two failed renewals
+            if not ours:
+                if driver is not None:
+                    driver.cancel()
+                return
+            await self._index_quietly(key, self._now_ms() + self._lease_ms)
+
+    async def _index_quietly(self, key: str, lease_until: int) -> None:
+        try:
+            await self.store.index(key, lease_until)
+        except StoreError:
+            pass  # only a hint for finding orphans
+
+    async def _run(self, record: JobRecord) -> None:
+        adapter, settings = self._adapters[record.provider], self._settings[record.provider]
+        request = JobRequest(record.upstream_model, record.capability, json.loads(record.inputs), record.public_url)
+        try:
+            if not record.handle:
+                handle = await self._retrying(settings, lambda: adapter.submit(request))
+                record = await self._update(record, handle=dumps(handle))
+            handle = json.loads(record.handle)
+            status = await self._until_done(record, adapter, settings, handle)
+            if status.phase == "failed":
+                raise ApiError("upstream_error", f"the provider failed the job: {status.error or 'no reason given'}")
+            result = await self._retrying(settings, lambda: adapter.result(handle, request))
+        except JobCallFailed as failed:
+            await self._finish_failed(record, ApiError(failed.code, str(failed)))
+        except ApiError as error:
+            await self._finish_failed(record, error)
+        else:
+            await self._finish_completed(record, result)
+
+    async def _until_done(
+        self, record: JobRecord, adapter: JobAdapter, settings: JobSettings, handle: Handle
+    ) -> JobStatus:
+        while True:
+            if self._now_ms() >= record.created_ms + settings.timeout_s * 1000:
+                try:
+                    await adapter.cancel(handle)
+                except JobCallFailed as failed:
+                    log.warning("job %s: cancel after its timeout failed: %s", record.id, failed)
+                raise ApiError("upstream_timeout", f"the job took longer than {settings.timeout_s:g}s")
+            status = await self._retrying(settings, lambda: adapter.status(handle))
+            if status.phase in ("completed", "failed"):
+                return status
+            progress = -1.0 if status.progress is None else max(0.0, min(1.0, status.progress))
+            position = -1 if status.queue_position is None else status.queue_position
+            if (status.phase, progress, position) != (record.phase, record.progress, record.queue_position):
+                record = await self._update(record, phase=status.phase, progress=progress, queue_position=position)
+            await asyncio.sleep(settings.poll_interval_s)
+
+    async def _retrying(self, settings: JobSettings, call: Callable[[], Awaitable[T]]) -> T:
+        """A provider call, tried again after a retryable failure (`retries` times, backing off)."""
+        for attempt in range(settings.retries + 1):
+            try:
+                return await call()
+            except JobCallFailed as failed:
+                if not failed.retryable or attempt == settings.retries:
+                    raise
+                await asyncio.sleep(min(settings.poll_interval_s * 2**attempt, 30) * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    async def _update(self, record: JobRecord, **changes: object) -> JobRecord:
+        record, stored = changed(record, **changes)
+        if not await self.store.update(record.key, self.owner, stored):
+            raise _LeaseLost
+        self._changed(record.key)
+        return record
+
+    async def _finish_completed(self, record: JobRecord, result: JobResult) -> None:
+        record, stored = changed(record, state="completed", phase="completed", progress=1.0, queue_position=-1,
+                                 output=dumps(result.output))
+        if await self._finish(record, stored):
+            units = result.units
+            seconds = units.seconds or (record.bound_seconds if record.capability in _VIDEO else 0.0)
+            await self._settle(record, Usage(images=units.images, seconds=seconds))
+
+    async def _finish_failed(self, record: JobRecord, error: ApiError) -> None:
+        record, stored = changed(record, state="failed", phase="failed", error=dumps(error.body()["error"]))
+        if await self._finish(record, stored):
+            await self._settle(record, None)
+
+    async def _finish(self, record: JobRecord, stored: Mapping[str, str]) -> bool:
+        applied = await self.store.finish(record.key, stored)
+        self._changed(record.key)
+        await self._index_quietly(record.key, 0)
+        return applied
+
+    async def _settle(self, record: JobRecord, usage: Usage | None) -> None:
+        """Charge the units at the price of the submit (an overrun at most twice the hold), or release."""
+        admission: Admission = self._meter.resume(decode_reservation(record.reservation))
+        call = CallUsage(provider=record.provider, deployment=record.deployment, images=usage.images if usage else 0,
+                         seconds_ms=round((usage.seconds if usage else 0.0) * 1000))
+        if usage is None:
+            await admission.release(call)
+            self._on_settled(record.reserve, 0.0)
+            return
+        price = decode_price(record.price)
+        charge = cost(price, usage) if price is not None else 0.0
+        if charge > record.reserve:
+            log.warning("job %s: units cost %.6f credits, over its hold of %.6f", record.id, charge, record.reserve)
+            charge = min(charge, 2 * record.reserve)
+        await admission.settle(charge, 0, call)
+        self._on_settled(record.reserve, charge)
+
+    async def _scan(self) -> None:
+        """Claim jobs whose lease expired (their replica died or lost the store) and drive them here."""
+        while True:
+            await asyncio.sleep(self._lease_ms / 2000 * random.uniform(0.8, 1.0))
+            try:
+                for key in await self.store.orphans(self._now_ms(), _ORPHAN_BATCH):
+                    if key in self._running:
+                        continue
+                    if await self.store.claim(key, self.owner, self._now_ms(), self._lease_ms, renew=False):
+                        log.info("job %s: resuming a job whose replica stopped polling it", key)
+                        self.run(key)
+                        continue
+                    record = await self.store.get(key)
+                    if record is None or record.state != "working":
+                        await self.store.index(key, 0)  # expired or finished: no longer a candidate
+            except StoreError as exc:
+                log.debug("job scan failed: %s", exc)
