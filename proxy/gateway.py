@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -26,13 +26,13 @@ from .errors import ApiError
 from .jobs.kinds import JOB_KINDS, runs_as_job
 from .jobs.registry import build_adapter
 from .jobs.runner import JobService
-from .jobs.store import JobStore, MemoryJobStore, RedisJobStore
+from .jobs.store import MemoryJobStore, RedisJobStore
 from .meter import Meter
 from .metrics import Metrics
 from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
 from .policy.managed import ManagedKeys
 from .store import Store, StoreSettings, build_store
-from .store.keys import KeyDirectory, MemoryKeyDirectory, RedisKeyDirectory
+from .store.keys import MemoryKeyDirectory, RedisKeyDirectory
 from .upstream.demo import start_demo_upstream
 from .upstream.formats import adapter, canonical_kind
 from .upstream.providers import (
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger("edge_proxy")
+T = TypeVar("T")
 
 # Where each wire format's models are called natively (named in the error for a model called on another route).
 NATIVE_ROUTES = {
@@ -211,21 +212,12 @@ def _admin_credential(config: Config) -> AdminCredential:
         raise ConfigError(f"{config.source}: {exc}") from None
 
 
-def _key_directory(settings: StoreSettings) -> KeyDirectory:
+def _beside_the_store(settings: StoreSettings, memory: Callable[[], T], redis: Callable[..., T]) -> T:
+    """A part kept where the store is: in memory, or in the store's Redis on a small pool of its own."""
     if settings.kind == "memory":
-        return MemoryKeyDirectory()
+        return memory()
     assert settings.redis_url is not None  # checked with the store settings
-    return RedisKeyDirectory(
-        settings.redis_url, timeout_s=settings.connect_timeout_s + settings.op_timeout_s,
-        mode=settings.redis_mode, credentials=settings.credentials(),
-    )
-
-
-def _job_store(settings: StoreSettings) -> JobStore:
-    if settings.kind == "memory":
-        return MemoryJobStore()
-    assert settings.redis_url is not None  # checked with the store settings
-    return RedisJobStore(
+    return redis(
         settings.redis_url, timeout_s=settings.connect_timeout_s + settings.op_timeout_s,
         mode=settings.redis_mode, credentials=settings.credentials(),
     )
@@ -301,9 +293,12 @@ def build_gateway(
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
         router=Router({m.id: m for m in catalog}, config.routing, on_breaker=metrics.breaker),
         assets=build_assets(config),
-        managed_keys=ManagedKeys(_key_directory(store_settings), policy, config.admin.keys_refresh_s),
+        managed_keys=ManagedKeys(
+            _beside_the_store(store_settings, MemoryKeyDirectory, RedisKeyDirectory), policy,
+            config.admin.keys_refresh_s,
+        ),
         jobs=JobService(
-            _job_store(store_settings), meter, lease_s=config.jobs.lease_s, record_ttl_s=config.jobs.record_ttl_s,
+            _beside_the_store(store_settings, MemoryJobStore, RedisJobStore), meter, lease_s=config.jobs.lease_s, record_ttl_s=config.jobs.record_ttl_s,
             idempotency_ttl_s=config.jobs.idempotency_ttl_s, on_settled=metrics.settled_job,
         ),
         admin=_admin_credential(config),

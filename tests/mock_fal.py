@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .mock_provider import serve_on_loopback
+
 
 @dataclass
 class FalJob:
@@ -44,11 +46,7 @@ class MockFal:
         app.router.add_get("/{owner}/{app}/requests/{request_id}", self._result)
         app.router.add_put("/{owner}/{app}/requests/{request_id}/cancel", self._cancel)
         app.router.add_post("/{model:.+}", self._submit)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._runner, self.url = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:

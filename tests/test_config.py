@@ -49,6 +49,13 @@ def test_the_shipped_config_is_valid() -> None:
          "server.max_upload_bytes (2000) exceeds assets.max_bytes_per_account (1000)"),
         ({"server": {"max_upload_bytes": 2000}, "assets": {"max_receiving_bytes": 1000}},
          "server.max_upload_bytes (2000) exceeds assets.max_receiving_bytes (1000)"),
+        ({"providers": {"fal": {"kind": "fal"}}}, "kind fal needs base_url, e.g. https://queue.fal.run"),
+        ({"providers": {"fal": {"kind": "fal", "base_url": "https://queue.fal.run"}},
+          "models": [{"id": "f/tts", "name": "T", "creator": "C", "capability": "text2speech", "provider": "fal",
+                      "upstream_model": "x/y"}]}, "is text2speech, which fal providers do not serve"),
+        ({"providers": {"fal": {"kind": "fal", "base_url": "https://queue.fal.run", "jobs": {"retries": 11}}}},
+         "providers.fal.jobs.retries"),
+        ({"jobs": {"lease_s": 0.5}}, "jobs.lease_s"),
     ],
 )
 def test_invalid_config_names_file_key_and_fix(

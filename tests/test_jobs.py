@@ -15,6 +15,8 @@ import pytest
 import pytest_asyncio
 from multidict import CIMultiDict
 
+from proxy.auth.api_keys import hash_key
+
 from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, gateway_process, start_gateway, write_policy
 from .mock_fal import MockFal
 from .redis_server import RedisServer
@@ -23,12 +25,20 @@ from .test_responses import events_of
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 API_KEY = {"Authorization": f"Bearer {TEST_KEY}"}
+CANCELLER_KEY = "sk_test_" + "c" * 40
+CANCELLER = {"Authorization": f"Bearer {CANCELLER_KEY}"}
 VIDEO_PRICE, PER_SECOND, PER_IMAGE = 1, 10, 3
 POLICY = f"""
 plans:
   demo:
     models: ["mock/*"]
     budget: {{credits: 100000, period: month, scope: account}}
+  canceller:
+    models: ["mock/*"]
+    budget: {{credits: 100000, period: month, scope: account}}
+    jobs: {{cancel_on_disconnect: true}}
+keys:
+  - {{id: canceller, hash: "{hash_key(CANCELLER_KEY)}", plan: canceller}}
 prices:
   "mock/*": {{per_request: 1}}
   mock/video: {{per_request: {VIDEO_PRICE}, per_second: {PER_SECOND}}}
@@ -97,9 +107,11 @@ async def poll(gateway: str, request_id: str, headers: dict[str, str] | None = N
             return r.status, await r.json()
 
 
-async def finished(gateway: str, request_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
+async def finished(
+    gateway: str, request_id: str, headers: dict[str, str] = API_KEY, timeout_s: float = 10.0
+) -> dict[str, Any]:
     for _ in range(int(timeout_s / 0.1)):
-        status, job = await poll(gateway, request_id)
+        status, job = await poll(gateway, request_id, headers)
         assert status == 200, job
         if job["status"] != "working":
             return job
@@ -107,11 +119,11 @@ async def finished(gateway: str, request_id: str, timeout_s: float = 10.0) -> di
     raise AssertionError(f"job {request_id} did not finish: {job}")
 
 
-async def balance(gateway: str) -> dict[str, float]:
+async def balance(gateway: str, headers: dict[str, str] = API_KEY) -> dict[str, float]:
     """The account's balance once nothing is held (jobs settle just after they finish)."""
     async with aiohttp.ClientSession() as http:
         for _ in range(100):
-            async with http.get(f"{gateway}/v1/me", headers=API_KEY) as r:
+            async with http.get(f"{gateway}/v1/me", headers=headers) as r:
                 current = (await r.json())["balance"]
             if current["held"] == 0:
                 return current
@@ -205,15 +217,38 @@ async def test_a_users_token_reads_only_that_users_jobs(replicas: Replicas) -> N
     for stranger in (bob, API_KEY):  # another user, and the account's own key (another principal)
         status, error = await poll(replicas.a, request_id, stranger)
         assert (status, error["error"]["code"]) == (404, "not_found")
-    await finished_as(replicas.a, request_id, alice)
+    await finished(replicas.a, request_id, alice)
 
 
-async def finished_as(gateway: str, request_id: str, headers: dict[str, str]) -> None:
-    for _ in range(100):
-        _, job = await poll(gateway, request_id, headers)
-        if job["status"] != "working":
-            return
-        await asyncio.sleep(0.1)
+async def leave_after_the_first_event(gateway: str, body: dict[str, Any], headers: dict[str, str]) -> str:
+    """Open a job's stream, read its first event, hang up; the job's request id."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gateway}/v1/responses", json=body, headers=headers) as r:
+            assert (r.status, (await r.content.readline()).strip()) == (200, b"event: generation.status")
+            return r.headers["X-Request-Id"]
+
+
+async def test_a_client_that_leaves_does_not_cancel_the_job(replicas: Replicas) -> None:
+    before = await balance(replicas.a)
+    request_id = await leave_after_the_first_event(replicas.a, {"model": "mock/video", "prompt": "left",
+                                                                "duration": 2}, API_KEY)
+    assert (await finished(replicas.a, request_id))["status"] == "completed"
+    assert (await balance(replicas.a))["spent"] - before["spent"] == video_cost(2)
+
+
+async def test_a_plan_that_cancels_on_disconnect_cancels_at_the_provider_and_releases(replicas: Replicas) -> None:
+    before = await balance(replicas.a, CANCELLER)
+    request_id = await leave_after_the_first_event(replicas.a, {"model": "mock/video", "prompt": "cancel me",
+                                                                "duration": 2}, CANCELLER)
+    job = await finished(replicas.a, request_id, CANCELLER)
+    assert job["status"] == "failed" and "disconnected" in job["error"]["message"]
+    assert ("PUT", f"/fal-ai/kling-video/requests/{cancelled_id(replicas.fal, 'cancel me')}/cancel") in replicas.fal.calls
+    after = await balance(replicas.a, CANCELLER)
+    assert (after["spent"], after["held"]) == (before["spent"], 0)
+
+
+def cancelled_id(fal: MockFal, prompt: str) -> str:
+    return next(request_id for request_id, job in fal.jobs.items() if job.inputs.get("prompt") == prompt)
 
 
 async def test_hostile_headers_and_ids_get_json_errors(replicas: Replicas) -> None:

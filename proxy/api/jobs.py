@@ -115,7 +115,7 @@ async def generate_job(request: web.Request, principal: Principal, model: Model,
         deployment=deployment.name, upstream_model=deployment.upstream_model, inputs=json.dumps(inputs),
         public_url=_public_url(request), reservation=encode_reservation(admission.reservation),
         price=encode_price(decision.price), reserve=decision.reserve_credits, bound_seconds=decision.bound.seconds,
-        body_hash=body_hash,
+        body_hash=body_hash, cancel_on_disconnect=decision.cancel_jobs_on_disconnect,
     )
     try:
         created = await gateway.jobs.create(record, idem_key)
@@ -162,14 +162,18 @@ async def _stream(
     events = await EventStream.open(request, headers, RelayOutcome(), job_id)
     last: JobRecord | None = None
     sent: tuple[str, dict[str, Any]] | None = None
+    keepalive_s, written = gateway.config.server.sse_keepalive_s, time.monotonic()
     try:
         until = time.monotonic() + gateway.config.jobs.detach_after_s
         async with aclosing(gateway.jobs.watch(key, until)) as changes:
             async for last in changes:
                 event = _event(last)
-                if event != sent:  # a change the client cannot see (e.g. the provider's handle stored)
+                if event != sent:  # else nothing the client can see changed (e.g. the provider's handle stored)
                     await events.send(*event)
-                    sent = event
+                    sent, written = event, time.monotonic()
+                elif keepalive_s and time.monotonic() - written >= keepalive_s:
+                    await events.ping()
+                    written = time.monotonic()
     except asyncio.CancelledError:
         if cancel_on_disconnect:
             await asyncio.shield(gateway.jobs.cancel(key))

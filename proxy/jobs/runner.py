@@ -91,7 +91,10 @@ class JobService:
         """Store a new job (with its idempotency key), or name the job the key already points to."""
         record = replace(record, created_ms=self._now_ms(), owner=self.owner,
                          lease_until=self._now_ms() + self._lease_ms)
-        return await self.store.create(record, idempotency_key, self._ttl_ms, self._idem_ttl_ms)
+        created = await self.store.create(record, idempotency_key, self._ttl_ms, self._idem_ttl_ms)
+        if created.created:  # indexed at once: if this replica dies before driving it, another one finds it
+            await self._index_quietly(record.key, record.lease_until)
+        return created
 
     def run(self, key: str) -> None:
         """Drive the job in the background on this replica (it holds the lease from `create`)."""
@@ -101,20 +104,17 @@ class JobService:
             task.add_done_callback(lambda _: self._running.pop(key, None))
 
     async def watch(self, key: str, until: float) -> AsyncIterator[JobRecord]:
-        """The job as it changes (each version once), until it ends or the monotonic time `until`. Woken at
-        once by changes this replica makes; changes made elsewhere are seen within a second."""
+        """The job at least every second (changed or not, so a stream can keep itself alive), until it ends or
+        the monotonic time `until`. Woken at once by changes this replica makes."""
         event = asyncio.Event()
         self._watchers.setdefault(key, set()).add(event)
-        seen = -1
         try:
             while True:
                 event.clear()
                 record = await self.store.get(key)
                 if record is None:
                     return
-                if record.version != seen:
-                    seen = record.version
-                    yield record
+                yield record
                 if record.state != "working":
                     return
                 left = until - time.monotonic()
@@ -132,21 +132,9 @@ class JobService:
                     del self._watchers[key]
 
     async def cancel(self, key: str) -> None:
-        """Stop a job for a client that left, where its plan says so: cancelled at the provider, hold released."""
-        task = self._running.get(key)
-        if task is not None:
-            task.cancel()
-        record = await self.store.get(key)
-        if record is None or record.state != "working":
-            return
-        if record.handle and record.provider in self._adapters:
-            try:
-                await self._adapters[record.provider].cancel(json.loads(record.handle))
-            except JobCallFailed as failed:
-                log.warning("job %s: cancel at the provider failed: %s", record.id, failed)
-        error = ApiError("upstream_error", "the job was cancelled: the client disconnected and its plan cancels "
-                                           "jobs then")
-        await self._finish_failed(record, error)
+        """Ask for a job to be cancelled (a client left, and its plan cancels then): whichever replica drives the
+        job cancels it at the provider at its next poll (once submitted), fails it and releases its hold."""
+        await self.store.update(key, "", {"cancel_requested": "1"})
 
     def _changed(self, key: str) -> None:
         for event in self._watchers.get(key, ()):
@@ -159,7 +147,6 @@ class JobService:
             record = await self.store.get(key)
             if record is None or record.state != "working" or record.provider not in self._adapters:
                 return
-            await self.store.index(key, record.lease_until)
             async with self._meter.resume(decode_reservation(record.reservation)).keepalive():
                 await self._run(record)
         except asyncio.CancelledError:
@@ -223,11 +210,13 @@ class JobService:
     ) -> JobStatus:
         while True:
             if self._now_ms() >= record.created_ms + settings.timeout_s * 1000:
-                try:
-                    await adapter.cancel(handle)
-                except JobCallFailed as failed:
-                    log.warning("job %s: cancel after its timeout failed: %s", record.id, failed)
+                await self._cancel_at_provider(record, adapter, handle)
                 raise ApiError("upstream_timeout", f"the job took longer than {settings.timeout_s:g}s")
+            stored = await self.store.get(record.key)
+            if stored is not None and stored.cancel_requested:
+                await self._cancel_at_provider(record, adapter, handle)
+                raise ApiError("upstream_error", "the job was cancelled: the client disconnected and its plan "
+                               "cancels jobs then")
             status = await self._retrying(settings, lambda: adapter.status(handle))
             if status.phase in ("completed", "failed"):
                 return status
@@ -236,6 +225,13 @@ class JobService:
             if (status.phase, progress, position) != (record.phase, record.progress, record.queue_position):
                 record = await self._update(record, phase=status.phase, progress=progress, queue_position=position)
             await asyncio.sleep(settings.poll_interval_s)
+
+    @staticmethod
+    async def _cancel_at_provider(record: JobRecord, adapter: JobAdapter, handle: Handle) -> None:
+        try:
+            await adapter.cancel(handle)
+        except JobCallFailed as failed:
+            log.warning("job %s: cancel at the provider failed: %s", record.id, failed)
 
     async def _retrying(self, settings: JobSettings, call: Callable[[], Awaitable[T]]) -> T:
         """A provider call, tried again after a retryable failure (`retries` times, backing off)."""

@@ -50,6 +50,7 @@ class JobRecord:
     reserve: float  # credits held
     bound_seconds: float  # charged for a video whose provider reports no length
     cancel_on_disconnect: bool = False
+    cancel_requested: bool = False  # the client left and its plan cancels: the lease holder cancels the job
     state: State = "working"
     phase: str = "queued"  # queued | running while working
     progress: float = -1.0  # -1: unknown
@@ -60,7 +61,6 @@ class JobRecord:
     body_hash: str = ""
     created_ms: int = 0
     deadline_ms: int = 0
-    version: int = 0
     owner: str = ""
     lease_until: int = 0
 
@@ -118,20 +118,16 @@ class JobStore(Protocol):
         """(job id, body hash) the key names, if any."""
         ...
 
-    async def discard(self, key: str, idempotency_key: str | None) -> None:
-        """Remove a job that never started (its admission was refused), and its idempotency key."""
-        ...
-
     async def claim(self, key: str, owner: str, now_ms: int, lease_ms: int, *, renew: bool) -> bool:
         """Take the lease (free, expired or ours); `renew`: only if ours. False if not working or held by another."""
         ...
 
     async def update(self, key: str, owner: str, changes: Mapping[str, str]) -> bool:
-        """Set fields of a working job we hold the lease of; bumps `version`."""
+        """Set fields of a working job we hold the lease of (`owner` '': whoever holds it)."""
         ...
 
     async def finish(self, key: str, changes: Mapping[str, str]) -> bool:
-        """Set `state` (completed or failed) and fields of a job still working, once; bumps `version`."""
+        """Set `state` (completed or failed) and fields of a job still working, once."""
         ...
 
     async def release(self, key: str, owner: str) -> None:
@@ -176,7 +172,6 @@ _UPDATE = r"""
 local job = redis.call('HMGET', KEYS[1], 'state', 'owner')
 if job[1] ~= 'working' or (ARGV[1] ~= '' and job[2] ~= ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('HINCRBY', KEYS[1], 'version', 1)
 return 1
 """
 # KEYS: job. ARGV: owner. Gives the lease up if it is ours.
@@ -225,9 +220,6 @@ class RedisJobStore:
             return None
         job_id, _, body_hash = raw.decode().partition(" ")
         return job_id, body_hash
-
-    async def discard(self, key: str, idempotency_key: str | None) -> None:
-        await _call(self._client.delete(key, *([idempotency_key] if idempotency_key else [])))
 
     async def claim(self, key: str, owner: str, now_ms: int, lease_ms: int, *, renew: bool) -> bool:
         args = [owner, now_ms, lease_ms, "1" if renew else "0"]
@@ -305,11 +297,6 @@ class MemoryJobStore:
         entry = self._live(idempotency_key)
         return (entry.fields["id"], entry.fields["hash"]) if entry is not None else None
 
-    async def discard(self, key: str, idempotency_key: str | None) -> None:
-        self._entries.pop(key, None)
-        if idempotency_key:
-            self._entries.pop(idempotency_key, None)
-
     async def claim(self, key: str, owner: str, now_ms: int, lease_ms: int, *, renew: bool) -> bool:
         entry = self._live(key)
         if entry is None or entry.fields["state"] != "working":
@@ -325,7 +312,6 @@ class MemoryJobStore:
         if entry is None or entry.fields["state"] != "working" or (owner and entry.fields["owner"] != owner):
             return False
         entry.fields.update(changes)
-        entry.fields["version"] = str(int(entry.fields["version"]) + 1)
         return True
 
     async def finish(self, key: str, changes: Mapping[str, str]) -> bool:

@@ -141,6 +141,7 @@ class Policy:
             max_output_tokens=limit.output_tokens_per_choice,
             bound=Usage(limit.input_tokens, limit.output_tokens, limit.images, limit.seconds, limit.characters),
             allow_pricier_fallbacks=plan.allow_pricier_fallbacks,
+            cancel_jobs_on_disconnect=plan.cancel_jobs_on_disconnect,
         )
 
     def allows(self, principal: Principal, model: Model) -> bool:

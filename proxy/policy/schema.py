@@ -64,6 +64,8 @@ class Plan:
     max_seconds: float | None = None  # bound for per-second prices when the request gives no length
     # A fallback model dearer than the requested one may answer; the hold then covers the dearest (docs/routing.md).
     allow_pricier_fallbacks: bool = False
+    # A job (video, queued images) is cancelled at the provider when the client that streams it disconnects.
+    cancel_jobs_on_disconnect: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class PlanPatch:
     max_output_tokens: int | None = None
     max_seconds: float | None = None
     allow_pricier_fallbacks: bool | None = None
+    cancel_jobs_on_disconnect: bool | None = None
 
     def apply(self, plan: Plan) -> Plan:
         """The plan as this key sees it."""
@@ -99,6 +102,7 @@ class PlanPatch:
                 ("max_output_tokens", self.max_output_tokens),
                 ("max_seconds", self.max_seconds),
                 ("allow_pricier_fallbacks", self.allow_pricier_fallbacks),
+                ("cancel_jobs_on_disconnect", self.cancel_jobs_on_disconnect),
             )
             if v is not None
         }
@@ -227,7 +231,8 @@ def _kind(value: Any) -> str:
 # --- parts of a policy file ----------------------------------------------------------------------------
 
 PLAN_FIELDS = (
-    "models", "capabilities", "rate_limits", "concurrency", "budget", "max_output_tokens", "max_seconds", "fallbacks"
+    "models", "capabilities", "rate_limits", "concurrency", "budget", "max_output_tokens", "max_seconds", "fallbacks",
+    "jobs",
 )
 BUDGET_FIELDS = ("credits", "period", "scope", "alerts")
 MAX_ALERT_THRESHOLDS = 10
@@ -323,6 +328,10 @@ def parse_limits(raw: dict[str, Any], path: str) -> dict[str, Any]:
         where = child(path, "fallbacks")
         fallbacks = mapping(raw["fallbacks"], where, ("allow_pricier",), required=("allow_pricier",))
         out["allow_pricier_fallbacks"] = boolean(fallbacks["allow_pricier"], child(where, "allow_pricier"))
+    if "jobs" in raw:
+        where = child(path, "jobs")
+        jobs = mapping(raw["jobs"], where, ("cancel_on_disconnect",), required=("cancel_on_disconnect",))
+        out["cancel_jobs_on_disconnect"] = boolean(jobs["cancel_on_disconnect"], child(where, "cancel_on_disconnect"))
     return out
 
 

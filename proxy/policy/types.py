@@ -95,3 +95,4 @@ class Decision:
     max_output_tokens: int = 0  # per choice, forwarded upstream so the provider cannot exceed the reserve (0: none)
     bound: Usage = field(default_factory=Usage)  # the usage that costs exactly reserve_credits
     allow_pricier_fallbacks: bool = False  # the plan lets a dearer fallback model answer (its hold covers it)
+    cancel_jobs_on_disconnect: bool = False  # a job is cancelled when the client streaming it disconnects
