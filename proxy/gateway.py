@@ -298,8 +298,9 @@ def build_gateway(
             config.admin.keys_refresh_s,
         ),
         jobs=JobService(
-            _beside_the_store(store_settings, MemoryJobStore, RedisJobStore), meter, lease_s=config.jobs.lease_s, record_ttl_s=config.jobs.record_ttl_s,
-            idempotency_ttl_s=config.jobs.idempotency_ttl_s, on_settled=metrics.settled_job,
+            _beside_the_store(store_settings, MemoryJobStore, RedisJobStore), meter, lease_s=config.jobs.lease_s,
+            record_ttl_s=config.jobs.record_ttl_s, idempotency_ttl_s=config.jobs.idempotency_ttl_s,
+            on_settled=metrics.settled_job,
         ),
         admin=_admin_credential(config),
         # every store is an AlertOutbox (the Store protocol does not say so)
