@@ -24,6 +24,7 @@ import aiohttp
 
 from ..config import Timeouts
 from ..upstream.credentials import ProviderKeys
+from ..upstream.sse import json_object
 from .adapter import Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
 
 _PHASES = {"IN_QUEUE": "queued", "IN_PROGRESS": "running", "COMPLETED": "completed"}
@@ -105,7 +106,7 @@ class FalAdapter:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise JobCallFailed(f"{self._name} could not be reached ({type(exc).__name__})", retryable=True) from None
-        answer = _json_object(raw) if len(raw) <= _MAX_ANSWER_BYTES else None
+        answer = json_object(raw) if len(raw) <= _MAX_ANSWER_BYTES else None
         if status >= 400:
             raise JobCallFailed(
                 f"{self._name} answered {status}: {_message((answer or {}).get('detail') or answer)}",
@@ -163,14 +164,6 @@ def _path(model: str) -> str:
 
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0.0
-
-
-def _json_object(raw: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _message(value: Any) -> str:

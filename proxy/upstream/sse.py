@@ -62,8 +62,11 @@ def event_data(event: bytes) -> bytes:
 def event_json(event: bytes) -> dict[str, Any] | None:
     """The event's data parsed as a JSON object, or None (e.g. `[DONE]` or a comment)."""
     data = event_data(event)
-    if not data.startswith(b"{"):
-        return None
+    return json_object(data) if data.startswith(b"{") else None
+
+
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """`data` parsed as a JSON object, or None (not JSON, nested too deep, or not an object)."""
     try:
         value = json.loads(data)
     except (ValueError, RecursionError):
