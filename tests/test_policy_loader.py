@@ -258,13 +258,11 @@ def test_version_follows_content(tmp_path) -> None:
 def test_shipped_demo_policy_loads() -> None:
     from pathlib import Path
 
-    from proxy.catalog import Model
+    from proxy.config import load_config
 
-    demo = tuple(
-        Model(f"demo/{name}", name, "Demo", cap, "demo", name)
-        for name, cap in (("chat", "text2text"), ("image", "text2image"), ("speech", "text2speech"), ("embed", "text2text"))
-    )
-    policy = load_policy(Path(__file__).parent.parent / "policies", demo, issuer_plans={"members"})
+    root = Path(__file__).parent.parent
+    demo = load_config(root / "config.yaml").catalog()  # the shipped catalogue: every demo model priced
+    policy = load_policy(root / "policies", demo, issuer_plans={"members"})
     assert set(policy.plans) == {"demo", "members"} and len(policy.keys) == 0
     assert set(policy.price_by_model) == {m.id for m in demo}
 
