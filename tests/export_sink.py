@@ -22,6 +22,7 @@ class ExportReceiver:
         self.batches = 0
         self.refused = 0  # batches answered 401 (bad signature)
         self.fail_next = 0  # answer this many batches 503
+        self.fail_body = b'{"error": "down"}'
         self.hang_after: int | None = None  # after this many accepted batches, keep the next ones but never answer
         self.hung = asyncio.Event()
         self._release = asyncio.Event()
@@ -56,7 +57,7 @@ class ExportReceiver:
             return web.json_response({"error": "bad signature"}, status=401)
         if self.fail_next:
             self.fail_next -= 1
-            return web.json_response({"error": "down"}, status=503)
+            return web.Response(body=self.fail_body, status=503)
         records = [json.loads(line) for line in body.decode().splitlines()]
         self.records += records  # kept before the answer: a sink that stored the batch and then lost the reply
         if self.hang_after is not None and self.batches >= self.hang_after:

@@ -24,11 +24,11 @@ import yaml
 from proxy.__main__ import main
 from proxy.export.exporter import ExportSettings, Exporter
 from proxy.export.signature import sign, verify
-from proxy.export.sinks import HttpSink, JsonlSink
+from proxy.export.sinks import HttpSink, JsonlSink, SinkError, encode
 from proxy.meter import Meter
 from proxy.store import RedisStore, Store
 from proxy.store.base import CallUsage
-from proxy.store.ledger import LedgerReader
+from proxy.store.ledger import LedgerReader, LedgerRecord
 from tests.export_sink import SECRET, ExportReceiver
 from tests.gateway_harness import REPO
 from tests.redis_server import free_port
@@ -256,3 +256,44 @@ async def test_the_index_lists_the_streams_written_since_a_time_and_forgets_thos
     finally:
         await store.close()
         await client.aclose()
+
+
+async def test_a_refusal_is_logged_by_its_first_bytes_whatever_its_size(receiver: ExportReceiver) -> None:
+    receiver.fail_next, receiver.fail_body = 1, b"x" * 20_000_000
+    sink = HttpSink(receiver.url, SECRET.encode(), 5.0)
+    try:
+        with pytest.raises(SinkError) as refused:
+            await sink.send(b'{"id":"r1"}\n')
+    finally:
+        await sink.close()
+    assert str(refused.value).startswith("HTTP 503: b'xxx") and len(str(refused.value)) < 300
+
+
+def test_a_record_the_export_does_not_expect_is_exported_as_it_is() -> None:
+    """A field missing or a number that is not one (an older record, a hand-written entry) neither stops the export
+    nor is made up: the sink gets what the ledger holds."""
+    odd = LedgerRecord("ep:{acme}:lg", "5-0", {"id": "r9", "credits": "12x", "tokens_in": "-3"})
+    row = json.loads(encode([odd]))
+    assert (row["id"], row["credits"], row["tokens_in"], row["model"], row["stream_id"]) == ("r9", "12x", -3, "", "5-0")
+
+
+async def test_sigterm_stops_the_exporter_at_once_and_leaves_the_unconfirmed_batch_pending(
+    redis_url: str, clock: Clock, tmp_path: Path
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    await client.aclose()
+    store = RedisStore(redis_url)
+    await settle_calls(store, clock, 3)
+    nobody = ExportReceiver()
+    nobody.url = f"http://127.0.0.1:{free_port()}/ingest"  # the sink is down
+    process = await exporter_process(write_config(tmp_path, redis_url), nobody, "pod-a", "--max-backoff", "0.2")
+    await asyncio.sleep(1.5)  # started, read the batch, retrying it
+    process.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(process.communicate(), 5)
+    streams = await store.ledger_streams()
+    pending = [record for stream in streams for record in await store.claim_ledger(stream, "export", "pod-b", 0)]
+    await store.close()
+    assert process.returncode == 0, stderr.decode()
+    assert b"the sink refused 3 records" in stderr and b"0 records in 0 batches" in stderr
+    assert len(pending) == 3  # nothing acknowledged: the next exporter sends them

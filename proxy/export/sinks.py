@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from proxy.store.ledger import RECORD_FIELDS, LedgerRecord
 
 # Record fields written as JSON integers (the stream keeps every value as a string).
 INTEGER_FIELDS = frozenset(("ts", "tokens_in", "tokens_out", "images", "seconds_ms", "credits", "reserved", "late"))
+INTEGER = re.compile(r"-?[0-9]{1,19}")
 
 
 class SinkError(Exception):
@@ -36,14 +38,16 @@ class Sink(Protocol):
 
 
 def encode(records: Iterable[LedgerRecord]) -> bytes:
-    """One JSON object per line, fields in the ledger's order, numbers as integers, plus the record's stream id."""
+    """One JSON object per line, fields in the ledger's order, numbers as integers, plus the record's stream id.
+
+    A field a record lacks is "" and a number that is not one stays a string: the record still reaches the sink
+    as it is in the ledger, instead of stopping the export or being made up."""
     lines = []
     for record in records:
-        row: dict[str, str | int] = {
-            # .get: a record written before a field existed (reason, actor) has it empty
-            name: int(record.fields[name]) if name in INTEGER_FIELDS else record.fields.get(name, "")
-            for name in RECORD_FIELDS
-        }
+        row: dict[str, str | int] = {}
+        for name in RECORD_FIELDS:
+            value = record.fields.get(name, "")
+            row[name] = int(value) if name in INTEGER_FIELDS and INTEGER.fullmatch(value) else value
         row["stream_id"] = record.id
         lines.append(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n")
     return "".join(lines).encode()
@@ -96,8 +100,8 @@ class HttpSink:
         }
         try:
             async with self._session.post(self._url, data=body, headers=headers, allow_redirects=False) as response:
-                if not 200 <= response.status < 300:
-                    raise SinkError(f"HTTP {response.status}: {(await response.text())[:200]!r}")
+                if not 200 <= response.status < 300:  # the start of its answer is enough to log, whatever its size
+                    raise SinkError(f"HTTP {response.status}: {await response.content.read(200)!r}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise SinkError(f"{type(exc).__name__}: {exc}") from exc
 
