@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,6 +15,7 @@ import pytest
 import yaml
 
 from proxy.__main__ import main as cli_main
+from tests.export_sink import SECRET, ExportReceiver
 from tests.helm_tool import CHART, Helm, crd_validator, find, helm_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +58,10 @@ ALL_ON: dict[str, Any] = {
                                    "whenUnsatisfiable": "ScheduleAnyway",
                                    "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "edge-proxy"}}}],
 }
-VALUE_SETS = {"defaults": {}, "all-on": ALL_ON}
+EXPORTER: dict[str, Any] = {"redis": {"existingSecret": "edge-proxy-redis"},
+                            "exporter": {"enabled": True, "replicas": 2, "existingSecret": "edge-proxy-export",
+                                         "args": ["--batch-size", "1000"], "resources": {"limits": {"memory": "128Mi"}}}}
+VALUE_SETS = {"defaults": {}, "all-on": ALL_ON, "exporter": EXPORTER}
 
 
 @pytest.fixture(scope="module")
@@ -474,3 +481,58 @@ def test_service_monitor_and_prometheus_rule_match_the_operator_crds(helm: Helm)
         result = subprocess.run([node, validator], input=json.dumps(manifests), capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == expected, result.stdout + result.stderr
+
+
+# -- the ledger exporter's Deployment ------------------------------------------------------------------------
+
+def test_no_exporter_unless_enabled(helm: Helm) -> None:
+    assert [m["metadata"]["name"] for m in helm.template(ALL_ON) if m["kind"] == "Deployment"] == ["gw-edge-proxy"]
+
+
+async def test_the_exporter_pod_runs_its_command_against_redis_and_a_signed_sink(
+    helm: Helm, tmp_path: Path, redis_url: str
+) -> None:
+    """The rendered exporter: its own pod labels (no Service, PDB or HPA of the gateway selects it), the URL and
+    signing secret from the operator's Secret, and its command, run as rendered, drains the ledger into the sink."""
+    manifests = helm.template(EXPORTER)
+    gateway, exporter = find(manifests, "Deployment", "-edge-proxy"), find(manifests, "Deployment", "-exporter")
+    service_selector = find(manifests, "Service")["spec"]["selector"].items()
+    assert not service_selector <= exporter["spec"]["template"]["metadata"]["labels"].items()
+    assert not exporter["spec"]["selector"]["matchLabels"].items() <= gateway["spec"]["template"]["metadata"]["labels"].items()
+    pod = exporter["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert exporter["spec"]["replicas"] == 2 and container["resources"] == {"limits": {"memory": "128Mi"}}
+    refs = {env["name"]: env["valueFrom"]["secretKeyRef"] for env in container["env"]}
+    assert refs == {"REDIS_URL": {"name": "edge-proxy-redis", "key": "url"},
+                    "EXPORT_URL": {"name": "edge-proxy-export", "key": "url"},
+                    "EXPORT_SIGNING_SECRET": {"name": "edge-proxy-export", "key": "signing-secret"}}
+    materialize_pod_files([exporter, *(m for m in manifests if m["kind"] == "ConfigMap")], tmp_path)
+    args = [str(tmp_path / "etc/edge-proxy/config.yaml") if a == "/etc/edge-proxy/config.yaml" else a
+            for a in container["args"]]
+    receiver = await ExportReceiver().start()
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "EXPORT_URL": receiver.url,
+               "EXPORT_SIGNING_SECRET": SECRET}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", *args, "--once", env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await asyncio.wait_for(process.communicate(), 15)
+    finally:
+        await receiver.stop()
+    assert process.returncode == 0 and b"ledger export: stopped" in stderr, stderr.decode()
+    assert receiver.refused == 0
+
+
+def test_a_jsonl_exporter_writes_to_stdout(helm: Helm) -> None:
+    values = {**EXPORTER, "exporter": {"enabled": True, "sink": "jsonl"}}
+    container = find(helm.template(values), "Deployment", "-exporter")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][-4:] == ["--sink", "jsonl", "--out", "-"]
+    assert [env["name"] for env in container["env"]] == ["REDIS_URL"]
+
+
+@pytest.mark.parametrize("values, complaint", [
+    ({"exporter": {"enabled": True, "existingSecret": "s"}}, "exporter.enabled needs the Redis store"),
+    ({"redis": {"existingSecret": "r"}, "exporter": {"enabled": True}}, "exporter.sink http needs exporter.existingSecret"),
+])
+def test_an_exporter_that_cannot_work_fails_at_render(helm: Helm, values: dict[str, Any], complaint: str) -> None:
+    assert complaint in helm.template_error(values)

@@ -130,6 +130,14 @@ async def test_a_receiver_with_another_secret_refuses_every_batch(receiver: Expo
     assert sum([len(await reader.claim_ledger(s, FAST.group, "next", 0)) for s in streams]) == 2
 
 
+async def empty_redis(redis_url: str) -> RedisStore:
+    """A store on the session's redis-server, emptied first (the exporter processes share it)."""
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    await client.aclose()
+    return RedisStore(redis_url)
+
+
 def write_config(directory: Path, redis_url: str) -> Path:
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump({"store": {"kind": "redis", "redis_url": redis_url}}))
@@ -149,10 +157,7 @@ async def exporter_process(config: Path, receiver: ExportReceiver, consumer: str
 async def test_an_exporter_killed_mid_batch_and_restarted_delivers_every_record_and_the_sink_dedupes(
     redis_url: str, receiver: ExportReceiver, clock: Clock, tmp_path: Path
 ) -> None:
-    client = aioredis.Redis.from_url(redis_url)
-    await client.flushdb()
-    await client.aclose()
-    store = RedisStore(redis_url)
+    store = await empty_redis(redis_url)
     await settle_calls(store, clock, 40)
     config = write_config(tmp_path, redis_url)
     receiver.hang_after = 2  # the third batch reaches the sink, which keeps it but never answers
@@ -280,10 +285,7 @@ def test_a_record_the_export_does_not_expect_is_exported_as_it_is() -> None:
 async def test_sigterm_stops_the_exporter_at_once_and_leaves_the_unconfirmed_batch_pending(
     redis_url: str, clock: Clock, tmp_path: Path
 ) -> None:
-    client = aioredis.Redis.from_url(redis_url)
-    await client.flushdb()
-    await client.aclose()
-    store = RedisStore(redis_url)
+    store = await empty_redis(redis_url)
     await settle_calls(store, clock, 3)
     nobody = ExportReceiver()
     nobody.url = f"http://127.0.0.1:{free_port()}/ingest"  # the sink is down

@@ -26,6 +26,20 @@ app.kubernetes.io/name: {{ include "edge-proxy.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The ledger exporter's pods: another name, so nothing that selects the gateway's pods selects them. */}}
+{{- define "edge-proxy.exporterSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "edge-proxy.name" . }}-exporter
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "edge-proxy.exporterLabels" -}}
+helm.sh/chart: {{ include "edge-proxy.chart" . }}
+{{ include "edge-proxy.exporterSelectorLabels" . }}
+app.kubernetes.io/component: ledger-exporter
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "edge-proxy.labels" -}}
 helm.sh/chart: {{ include "edge-proxy.chart" . }}
 {{ include "edge-proxy.selectorLabels" . }}
