@@ -20,6 +20,7 @@ URL_ENV = "EDGE_PROXY_URL"
 TOKEN_ENV = "EDGE_PROXY_ADMIN_TOKEN"
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT_S = 30.0
+PAGE = 1000  # keys per `list` call: the gateway's largest page (GET /v1/admin/keys?limit)
 
 
 class AdminCallFailed(Exception):
@@ -83,7 +84,7 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]
     if verb == "create":
         return "POST", "/v1/admin/keys", _fields(args, ("id", "plan", "account", "allow_direct", "overrides", "reason"))
     if verb == "list":
-        return "GET", "/v1/admin/keys", None
+        return "GET", f"/v1/admin/keys?limit={PAGE}", None
     if verb == "get":
         return "GET", _key_path(args), None
     if verb in ("disable", "enable", "rotate"):
@@ -98,7 +99,14 @@ def run(args: argparse.Namespace) -> int:
     """Run one verb and print the answer as JSON; errors go to stderr with exit status 1."""
     try:
         method, path, body = _request(args)
-        answer = call(args.url, admin_token(args.token_file), method, path, body)
+        token = admin_token(args.token_file)
+        answer = call(args.url, token, method, path, body)
+        if args.keys_command == "list":  # every page, printed as one list
+            keys = answer["keys"]
+            while answer.get("next_cursor"):
+                answer = call(args.url, token, method, f"{path}&cursor={quote(answer['next_cursor'], safe='')}")
+                keys += answer["keys"]
+            answer = {"keys": keys}
     except AdminCallFailed as exc:
         print(f"edge-proxy keys {args.keys_command}: {exc}", file=sys.stderr)
         return 1

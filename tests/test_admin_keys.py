@@ -361,6 +361,32 @@ async def test_a_top_up_changes_the_balance_exactly_on_every_replica(replicas: R
     assert await remaining() == before + 10.25  # refused calls changed nothing
 
 
+async def test_the_key_list_is_paged_by_cursor_and_bad_paging_is_a_400(replicas: Replicas) -> None:
+    for key_id in ("page-c", "page-a", "page-b"):
+        await replicas.admin("POST", "/v1/admin/keys", {"id": key_id, "plan": "pro"})
+    everything = await replicas.admin("GET", "/v1/admin/keys?limit=1000")
+    assert everything["next_cursor"] is None
+    expected = [(k["source"], k["id"]) for k in everything["keys"]]
+    assert expected[:3] == [("store", "page-a"), ("store", "page-b"), ("store", "page-c")]  # stored, then files'
+    assert len(expected) > 4 and all(source == "policy" for source, _ in expected[3:])
+    paged: list[tuple[str, str]] = []
+    path = "/v1/admin/keys?limit=2"
+    while True:
+        page = await replicas.admin("GET", path, url=replicas.b)
+        assert 1 <= len(page["keys"]) <= 2
+        paged += [(k["source"], k["id"]) for k in page["keys"]]
+        if page["next_cursor"] is None:
+            break
+        path = f"/v1/admin/keys?limit=2&cursor={page['next_cursor']}"
+    assert paged == expected
+    assert len((await replicas.admin("GET", "/v1/admin/keys"))["keys"]) == len(expected)  # default page: 100
+    for query, param in [("limit=0", "limit"), ("limit=1001", "limit"), ("limit=2x", "limit"), ("limit=%C2%B2", "limit"),
+                         ("cursor=elsewhere:page-a", "cursor"), ("cursor=store:", "cursor"), ("offset=2", "offset"),
+                         ("limit=2&limit=3", "limit")]:
+        status, refused = await replicas.call("GET", replicas.a, f"/v1/admin/keys?{query}")
+        assert status == 400 and refused["error"]["param"] == param, (query, refused)
+
+
 async def test_credit_adjustments_are_exact_in_both_stores_and_each_is_a_ledger_record(store: Store) -> None:
     ledger = "ep:{acct}:cr:account:acct:none"
     now_ms = int(time.time() * 1000)
@@ -404,6 +430,9 @@ async def test_cli_verbs_drive_a_running_gateway(
     await replicas.within_bound(replicas.b, secret, 200)
     status, listed, _ = await cli("list")
     assert "cli-key" in {k["id"] for k in listed["keys"]} and secret not in json.dumps(listed)
+    monkeypatch.setattr("proxy.admin_client.PAGE", 2)  # several pages: `list` follows next_cursor through them
+    status, paged, _ = await cli("list")
+    assert status == 0 and paged == listed and len(listed["keys"]) > 2
     status, changed, _ = await cli("set", "cli-key", "--allow-direct", "false", "--overrides", "null")
     assert changed["key"]["allow_direct"] is False and changed["key"]["overrides"] == {}
     await replicas.within_bound(replicas.b, secret, 403)  # mint-only now

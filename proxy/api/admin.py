@@ -23,11 +23,13 @@ from ..policy.schema import MAX_BUDGET_CREDITS, NAME_RE, PERIODS, Invalid
 from ..policy.types import Period
 from ..store.base import StoreError
 from ..store.keys import KeyDirectory, StoredKey
-from .body import read_json_object
+from .body import known_query, read_json_object
 from .state import GATEWAY, authorization_header
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_REASON_CHARS = 500
+DEFAULT_PAGE = 100  # keys per page of GET /v1/admin/keys
+MAX_PAGE = 1000
 _EDITS_TRIED = 3  # compare-and-set attempts before answering edit_conflict
 CREATE_FIELDS = frozenset({"id", "plan", "account", "allow_direct", "overrides", "reason"})
 SET_FIELDS = frozenset({"plan", "account", "allow_direct", "overrides", "reason"})
@@ -87,12 +89,44 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    """`GET /v1/admin/keys`: every key, stored and declared in files; never a secret."""
+    """`GET /v1/admin/keys?limit=&cursor=`: a page of the keys, stored ones by id, then those declared in files by
+    id; never a secret. `next_cursor` continues after the page's last key (null: this was the last page)."""
     gateway = await admin_gateway(request, "key.list")
-    _, records = await _read(_directory(gateway).records())
-    stored = [_stored_view(gateway, record) for record in sorted(records.values(), key=lambda r: r.id)]
-    declared = [_file_view(key) for key in sorted(gateway.policy.files.key_records.values(), key=lambda k: k.id)]
-    return web.json_response({"keys": [*stored, *declared]})
+    known_query(request.query, frozenset({"limit", "cursor"}))
+    limit = _page_limit(request.query.get("limit"))
+    after = _cursor(request.query.get("cursor"))
+    _, stored = await _read(_directory(gateway).records())
+    declared = gateway.policy.files.key_records
+    places = [*(("store", key_id) for key_id in stored), *(("policy", key_id) for key_id in declared)]
+    following = sorted((place for place in places if after is None or _rank(place) > _rank(after)), key=_rank)
+    page = following[:limit]
+    keys = [_stored_view(gateway, stored[key_id]) if source == "store" else _file_view(declared[key_id])
+            for source, key_id in page]
+    more = len(following) > limit
+    return web.json_response({"keys": keys, "next_cursor": ":".join(page[-1]) if more else None})
+
+
+def _rank(place: tuple[str, str]) -> tuple[int, str]:
+    """A key's place in the listing: stored keys, then the files' keys, each by id."""
+    return (0 if place[0] == "store" else 1, place[1])
+
+
+def _page_limit(given: str | None) -> int:
+    if given is None:
+        return DEFAULT_PAGE
+    if not given.isascii() or not given.isdigit() or not 1 <= int(given) <= MAX_PAGE:
+        raise ApiError("invalid_request", f"limit must be a whole number from 1 to {MAX_PAGE}", param="limit")
+    return int(given)
+
+
+def _cursor(given: str | None) -> tuple[str, str] | None:
+    """The `next_cursor` of a previous page: `store:<id>` or `policy:<id>` (the page's last key)."""
+    if given is None:
+        return None
+    source, _, key_id = given.partition(":")
+    if source not in ("store", "policy") or not NAME_RE.match(key_id):
+        raise ApiError("invalid_request", "cursor must be the next_cursor of a previous page", param="cursor")
+    return source, key_id
 
 
 async def get_key(request: web.Request) -> web.Response:

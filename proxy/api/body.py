@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from aiohttp import web
 
@@ -68,3 +68,13 @@ def objects_within(root: Any) -> Iterator[dict[str, Any]]:
         elif isinstance(node, dict):
             yield node
             pending.extend(v for v in node.values() if isinstance(v, (list, dict)))
+
+
+def known_query(query: Mapping[str, str], known: frozenset[str]) -> None:
+    """400 `invalid_request` naming a query parameter that is not in `known`, or one given more than once."""
+    for name in query:
+        if name not in known:
+            raise ApiError("invalid_request", f"unknown parameter {name!r}; use {', '.join(sorted(known))}",
+                           param=name)
+        if len(query.getall(name)) > 1:  # type: ignore[attr-defined]
+            raise ApiError("invalid_request", f"{name} is given more than once", param=name)

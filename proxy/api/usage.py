@@ -14,6 +14,7 @@ from ..errors import ApiError
 from ..meter import Meter, from_micro, usage_user
 from ..store.ledger import METRICS
 from .admin import admin_gateway
+from .body import known_query
 from .state import GATEWAY, authenticated
 
 MAX_DAYS = 92  # one query reads one aggregate per day: a quarter at most
@@ -57,13 +58,7 @@ def usage_query(
     """`from`, `to` (YYYY-MM-DD, UTC days, inclusive; default: the first of `to`'s month and today) and `group_by`
     (`day`, `model`, both comma-separated, or empty for totals only; default both); `extra` parameters are the
     caller's to read. 400 `invalid_request` naming the parameter otherwise."""
-    known = _PARAMS | extra
-    for name in query:
-        if name not in known:
-            raise ApiError("invalid_request", f"unknown parameter {name!r}; use {', '.join(sorted(known))}",
-                           param=name)
-        if len(query.getall(name)) > 1:  # type: ignore[attr-defined]
-            raise ApiError("invalid_request", f"{name} is given more than once", param=name)
+    known_query(query, _PARAMS | extra)
     last = _day(query, "to") or today
     first = _day(query, "from") or last.replace(day=1)
     if first > last:
