@@ -275,6 +275,7 @@ def build_gateway(
     metrics.store_up(True)
     if new_demo_key and announce:
         announce_demo_key(config, new_demo_key)
+    assets = build_assets(config)
     meter = Meter(
         store, reservation_ttl_s=store_settings.reservation_ttl_s, on_pending_settles=metrics.pending_settles,
         usage_retention_s=store_settings.usage_retention_days * 86_400,
@@ -292,15 +293,15 @@ def build_gateway(
         metrics=metrics,
         relay=RelaySettings(keepalive_s=config.server.sse_keepalive_s),
         router=Router({m.id: m for m in catalog}, config.routing, on_breaker=metrics.breaker),
-        assets=build_assets(config),
+        assets=assets,
         managed_keys=ManagedKeys(
             _beside_the_store(store_settings, MemoryKeyDirectory, RedisKeyDirectory), policy,
             config.admin.keys_refresh_s,
         ),
         jobs=JobService(
-            _beside_the_store(store_settings, MemoryJobStore, RedisJobStore), meter, lease_s=config.jobs.lease_s,
-            record_ttl_s=config.jobs.record_ttl_s, idempotency_ttl_s=config.jobs.idempotency_ttl_s,
-            on_settled=metrics.settled_job,
+            _beside_the_store(store_settings, MemoryJobStore, RedisJobStore), meter, assets,
+            lease_s=config.jobs.lease_s, record_ttl_s=config.jobs.record_ttl_s,
+            idempotency_ttl_s=config.jobs.idempotency_ttl_s, on_settled=metrics.settled_job,
         ),
         admin=_admin_credential(config),
         # every store is an AlertOutbox (the Store protocol does not say so)

@@ -6,7 +6,9 @@
   `IN_PROGRESS` (logs) until `run_s`, then 200 `COMPLETED` (with `error` when the prompt asks to fail).
 - `GET /{owner}/{app}/requests/{id}` → 200 the output (`video` or `images`), 422 `{"detail": [...]}` for a
   failed run, 400 while it still runs; `PUT .../cancel` → 202 `CANCELLATION_REQUESTED` or 400 `ALREADY_COMPLETED`.
-Unknown ids are 404 `{"detail": "Request not found"}`. Prompts steer it: `fail` fails the run.
+Unknown ids are 404 `{"detail": "Request not found"}`. Prompts steer it: `fail` fails the run; `flaky` answers
+its first two status calls 503 `{"detail"}` (an overloaded queue); `hosted here` gets a video URL on the mock
+itself (`GET /files/...` serves it), for re-hosting.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from aiohttp import web
 from .mock_provider import serve_on_loopback
 
 
+VIDEO = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\x00" * 64
+
+
 @dataclass
 class FalJob:
     app: str
@@ -28,6 +33,7 @@ class FalJob:
     inputs: dict[str, Any]
     started: float
     cancelled: bool = False
+    status_calls: int = 0
 
 
 @dataclass
@@ -44,6 +50,7 @@ class MockFal:
         app = web.Application()
         app.router.add_get("/{owner}/{app}/requests/{request_id}/status", self._status)
         app.router.add_get("/{owner}/{app}/requests/{request_id}", self._result)
+        app.router.add_get("/files/{path:.+}", self._file)
         app.router.add_put("/{owner}/{app}/requests/{request_id}/cancel", self._cancel)
         app.router.add_post("/{model:.+}", self._submit)
         self._runner, self.url = await serve_on_loopback(app)
@@ -80,6 +87,9 @@ class MockFal:
 
     async def _status(self, request: web.Request) -> web.Response:
         job, elapsed = self._job(request)
+        job.status_calls += 1
+        if job.inputs.get("prompt") == "flaky" and job.status_calls <= 2:
+            return web.json_response({"detail": "Service temporarily unavailable"}, status=503)
         base = f"{self.url}/{job.app}/requests/{request.match_info['request_id']}"
         if job.cancelled:
             return web.json_response({"status": "COMPLETED", "error": "Request was cancelled",
@@ -104,8 +114,9 @@ class MockFal:
             return web.json_response({"detail": [{"loc": ["body"], "msg": "Internal error while generating",
                                                   "type": "runner_error"}]}, status=422)
         name = request.match_info["request_id"]
+        files = f"{self.url}/files" if job.inputs.get("prompt") == "hosted here" else "https://v3.fal.media/files"
         if "video" in job.model:
-            return web.json_response({"video": {"url": f"https://v3.fal.media/files/{name}/output.mp4",
+            return web.json_response({"video": {"url": f"{files}/{name}/output.mp4",
                                                 "content_type": "video/mp4", "file_name": "output.mp4",
                                                 "file_size": 1534052}})
         count = job.inputs.get("num_images", 1)
@@ -113,6 +124,9 @@ class MockFal:
                    "content_type": "image/png"} for i in range(count)]
         return web.json_response({"images": images, "seed": 42, "has_nsfw_concepts": [False] * count,
                                   "prompt": job.inputs.get("prompt")})
+
+    async def _file(self, request: web.Request) -> web.Response:
+        return web.Response(body=VIDEO, content_type="video/mp4")
 
     async def _cancel(self, request: web.Request) -> web.Response:
         job, elapsed = self._job(request)

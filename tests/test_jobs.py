@@ -18,8 +18,8 @@ from multidict import CIMultiDict
 from proxy.auth.api_keys import hash_key
 
 from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, gateway_process, start_gateway, write_policy
-from .mock_fal import MockFal
-from .redis_server import RedisServer
+from .mock_fal import VIDEO, MockFal
+from .redis_server import RedisServer, free_port
 from .test_responses import events_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -63,9 +63,13 @@ def jobs_config(fal: MockFal, redis_url: str, policies: Path, detach_after_s: fl
         "timeouts": {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
         "jobs": {"poll_interval_s": 0.1, "timeout_s": 20, "retries": 2},
     }
+    config["providers"]["fal-down"] = {**config["providers"]["fal"], "base_url": f"http://127.0.0.1:{free_port()}",
+                                       "jobs": {"poll_interval_s": 0.1, "timeout_s": 20, "retries": 1}}
     config["models"] = [
         {"id": "mock/video", "name": "Mock Video", "creator": "Tests", "capability": "text2video",
          "provider": "fal", "upstream_model": "fal-ai/kling-video/v2/standard/text-to-video"},
+        {"id": "mock/unreachable", "name": "Mock Unreachable", "creator": "Tests", "capability": "text2video",
+         "provider": "fal-down", "upstream_model": "fal-ai/kling-video/v2/standard/text-to-video"},
         {"id": "mock/flux", "name": "Mock Flux", "creator": "Tests", "capability": "text2image",
          "provider": "fal", "upstream_model": "fal-ai/flux/dev"},
     ]
@@ -207,6 +211,40 @@ async def test_a_failed_job_releases_its_hold(replicas: Replicas) -> None:
     assert error["code"] == "upstream_error" and "Internal error while generating" in error["message"]
     after = await balance(replicas.a)
     assert (after["spent"], after["held"]) == (before["spent"], 0)
+
+
+async def test_a_provider_answering_503_is_polled_again_and_the_job_completes(replicas: Replicas) -> None:
+    before = await balance(replicas.a)
+    _, _, events = await submit(replicas.a, {"model": "mock/video", "prompt": "flaky", "duration": 1})
+    assert isinstance(events, list) and events[-1][0] == "generation.completed", events
+    assert (await balance(replicas.a))["spent"] - before["spent"] == video_cost(1)
+
+
+async def test_an_unreachable_provider_fails_the_job_after_its_retries_and_releases_the_hold(
+    replicas: Replicas
+) -> None:
+    before = await balance(replicas.a)
+    _, _, events = await submit(replicas.a, {"model": "mock/unreachable", "prompt": "x", "duration": 3})
+    assert isinstance(events, list) and events[-1][0] == "generation.failed"
+    error = events[-1][1]["error"]
+    assert error["code"] == "upstream_error" and "could not be reached" in error["message"]
+    after = await balance(replicas.a)
+    assert (after["spent"], after["held"]) == (before["spent"], 0)
+
+
+async def test_job_outputs_are_re_hosted_into_the_asset_store_when_configured(replicas: Replicas) -> None:
+    config = {**replicas.config, "assets": {"rehost": {"enabled": True, "private_hosts": ["127.0.0.1"]}}}
+    rehosting = await start_gateway(config)
+    try:
+        _, _, events = await submit(rehosting.url, {"model": "mock/video", "prompt": "hosted here", "duration": 1})
+        assert isinstance(events, list) and events[-1][0] == "generation.completed", events
+        url = events[-1][1]["output"]["url"]
+        assert url.startswith(f"{rehosting.url}/v1/assets/")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as r:
+                assert (r.status, r.content_type, await r.read()) == (200, "video/mp4", VIDEO)
+    finally:
+        await rehosting.stop()
 
 
 async def test_a_users_token_reads_only_that_users_jobs(replicas: Replicas) -> None:

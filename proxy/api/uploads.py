@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from dataclasses import replace
@@ -19,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..assets import Asset, AssetExists, AssetStoreError, AssetStoreFull, RehostError, valid_asset_id
+from ..assets import Asset, AssetExists, AssetStoreError, AssetStoreFull, valid_asset_id
 from ..assets.signing import expiry_param
 from ..auth.principal import Principal
 from ..context import CONTEXT
@@ -31,8 +30,6 @@ from .state import GATEWAY, authenticated
 # A bare media type (no parameters): what a presigned PUT's Content-Type must then equal.
 _ALLOWED_MEDIA = re.compile(r"^(image|audio|video)/[A-Za-z0-9][A-Za-z0-9.+-]{0,100}$")
 _MAX_FILENAME = 255
-
-log = logging.getLogger("edge_proxy")
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -158,17 +155,11 @@ async def keep_asset(request: web.Request, data: bytes, content_type: str) -> di
 
 
 async def output_url(request: web.Request, url: str) -> str:
-    """A provider's output URL as the client gets it: copied into the store (a signed URL of ours) when
-    `assets.rehost.enabled`, else as is. A copy that fails keeps the provider's URL: the generation is done and
-    paid for, and the client still gets its result (for the provider's lifetime); the log says why."""
-    assets, principal = request.app[GATEWAY].assets, request[CONTEXT].principal
-    if not assets.rehoster.enabled or principal is None:
+    """A provider's output URL as the client gets it (Assets.output_url: re-hosted when configured)."""
+    principal = request[CONTEXT].principal
+    if principal is None:
         return url
-    try:
-        return assets.get_url(public_base(request), await assets.rehost(url, principal.account))
-    except RehostError as exc:
-        log.warning("provider output not re-hosted, its own URL is passed on: %s", exc)
-        return url
+    return await request.app[GATEWAY].assets.output_url(url, principal.account, public_base(request))
 
 
 def _not_kept(exc: Exception) -> ApiError:

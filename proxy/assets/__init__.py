@@ -6,6 +6,8 @@ budget for bodies being received; `build_assets(config)` makes it once at start-
 
 from __future__ import annotations
 
+import logging
+
 import math
 import os
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ __all__ = [
     "ReceivingBudget", "RehostError", "build_assets", "valid_asset_id",
 ]
 
+
+log = logging.getLogger("edge_proxy")
 
 @dataclass
 class Assets:
@@ -48,6 +52,19 @@ class Assets:
     async def rehost(self, url: str, account: str) -> Asset:
         """Copy a provider's output `url` into the store for `account` (RehostError when it cannot be)."""
         return await self.rehoster.rehost(url, account)
+
+    async def output_url(self, url: str, account: str, base_url: str) -> str:
+        """A provider's output URL as the client gets it: copied into the store (a signed URL of ours, on
+        `base_url`) when `assets.rehost.enabled`, else as is. A copy that fails keeps the provider's URL: the
+        generation is done and paid for, and the client still gets its result (for the provider's lifetime); the
+        log says why. A URL on `base_url` already is the gateway's own and stays."""
+        if not self.rehoster.enabled or url.startswith(base_url.rstrip("/") + "/"):
+            return url
+        try:
+            return self.get_url(base_url, await self.rehost(url, account))
+        except RehostError as exc:
+            log.warning("provider output not re-hosted, its own URL is passed on: %s", exc)
+            return url
 
     async def close(self) -> None:
         await self.rehoster.close()

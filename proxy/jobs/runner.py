@@ -18,8 +18,9 @@ import random
 import secrets
 import time
 from dataclasses import replace
-from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
+from ..assets import Assets
 from ..config import JobSettings
 from ..errors import ApiError
 from ..meter import Admission, Meter
@@ -45,13 +46,14 @@ class JobService:
     """The replica's part in every job: create, drive, watch, resume."""
 
     def __init__(
-        self, store: JobStore, meter: Meter, *, lease_s: float, record_ttl_s: float, idempotency_ttl_s: float,
-        clock: Callable[[], float] = time.time,
+        self, store: JobStore, meter: Meter, assets: Assets, *, lease_s: float, record_ttl_s: float,
+        idempotency_ttl_s: float, clock: Callable[[], float] = time.time,
         on_settled: Callable[[float, float], None] = lambda reserved, charged: None,
     ) -> None:
         self.store = store
         self.owner = secrets.token_hex(8)  # this replica, as a lease holder
         self._meter = meter
+        self._assets = assets
         self._lease_ms = int(lease_s * 1000)
         self._ttl_ms = int(record_ttl_s * 1000)
         self._idem_ttl_ms = int(idempotency_ttl_s * 1000)
@@ -252,12 +254,19 @@ class JobService:
         return record
 
     async def _finish_completed(self, record: JobRecord, result: JobResult) -> None:
+        output = await self._kept(record, result.output)
         record, stored = changed(record, state="completed", phase="completed", progress=1.0, queue_position=-1,
-                                 output=dumps(result.output))
+                                 output=dumps(output))
         if await self._finish(record, stored):
             units = result.units
             seconds = units.seconds or (record.bound_seconds if record.capability in _VIDEO else 0.0)
             await self._settle(record, Usage(images=units.images, seconds=seconds))
+
+    async def _kept(self, record: JobRecord, output: dict[str, Any]) -> dict[str, Any]:
+        """The output with the provider's URLs copied into the asset store when `assets.rehost.enabled`."""
+        urls = output["urls"] if "urls" in output else [output["url"]]
+        kept = [await self._assets.output_url(url, record.account, record.public_url) for url in urls]
+        return {**output, "url": kept[0], **({"urls": kept} if "urls" in output else {})}
 
     async def _finish_failed(self, record: JobRecord, error: ApiError) -> None:
         record, stored = changed(record, state="failed", phase="failed", error=dumps(error.body()["error"]))
