@@ -9,7 +9,8 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .api import (
-    admin, anthropic, gemini, health, identity, jobs, me, models, passthrough, responses, uploads, usage,
+    admin, anthropic, elevenlabs, gemini, health, identity, jobs, me, models, passthrough, responses, uploads,
+    usage,
 )
 from .api.state import ERROR_SHAPES, GATEWAY
 from .config import Config, ServerSettings
@@ -144,6 +145,7 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(drain)
-    for routes in (admin, health, identity, jobs, me, models, passthrough, responses, uploads, usage, anthropic, gemini):
+    for routes in (admin, health, identity, jobs, me, models, passthrough, responses, uploads, usage, anthropic, gemini,
+                   elevenlabs):
         routes.add_routes(app)
     return app

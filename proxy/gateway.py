@@ -54,6 +54,7 @@ NATIVE_ROUTES = {
     "anthropic": "/anthropic/v1/messages",
     "gemini": "/gemini/v1beta/models/<model id>:generateContent",
     **{kind: "/v1/responses" for kind in JOB_KINDS},
+    "elevenlabs": "/elevenlabs/v1/text-to-speech/<voice id>/stream, or POST /v1/responses",
 }
 
 

@@ -40,9 +40,11 @@ class MockElevenLabs(LoopbackMock):
 
     character_count: int | None = None
     chunk_delay_s: float = 0.01
+    after_first_chunk: asyncio.Event | None = None  # set: the rest of the audio waits for it (a streaming check)
 
     def routes(self) -> dict[str, Route]:
-        return {"/v1/text-to-speech/{voice_id}/stream": self.speak, "/v1/speech-to-text": self.transcribe}
+        return {"/v1/text-to-speech/{voice_id}/stream": self.speak, "/v1/text-to-speech/{voice_id}": self.speak,
+                "/v1/speech-to-text": self.transcribe}
 
     async def speak(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("xi-api-key") != PROVIDER_KEY:
@@ -59,8 +61,10 @@ class MockElevenLabs(LoopbackMock):
             "Content-Type": "audio/mpeg", "x-character-count": str(count), "request-id": "req_mock_1",
         })
         await response.prepare(request)
-        for chunk in AUDIO_CHUNKS:
+        for i, chunk in enumerate(AUDIO_CHUNKS):
             await response.write(chunk)
+            if i == 0 and self.after_first_chunk is not None:
+                await asyncio.wait_for(self.after_first_chunk.wait(), 5)
             await asyncio.sleep(self.chunk_delay_s)
         await response.write_eof()
         return response

@@ -4,6 +4,7 @@ seconds of audio) to the credit; hostile media inputs refused as JSON errors bef
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import wave
@@ -223,3 +224,64 @@ async def test_only_public_addresses_are_fetched_from() -> None:
     with pytest.raises(OSError) as refused:
         await PublicResolver(frozenset()).resolve("localhost", 443)
     assert refused.value.errno == errno.EACCES
+
+
+async def test_native_elevenlabs_speech_streams_through_unbuffered_and_is_billed_by_characters(
+    gateway: str, elevenlabs: MockElevenLabs
+) -> None:
+    elevenlabs.after_first_chunk = released = asyncio.Event()
+    text = "Streamed speech"
+    headers = {"xi-api-key": TEST_KEY}  # as an ElevenLabs SDK sends its key
+    async with aiohttp.ClientSession() as http:
+        url = f"{gateway}/elevenlabs/v1/text-to-speech/{VOICE}/stream?output_format=mp3_22050_32"
+        async with http.post(url, json={"text": text, "model_id": "el/tts"}, headers=headers) as r:
+            assert (r.status, r.content_type) == (200, "audio/mpeg")
+            assert r.headers["x-character-count"] == str(len(text))
+            first = await asyncio.wait_for(r.content.readany(), 5)  # before the provider sends the rest
+            released.set()
+            audio = first + await r.read()
+    assert audio == elevenlabs.audio()
+    sent = elevenlabs.received[-1]
+    assert sent.body == {"text": text, "model_id": "eleven_multilingual_v2"}
+    assert sent.query == {"output_format": "mp3_22050_32"} and sent.headers["xi-api-key"] == "provider-secret-123"
+    after = await balance(gateway)
+    assert (after["spent"], after["held"]) == (1 + 2 * len(text), 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "code"),
+    [
+        (f"/elevenlabs/v1/text-to-speech/{VOICE}", {"text": "hi", "model_id": "el/tts"}, {}, 401,
+         "missing_credentials"),
+        (f"/elevenlabs/v1/text-to-speech/{VOICE}", {"text": "", "model_id": "el/tts"}, None, 400, "invalid_request"),
+        (f"/elevenlabs/v1/text-to-speech/{VOICE}", {"text": "hi"}, None, 400, "invalid_request"),
+        (f"/elevenlabs/v1/text-to-speech/{VOICE}", {"text": "hi", "model_id": "mock/speech"}, None, 400,
+         "invalid_request"),
+        (f"/elevenlabs/v1/text-to-speech/{VOICE}?output_format=mp3%26x%3D1", {"text": "hi", "model_id": "el/tts"},
+         None, 400, "invalid_request"),
+        ("/elevenlabs/v1/text-to-speech/bad%20voice/stream", {"text": "hi", "model_id": "el/tts"}, None, 400,
+         "invalid_request"),
+        (f"/elevenlabs/v1/text-to-speech/{VOICE}", {"text": "hi", "model_id": "el/none"}, None, 404,
+         "model_not_found"),
+    ],
+)
+async def test_native_elevenlabs_refusals_are_in_elevenlabs_error_shape(
+    gateway: str, elevenlabs: MockElevenLabs, path: str, body: dict[str, Any], headers: dict[str, str] | None,
+    status: int, code: str,
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway + path, json=body, headers={"xi-api-key": TEST_KEY} if headers is None else headers) as r:
+            answer = await r.json()
+    assert (r.status, answer["detail"]["status"]) == (status, code) and answer["detail"]["message"]
+    assert elevenlabs.received == []
+
+
+async def test_native_elevenlabs_relays_the_providers_own_refusal_and_charges_nothing(
+    gateway: str, elevenlabs: MockElevenLabs
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        url = f"{gateway}/elevenlabs/v1/text-to-speech/unknownvoice"
+        async with http.post(url, json={"text": "hi", "model_id": "el/tts"}, headers={"xi-api-key": TEST_KEY}) as r:
+            assert (r.status, (await r.json())["detail"]["status"]) == (404, "voice_not_found")
+    after = await balance(gateway)
+    assert (after["spent"], after["held"]) == (0, 0)

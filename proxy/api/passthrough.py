@@ -8,14 +8,14 @@ the app middleware.
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
 from ..auth.principal import Principal
 from ..catalog import Model
 from ..context import CONTEXT
-from ..policy.types import RequestFacts
+from ..policy.types import RequestFacts, Usage
 from ..upstream.formats import TRANSLATED
 from ..upstream.formats.openai import RESPONSES_ROUTE
 from ..upstream.relay import forwarded_headers, relay
@@ -55,14 +55,17 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 
 async def relay_generation(
     request: web.Request, principal: Principal, model: Model, route: str, body: dict[str, Any], facts: RequestFacts,
-    forward: Mapping[str, str],
+    forward: Mapping[str, str], headers_usage: Callable[[Mapping[str, str]], Usage | None] | None = None,
 ) -> web.StreamResponse:
     """Decide and admit, then open the call on a deployment and relay its answer as the provider sent it, inside
-    `metered_call` (the same for every native route: the model's wire format is the route's)."""
+    `metered_call` (the same for every native route: the model's wire format is the route's). `headers_usage`:
+    usage the answer's headers state (ElevenLabs' characters), kept unless its body carries some."""
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     async with metered_call(gateway, ctx, decision, admission, facts) as outcome, AsyncExitStack() as call_scope:
         call = await open_routed(gateway, ctx, principal, decision, facts, route, body, forward, call_scope)
+        if headers_usage is not None and call.upstream.status < 400:
+            outcome.usage = headers_usage(call.upstream.headers)
         return await relay(request, call, gateway.relay, outcome, admission.headers)
 
 

@@ -446,7 +446,7 @@ async def _relay_body(
         # Read from what was received, even if cut: a client may hang up holding the whole answer (its usage
         # included) before the upstream's body has formally ended; an answer cut short does not parse.
         outcome.seconds = reader.seconds()
-        outcome.usage = reader.usage()
+        outcome.usage = reader.usage() or outcome.usage  # else what the answer's headers stated (ElevenLabs)
 
 
 async def _write(response: web.StreamResponse, data: bytes, outcome: RelayOutcome) -> None:

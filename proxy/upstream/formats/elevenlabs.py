@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Mapping
 from urllib.parse import quote
 
@@ -30,9 +31,19 @@ CHARACTER_COUNT_HEADER = "x-character-count"
 MAX_CHARACTERS = 2**31 - 1
 
 
-def speech_route(voice_id: str) -> str:
-    """The streaming text-to-speech route of a voice (`voice_id` checked by the caller; quoted all the same)."""
-    return f"/v1/text-to-speech/{quote(voice_id, safe='')}/stream?output_format={OUTPUT_FORMAT}"
+_VOICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # voice ids go into the URL path
+_OUTPUT_FORMATS = re.compile(r"[a-z0-9_]{1,32}")  # mp3_44100_128, pcm_16000, ulaw_8000, ...
+
+
+def speech_route(voice_id: str, output_format: str = OUTPUT_FORMAT, stream: bool = True) -> str:
+    """The text-to-speech route of a voice; a voice id or output format that could change the URL is a 400."""
+    if not _VOICE_ID.fullmatch(voice_id):
+        raise ApiError("invalid_request", "the voice must be an ElevenLabs voice id (letters, digits, _ and -)",
+                       param="voice")
+    if not _OUTPUT_FORMATS.fullmatch(output_format):
+        raise ApiError("invalid_request", "output_format must be one of ElevenLabs' formats, e.g. mp3_44100_128",
+                       param="output_format")
+    return f"/v1/text-to-speech/{quote(voice_id, safe='')}{'/stream' if stream else ''}?output_format={output_format}"
 
 
 def url(base_url: str, route: str, upstream_model: str, stream: bool) -> str:
