@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.alerts import ALERT_ID_HEADER, AlertDelivery
@@ -25,7 +26,7 @@ from proxy.gateway import build_gateway
 from proxy.meter import Meter
 from proxy.metrics import AlertOutcome
 from proxy.policy.types import Budget
-from proxy.store import Store
+from proxy.store import RedisStore, Store
 from proxy.store.alerts import AlertOutbox
 from tests.gateway_harness import gateway_config, write_policy
 from tests.redis_server import free_port
@@ -252,3 +253,24 @@ def test_a_keys_override_replaces_its_plans_thresholds(tmp_path: Path, monkeypat
     gateway = build_gateway(parse_config(config, "conf/gateway.yaml"))
     budget = gateway.policy.current.key_plans["quiet"].budget
     assert budget is not None and (budget.credits, budget.alerts) == (10, (9000, 10000))
+
+
+async def test_an_alert_claimed_by_a_replica_that_died_before_reading_it_is_found_by_anothers_sweep(
+    redis_url: str, clock: Clock, receiver: Receiver
+) -> None:
+    """The claiming replica's settle landed, then it died: its outbox entry is unread and no other replica was told
+    about it; another replica's sweep (SCAN of the outboxes) finds it within sweep_interval_s and delivers it."""
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    await client.aclose()
+    dead, alive = RedisStore(redis_url), RedisStore(redis_url)
+    try:
+        await spend(alerting_meter(dead, clock), 5)  # claims 50 % into the outbox; `dead` never delivers
+        metrics = Counted()
+        async with running(delivery(alive, receiver.url, metrics, sweep_interval_s=0.5)):
+            await eventually(lambda: len(receiver.alerts) == 1)
+        assert receiver.alerts[0]["threshold"] == 0.5 and "fired" not in metrics.counts  # fired where claimed
+        assert await alive.alert_streams() == []  # delivered, acknowledged, the emptied outbox deleted
+    finally:
+        await dead.close()
+        await alive.close()
