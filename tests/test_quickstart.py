@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -60,8 +61,9 @@ async def test_edge_proxy_serve_with_the_default_config_answers_the_sdk() -> Non
         assert "demo/chat" in models and "demo/image" in models
         assert "You said: ping" in (answer.choices[0].message.content or "")
         assert streamed == answer.choices[0].message.content == response.output_text == streamed_response
-        assert image.data and image.data[0].url and image.data[0].url.endswith(".png")
+        assert image.data and base64.b64decode(image.data[0].b64_json or "").startswith(b"\x89PNG")
         await _demo_video_job(base, key.group(1))
+        await _demo_image_on_the_gateways_url(base, key.group(1))
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=20)
@@ -80,3 +82,15 @@ async def _demo_video_job(base: str, key: str) -> None:
         assert url.startswith(f"{base}/v1/demo/files/") and url.endswith(".mp4")
         async with http.get(url) as video:
             assert (video.status, video.content_type) == (200, "video/mp4")
+
+
+async def _demo_image_on_the_gateways_url(base: str, key: str) -> None:
+    """The demo's image through /v1/responses: an asset URL of the gateway, never the demo upstream's loopback one."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/v1/responses", json={"model": "demo/image", "prompt": "a lighthouse"},
+                             headers={"Authorization": f"Bearer {key}"}) as r:
+            events = [json.loads(line[5:]) for line in (await r.text()).splitlines() if line.startswith("data:")]
+        url = events[-1]["output"]["url"]
+        assert url.startswith(f"{base}/v1/assets/"), url
+        async with http.get(url) as image:
+            assert (image.status, image.content_type) == (200, "image/png")

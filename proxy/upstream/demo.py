@@ -172,10 +172,16 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def images(request: web.Request) -> web.Response:
+    """The images inline (`b64_json`, as gpt-image-1 answers), so the gateway keeps them as its own assets on its
+    public URL; `response_format: "url"` gets URLs on the demo upstream itself, reachable from the gateway's host
+    only."""
     body = await _json_body(request)
     n = min(body["n"], _MAX_IMAGES) if isinstance(body.get("n"), int) and body["n"] > 0 else 1
-    base = f"{request.scheme}://{request.host}"
-    data = [{"url": f"{base}/files/{uuid.uuid4().hex}.png"} for _ in range(n)]
+    if body.get("response_format") == "url":
+        base = f"{request.scheme}://{request.host}"
+        data = [{"url": f"{base}/files/{uuid.uuid4().hex}.png"} for _ in range(n)]
+    else:
+        data = [{"b64_json": base64.b64encode(_PNG).decode()} for _ in range(n)]
     return web.json_response({"created": int(time.time()), "data": data})
 
 
