@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -19,7 +20,7 @@ from proxy.auth.api_keys import hash_key
 
 from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, gateway_process, start_gateway, write_policy
 from .mock_fal import VIDEO, MockFal
-from .redis_server import RedisServer, free_port
+from .redis_server import RedisServer
 from .test_responses import events_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -55,7 +56,10 @@ class Replicas:
         self.a, self.b, self.fal, self.config = a, b, fal, config
 
 
-def jobs_config(fal: MockFal, redis_url: str, policies: Path, detach_after_s: float) -> dict[str, Any]:
+def jobs_config(
+    fal: MockFal, redis_url: str, policies: Path, detach_after_s: float, closed_port: int
+) -> dict[str, Any]:
+    """Provider `fal` is the mock; `fal-down` a port nothing listens on."""
     config = gateway_config("http://127.0.0.1:9/v1", policies, store={"kind": "redis", "redis_url": redis_url},
                             jobs={"detach_after_s": detach_after_s, "poll_after_ms": 250, "lease_s": 1})
     config["providers"]["fal"] = {
@@ -63,7 +67,7 @@ def jobs_config(fal: MockFal, redis_url: str, policies: Path, detach_after_s: fl
         "timeouts": {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30},
         "jobs": {"poll_interval_s": 0.1, "timeout_s": 20, "retries": 2},
     }
-    config["providers"]["fal-down"] = {**config["providers"]["fal"], "base_url": f"http://127.0.0.1:{free_port()}",
+    config["providers"]["fal-down"] = {**config["providers"]["fal"], "base_url": f"http://127.0.0.1:{closed_port}",
                                        "jobs": {"poll_interval_s": 0.1, "timeout_s": 20, "retries": 1}}
     config["models"] = [
         {"id": "mock/video", "name": "Mock Video", "creator": "Tests", "capability": "text2video",
@@ -82,12 +86,15 @@ async def replicas(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Re
 
     os.environ["EDGE_PROXY_DEMO_KEY"], os.environ["MOCK_PROVIDER_KEY"] = TEST_KEY, PROVIDER_KEY
     policies = write_policy(tmp_path_factory.mktemp("policies"), POLICY)
-    with RedisServer() as redis:
+    # Bound and never listened on: connections are refused, and no other process can take the port meanwhile.
+    with RedisServer() as redis, socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
         fal = await MockFal(PROVIDER_KEY).start()
-        a = await start_gateway(jobs_config(fal, redis.url, policies, detach_after_s=10))
-        b = await start_gateway(jobs_config(fal, redis.url, policies, detach_after_s=0.4))
+        a = await start_gateway(jobs_config(fal, redis.url, policies, 10, port))
+        b = await start_gateway(jobs_config(fal, redis.url, policies, 0.4, port))
         try:
-            yield Replicas(a.url, b.url, fal, jobs_config(fal, redis.url, policies, detach_after_s=10))
+            yield Replicas(a.url, b.url, fal, jobs_config(fal, redis.url, policies, 10, port))
         finally:
             await a.stop()
             await b.stop()
