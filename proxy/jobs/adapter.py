@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Protocol
 
 Handle = dict[str, str]  # what the provider needs to find the job again (its request id, URLs); JSON-able
+# The handle entry naming the job at the provider when the provider calls back with that id (webhooks): the runner
+# indexes the job by it, so the replica taking the webhook finds the job.
+PROVIDER_ID = "provider_id"
 Phase = Literal["queued", "running", "completed", "failed"]
 
 

@@ -16,7 +16,6 @@ handle can never send the provider credential anywhere else.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 from urllib.parse import quote
 
@@ -24,15 +23,14 @@ import aiohttp
 
 from ..config import Timeouts
 from ..upstream.credentials import ProviderKeys
-from ..upstream.sse import json_object
 from .adapter import Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
+from .http import call_json, message
 
 _PHASES = {"IN_QUEUE": "queued", "IN_PROGRESS": "running", "COMPLETED": "completed"}
 _FAILED = frozenset({"FAILED", "CANCELED", "CANCELLED"})
 # fal's image models take a named size; the gateway's schema an aspect ratio.
 _IMAGE_SIZES = {"1:1": "square_hd", "16:9": "landscape_16_9", "9:16": "portrait_16_9", "4:3": "landscape_4_3",
                 "3:4": "portrait_4_3"}
-_MAX_ANSWER_BYTES = 1024 * 1024  # status and result answers are small JSON; outputs are URLs
 
 
 def credential_headers(key: str) -> dict[str, str]:
@@ -94,28 +92,7 @@ class FalAdapter:
         return f"{self._base}/{_path(handle['app'])}/requests/{quote(handle['request_id'], safe='')}"
 
     async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        chosen = self._keys.choose() if self._keys else None
-        headers = {"Content-Type": "application/json", **(chosen.headers if chosen else {})}
-        data = json.dumps(body).encode() if body is not None else None
-        try:
-            async with self._session.request(method, url, data=data, headers=headers, timeout=self._timeout,
-                                             allow_redirects=False) as response:
-                raw = await _read_bounded(response)
-                if chosen is not None and self._keys is not None:
-                    self._keys.refused(chosen, response.status, response.headers.get("Retry-After"))
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise JobCallFailed(f"{self._name} could not be reached ({type(exc).__name__})", retryable=True) from None
-        answer = json_object(raw) if len(raw) <= _MAX_ANSWER_BYTES else None
-        if status >= 400:
-            raise JobCallFailed(
-                f"{self._name} answered {status}: {_message((answer or {}).get('detail') or answer)}",
-                retryable=status >= 500 or status in (408, 429), status=status,
-                code="invalid_request" if status == 422 else "upstream_error",
-            )
-        if answer is None:
-            raise JobCallFailed(f"{self._name} answered something that is not a JSON object", retryable=True)
-        return answer
+        return await call_json(self._session, self._keys, self._name, self._timeout, method, url, body)
 
 
 def status_of(answer: Mapping[str, Any], provider: str) -> JobStatus:
@@ -123,7 +100,7 @@ def status_of(answer: Mapping[str, Any], provider: str) -> JobStatus:
     says FAILED or CANCELED, or COMPLETED with an `error`."""
     status = answer.get("status")
     if status in _FAILED or (status == "COMPLETED" and answer.get("error")):
-        return JobStatus("failed", error=_message(answer.get("error") or status))
+        return JobStatus("failed", error=message(answer.get("error") or status))
     phase = _PHASES.get(status) if isinstance(status, str) else None
     if phase is None:
         raise JobCallFailed(f"{provider} answered an unknown job status {str(status)[:40]!r}", retryable=True)
@@ -148,16 +125,6 @@ def job_result(answer: Mapping[str, Any], request: JobRequest, provider: str) ->
     raise JobCallFailed(f"{provider}'s result carries no image or video", retryable=False)
 
 
-async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
-    """The body, or its first _MAX_ANSWER_BYTES + 1 bytes (then it is refused as too large)."""
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > _MAX_ANSWER_BYTES:
-            break
-    return bytes(body)
-
-
 def _path(model: str) -> str:
     return "/".join(quote(part, safe="") for part in model.split("/") if part)
 
@@ -165,10 +132,3 @@ def _path(model: str) -> str:
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0.0
 
-
-def _message(value: Any) -> str:
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        value = value[0].get("msg", value[0])
-    if isinstance(value, dict):
-        value = value.get("message", value)
-    return str(value)[:300]

@@ -6,10 +6,12 @@ from __future__ import annotations
 # Kinds that serve only jobs, with the example base_url named when a config leaves it out.
 JOB_KINDS: dict[str, str] = {
     "fal": "https://queue.fal.run",
+    "replicate": "https://api.replicate.com/v1",
 }
 # Capabilities each job kind runs as jobs; `demo` serves its other capabilities in the OpenAI format.
 JOB_CAPABILITIES: dict[str, frozenset[str]] = {
     "fal": frozenset({"text2image", "image2image", "text2video", "image2video"}),
+    "replicate": frozenset({"text2image", "image2image", "text2video", "image2video"}),
     "demo": frozenset({"image2image", "text2video", "image2video"}),
 }
 

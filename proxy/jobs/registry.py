@@ -12,7 +12,7 @@ import aiohttp
 from ..config import ProviderSettings, Timeouts
 from ..upstream.credentials import ProviderKeys, provider_keys
 from ..upstream.providers import new_session
-from . import fal
+from . import fal, replicate
 from .adapter import JobAdapter
 from .demo import DemoAdapter
 
@@ -31,6 +31,7 @@ class JobKind:
 
 JOB_ADAPTERS: dict[str, JobKind] = {
     "fal": JobKind(fal.FalAdapter, fal.credential_headers),
+    "replicate": JobKind(replicate.ReplicateAdapter, replicate.credential_headers),
     # The demo upstream serves OpenAI's routes under /v1 and fal's queue under /queue.
     "demo": JobKind(DemoAdapter, fal.credential_headers, lambda base_url: base_url.removesuffix("/v1") + "/queue"),
 }

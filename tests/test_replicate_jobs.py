@@ -1,0 +1,122 @@
+"""Replicate predictions as jobs, end to end: a gateway on a real Redis, a mock Replicate on loopback speaking its
+JSON shapes and status codes, predictions of ~1.2 s. Jobs complete by polling; every job is charged exactly
+once, and a failed or canceled prediction releases its hold."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gateway, write_policy
+from .mock_replicate import MockReplicate
+from .redis_server import RedisServer
+from .test_jobs import balance, finished, submit
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PER_IMAGE, PER_SECOND = 3, 10
+VERSION = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
+POLICY = f"""
+plans:
+  demo:
+    models: ["mock/*"]
+    budget: {{credits: 100000, period: month, scope: account}}
+prices:
+  "mock/*": {{per_image: {PER_IMAGE}}}
+  mock/r-video: {{per_second: {PER_SECOND}}}
+"""
+JOB_TIMEOUTS = {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30}
+
+
+class Setup:
+    def __init__(self, gateway: str, replicate: MockReplicate) -> None:
+        self.gateway, self.replicate = gateway, replicate
+
+
+def replicate_config(replicate: MockReplicate, redis_url: str, policies: Any) -> dict[str, Any]:
+    config = gateway_config("http://127.0.0.1:9/v1", policies, store={"kind": "redis", "redis_url": redis_url},
+                            jobs={"detach_after_s": 10, "poll_after_ms": 250, "lease_s": 2})
+    polled = {"kind": "replicate", "base_url": f"{replicate.url}/v1", "api_key_env": "MOCK_PROVIDER_KEY",
+              "timeouts": JOB_TIMEOUTS, "jobs": {"poll_interval_s": 0.1, "timeout_s": 20, "retries": 2}}
+    config["providers"]["replicate"] = polled
+    # Two tokens, the first refused: a 401 rests it and the call is retried with the other.
+    config["providers"]["replicate-two-keys"] = {**polled, "api_key_env": None,
+                                                 "api_keys_env": ["BAD_REPLICATE_KEY", "MOCK_PROVIDER_KEY"]}
+    config["models"] = [
+        {"id": "mock/r-image", "name": "Flux", "creator": "Tests", "capability": "text2image",
+         "provider": "replicate", "upstream_model": "black-forest-labs/flux-schnell"},
+        {"id": "mock/r-video", "name": "Video", "creator": "Tests", "capability": "text2video",
+         "provider": "replicate", "upstream_model": f"kwaivgi/kling-video:{VERSION}"},
+        {"id": "mock/r-two-keys", "name": "Flux (two keys)", "creator": "Tests", "capability": "text2image",
+         "provider": "replicate-two-keys", "upstream_model": "black-forest-labs/flux-schnell"},
+    ]
+    return config
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup]:
+    os.environ.update(EDGE_PROXY_DEMO_KEY=TEST_KEY, MOCK_PROVIDER_KEY=PROVIDER_KEY, BAD_REPLICATE_KEY="r8_revoked")
+    policies = write_policy(tmp_path_factory.mktemp("policies"), POLICY)
+    with RedisServer() as redis:
+        replicate = await MockReplicate(PROVIDER_KEY).start()
+        gateway = await start_gateway(replicate_config(replicate, redis.url, policies))
+        try:
+            yield Setup(gateway.url, replicate)
+        finally:
+            await gateway.stop()
+            await replicate.stop()
+
+
+async def test_an_image_job_is_polled_to_its_outputs_and_charged_per_image(setup: Setup) -> None:
+    before = await balance(setup.gateway)
+    status, _, events = await submit(setup.gateway, {"model": "mock/r-image", "prompt": "a fox", "n": 2})
+    assert status == 200 and isinstance(events, list)
+    assert events[0] == ("generation.status", {"status": "queued"}) and events[-1][0] == "generation.completed"
+    progress = [data["progress"] for name, data in events if name == "generation.status" and "progress" in data]
+    assert progress and all(0 <= p <= 1 for p in progress), events  # parsed from the model's progress bar
+    [prediction] = setup.replicate.created("a fox")
+    output = events[-1][1]["output"]
+    assert output["urls"] == [f"https://replicate.delivery/xezq/{prediction.id}/out-{i}.webp" for i in (0, 1)]
+    assert output["url"] == output["urls"][0]
+    assert (prediction.model, prediction.inputs) == ("black-forest-labs/flux-schnell",
+                                                     {"prompt": "a fox", "aspect_ratio": "1:1", "num_outputs": 2})
+    assert ("POST", "/v1/models/black-forest-labs/flux-schnell/predictions") in setup.replicate.calls
+    assert prediction.webhook is None  # no webhook secret configured: polled only
+    assert (await balance(setup.gateway))["spent"] - before["spent"] == 2 * PER_IMAGE
+
+
+async def test_a_version_pinned_video_is_charged_its_requested_seconds(setup: Setup) -> None:
+    before = await balance(setup.gateway)
+    _, headers, body = await submit(setup.gateway, {"model": "mock/r-video", "prompt": "waves", "duration": 3},
+                                    {"Prefer": "respond-async"})
+    job = await finished(setup.gateway, body["request_id"])  # type: ignore[index]
+    [prediction] = setup.replicate.created("waves")
+    assert (job["status"], job["output"]) == ("completed", {
+        "url": f"https://replicate.delivery/xezq/{prediction.id}/output.mp4"})
+    assert prediction.version == VERSION and ("POST", "/v1/predictions") in setup.replicate.calls
+    assert (await balance(setup.gateway))["spent"] - before["spent"] == 3 * PER_SECOND
+
+
+@pytest.mark.parametrize("prompt, reason", [("fail", "failed: CUDA out of memory"),
+                                            ("canceled", "canceled: no reason given")])
+async def test_a_failed_or_canceled_prediction_fails_the_job_and_releases_its_hold(
+    setup: Setup, prompt: str, reason: str
+) -> None:
+    before = await balance(setup.gateway)
+    _, _, events = await submit(setup.gateway, {"model": "mock/r-video", "prompt": prompt, "duration": 5})
+    assert isinstance(events, list) and events[-1][0] == "generation.failed"
+    error = events[-1][1]["error"]
+    assert error["code"] == "upstream_error" and reason in error["message"], error
+    after = await balance(setup.gateway)
+    assert (after["spent"], after["held"]) == (before["spent"], 0)
+
+
+async def test_a_refused_token_rests_and_the_job_completes_with_the_other(setup: Setup) -> None:
+    calls = len(setup.replicate.calls)
+    _, _, events = await submit(setup.gateway, {"model": "mock/r-two-keys", "prompt": "two keys"})
+    assert isinstance(events, list) and events[-1][0] == "generation.completed", events
+    assert len(setup.replicate.calls) - calls >= 5  # a create and several polls...
+    assert setup.replicate.refused == 1  # ...of which one was refused: that token rests after its 401
