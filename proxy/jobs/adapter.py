@@ -70,7 +70,8 @@ class JobCallFailed(Exception):
 
 
 class JobAdapter(Protocol):
-    """One provider's queue. Implementations: `fal.FalAdapter` (fal.ai, and the demo upstream's queue)."""
+    """One provider's queue. Implementations: `fal.FalAdapter` (fal.ai, and the demo upstream's queue),
+    `replicate.ReplicateAdapter`."""
 
     async def submit(self, request: JobRequest) -> Handle:
         """Queue the job; return its handle. Called once per job (again only if a replica died before the

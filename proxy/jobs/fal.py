@@ -19,12 +19,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 from urllib.parse import quote
 
-import aiohttp
-
-from ..config import Timeouts
-from ..upstream.credentials import ProviderKeys
 from .adapter import Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
-from .http import call_json, message
+from .http import ProviderCalls, message
 
 _PHASES = {"IN_QUEUE": "queued", "IN_PROGRESS": "running", "COMPLETED": "completed"}
 _FAILED = frozenset({"FAILED", "CANCELED", "CANCELLED"})
@@ -47,18 +43,8 @@ def fal_input(request: JobRequest) -> dict[str, Any]:
     return inputs
 
 
-class FalAdapter:
-    """fal.ai's queue: one aiohttp session (the provider's pool), the provider's keys, per-call timeouts."""
-
-    def __init__(
-        self, name: str, base_url: str, session: aiohttp.ClientSession, keys: ProviderKeys | None, timeouts: Timeouts,
-    ) -> None:
-        self._name = name
-        self._base = base_url.rstrip("/")
-        self._session = session
-        self._keys = keys
-        self._timeout = aiohttp.ClientTimeout(total=timeouts.first_byte_s + timeouts.idle_s,
-                                              connect=timeouts.connect_s)
+class FalAdapter(ProviderCalls):
+    """fal.ai's queue."""
 
     async def submit(self, request: JobRequest) -> Handle:
         model = request.upstream_model.strip("/")
@@ -85,14 +71,8 @@ class FalAdapter:
             if failed.status != 400:  # 400: ALREADY_COMPLETED, nothing left to stop
                 raise
 
-    async def close(self) -> None:
-        await self._session.close()
-
     def _requests(self, handle: Handle) -> str:
         return f"{self._base}/{_path(handle['app'])}/requests/{quote(handle['request_id'], safe='')}"
-
-    async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        return await call_json(self._session, self._keys, self._name, self._timeout, method, url, body)
 
 
 def status_of(answer: Mapping[str, Any], provider: str) -> JobStatus:

@@ -1,5 +1,6 @@
-"""One JSON call to a job provider, shared by the adapters: the provider's credential (and its rest after a
-401/429), bounded answers, no redirects followed, and failures as JobCallFailed (retryable or not)."""
+"""How job adapters call their provider, shared by them: `ProviderCalls` holds the provider's session, keys,
+base URL and timeouts; one JSON call sends the provider's credential (and rests it after a 401/429), reads a
+bounded answer, follows no redirect, and raises failures as JobCallFailed (retryable or not)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,33 @@ from typing import Any
 
 import aiohttp
 
+from ..config import Timeouts
 from ..upstream.credentials import ProviderKeys
 from ..upstream.sse import json_object
 from .adapter import JobCallFailed
 
 MAX_ANSWER_BYTES = 1024 * 1024  # status and result answers are small JSON; outputs are URLs
+
+
+class ProviderCalls:
+    """The part every HTTP job adapter shares: one aiohttp session (the provider's pool), the provider's keys,
+    per-call timeouts, the base URL (later URLs are built from it, never taken from answers)."""
+
+    def __init__(
+        self, name: str, base_url: str, session: aiohttp.ClientSession, keys: ProviderKeys | None, timeouts: Timeouts,
+    ) -> None:
+        self._name = name
+        self._base = base_url.rstrip("/")
+        self._session = session
+        self._keys = keys
+        self._timeout = aiohttp.ClientTimeout(total=timeouts.first_byte_s + timeouts.idle_s,
+                                              connect=timeouts.connect_s)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await call_json(self._session, self._keys, self._name, self._timeout, method, url, body)
 
 
 async def call_json(

@@ -26,7 +26,7 @@ import aiohttp
 from ..config import Timeouts
 from ..upstream.credentials import ProviderKeys
 from .adapter import PROVIDER_ID, Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
-from .http import call_json
+from .http import ProviderCalls
 
 _PHASES = {"starting": "queued", "processing": "running", "succeeded": "completed"}
 _FAILED = frozenset({"failed", "canceled", "aborted"})
@@ -55,21 +55,15 @@ def replicate_input(request: JobRequest) -> dict[str, Any]:
     return inputs
 
 
-class ReplicateAdapter:
-    """Replicate's predictions: one aiohttp session (the provider's pool), the provider's tokens, per-call
-    timeouts; `webhooks`: ask Replicate to call the gateway back (its signing secret is configured)."""
+class ReplicateAdapter(ProviderCalls):
+    """Replicate's predictions; `webhooks`: ask Replicate to call the gateway back (its signing secret is set)."""
 
     def __init__(
         self, name: str, base_url: str, session: aiohttp.ClientSession, keys: ProviderKeys | None, timeouts: Timeouts,
         *, webhooks: bool = False,
     ) -> None:
-        self._name = name
-        self._base = base_url.rstrip("/")
-        self._session = session
-        self._keys = keys
+        super().__init__(name, base_url, session, keys, timeouts)
         self._webhooks = webhooks
-        self._timeout = aiohttp.ClientTimeout(total=timeouts.first_byte_s + timeouts.idle_s,
-                                              connect=timeouts.connect_s)
 
     async def submit(self, request: JobRequest) -> Handle:
         model = request.upstream_model.strip("/")
@@ -98,14 +92,8 @@ class ReplicateAdapter:
     async def cancel(self, handle: Handle) -> None:
         await self._call("POST", f"{self._prediction(handle)}/cancel")
 
-    async def close(self) -> None:
-        await self._session.close()
-
     def _prediction(self, handle: Handle) -> str:
         return f"{self._base}/predictions/{quote(handle[PROVIDER_ID], safe='')}"
-
-    async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        return await call_json(self._session, self._keys, self._name, self._timeout, method, url, body)
 
 
 def status_of(prediction: Mapping[str, Any], provider: str) -> JobStatus:
