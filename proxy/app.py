@@ -10,7 +10,7 @@ from aiohttp import web
 
 from .api import (
     admin, anthropic, elevenlabs, gemini, health, identity, jobs, me, models, passthrough, responses, uploads,
-    usage,
+    usage, webhooks,
 )
 from .api.state import ERROR_SHAPES, GATEWAY
 from .config import Config, ServerSettings
@@ -146,6 +146,6 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(drain)
     for routes in (admin, health, identity, jobs, me, models, passthrough, responses, uploads, usage, anthropic, gemini,
-                   elevenlabs):
+                   elevenlabs, webhooks):
         routes.add_routes(app)
     return app

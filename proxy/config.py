@@ -14,7 +14,7 @@ from .auth.oidc import IssuerSettings
 from .api.schema import INPUTS
 from .auth.tokens import TokenSettings
 from .catalog import CAPABILITIES, Deployment, Model
-from .jobs.kinds import JOB_CAPABILITIES, JOB_KINDS
+from .jobs.kinds import JOB_CAPABILITIES, JOB_KINDS, WEBHOOK_KINDS
 from .store.settings import StoreConfigError, StoreSettings
 from .upstream.formats import ADAPTERS, adapter
 
@@ -159,6 +159,10 @@ class JobSettings(_Strict):
     poll_interval_s: float = Field(1.0, gt=0, le=60)
     timeout_s: float = Field(900.0, gt=0, le=86_400)
     retries: int = Field(3, ge=0, le=10)
+    # Providers that call back (kind replicate): their webhook signing secret (`whsec_...`), from env or a file.
+    # Set, jobs ask the provider for webhooks (polling stays the fallback); unset, jobs are polled only.
+    webhook_secret: SecretSource | None = None
+    webhook_tolerance_s: float = Field(300.0, ge=10, le=3600)  # a webhook's timestamp this far off is refused
 
 
 class JobsSettings(_Strict):
@@ -339,6 +343,13 @@ class ProviderSettings(_Strict):
         """The body format its answers come in: models served by several providers need one. A job-only kind
         (fal) is its own: its models are served on /v1/responses only."""
         return self.kind if self.kind in JOB_KINDS else adapter(self.kind).dialect
+
+    @model_validator(mode="after")
+    def _webhooks_are_supported(self) -> "ProviderSettings":
+        if self.jobs.webhook_secret is not None and self.kind not in WEBHOOK_KINDS:
+            raise ValueError(f"jobs.webhook_secret applies to kind {', '.join(sorted(WEBHOOK_KINDS))} only (providers "
+                             f"that send webhooks); remove it from this {self.kind} provider")
+        return self
 
     @model_validator(mode="after")
     def _api_version_is_azure(self) -> "ProviderSettings":

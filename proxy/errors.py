@@ -13,6 +13,7 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "invalid_token": (401, "authentication_error"),
     "token_expired": (401, "authentication_error"),
     "invalid_admin_token": (401, "authentication_error"),
+    "invalid_webhook_signature": (401, "authentication_error"),
     "insufficient_credits": (402, "billing_error"),
     "provider_not_authorized": (403, "permission_error"),
     "forbidden": (403, "permission_error"),

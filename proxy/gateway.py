@@ -27,6 +27,7 @@ from .jobs.kinds import JOB_KINDS, runs_as_job
 from .jobs.registry import build_adapter
 from .jobs.runner import JobService
 from .jobs.store import MemoryJobStore, RedisJobStore
+from .jobs.webhooks import WebhookVerifier, webhook_verifiers
 from .meter import Meter
 from .metrics import Metrics
 from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
@@ -93,6 +94,7 @@ class Gateway:
     tracing: Tracing = NO_TRACING
     providers: dict[str, Provider] = field(default_factory=dict)
     provider_kinds: Mapping[str, str] = field(default_factory=dict)  # provider name -> its kind (canonical name)
+    webhooks: Mapping[str, WebhookVerifier] = field(default_factory=dict)  # provider name -> its webhooks' secret
     draining: bool = False
     _runners: list[web.AppRunner] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -272,6 +274,7 @@ def build_gateway(
     ]
     store_settings = config.store_settings()
     secret = load_secret(config) if config.alerts.webhook_url else None  # before the store: fail fast
+    webhooks = webhook_verifiers(config)
     store = build_store(store_settings, observer=MetricsStoreObserver(metrics))
     metrics.store_up(True)
     if new_demo_key and announce:
@@ -309,4 +312,5 @@ def build_gateway(
         alerts=AlertDelivery(store, config.alerts, secret, metrics) if secret else None,  # type: ignore[arg-type]
         tracing=tracing,
         provider_kinds=provider_kinds,
+        webhooks=webhooks,
     )

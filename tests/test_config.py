@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ConfigError, load_config, parse_config
+from proxy.jobs.webhooks import webhook_verifiers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +57,9 @@ def test_the_shipped_config_is_valid() -> None:
         ({"providers": {"fal": {"kind": "fal", "base_url": "https://queue.fal.run", "jobs": {"retries": 11}}}},
          "providers.fal.jobs.retries"),
         ({"jobs": {"lease_s": 0.5}}, "jobs.lease_s"),
+        ({"providers": {"fal": {"kind": "fal", "base_url": "https://queue.fal.run",
+                                "jobs": {"webhook_secret": {"env": "FAL_HOOKS"}}}}},
+         "jobs.webhook_secret applies to kind replicate only"),
     ],
 )
 def test_invalid_config_names_file_key_and_fix(
@@ -66,6 +70,23 @@ def test_invalid_config_names_file_key_and_fix(
         parse_config(data, "conf/gateway.yaml")
     assert str(error.value).startswith("conf/gateway.yaml:")
     assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("secret, expected", [
+    (None, "environment variable REPLICATE_HOOKS is not set"),
+    ("whsec_not base64!", "not base64 after its whsec_ prefix"),
+    ("whsec_c2hvcnQ=", "its key has 5 bytes"),
+])
+def test_a_webhook_secret_is_checked_at_start_up(
+    secret: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if secret is not None:
+        monkeypatch.setenv("REPLICATE_HOOKS", secret)
+    config = parse_config({"providers": {"r": {"kind": "replicate", "base_url": "https://api.replicate.com/v1",
+                                               "jobs": {"webhook_secret": {"env": "REPLICATE_HOOKS"}}}}}, "g.yaml")
+    with pytest.raises(ConfigError) as error:
+        webhook_verifiers(config)
+    assert str(error.value).startswith("g.yaml: providers.r.jobs.webhook_secret: ") and expected in str(error.value)
 
 
 def test_redis_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,10 @@ JOB_CAPABILITIES: dict[str, frozenset[str]] = {
 }
 
 
+# Kinds whose provider calls the gateway back (webhooks, signed with `jobs.webhook_secret`).
+WEBHOOK_KINDS = frozenset({"replicate"})
+
+
 def runs_as_job(kind: str, capability: str) -> bool:
     """True when a model of `capability` on a provider of `kind` is a job (submitted, then polled)."""
     return capability in JOB_CAPABILITIES.get(kind, ())

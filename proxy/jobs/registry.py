@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -22,16 +23,19 @@ AdapterFactory = Callable[[str, str, aiohttp.ClientSession, "ProviderKeys | None
 @dataclass(frozen=True)
 class JobKind:
     """How to build a kind's adapter: the class (name, base URL, session, keys, timeouts), the credential
-    headers of a key, and where its queue is relative to the provider's base URL."""
+    headers of a key, where its queue is relative to the provider's base URL, and (kinds.WEBHOOK_KINDS) the
+    adapter asking the provider for webhooks, used when the provider's `jobs.webhook_secret` is set."""
 
     adapter: AdapterFactory
     credential_headers: Callable[[str], dict[str, str]]
     queue_url: Callable[[str], str] = lambda base_url: base_url
+    with_webhooks: AdapterFactory | None = None
 
 
 JOB_ADAPTERS: dict[str, JobKind] = {
     "fal": JobKind(fal.FalAdapter, fal.credential_headers),
-    "replicate": JobKind(replicate.ReplicateAdapter, replicate.credential_headers),
+    "replicate": JobKind(replicate.ReplicateAdapter, replicate.credential_headers,
+                         with_webhooks=partial(replicate.ReplicateAdapter, webhooks=True)),
     # The demo upstream serves OpenAI's routes under /v1 and fal's queue under /queue.
     "demo": JobKind(DemoAdapter, fal.credential_headers, lambda base_url: base_url.removesuffix("/v1") + "/queue"),
 }
@@ -43,4 +47,5 @@ def build_adapter(name: str, settings: ProviderSettings, base_url: str, base_dir
     if kind is None:
         return None
     keys = provider_keys(name, settings, base_dir, kind.credential_headers)
-    return kind.adapter(name, kind.queue_url(base_url.rstrip("/")), new_session(settings), keys, settings.timeouts)
+    factory = kind.with_webhooks if kind.with_webhooks and settings.jobs.webhook_secret else kind.adapter
+    return factory(name, kind.queue_url(base_url.rstrip("/")), new_session(settings), keys, settings.timeouts)

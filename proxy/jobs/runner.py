@@ -27,7 +27,7 @@ from ..meter import Admission, Meter
 from ..policy.pricing import cost
 from ..policy.types import Usage
 from ..store.base import CallUsage, StoreError
-from .adapter import Handle, JobAdapter, JobCallFailed, JobRequest, JobResult, JobStatus
+from .adapter import PROVIDER_ID, Handle, JobAdapter, JobCallFailed, JobRequest, JobResult, JobStatus
 from .billing import decode_price, decode_reservation
 from .store import Created, JobRecord, JobStore, changed, dumps
 
@@ -138,6 +138,27 @@ class JobService:
         job cancels it at the provider at its next poll (once submitted), fails it and releases its hold."""
         await self.store.update(key, "", {"cancel_requested": "1"})
 
+    async def advance(self, key: str, status: JobStatus, result_of: Callable[[JobRequest], JobResult]) -> None:
+        """What a provider's webhook says about a job: a finished one is finished here (the store finishes a job
+        once, and only its finisher settles, so a webhook and the poller never both charge); one still running
+        gets its phase and progress. The replica driving the job stops polling when it sees the job ended."""
+        record = await self.store.get(key)
+        if record is None or record.state != "working":
+            return
+        if status.phase == "failed":
+            await self._finish_failed(record, _provider_failed(status))
+        elif status.phase == "completed":
+            try:
+                result = result_of(_request(record))
+            except JobCallFailed as failed:
+                await self._finish_failed(record, ApiError(failed.code, str(failed)))
+            else:
+                await self._finish_completed(record, result)
+        else:
+            progress = -1.0 if status.progress is None else max(0.0, min(1.0, status.progress))
+            if await self.store.update(key, "", changed(record, phase=status.phase, progress=progress)[1]):
+                self._changed(key)
+
     def _changed(self, key: str) -> None:
         for event in self._watchers.get(key, ()):
             event.set()
@@ -182,6 +203,12 @@ class JobService:
                 return
             await self._index_quietly(key, self._now_ms() + self._lease_ms)
 
+    async def _link_quietly(self, record: JobRecord, provider_id: str) -> None:
+        try:
+            await self.store.link(record.provider, provider_id, record.key, self._ttl_ms)
+        except StoreError:
+            log.warning("job %s: not indexed by its provider id; its webhooks go unanswered, it is polled", record.id)
+
     async def _index_quietly(self, key: str, lease_until: int) -> None:
         try:
             await self.store.index(key, lease_until)
@@ -190,15 +217,17 @@ class JobService:
 
     async def _run(self, record: JobRecord) -> None:
         adapter, settings = self._adapters[record.provider], self._settings[record.provider]
-        request = JobRequest(record.upstream_model, record.capability, json.loads(record.inputs), record.public_url)
+        request = _request(record)
         try:
             if not record.handle:
                 handle = await self._retrying(settings, lambda: adapter.submit(request))
                 record = await self._update(record, handle=dumps(handle))
+                if PROVIDER_ID in handle:
+                    await self._link_quietly(record, handle[PROVIDER_ID])
             handle = json.loads(record.handle)
             status = await self._until_done(record, adapter, settings, handle)
             if status.phase == "failed":
-                raise ApiError("upstream_error", f"the provider failed the job: {status.error or 'no reason given'}")
+                raise _provider_failed(status)
             result = await self._retrying(settings, lambda: adapter.result(handle, request))
         except JobCallFailed as failed:
             await self._finish_failed(record, ApiError(failed.code, str(failed)))
@@ -215,7 +244,9 @@ class JobService:
                 await self._cancel_at_provider(record, adapter, handle)
                 raise ApiError("upstream_timeout", f"the job took longer than {settings.timeout_s:g}s")
             stored = await self.store.get(record.key)
-            if stored is not None and stored.cancel_requested:
+            if stored is None or stored.state != "working":
+                raise _LeaseLost  # finished by the provider's webhook (advance), or expired
+            if stored.cancel_requested:
                 await self._cancel_at_provider(record, adapter, handle)
                 raise ApiError("upstream_error", "the job was cancelled: the client disconnected and its plan "
                                "cancels jobs then")
@@ -313,3 +344,11 @@ class JobService:
                         await self.store.index(key, 0)  # expired or finished: no longer a candidate
             except StoreError as exc:
                 log.debug("job scan failed: %s", exc)
+
+
+def _request(record: JobRecord) -> JobRequest:
+    return JobRequest(record.upstream_model, record.capability, json.loads(record.inputs), record.public_url)
+
+
+def _provider_failed(status: JobStatus) -> ApiError:
+    return ApiError("upstream_error", f"the provider failed the job: {status.error or 'no reason given'}")

@@ -27,6 +27,7 @@ from ..store.redis_client import Credentials, RedisMode, connect
 
 State = Literal["working", "completed", "failed"]
 WORKING_INDEX = "ep:{jobs}:working"
+PROVIDER_IDS = "ep:{jobs}:provider-id"  # + ":{provider}:{id}" → the job key (webhooks name jobs by the provider's id)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,14 @@ class JobStore(Protocol):
         """Note a working job's lease expiry in the index; 0 removes it."""
         ...
 
+    async def link(self, provider: str, provider_id: str, key: str, ttl_ms: int) -> None:
+        """Note that the provider's job `provider_id` is the job `key` (for its webhooks), for `ttl_ms`."""
+        ...
+
+    async def linked(self, provider: str, provider_id: str) -> str | None:
+        """The job key the provider's job `provider_id` is, if noted."""
+        ...
+
     async def close(self) -> None:
         ...
 
@@ -244,6 +253,13 @@ class RedisJobStore:
         else:
             await _call(self._client.zrem(WORKING_INDEX, key))
 
+    async def link(self, provider: str, provider_id: str, key: str, ttl_ms: int) -> None:
+        await _call(self._client.set(f"{PROVIDER_IDS}:{provider}:{provider_id}", key, px=ttl_ms))
+
+    async def linked(self, provider: str, provider_id: str) -> str | None:
+        key = await _call(self._client.get(f"{PROVIDER_IDS}:{provider}:{provider_id}"))
+        return key.decode() if key is not None else None
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -330,6 +346,13 @@ class MemoryJobStore:
             self._index[key] = lease_until
         else:
             self._index.pop(key, None)
+
+    async def link(self, provider: str, provider_id: str, key: str, ttl_ms: int) -> None:
+        self._entries[f"{PROVIDER_IDS}:{provider}:{provider_id}"] = _Entry({"key": key}, self._now_ms() + ttl_ms)
+
+    async def linked(self, provider: str, provider_id: str) -> str | None:
+        entry = self._live(f"{PROVIDER_IDS}:{provider}:{provider_id}")
+        return entry.fields["key"] if entry is not None else None
 
     async def close(self) -> None:
         """Nothing to release."""
