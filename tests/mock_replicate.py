@@ -62,6 +62,7 @@ class MockReplicate:
     calls: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every call
     refused: int = 0  # calls answered 401
     deliveries: list[tuple[str, int]] = field(default_factory=list)  # (event status, the gateway's answer)
+    deliver_to: str = ""  # an origin the webhooks go to instead of the URL's (a load balancer picking a replica)
     url: str = ""
     _runner: web.AppRunner | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -165,7 +166,10 @@ class MockReplicate:
         headers = {"Content-Type": "application/json", "webhook-id": message_id,
                    "webhook-timestamp": str(timestamp), "webhook-signature": sign(self.secret, message_id,
                                                                                  timestamp, body)}
-        async with http.post(p.webhook, data=body, headers=headers) as response:
+        url = p.webhook
+        if self.deliver_to:
+            url = self.deliver_to + "/" + url.split("/", 3)[3]
+        async with http.post(url, data=body, headers=headers) as response:
             self.deliveries.append((json.loads(body)["status"], response.status))
 
 

@@ -42,8 +42,8 @@ JOB_TIMEOUTS = {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 30}
 
 
 class Setup:
-    def __init__(self, gateway: str, replicate: MockReplicate) -> None:
-        self.gateway, self.replicate = gateway, replicate
+    def __init__(self, gateway: str, other: str, replicate: MockReplicate) -> None:
+        self.gateway, self.other, self.replicate = gateway, other, replicate  # two replicas on one Redis
 
 
 def replicate_config(replicate: MockReplicate, redis_url: str, policies: Any) -> dict[str, Any]:
@@ -79,10 +79,12 @@ async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup
     with RedisServer() as redis:
         replicate = await MockReplicate(PROVIDER_KEY).start()
         gateway = await start_gateway(replicate_config(replicate, redis.url, policies))
+        other = await start_gateway(replicate_config(replicate, redis.url, policies))
         try:
-            yield Setup(gateway.url, replicate)
+            yield Setup(gateway.url, other.url, replicate)
         finally:
             await gateway.stop()
+            await other.stop()
             await replicate.stop()
 
 
@@ -139,14 +141,14 @@ async def test_a_refused_token_rests_and_the_job_completes_with_the_other(setup:
 
 
 async def test_a_webhook_completes_the_job_long_before_the_next_poll(setup: Setup) -> None:
-    before, started = await balance(setup.gateway), time.monotonic()
+    before, started, since = await balance(setup.gateway), time.monotonic(), len(setup.replicate.deliveries)
     _, _, events = await submit(setup.gateway, {"model": "mock/r-hooked", "prompt": "hooked"})
     assert isinstance(events, list) and events[-1][0] == "generation.completed", events
     assert time.monotonic() - started < HOOKED_POLL_S - 1  # the runner polled once, then slept 5 s
     [prediction] = setup.replicate.created("hooked")
     assert setup.replicate.calls.count(("GET", f"/v1/predictions/{prediction.id}")) <= 1
     assert prediction.webhook == f"{setup.gateway}/v1/webhooks/replicate/replicate-hooks"
-    await delivered(setup, ("succeeded", 200))
+    await delivered(setup, ("succeeded", 200), since)
     assert events[-1][1]["output"]["url"] == f"https://replicate.delivery/xezq/{prediction.id}/out-0.webp"
     spent = (await balance(setup.gateway))["spent"]
     assert spent - before["spent"] == PER_IMAGE
@@ -156,12 +158,25 @@ async def test_a_webhook_completes_the_job_long_before_the_next_poll(setup: Setu
     assert (after["spent"], after["held"]) == (spent, 0)
 
 
+async def test_a_webhook_taken_by_another_replica_finishes_the_job(setup: Setup) -> None:
+    before, started, since = await balance(setup.gateway), time.monotonic(), len(setup.replicate.deliveries)
+    setup.replicate.deliver_to = setup.other  # the public URL's load balancer picks the replica not polling
+    try:
+        _, _, events = await submit(setup.gateway, {"model": "mock/r-hooked", "prompt": "elsewhere"})
+    finally:
+        setup.replicate.deliver_to = ""
+    assert isinstance(events, list) and events[-1][0] == "generation.completed", events
+    assert time.monotonic() - started < HOOKED_POLL_S - 1
+    await delivered(setup, ("succeeded", 200), since)
+    assert (await balance(setup.gateway))["spent"] - before["spent"] == PER_IMAGE
+
+
 async def test_a_failed_prediction_by_webhook_fails_the_job_and_releases_its_hold(setup: Setup) -> None:
-    before = await balance(setup.gateway)
+    before, since = await balance(setup.gateway), len(setup.replicate.deliveries)
     _, _, events = await submit(setup.gateway, {"model": "mock/r-hooked", "prompt": "fail"})
     assert isinstance(events, list) and events[-1][0] == "generation.failed"
     assert "CUDA out of memory" in events[-1][1]["error"]["message"]
-    await delivered(setup, ("failed", 200))
+    await delivered(setup, ("failed", 200), since)
     after = await balance(setup.gateway)
     assert (after["spent"], after["held"]) == (before["spent"], 0)
 
@@ -200,13 +215,14 @@ async def test_forged_tampered_stale_or_unknown_webhooks_are_refused_and_change_
     assert (await balance(setup.gateway))["spent"] - before["spent"] == PER_IMAGE
 
 
-async def delivered(setup: Setup, delivery: tuple[str, int]) -> None:
-    """Wait for the mock to note the gateway's answer to a webhook (it notes it after the job may have ended)."""
+async def delivered(setup: Setup, delivery: tuple[str, int], since: int) -> None:
+    """Wait for the mock to note the gateway's answer to a webhook sent after the `since`th (it notes it after
+    the job may have ended)."""
     for _ in range(50):
-        if delivery in setup.replicate.deliveries:
+        if delivery in setup.replicate.deliveries[since:]:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"no {delivery} among {setup.replicate.deliveries}")
+    raise AssertionError(f"no {delivery} among {setup.replicate.deliveries[since:]}")
 
 
 def prediction_body(prediction_id: str, status: str, output: Any = None) -> bytes:

@@ -176,7 +176,7 @@ class JobService:
             await asyncio.shield(self._give_up(key))
             raise
         except _LeaseLost:
-            log.info("job %s: another replica drives it now", key)
+            log.info("job %s: no longer driven here (another replica holds it, or a webhook ended it)", key)
         except StoreError as exc:
             log.warning("job %s: the job store failed (%s); another replica resumes it", key, exc)
         finally:
