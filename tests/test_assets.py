@@ -22,6 +22,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 
 from proxy.assets import AssetExists, MemoryAssets, RehostError, build_assets
+from proxy.assets.base import new_asset_id
 from proxy.assets.rehost import Rehoster
 from proxy.assets.redis import RedisAssets
 from proxy.assets.s3 import S3Assets
@@ -289,7 +290,7 @@ def test_a_short_or_missing_url_key_stops_start_up(monkeypatch: pytest.MonkeyPat
 async def test_s3_backend_refuses_expired_and_foreign_objects(s3_bucket: dict[str, Any]) -> None:
     now = [1000.0]
     settings = AssetSettings(backend="s3", s3=s3_bucket, ttl_s=60, url_signing_keys=[{"env": "ASSET_URL_KEY"}])
-    store = S3Assets(settings, S3Settings(**s3_bucket), where="test", clock=lambda: now[0])
+    store = S3Assets(settings, S3Settings(**s3_bucket), clock=lambda: now[0])
     try:
         asset = await store.put(PNG, "image/png", "acme")
         got = await store.get(asset.id)
@@ -399,3 +400,46 @@ async def test_a_browser_may_put_a_presigned_upload_cross_origin(gateway: str) -
             assert r.status == 204 and "PUT" in r.headers["Access-Control-Allow-Methods"].split(", ")
         async with http.put(offer["upload_url"], data=PNG, headers={**origin, "Content-Type": "image/png"}) as r:
             assert (r.status, r.headers["Access-Control-Allow-Origin"]) == (200, "https://app.example.com")
+
+
+@pytest.fixture
+async def breaking_s3() -> AsyncIterator[str]:
+    """An S3 endpoint whose GetObject sends the headers of a 100 000-byte object, 1000 bytes, then hangs up."""
+    async def get_object(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={
+            "Content-Type": "image/png", "Content-Length": "100000", "ETag": '"x"',
+            "x-amz-meta-account": "acme", "x-amz-meta-expires": f"{time.time() + 60:.3f}"})
+        await response.prepare(request)
+        await response.write(b"x" * 1000)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{bucket}/{key:.*}", get_object)
+    runner, url = await serve_on_loopback(app)
+    yield url
+    await runner.cleanup()
+
+
+async def test_an_object_cut_mid_read_is_an_incomplete_answer_not_a_complete_one(
+    provider: MockProvider, gateway_env: None, policies_dir: Path, breaking_s3: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bytes are streamed from S3 as they come: a backend that breaks mid-object cuts the client's connection
+    short of its Content-Length (never a truncated file that looks whole, never a second answer)."""
+    monkeypatch.setenv("ASSET_URL_KEY", URL_KEY)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    s3 = {"bucket": "bucket", "prefix": "gw/", "endpoint_url": breaking_s3, "region": "us-east-1", "addressing_style": "path"}
+    server = await start_gateway(shared_config(provider, policies_dir, {"assets": {"backend": "s3", "s3": s3}}))
+    try:
+        asset_id = new_asset_id("acme")
+        expires = int(time.time()) + 60
+        signature = UrlSigner((URL_KEY.encode(),)).sign(("get", asset_id, expires))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/v1/assets/{asset_id}?exp={expires}&sig={signature}") as r:
+                assert (r.status, r.content_length) == (200, 100000)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+    finally:
+        await server.stop()

@@ -181,29 +181,40 @@ def overloaded(full: AssetStoreFull) -> ApiError:
     )
 
 
-async def serve_asset(request: web.Request) -> web.Response:
-    """No credential needed: the signed URL is the capability, and it expires."""
+async def serve_asset(request: web.Request) -> web.StreamResponse:
+    """No credential needed: the signed URL is the capability, and it expires. The bytes are sent as the backend
+    reads them (an S3 object is never held whole), behind a Content-Length, so a cut reads as incomplete."""
     gateway, query = request.app[GATEWAY], request.query
     asset_id = request.match_info["asset_id"]
     expires = expiry_param(query.get("exp"))
     gateway.assets.check_get(asset_id, expires, query.get("sig", ""))
     try:
-        asset = await gateway.assets.store.get(asset_id) if valid_asset_id(asset_id) else None
+        body = await gateway.assets.store.open(asset_id) if valid_asset_id(asset_id) else None
     except AssetStoreError:
         raise unreachable() from None
-    if asset is None:
+    if body is None:
         raise ApiError("not_found", "no such asset; assets expire, upload the file again")
-    max_age = max(0, int(min(expires, asset.expires_at) - time.time()))
-    return web.Response(
-        body=asset.data,
-        content_type=asset.content_type,
-        headers={
-            "Cache-Control": f"private, max-age={max_age}",
+    try:
+        response = web.StreamResponse(headers={
+            "Cache-Control": f"private, max-age={max(0, int(min(expires, body.asset.expires_at) - time.time()))}",
             # Uploaded bytes are served from the gateway's origin: never let them run as a page (e.g. SVG script).
             "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "default-src 'none'; sandbox",
-        },
-    )
+        })
+        response.content_type, response.content_length = body.asset.content_type, body.size
+        await response.prepare(request)
+        if request.method != "HEAD":
+            try:
+                async for chunk in body.chunks:
+                    await response.write(chunk)
+            except AssetStoreError as exc:  # the headers are sent: cut the connection, short of Content-Length
+                log.warning("asset %s cut mid-answer: %s", asset_id, exc)
+                response.force_close()
+                return response
+        await response.write_eof()
+        return response
+    finally:
+        await body.chunks.aclose()
 
 
 async def delete_asset(request: web.Request) -> web.Response:

@@ -111,10 +111,13 @@ def _build_store(config: Config) -> AssetStore:
         assert store.redis_url is not None  # checked with the config: assets in Redis need a Redis store
         return RedisAssets(settings, store.redis_url, mode=store.redis_mode, credentials=store.credentials())
     if settings.backend == "s3":
-        from .s3 import S3Assets
-
+        try:
+            from .s3 import S3Assets
+        except ImportError:
+            raise ConfigError(f"{config.source}: assets.backend: s3 needs aiobotocore, which is not installed. "
+                              "Fix: pip install 'edge-proxy[s3]'") from None
         assert settings.s3 is not None  # checked with the config
-        return S3Assets(settings, settings.s3, where=f"{config.source}: assets.s3")
+        return S3Assets(settings, settings.s3)
     return MemoryAssets(settings)
 
 

@@ -11,8 +11,8 @@ import hashlib
 import re
 import secrets
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from dataclasses import dataclass, replace
+from typing import AsyncGenerator, Iterator, Protocol
 
 from ..store.base import StoreError
 
@@ -28,6 +28,33 @@ class Asset:
     content_type: str
     data: bytes
     expires_at: float  # unix seconds
+
+
+@dataclass(frozen=True)
+class AssetBody:
+    """An asset to send: its description (`asset.data` empty) and its bytes as they are read, so serving a
+    large object never holds it whole. Iterate `chunks` to the end or `aclose()` it."""
+
+    asset: Asset
+    size: int
+    chunks: AsyncGenerator[bytes, None]
+
+
+class ReadsWhole:
+    """`open` for backends that read an asset whole anyway (memory, redis): `get`, as a body of one chunk."""
+
+    async def get(self, asset_id: str) -> Asset | None:
+        raise NotImplementedError
+
+    async def open(self, asset_id: str) -> AssetBody | None:
+        asset = await self.get(asset_id)
+        if asset is None:
+            return None
+
+        async def one() -> AsyncGenerator[bytes, None]:
+            yield asset.data
+
+        return AssetBody(replace(asset, data=b""), len(asset.data), one())
 
 
 class AssetStoreFull(Exception):
@@ -53,6 +80,9 @@ class AssetStore(Protocol):
 
     async def get(self, asset_id: str) -> Asset | None:
         """The asset, or None if unknown or expired."""
+
+    async def open(self, asset_id: str) -> AssetBody | None:
+        """The asset to send, its bytes streamed where the backend can (s3), or None if unknown or expired."""
 
     async def delete(self, asset_id: str) -> None:
         """Forget the asset (no error if it is gone)."""

@@ -16,10 +16,10 @@ from collections import OrderedDict
 from typing import Callable
 
 from ..config import AssetSettings
-from .base import Asset, AssetExists, AssetStoreFull, new_asset_id
+from .base import Asset, AssetExists, ReadsWhole, AssetStoreFull, new_asset_id
 
 
-class MemoryAssets:
+class MemoryAssets(ReadsWhole):
     """A TTL'd map of unguessable ids (128 random bits) to bytes, with per-account quotas (LRU within an account)."""
 
     def __init__(self, settings: AssetSettings, clock: Callable[[], float] = time.time) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..config import AssetSettings
 from ..store.redis_client import Credentials, RedisMode, connect, guarded
-from .base import Asset, AssetExists, account_tag, new_asset_id
+from .base import Asset, AssetExists, ReadsWhole, account_tag, new_asset_id
 
 _PREFIX = "edge_proxy:asset:"
 
@@ -78,7 +78,7 @@ def _asset_key(asset_id: str) -> str:
     return _asset_prefix(asset_id[:8]) + asset_id  # an id starts with its account's tag
 
 
-class RedisAssets:
+class RedisAssets(ReadsWhole):
     """Assets in Redis on a small pool of their own (big values never queue behind metering calls)."""
 
     def __init__(

@@ -11,29 +11,29 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, AsyncGenerator, Callable
 
-from ..config import AssetSettings, ConfigError, S3Settings
-from .base import Asset, AssetExists, AssetStoreError, new_asset_id
+import aiohttp
 
-try:
-    from aiobotocore.session import get_session
-    from botocore.config import Config as BotoConfig
-    from botocore.exceptions import BotoCoreError, ClientError
-except ImportError:  # the s3 extra is not installed
-    get_session = None  # type: ignore[assignment]
+from ..config import AssetSettings, S3Settings
+from .base import Asset, AssetBody, AssetExists, AssetStoreError, new_asset_id
+
+from aiobotocore.session import get_session
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
 
 _MISSING = ("NoSuchKey", "404", "NotFound")
 _TAKEN = ("PreconditionFailed", "412", "ConditionalRequestConflict")
+_CHUNK = 64 * 1024
+# A connection that fails, a timeout, or a body cut short (aiohttp's payload error, as aiobotocore reads it).
+_FAILURES = (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 
 class S3Assets:
     """One aiobotocore client, opened on first use and closed with the gateway."""
 
-    def __init__(self, settings: AssetSettings, s3: S3Settings, *, where: str,
-                 clock: Callable[[], float] = time.time) -> None:
-        if get_session is None:
-            raise ConfigError(f"{where}: the s3 backend needs aiobotocore. Fix: pip install 'edge-proxy[s3]'")
+    def __init__(self, settings: AssetSettings, s3: S3Settings, clock: Callable[[], float] = time.time) -> None:
         self._settings, self._s3, self._clock = settings, s3, clock
         self._stack = AsyncExitStack()
         self._client: Any = None
@@ -56,37 +56,44 @@ class S3Assets:
             if _code(exc) in _TAKEN:
                 raise AssetExists(asset_id) from None
             raise AssetStoreError(f"s3 (assets): {_code(exc)}") from exc
-        except (BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+        except _FAILURES as exc:
             raise AssetStoreError(f"s3 (assets): {type(exc).__name__}") from exc
         return Asset(asset_id, account, content_type, data, expires)
 
     async def get(self, asset_id: str) -> Asset | None:
+        body = await self.open(asset_id)
+        if body is None:
+            return None
+        data = b"".join([chunk async for chunk in body.chunks])
+        return replace(body.asset, data=data)
+
+    async def open(self, asset_id: str) -> AssetBody | None:
         client = await self._opened()
         try:
             answer = await client.get_object(Bucket=self._s3.bucket, Key=self._key(asset_id))
-            async with answer["Body"] as body:
-                data = await body.read()
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 return None
             raise AssetStoreError(f"s3 (assets): {_code(exc)}") from exc
-        except (BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+        except _FAILURES as exc:
             raise AssetStoreError(f"s3 (assets): {type(exc).__name__}") from exc
-        metadata = answer.get("Metadata") or {}
+        metadata, stream = answer.get("Metadata") or {}, answer["Body"]
         try:
             expires = float(metadata.get("expires", ""))
         except ValueError:
-            return None  # not one of ours: never serve what the gateway did not store
+            expires = 0.0  # not one of ours: never serve what the gateway did not store
         if expires <= self._clock():
+            stream.close()
             return None
-        return Asset(asset_id, metadata.get("account", ""), answer.get("ContentType") or "application/octet-stream",
-                     data, expires)
+        asset = Asset(asset_id, metadata.get("account", ""),
+                      answer.get("ContentType") or "application/octet-stream", b"", expires)
+        return AssetBody(asset, int(answer.get("ContentLength") or 0), _chunks(stream))
 
     async def delete(self, asset_id: str) -> None:
         client = await self._opened()
         try:
             await client.delete_object(Bucket=self._s3.bucket, Key=self._key(asset_id))
-        except (ClientError, BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+        except (ClientError, *_FAILURES) as exc:
             raise AssetStoreError(f"s3 (assets): {type(exc).__name__}") from exc
 
     async def close(self) -> None:
@@ -107,6 +114,17 @@ class S3Assets:
                     "s3", region_name=self._s3.region, endpoint_url=self._s3.endpoint_url, config=config,
                 ))
             return self._client
+
+
+async def _chunks(stream: Any) -> AsyncGenerator[bytes, None]:
+    """The object's bytes as they arrive; the S3 connection is released when they end or the reader stops."""
+    try:
+        async for chunk in stream.iter_chunks(_CHUNK):
+            yield chunk
+    except _FAILURES as exc:
+        raise AssetStoreError(f"s3 (assets): {type(exc).__name__}") from exc
+    finally:
+        stream.close()
 
 
 def _code(error: ClientError) -> str:
