@@ -176,6 +176,23 @@ async def test_openai_format_transcription_and_image_edit_from_uploads(gateway: 
                                                      UploadedFile("image.jpg", "image/jpeg", jpeg)]
 
 
+async def test_a_presigned_upload_is_an_image_url_for_image2image(gateway: str, provider: MockProvider) -> None:
+    """The seeds' flow: POST /v1/uploads for a presigned PUT, PUT the file, then its asset_url as `image_url`."""
+    png = b"\x89PNG\r\n\x1a\n" + b"\x01" * 48
+    async with aiohttp.ClientSession() as http:
+        offer_body = {"filename": "cat.png", "content_type": "image/png", "size": len(png)}
+        async with http.post(f"{gateway}/v1/uploads", json=offer_body, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+            offer = await r.json()
+        async with http.put(offer["upload_url"], data=png, headers=offer["headers"]) as r:
+            assert r.status == 200, await r.text()
+    _, events = await generate(gateway, {"model": "mock/edit", "prompt": "add a hat", "image_url": offer["asset_url"]})
+    assert events[-1][0] == "generation.completed", events
+    sent = provider.received[-1]
+    assert sent.path == "/v1/images/edits" and sent.body["image"] == UploadedFile("image.png", "image/png", png)
+    assert (await balance(gateway))["held"] == 0
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
