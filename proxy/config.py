@@ -175,6 +175,15 @@ class JobsSettings(_Strict):
     record_ttl_s: float = Field(86_400.0, ge=60, le=30 * 86_400)  # GET /v1/responses/{id} answers this long
     idempotency_ttl_s: float = Field(86_400.0, ge=60, le=30 * 86_400)
 
+    @model_validator(mode="after")
+    def _keys_name_kept_jobs(self) -> "JobsSettings":
+        # Both expire counted from the submit: a key outliving its job answers a retry with a job that is gone.
+        if self.idempotency_ttl_s > self.record_ttl_s:
+            raise ValueError(f"idempotency_ttl_s ({self.idempotency_ttl_s:g}) exceeds record_ttl_s "
+                             f"({self.record_ttl_s:g}); a retried submit would name a job no longer kept: lower "
+                             "idempotency_ttl_s or raise record_ttl_s")
+        return self
+
 
 class SigningKeyConfig(SecretSource):
     """A PEM private key for gateway tokens, read from a file or an environment variable."""

@@ -57,6 +57,8 @@ def test_the_shipped_config_is_valid() -> None:
         ({"providers": {"fal": {"kind": "fal", "base_url": "https://queue.fal.run", "jobs": {"retries": 11}}}},
          "providers.fal.jobs.retries"),
         ({"jobs": {"lease_s": 0.5}}, "jobs.lease_s"),
+        ({"jobs": {"record_ttl_s": 3600, "idempotency_ttl_s": 7200}},
+         "idempotency_ttl_s (7200) exceeds record_ttl_s (3600)"),
         ({"providers": {"fal": {"kind": "fal", "base_url": "https://queue.fal.run",
                                 "jobs": {"webhook_secret": {"env": "FAL_HOOKS"}}}}},
          "jobs.webhook_secret applies to kind replicate only"),
