@@ -475,3 +475,50 @@ async def test_cli_answers_a_bad_url_or_a_non_json_answer_with_a_message_not_a_t
     async with TestServer(not_a_gateway, host="127.0.0.1") as server:
         status = await asyncio.to_thread(main, ["keys", "list", "--url", str(server.make_url(""))])
     assert status == 1 and "not JSON: is it the gateway?" in capsys.readouterr().err
+
+
+HOSTILE_BODIES: list[bytes] = [
+    b"[]", b"7", b"null", b'"x"', b"{}", b'{"plan": NaN}', b'{"credits": Infinity}', b'{"credits": 1e400}',
+    b'{"credits": -1e400}', b'{"credits": ' + b"9" * 5000 + b"}", b'{"credits": 1e-400, "reason": "r"}',
+    b'{"credits": "5", "reason": "r"}', b'{"credits": 1, "reason": "r", "period": []}',
+    b'{"credits": 1, "reason": "r", "period": {"a": 1}}', b'{"credits": true, "reason": "r"}',
+    b'{"plan": "pro", "plan": "nope"}', b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+    b'{"plan": "pro", "reason": "' + b"x" * 2_000_000 + b'"}', b'{"plan": "pro", "reason": "\\u0000"}',
+    b'{"plan": "pro", "reason": "\\ud800"}', b'{"plan": ["pro"]}', b'{"plan": {"pro": 1}}',
+    b'{"plan": "pro", "id": "\xc3\xa9t\xc3\xa9"}', b'{"plan": "pro", "id": ' + b"1" * 400 + b"}",
+    b'{"plan": "pro", "overrides": {"concurrency": 1e400}}', b'{"plan": "pro", "overrides": {"concurrency": -1}}',
+    b'{"plan": "pro", "overrides": {"budget": {"credits": 1e400, "period": "day"}}}',
+    b'{"plan": "pro", "overrides": {"budget": []}}', b'{"plan": "pro", "overrides": []}', b'{"plan": "pro", "allow_direct": 1}', b"\xff\xfe{",
+]
+HOSTILE_PATHS = ["/v1/admin/keys/%00", "/v1/admin/keys/" + "k" * 5000, "/v1/admin/keys/%C3%A9",
+                 "/v1/admin/keys/..%2Fetc", "/v1/admin/accounts/%00/credits", "/v1/admin/accounts/" + "a" * 5000 + "/credits"]
+
+
+async def test_hostile_bodies_paths_and_queries_are_json_errors_never_a_500(replicas: Replicas) -> None:
+    async def expect_4xx(method: str, path: str, data: bytes | None = None, credential: str = ADMIN_TOKEN) -> None:
+        async with replicas.http.request(method, replicas.a + path, data=data,
+                                         headers={"Authorization": f"Bearer {credential}"}) as r:
+            assert 400 <= r.status < 500, (method, path[:80], (data or b"")[:60], r.status, await r.text())
+            assert isinstance((await r.json())["error"]["code"], str)
+
+    body_routes = [("POST", "/v1/admin/keys"), ("PATCH", "/v1/admin/keys/backend"),
+                   ("POST", "/v1/admin/accounts/acme/credits"), ("PATCH", "/v1/admin/keys/missing")]
+    for method, path in body_routes:
+        for data in HOSTILE_BODIES:
+            if method == "PATCH" and data in (b"{}",):
+                continue
+            await expect_4xx(method, path, data)
+    for path in HOSTILE_PATHS:
+        for method in ("GET", "PATCH", "POST"):
+            await expect_4xx(method, path, b'{"credits": 1, "reason": "r", "plan": "pro"}')
+    for query in ["cursor=" + "9" * 5000, "cursor=-1", "cursor=store:%00", "cursor=store:" + "z" * 5000,
+                  "cursor=%FF", "limit=-1", "limit=1e3", "limit=" + "9" * 5000, "limit=", "cursor=", "limit=%00",
+                  "limit=NaN", "limit=Infinity", "limit=%EF%BC%91"]:
+        await expect_4xx("GET", "/v1/admin/keys?" + query)
+    for query in ["account=", "account=%00", "account=" + "a" * 5000, "account=acme&since=-1", "account=acme&since=NaN",
+                  "account=acme&since=9" + "9" * 400, "account=acme&until=2026-13-40", "account=acme&group_by=%00",
+                  "account=acme&account=b", "account=%F0%9F%98%80%0A"]:
+        await expect_4xx("GET", "/v1/admin/usage?" + query)
+    for query in ["from=-1", "from=" + "9" * 5000, "from=2026-02-30", "to=%00", "group_by=" + "x" * 5000,
+                  "group_by=day&group_by=model", "from=2026-01-01&to=2025-01-01", "from=NaN", "user=x"]:
+        await expect_4xx("GET", "/v1/usage?" + query, credential=TEST_KEY)

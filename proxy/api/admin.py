@@ -114,7 +114,8 @@ def _rank(place: tuple[str, str]) -> tuple[int, str]:
 def _page_limit(given: str | None) -> int:
     if given is None:
         return DEFAULT_PAGE
-    if not given.isascii() or not given.isdigit() or not 1 <= int(given) <= MAX_PAGE:
+    # The length first: int() refuses a string of more than 4,300 digits with a ValueError (a 500 here).
+    if len(given) > len(str(MAX_PAGE)) or not given.isascii() or not given.isdigit() or not 1 <= int(given) <= MAX_PAGE:
         raise ApiError("invalid_request", f"limit must be a whole number from 1 to {MAX_PAGE}", param="limit")
     return int(given)
 
