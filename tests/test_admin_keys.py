@@ -515,8 +515,8 @@ async def test_hostile_bodies_paths_and_queries_are_json_errors_never_a_500(repl
                   "cursor=%FF", "limit=-1", "limit=1e3", "limit=" + "9" * 5000, "limit=", "cursor=", "limit=%00",
                   "limit=NaN", "limit=Infinity", "limit=%EF%BC%91"]:
         await expect_4xx("GET", "/v1/admin/keys?" + query)
-    for query in ["account=", "account=%00", "account=" + "a" * 5000, "account=acme&since=-1", "account=acme&since=NaN",
-                  "account=acme&since=9" + "9" * 400, "account=acme&until=2026-13-40", "account=acme&group_by=%00",
+    for query in ["account=", "account=%00", "account=" + "a" * 5000, "account=acme&from=-1", "account=acme&from=NaN",
+                  "account=acme&from=9" + "9" * 400, "account=acme&to=2026-13-40", "account=acme&group_by=%00",
                   "account=acme&account=b", "account=%F0%9F%98%80%0A"]:
         await expect_4xx("GET", "/v1/admin/usage?" + query)
     for query in ["from=-1", "from=" + "9" * 5000, "from=2026-02-30", "to=%00", "group_by=" + "x" * 5000,
