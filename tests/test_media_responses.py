@@ -233,6 +233,13 @@ async def test_hostile_media_inputs_are_json_errors_before_anything_is_reserved(
     assert (after["spent"], after["held"]) == (0, 0)
 
 
+async def test_a_non_canonical_ip_host_is_refused_as_a_bad_url_not_a_timeout(gateway: str) -> None:
+    for host in ("2130706433", "127.1", "0177.0.0.1"):  # 127.0.0.1 spelled as aiohttp will not dial it
+        got, error = await error_of(gateway, {"model": "mock/edit", "prompt": "x", "image_url": f"https://{host}/a.png"})
+        assert (got, error["code"], error["param"]) == (400, "invalid_request", "image_url"), error
+        assert "not a URL that can be fetched" in error["message"], error
+
+
 async def test_only_public_addresses_are_fetched_from() -> None:
     assert is_public("93.184.216.34") and is_public("2606:4700::1111")
     for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",

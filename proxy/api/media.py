@@ -58,6 +58,9 @@ class MediaFetcher:
             if exc.os_error.errno == errno.EACCES:  # PublicResolver's refusal
                 raise _invalid(param, f"`{param}` points at a private address; give a public https URL") from None
             raise _invalid(param, f"`{param}` could not be reached") from None
+        except aiohttp.InvalidURL:  # e.g. a host such as 2130706433 or 127.1, which aiohttp will not dial
+            raise _invalid(param, f"`{param}` is not a URL that can be fetched: give its host as a name or a "
+                           "canonical IP address") from None
         except (aiohttp.ClientError, TimeoutError):
             raise _invalid(param, f"`{param}` could not be fetched within {FETCH_TIMEOUT_S:g}s") from None
         return FilePart(bytes(data), content_type, _filename(param, content_type))
