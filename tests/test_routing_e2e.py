@@ -320,6 +320,24 @@ async def test_an_answer_that_spends_the_quota_rests_its_deployment_until_the_re
     assert 'edge_proxy_deployment_quota_remaining{deployment="a",model="mock/routed"} 0.0' in scrape
 
 
+@pytest.mark.parametrize("remaining", ["\u00b2", "9" * 5000, "-1", "1.5", "\u0661"])
+async def test_an_unreadable_quota_header_is_ignored_not_a_500(
+    start: Start, upstreams: Upstreams, remaining: str
+) -> None:
+    """A provider's remaining quota that int() cannot take (a superscript digit, past Python's 4,300-digit limit)
+    or that is no plain count is not a quota: the answer is relayed and the deployment keeps serving."""
+
+    async def odd_quota(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await upstreams["a"].default(request, body)
+        response.headers["x-ratelimit-remaining-requests"] = remaining
+        return response
+
+    upstreams["a"].handler = odd_quota
+    gateway = await start()
+    assert [(await post(gateway, chat("mock/routed")))[0] for _ in range(2)] == [200, 200]
+    assert answered_by(upstreams) == {"a": 2, "b": 0, "c": 0}
+
+
 async def test_a_client_leaving_while_a_fallback_works_pays_the_fallbacks_price(
     start: Start, upstreams: Upstreams
 ) -> None:

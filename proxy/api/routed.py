@@ -119,14 +119,22 @@ async def open_routed(
 def _respect_quota(gateway: Gateway, target: Target, headers: Mapping[str, str]) -> None:
     """The provider's request quota as its answer states it (`x-ratelimit-remaining-requests`): exported, and
     when it is used up the deployment rests until its reset instead of collecting a sure 429."""
-    remaining = headers.get("x-ratelimit-remaining-requests")
-    if remaining is None or not remaining.isdigit():
+    remaining = _quota_count(headers.get("x-ratelimit-remaining-requests"))
+    if remaining is None:
         return
-    gateway.metrics.deployment_quota(target.model.id, target.label, int(remaining))
-    if int(remaining) == 0:
+    gateway.metrics.deployment_quota(target.model.id, target.label, remaining)
+    if remaining == 0:
         settings = gateway.router.settings
         reset = reset_after_s(headers.get("x-ratelimit-reset-requests"))
         target.health.rest(min(settings.max_cooldown_s, settings.throttle_cooldown_s if reset is None else reset))
+
+
+def _quota_count(value: str | None) -> int | None:
+    """A plain count of ASCII digits, else None: `str.isdigit` also takes digits `int` refuses (`²`), and `int`
+    refuses more than 4,300 digits, either of which made a provider's odd header a 500."""
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 18:
+        return None
+    return int(value)
 
 
 def _span_ender(span: UpstreamSpan, outcome: RelayOutcome) -> Callable[..., bool]:
