@@ -28,7 +28,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 API_KEY = {"Authorization": f"Bearer {TEST_KEY}"}
 CANCELLER_KEY = "sk_test_" + "c" * 40
 CANCELLER = {"Authorization": f"Bearer {CANCELLER_KEY}"}
-VIDEO_PRICE, PER_SECOND, PER_IMAGE = 1, 10, 3
+VIDEO_PRICE, PER_SECOND, PER_IMAGE, PER_MEGAPIXEL = 1, 10, 3, 100
 POLICY = f"""
 plans:
   demo:
@@ -44,6 +44,7 @@ prices:
   "mock/*": {{per_request: 1}}
   mock/video: {{per_request: {VIDEO_PRICE}, per_second: {PER_SECOND}}}
   mock/flux: {{per_image: {PER_IMAGE}}}
+  mock/flux-mp: {{per_megapixel: {PER_MEGAPIXEL}}}
 """
 
 
@@ -75,6 +76,8 @@ def jobs_config(
         {"id": "mock/unreachable", "name": "Mock Unreachable", "creator": "Tests", "capability": "text2video",
          "provider": "fal-down", "upstream_model": "fal-ai/kling-video/v2/standard/text-to-video"},
         {"id": "mock/flux", "name": "Mock Flux", "creator": "Tests", "capability": "text2image",
+         "provider": "fal", "upstream_model": "fal-ai/flux/dev"},
+        {"id": "mock/flux-mp", "name": "Mock Flux by megapixel", "creator": "Tests", "capability": "text2image",
          "provider": "fal", "upstream_model": "fal-ai/flux/dev"},
     ]
     return config
@@ -142,6 +145,13 @@ async def balance(gateway: str, headers: dict[str, str] = API_KEY) -> dict[str, 
     raise AssertionError(f"a hold was never settled: {current}")
 
 
+async def held(gateway: str) -> float:
+    """The credits the account holds now (a job submitted with respond-async holds until it settles)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gateway}/v1/me", headers=API_KEY) as r:
+            return (await r.json())["balance"]["held"]
+
+
 async def token_for(gateway: str, sub: str) -> dict[str, str]:
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{gateway}/v1/tokens", json={"sub": sub}, headers=API_KEY) as r:
@@ -189,6 +199,34 @@ async def test_respond_async_answers_202_at_once_and_the_poll_completes(replicas
     assert job["status"] == "completed" and len(job["output"]["urls"]) == 2
     assert (await balance(replicas.a))["spent"] - before["spent"] == 2 * PER_IMAGE
     assert replicas.fal.jobs[next(reversed(replicas.fal.jobs))].inputs["num_images"] == 2
+
+
+async def test_a_per_megapixel_image_job_is_charged_the_megapixels_the_provider_reports(replicas: Replicas) -> None:
+    """Asked for 1:1 (fal's square_hd, 1024x1024): held for that, charged the mock's 1024x768."""
+    before = await balance(replicas.a)
+    _, _, body = await submit(replicas.a, {"model": "mock/flux-mp", "prompt": "a hen"}, {"Prefer": "respond-async"})
+    assert isinstance(body, dict) and (await held(replicas.a)) == pytest.approx(PER_MEGAPIXEL * 1024 * 1024 / 1e6)
+    job = await finished(replicas.a, body["request_id"])
+    assert job["status"] == "completed"
+    assert replicas.fal.jobs[next(reversed(replicas.fal.jobs))].inputs["image_size"] == "square_hd"
+    spent = (await balance(replicas.a))["spent"] - before["spent"]
+    assert spent == pytest.approx(PER_MEGAPIXEL * 1024 * 768 / 1e6)
+
+
+async def test_a_provider_reporting_bigger_images_than_asked_is_charged_no_more_than_the_hold(
+    replicas: Replicas,
+) -> None:
+    """Asked for two 16:9 images (1024x576 each); the mock reports 1024x768: the charge stops at the hold."""
+    before = await balance(replicas.a)
+    _, _, body = await submit(replicas.a, {"model": "mock/flux-mp", "prompt": "two owls", "n": 2,
+                                           "aspect_ratio": "16:9"}, {"Prefer": "respond-async"})
+    assert isinstance(body, dict)
+    hold = await held(replicas.a)
+    assert hold == pytest.approx(PER_MEGAPIXEL * 2 * 1024 * 576 / 1e6)
+    job = await finished(replicas.a, body["request_id"])
+    assert job["status"] == "completed" and len(job["output"]["urls"]) == 2
+    assert replicas.fal.jobs[next(reversed(replicas.fal.jobs))].inputs["image_size"] == "landscape_16_9"
+    assert (await balance(replicas.a))["spent"] - before["spent"] == pytest.approx(hold)
 
 
 async def test_an_idempotent_retry_returns_the_same_job_and_is_charged_once(replicas: Replicas) -> None:

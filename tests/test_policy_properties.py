@@ -48,7 +48,7 @@ def test_narrowing_never_grants_more(plan_patterns, plan_caps, scopes, catalog) 
 
 
 money = st.floats(min_value=0, max_value=1000, allow_nan=False, allow_infinity=False)
-prices = st.builds(Price, money, money, money, money, money, money)
+prices = st.builds(Price, money, money, money, money, money, money, money)
 optional_cap = st.one_of(st.none(), st.integers(0, 200_000))
 
 
@@ -61,6 +61,7 @@ def call_within_bounds(draw):
         images=draw(st.integers(0, 10)),
         seconds=draw(st.one_of(st.none(), st.floats(0, 3600))),
         characters=draw(st.integers(0, 100_000)),
+        megapixels=draw(st.floats(0, 64)),
     )
     model = Model("m/x", "x", "t", draw(st.sampled_from(("text2text", "speech2text"))), "p", "x", draw(optional_cap))
     caps = [c for c in (facts.max_output_tokens, model.max_output_tokens) if c is not None]
@@ -72,6 +73,7 @@ def call_within_bounds(draw):
         images=draw(st.integers(0, facts.images)),
         seconds=draw(st.floats(0, facts.seconds if facts.seconds is not None else Defaults().max_seconds)),
         characters=draw(st.integers(0, facts.characters)),  # speech bills at most the text it was given
+        megapixels=draw(st.floats(0, facts.megapixels)),  # settle caps a job's megapixels at the size asked for
     )
     return facts, model, usage
 

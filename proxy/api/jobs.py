@@ -29,6 +29,7 @@ from ..context import CONTEXT
 from ..errors import ApiError
 from ..jobs.billing import encode_price, encode_reservation
 from ..jobs.demo import DEMO_FILES_ROUTE
+from ..jobs.image_sizes import requested_megapixels
 from ..jobs.store import JobRecord
 from ..meter import user_id
 from ..policy.types import RequestFacts
@@ -87,11 +88,13 @@ def _public_url(request: web.Request) -> str:
     return (configured or f"{request.scheme}://{request.host}").rstrip("/")
 
 
-def _job_facts(inputs: dict[str, Any], input_bytes: int) -> RequestFacts:
-    """A job's bounds: its images (`n`) and, for a video, its `duration` (else the plan's max_seconds)."""
+def _job_facts(capability: str, inputs: dict[str, Any], input_bytes: int) -> RequestFacts:
+    """A job's bounds: its images (`n`) and their megapixels at the requested size, and, for a video, its
+    `duration` (else the plan's max_seconds)."""
     duration = inputs.get("duration")
     return RequestFacts(input_bytes=input_bytes, images=inputs.get("n", 1),
-                        seconds=float(duration) if isinstance(duration, int) else None)
+                        seconds=float(duration) if isinstance(duration, int) else None,
+                        megapixels=requested_megapixels(capability, inputs))
 
 
 async def generate_job(request: web.Request, principal: Principal, model: Model, body: dict[str, Any]) -> web.StreamResponse:
@@ -106,7 +109,7 @@ async def generate_job(request: web.Request, principal: Principal, model: Model,
         if found is not None:
             return await _answer_existing(request, principal, found, body_hash, respond_async)
     ctx.request_id = new_request_id()
-    facts = _job_facts(inputs, len(await request.read()))
+    facts = _job_facts(model.capability, inputs, len(await request.read()))
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     deployment = model.served_by()[0]
     record = JobRecord(
@@ -115,6 +118,7 @@ async def generate_job(request: web.Request, principal: Principal, model: Model,
         deployment=deployment.name, upstream_model=deployment.upstream_model, inputs=json.dumps(inputs),
         public_url=_public_url(request), reservation=encode_reservation(admission.reservation),
         price=encode_price(decision.price), reserve=decision.reserve_credits, bound_seconds=decision.bound.seconds,
+        bound_megapixels=decision.bound.megapixels,
         body_hash=body_hash, cancel_on_disconnect=decision.cancel_jobs_on_disconnect,
     )
     try:

@@ -21,12 +21,10 @@ from urllib.parse import quote
 
 from .adapter import Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
 from .http import ProviderCalls, message
+from .image_sizes import SIZED_CAPABILITIES, image_size
 
 _PHASES = {"IN_QUEUE": "queued", "IN_PROGRESS": "running", "COMPLETED": "completed"}
 _FAILED = frozenset({"FAILED", "CANCELED", "CANCELLED"})
-# fal's image models take a named size; the gateway's schema an aspect ratio.
-_IMAGE_SIZES = {"1:1": "square_hd", "16:9": "landscape_16_9", "9:16": "portrait_16_9", "4:3": "landscape_4_3",
-                "3:4": "portrait_4_3"}
 
 
 def credential_headers(key: str) -> dict[str, str]:
@@ -38,8 +36,8 @@ def fal_input(request: JobRequest) -> dict[str, Any]:
     inputs = dict(request.inputs)
     if "n" in inputs:
         inputs["num_images"] = inputs.pop("n")
-    if request.capability in ("text2image", "image2image") and "aspect_ratio" in inputs:
-        inputs["image_size"] = _IMAGE_SIZES.get(inputs.pop("aspect_ratio"), "square_hd")
+    if request.capability in SIZED_CAPABILITIES and "aspect_ratio" in inputs:
+        inputs["image_size"] = image_size(inputs.pop("aspect_ratio")).preset
     return inputs
 
 

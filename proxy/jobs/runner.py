@@ -291,7 +291,9 @@ class JobService:
         if await self._finish(record, stored):
             units = result.units
             seconds = units.seconds or (record.bound_seconds if record.capability in _VIDEO else 0.0)
-            await self._settle(record, Usage(images=units.images, seconds=seconds))
+            # Bigger images than asked for cost no more than the size reserved for (the hold bounds the charge).
+            megapixels = min(units.megapixels, record.bound_megapixels)
+            await self._settle(record, Usage(images=units.images, seconds=seconds, megapixels=megapixels))
 
     async def _kept(self, record: JobRecord, output: dict[str, Any]) -> dict[str, Any]:
         """The output with the provider's URLs copied into the asset store when `assets.rehost.enabled`."""

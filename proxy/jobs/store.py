@@ -50,6 +50,7 @@ class JobRecord:
     price: str  # JSON
     reserve: float  # credits held
     bound_seconds: float  # charged for a video whose provider reports no length
+    bound_megapixels: float = 0.0  # the most megapixels charged (n images at the requested size)
     cancel_on_disconnect: bool = False
     cancel_requested: bool = False  # the client left and its plan cancels: the lease holder cancels the job
     state: State = "working"

@@ -139,7 +139,9 @@ class Policy:
             reserve_credits=charge_bounds(price, limit) if price is not None else 0.0,
             estimated_tokens=limit.tokens,
             max_output_tokens=limit.output_tokens_per_choice,
-            bound=Usage(limit.input_tokens, limit.output_tokens, limit.images, limit.seconds, limit.characters),
+            bound=Usage(
+                limit.input_tokens, limit.output_tokens, limit.images, limit.seconds, limit.characters, limit.megapixels
+            ),
             allow_pricier_fallbacks=plan.allow_pricier_fallbacks,
             cancel_jobs_on_disconnect=plan.cancel_jobs_on_disconnect,
         )

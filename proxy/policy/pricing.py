@@ -28,6 +28,7 @@ class Bounds:
     seconds: float
     output_tokens_per_choice: int = 0
     characters: int = 0
+    megapixels: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -44,6 +45,7 @@ def bounds(facts: RequestFacts, model: Model, default_output_tokens: int, defaul
         seconds=facts.seconds if facts.seconds is not None else default_seconds,
         output_tokens_per_choice=per_choice,
         characters=max(facts.characters, 0),
+        megapixels=max(facts.megapixels, 0.0),
     )
 
 
@@ -56,7 +58,13 @@ def _output_bound(facts: RequestFacts, model: Model, default: int) -> int:
 
 
 def _charge(
-    price: Price, input_tokens: float, output_tokens: float, images: float, seconds: float, characters: float
+    price: Price,
+    input_tokens: float,
+    output_tokens: float,
+    images: float,
+    seconds: float,
+    characters: float,
+    megapixels: float,
 ) -> float:
     # One formula for both estimate and cost: with non-negative prices it is monotone in every
     # argument (IEEE rounding is monotone too), which is what makes reserve >= cost hold exactly.
@@ -67,6 +75,7 @@ def _charge(
         + images * price.per_image
         + seconds * price.per_second
         + characters * price.per_character
+        + megapixels * price.per_megapixel
     )
 
 
@@ -79,12 +88,16 @@ def estimate(
 
 def charge_bounds(price: Price, limit: Bounds) -> float:
     """Credits for a request that uses everything its bounds allow."""
-    return _charge(price, limit.input_tokens, limit.output_tokens, limit.images, limit.seconds, limit.characters)
+    return _charge(
+        price, limit.input_tokens, limit.output_tokens, limit.images, limit.seconds, limit.characters, limit.megapixels
+    )
 
 
 def cost(price: Price, usage: Usage) -> float:
     """The real cost, in credits, of what the upstream reports the call used."""
-    return _charge(price, usage.input_tokens, usage.output_tokens, usage.images, usage.seconds, usage.characters)
+    return _charge(
+        price, usage.input_tokens, usage.output_tokens, usage.images, usage.seconds, usage.characters, usage.megapixels
+    )
 
 
 def specificity(pattern: str) -> tuple[int, int]:

@@ -48,6 +48,7 @@ class Price:
     per_image: float = 0.0
     per_second: float = 0.0
     per_character: float = 0.0  # characters of text spoken (text-to-speech providers bill these)
+    per_megapixel: float = 0.0  # megapixels of generated images (image providers that price by output size)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class RequestFacts:
     images: int = 1
     seconds: float | None = None
     characters: int = 0  # text to speak: its length bounds what a per-character price can charge
+    megapixels: float = 0.0  # images requested x their requested size: bounds a per-megapixel price
     stream: bool = False
 
 
@@ -73,6 +75,7 @@ class Usage:
     images: int = 0
     seconds: float = 0.0
     characters: int = 0
+    megapixels: float = 0.0
     # False: figures a stream reports before its end (Anthropic's `message_start`), which its final event
     # replaces; a stream cut before that is charged an estimate (its input known), never these alone.
     final: bool = True
