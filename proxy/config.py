@@ -14,7 +14,7 @@ from .auth.oidc import IssuerSettings
 from .api.schema import INPUTS
 from .auth.tokens import TokenSettings
 from .catalog import CAPABILITIES, Deployment, Model
-from .jobs.kinds import JOB_CAPABILITIES, JOB_KINDS, WEBHOOK_KINDS
+from .jobs.kinds import FAL_JWKS_URL, JOB_CAPABILITIES, JOB_KINDS, WEBHOOK_KINDS
 from .store.settings import StoreConfigError, StoreSettings
 from .upstream.formats import ADAPTERS, adapter
 
@@ -163,6 +163,14 @@ class JobSettings(_Strict):
     # Set, jobs ask the provider for webhooks (polling stays the fallback); unset, jobs are polled only.
     webhook_secret: SecretSource | None = None
     webhook_tolerance_s: float = Field(300.0, ge=10, le=3600)  # a webhook's timestamp this far off is refused
+    # Providers that sign with a published key (kind fal): true, jobs ask for webhooks, verified against the keys
+    # of `webhook_jwks_url` (fetched and cached; fal's own by default).
+    webhooks: bool = False
+    webhook_jwks_url: str = Field(FAL_JWKS_URL, pattern=r"^https?://[^\s/]+")
+
+    def takes_webhooks(self) -> bool:
+        """True when this provider's jobs ask to be called back."""
+        return self.webhooks or self.webhook_secret is not None
 
 
 class JobsSettings(_Strict):
@@ -355,9 +363,13 @@ class ProviderSettings(_Strict):
 
     @model_validator(mode="after")
     def _webhooks_are_supported(self) -> "ProviderSettings":
-        if self.jobs.webhook_secret is not None and self.kind not in WEBHOOK_KINDS:
-            raise ValueError(f"jobs.webhook_secret applies to kind {', '.join(sorted(WEBHOOK_KINDS))} only (providers "
-                             f"that send webhooks); remove it from this {self.kind} provider")
+        if self.jobs.webhook_secret is not None and WEBHOOK_KINDS.get(self.kind) != "secret":
+            raise ValueError(f"jobs.webhook_secret applies to kind replicate only (providers that sign webhooks with "
+                             f"a shared secret); remove it from this {self.kind} provider")
+        if self.jobs.webhooks and WEBHOOK_KINDS.get(self.kind) != "jwks":
+            raise ValueError(f"jobs.webhooks applies to kind fal only (providers that sign webhooks with a published "
+                             f"key); remove it from this {self.kind} provider"
+                             + (" and set jobs.webhook_secret instead" if self.kind in WEBHOOK_KINDS else ""))
         return self
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from .jobs.kinds import JOB_KINDS, runs_as_job
 from .jobs.registry import build_adapter
 from .jobs.runner import JobService
 from .jobs.store import MemoryJobStore, RedisJobStore
-from .jobs.webhooks import WebhookVerifier, webhook_verifiers
+from .jobs.webhooks import Verifier, webhook_verifiers
 from .meter import Meter
 from .metrics import Metrics
 from .policy import MODEL_NOT_FOUND_MESSAGE, PolicyError, PolicyHolder
@@ -94,7 +94,7 @@ class Gateway:
     tracing: Tracing = NO_TRACING
     providers: dict[str, Provider] = field(default_factory=dict)
     provider_kinds: Mapping[str, str] = field(default_factory=dict)  # provider name -> its kind (canonical name)
-    webhooks: Mapping[str, WebhookVerifier] = field(default_factory=dict)  # provider name -> its webhooks' secret
+    webhooks: Mapping[str, Verifier] = field(default_factory=dict)  # provider name -> its webhooks' verifier
     draining: bool = False
     _runners: list[web.AppRunner] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)

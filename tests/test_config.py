@@ -62,6 +62,13 @@ def test_the_shipped_config_is_valid() -> None:
         ({"providers": {"fal": {"kind": "fal", "base_url": "https://queue.fal.run",
                                 "jobs": {"webhook_secret": {"env": "FAL_HOOKS"}}}}},
          "jobs.webhook_secret applies to kind replicate only"),
+        ({"providers": {"r": {"kind": "replicate", "base_url": "https://api.replicate.com/v1",
+                              "jobs": {"webhooks": True}}}},
+         "jobs.webhooks applies to kind fal only (providers that sign webhooks with a published key); remove it from "
+         "this replicate provider and set jobs.webhook_secret instead"),
+        ({"providers": {"fal": {"kind": "fal", "base_url": "https://queue.fal.run",
+                                "jobs": {"webhooks": True, "webhook_jwks_url": "keys.json"}}}},
+         "providers.fal.jobs.webhook_jwks_url"),
     ],
 )
 def test_invalid_config_names_file_key_and_fix(

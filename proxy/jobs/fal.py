@@ -9,6 +9,9 @@
   `video: {url}`); an error status with `{"detail"}` when the run failed.
 - cancel: `PUT {base}/{app}/requests/{id}/cancel` → 202 `CANCELLATION_REQUESTED` or 400 `ALREADY_COMPLETED`.
 - auth: `Authorization: Key <key>`.
+- webhooks (`jobs.webhooks`): the submit carries `?fal_webhook=<gateway URL>`; fal POSTs `{"request_id",
+  "gateway_request_id", "status": "OK"|"ERROR", "payload", "error"}` there when the run ends, signed with
+  ED25519 (proxy/jobs/webhooks.py); `payload` is the result call's answer, so `job_result` reads both.
 
 The later URLs are built from the configured base URL and the request id, never taken from an answer, so a
 handle can never send the provider credential anywhere else.
@@ -17,11 +20,12 @@ handle can never send the provider credential anywhere else.
 from __future__ import annotations
 
 from typing import Any, Mapping
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-from .adapter import Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
+from .adapter import PROVIDER_ID, Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
 from .http import ProviderCalls, message
 from .image_sizes import SIZED_CAPABILITIES, image_size
+from .kinds import webhook_path
 
 _PHASES = {"IN_QUEUE": "queued", "IN_PROGRESS": "running", "COMPLETED": "completed"}
 _FAILED = frozenset({"FAILED", "CANCELED", "CANCELLED"})
@@ -46,11 +50,15 @@ class FalAdapter(ProviderCalls):
 
     async def submit(self, request: JobRequest) -> Handle:
         model = request.upstream_model.strip("/")
-        answer = await self._call("POST", f"{self._base}/{_path(model)}", fal_input(request))
+        url = f"{self._base}/{_path(model)}"
+        if self._webhooks and request.public_url:
+            url += "?" + urlencode({"fal_webhook": request.public_url.rstrip("/") + webhook_path("fal", self._name)})
+        answer = await self._call("POST", url, fal_input(request))
         request_id = answer.get("request_id")
         if not isinstance(request_id, str) or not request_id:
             raise JobCallFailed(f"{self._name} queued the job without a request_id", retryable=False)
-        return {"request_id": request_id, "app": "/".join(model.split("/")[:2])}
+        handle = {"request_id": request_id, "app": "/".join(model.split("/")[:2])}
+        return {**handle, PROVIDER_ID: request_id} if self._webhooks else handle  # indexed for the webhook
 
     async def status(self, handle: Handle) -> JobStatus:
         return status_of(await self.status_answer(handle), self._name)
@@ -101,6 +109,15 @@ def job_result(answer: Mapping[str, Any], request: JobRequest, provider: str) ->
                                           if isinstance(video.get("content_type"), str) else {})}
         return JobResult(output, JobUnits(seconds=seconds))
     raise JobCallFailed(f"{provider}'s result carries no image or video", retryable=False)
+
+
+def webhook_status(delivery: Mapping[str, Any]) -> JobStatus:
+    """A webhook's outcome: `OK` completed, `ERROR` failed with its `error` (or the payload's `detail`)."""
+    if delivery.get("status") == "OK":
+        return JobStatus("completed")
+    payload = delivery.get("payload")
+    detail = payload.get("detail") if isinstance(payload, dict) else None
+    return JobStatus("failed", error=message(delivery.get("error") or detail or "ERROR"))
 
 
 def _path(model: str) -> str:

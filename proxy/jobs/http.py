@@ -23,8 +23,10 @@ class ProviderCalls:
 
     def __init__(
         self, name: str, base_url: str, session: aiohttp.ClientSession, keys: ProviderKeys | None, timeouts: Timeouts,
+        *, webhooks: bool = False,
     ) -> None:
         self._name = name
+        self._webhooks = webhooks  # ask the provider to call the gateway back (proxy/api/webhooks.py)
         self._base = base_url.rstrip("/")
         self._session = session
         self._keys = keys

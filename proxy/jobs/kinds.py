@@ -3,6 +3,8 @@ against it without importing the adapters (registry.py maps each kind to its ada
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 # Kinds that serve only jobs, with the example base_url named when a config leaves it out.
 JOB_KINDS: dict[str, str] = {
     "fal": "https://queue.fal.run",
@@ -16,8 +18,15 @@ JOB_CAPABILITIES: dict[str, frozenset[str]] = {
 }
 
 
-# Kinds whose provider calls the gateway back (webhooks, signed with `jobs.webhook_secret`).
-WEBHOOK_KINDS = frozenset({"replicate"})
+# Kinds whose provider calls the gateway back, and how it signs: with a shared secret (`jobs.webhook_secret`) or
+# with a key published as a JWKS (`jobs.webhooks` + `jobs.webhook_jwks_url`).
+WEBHOOK_KINDS: dict[str, str] = {"replicate": "secret", "fal": "jwks"}
+FAL_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+
+
+def webhook_path(kind: str, provider: str) -> str:
+    """Where the gateway takes a provider's webhooks (proxy/api/webhooks.py)."""
+    return f"/v1/webhooks/{kind}/{quote(provider, safe='')}"
 
 
 def runs_as_job(kind: str, capability: str) -> bool:

@@ -24,7 +24,7 @@ AdapterFactory = Callable[[str, str, aiohttp.ClientSession, "ProviderKeys | None
 class JobKind:
     """How to build a kind's adapter: the class (name, base URL, session, keys, timeouts), the credential
     headers of a key, where its queue is relative to the provider's base URL, and (kinds.WEBHOOK_KINDS) the
-    adapter asking the provider for webhooks, used when the provider's `jobs.webhook_secret` is set."""
+    adapter asking the provider for webhooks, used when the provider takes webhooks (`jobs.webhook_secret`, `jobs.webhooks`)."""
 
     adapter: AdapterFactory
     credential_headers: Callable[[str], dict[str, str]]
@@ -33,7 +33,7 @@ class JobKind:
 
 
 JOB_ADAPTERS: dict[str, JobKind] = {
-    "fal": JobKind(fal.FalAdapter, fal.credential_headers),
+    "fal": JobKind(fal.FalAdapter, fal.credential_headers, with_webhooks=partial(fal.FalAdapter, webhooks=True)),
     "replicate": JobKind(replicate.ReplicateAdapter, replicate.credential_headers,
                          with_webhooks=partial(replicate.ReplicateAdapter, webhooks=True)),
     # The demo upstream serves OpenAI's routes under /v1 and fal's queue under /queue.
@@ -47,5 +47,5 @@ def build_adapter(name: str, settings: ProviderSettings, base_url: str, base_dir
     if kind is None:
         return None
     keys = provider_keys(name, settings, base_dir, kind.credential_headers)
-    factory = kind.with_webhooks if kind.with_webhooks and settings.jobs.webhook_secret else kind.adapter
+    factory = kind.with_webhooks if kind.with_webhooks and settings.jobs.takes_webhooks() else kind.adapter
     return factory(name, kind.queue_url(base_url.rstrip("/")), new_session(settings), keys, settings.timeouts)

@@ -21,12 +21,9 @@ import re
 from typing import Any, Mapping
 from urllib.parse import quote
 
-import aiohttp
-
-from ..config import Timeouts
-from ..upstream.credentials import ProviderKeys
 from .adapter import PROVIDER_ID, Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
 from .http import ProviderCalls
+from .kinds import webhook_path
 
 _PHASES = {"starting": "queued", "processing": "running", "succeeded": "completed"}
 _FAILED = frozenset({"failed", "canceled", "aborted"})
@@ -38,11 +35,6 @@ WEBHOOK_EVENTS = ("start", "completed")
 
 def credential_headers(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def webhook_path(provider: str) -> str:
-    """Where the gateway takes this provider's webhooks (proxy/api/webhooks.py)."""
-    return f"/v1/webhooks/replicate/{quote(provider, safe='')}"
 
 
 def replicate_input(request: JobRequest) -> dict[str, Any]:
@@ -58,13 +50,6 @@ def replicate_input(request: JobRequest) -> dict[str, Any]:
 class ReplicateAdapter(ProviderCalls):
     """Replicate's predictions; `webhooks`: ask Replicate to call the gateway back (its signing secret is set)."""
 
-    def __init__(
-        self, name: str, base_url: str, session: aiohttp.ClientSession, keys: ProviderKeys | None, timeouts: Timeouts,
-        *, webhooks: bool = False,
-    ) -> None:
-        super().__init__(name, base_url, session, keys, timeouts)
-        self._webhooks = webhooks
-
     async def submit(self, request: JobRequest) -> Handle:
         model = request.upstream_model.strip("/")
         body: dict[str, Any] = {"input": replicate_input(request)}
@@ -75,7 +60,7 @@ class ReplicateAdapter(ProviderCalls):
         else:
             url = f"{self._base}/models/{_path(owner_name)}/predictions"
         if self._webhooks and request.public_url:
-            body["webhook"] = request.public_url.rstrip("/") + webhook_path(self._name)
+            body["webhook"] = request.public_url.rstrip("/") + webhook_path("replicate", self._name)
             body["webhook_events_filter"] = list(WEBHOOK_EVENTS)
         answer = await self._call("POST", url, body)
         prediction_id = answer.get("id")
