@@ -25,19 +25,16 @@ from .gateway_harness import PROVIDER_KEY, TEST_KEY, gateway_config, start_gatew
 from .mock_fal import MockFal, output_of
 from .redis_server import RedisServer
 from .test_jobs import balance, finished, poll, submit
+from .test_replicate_jobs import HOOKED_POLL_S, PER_IMAGE  # the same price and fallback poll
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-PER_IMAGE = 3
 POLICY = f"""
 plans:
-  demo:
-    models: ["mock/*"]
-    budget: {{credits: 100000, period: month, scope: account}}
+  demo: {{models: ["mock/*"], budget: {{credits: 100000, period: month, scope: account}}}}
 prices:
-  "mock/*": {{per_image: {PER_IMAGE}}}
+  mock/f-hooked: {{per_image: {PER_IMAGE}}}
 """
-HOOKED_POLL_S = 5  # polling is the fallback, slow enough that a job done sooner was called back
 
 
 class Setup:
