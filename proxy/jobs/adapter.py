@@ -69,6 +69,11 @@ class JobCallFailed(Exception):
         self.status = status
 
 
+def provider_names(inputs: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """The gateway's inputs with each of `names`' keys renamed to the provider's name for it."""
+    return {names.get(name, name): value for name, value in inputs.items()}
+
+
 class JobAdapter(Protocol):
     """One provider's queue. Implementations: `fal.FalAdapter` (fal.ai, and the demo upstream's queue),
     `replicate.ReplicateAdapter`."""

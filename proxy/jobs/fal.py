@@ -22,7 +22,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 from urllib.parse import quote, urlencode
 
-from .adapter import PROVIDER_ID, Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
+from .adapter import (
+    PROVIDER_ID, Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits, provider_names,
+)
 from .http import ProviderCalls, message
 from .image_sizes import SIZED_CAPABILITIES, image_size
 from .kinds import webhook_path
@@ -37,9 +39,7 @@ def credential_headers(key: str) -> dict[str, str]:
 
 def fal_input(request: JobRequest) -> dict[str, Any]:
     """The gateway's inputs in fal's names: `n` → `num_images`, an image model's `aspect_ratio` → `image_size`."""
-    inputs = dict(request.inputs)
-    if "n" in inputs:
-        inputs["num_images"] = inputs.pop("n")
+    inputs = provider_names(request.inputs, {"n": "num_images"})
     if request.capability in SIZED_CAPABILITIES and "aspect_ratio" in inputs:
         inputs["image_size"] = image_size(inputs.pop("aspect_ratio")).preset
     return inputs

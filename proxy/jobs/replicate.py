@@ -21,7 +21,9 @@ import re
 from typing import Any, Mapping
 from urllib.parse import quote
 
-from .adapter import PROVIDER_ID, Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits
+from .adapter import (
+    PROVIDER_ID, Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits, provider_names,
+)
 from .http import ProviderCalls
 from .kinds import webhook_path
 
@@ -39,12 +41,7 @@ def credential_headers(key: str) -> dict[str, str]:
 
 def replicate_input(request: JobRequest) -> dict[str, Any]:
     """The gateway's inputs in the names most Replicate models use: `n` → `num_outputs`, `image_url` → `image`."""
-    inputs = dict(request.inputs)
-    if "n" in inputs:
-        inputs["num_outputs"] = inputs.pop("n")
-    if "image_url" in inputs:
-        inputs["image"] = inputs.pop("image_url")
-    return inputs
+    return provider_names(request.inputs, {"n": "num_outputs", "image_url": "image"})
 
 
 class ReplicateAdapter(ProviderCalls):
