@@ -153,8 +153,9 @@ def process(args: list[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @contextlib.contextmanager
-def environment(idle_streams: int, use_nginx: bool) -> Iterator[Environment]:
-    """redis-server, the upstream, nginx (when it can be had) and the gateway; all stopped on exit."""
+def environment(idle_streams: int, use_nginx: bool, launcher: tuple[str, ...] = ()) -> Iterator[Environment]:
+    """redis-server, the upstream, nginx (when it can be had) and the gateway; all stopped on exit. `launcher`:
+    what runs the gateway's `-m proxy serve ...` instead of the interpreter alone (bench/profile_gateway.py)."""
     up_port, gw_port, ngx_port = free_port(), free_port(), free_port()
     skipped: list[str] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -177,7 +178,7 @@ def environment(idle_streams: int, use_nginx: bool) -> Iterator[Environment]:
         config = pipeline_config(directory, up_port, server.url, idle_streams)
         log = stack.enter_context((directory / "gateway.log").open("wb"))
         gateway = stack.enter_context(process(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(gw_port)],
+            [sys.executable, *launcher, "-m", "proxy", "serve", "--config", str(config), "--port", str(gw_port)],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
         targets.append(Target("gateway", f"http://127.0.0.1:{gw_port}{PATH}", gateway.pid))
         client = redis.Redis.from_url(server.url)
