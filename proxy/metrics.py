@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Iterable, Literal, Mapping
+from typing import Generic, Iterable, Literal, Mapping, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -93,6 +93,27 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else OTHER
 
 
+M = TypeVar("M", Counter, Histogram)
+
+
+class _Children(Generic[M]):
+    """A labelled metric's children by label values, each resolved once: prometheus-client's `labels()` checks
+    the values and takes the metric's lock on every call, about ten times a request. The cache holds only
+    children the metric keeps anyway (their values are capped: `_capped`, `_identifier`)."""
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 def multiprocess_dir() -> str | None:
     """The directory prometheus-client shares between worker processes, if that mode is on."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -131,29 +152,29 @@ class Metrics:
 
     def _register(self, r: CollectorRegistry, per_principal_labels: bool) -> None:
         p = PREFIX
-        self._requests = Counter(
+        self._requests = _Children(Counter(
             f"{p}_requests_total",
             "Requests answered, by route, model, provider (and its kind), caller type and status class.",
-            ["route", "model", "provider", "provider_kind", "principal_type", "status_class"], registry=r)
-        self._request_duration = Histogram(
+            ["route", "model", "provider", "provider_kind", "principal_type", "status_class"], registry=r))
+        self._request_duration = _Children(Histogram(
             f"{p}_request_duration_seconds", "Time from request start to the last byte sent.",
-            ["route", "model", "status_class"], buckets=REQUEST_BUCKETS, registry=r)
-        self._errors = Counter(
-            f"{p}_errors_total", "Error responses, by route and error code.", ["route", "code"], registry=r)
-        self._first_byte = Histogram(
+            ["route", "model", "status_class"], buckets=REQUEST_BUCKETS, registry=r))
+        self._errors = _Children(Counter(
+            f"{p}_errors_total", "Error responses, by route and error code.", ["route", "code"], registry=r))
+        self._first_byte = _Children(Histogram(
             f"{p}_time_to_first_byte_seconds", "Time from request start to the first response byte.",
-            ["route", "model"], buckets=FIRST_BYTE_BUCKETS, registry=r)
-        self._upstream_duration = Histogram(
+            ["route", "model"], buckets=FIRST_BYTE_BUCKETS, registry=r))
+        self._upstream_duration = _Children(Histogram(
             f"{p}_upstream_request_duration_seconds", "Upstream call time, from connect to the end of its body.",
-            ["provider", "provider_kind", "outcome"], buckets=REQUEST_BUCKETS, registry=r)
-        self._upstream_errors = Counter(
+            ["provider", "provider_kind", "outcome"], buckets=REQUEST_BUCKETS, registry=r))
+        self._upstream_errors = _Children(Counter(
             f"{p}_upstream_errors_total", "Failed upstream calls, by provider (and its kind) and reason.",
-            ["provider", "provider_kind", "reason"], registry=r)
-        self._deployment_attempts = Counter(
+            ["provider", "provider_kind", "reason"], registry=r))
+        self._deployment_attempts = _Children(Counter(
             f"{p}_deployment_attempts_total",
             "Upstream calls per model deployment, by result (ok|error|timeout|throttled|cancelled); a request "
             "retried on another deployment counts one attempt at each.",
-            ["model", "deployment", "result"], registry=r)
+            ["model", "deployment", "result"], registry=r))
         self._route_retries = Counter(
             f"{p}_route_retries_total",
             "Attempts after a request's first, by requested model and kind (retry: another deployment of the "
@@ -176,25 +197,25 @@ class Metrics:
             f"{p}_relayed_bytes_total", "Response body bytes relayed from upstreams to clients.", registry=r)
         self._sse_events = Counter(
             f"{p}_sse_events_total", "Server-sent events relayed to clients.", registry=r)
-        self._tokens = Counter(
+        self._tokens = _Children(Counter(
             f"{p}_tokens_total", "Tokens reported by upstreams, by model and direction (input|output).",
-            ["model", "direction"], registry=r)
-        self._credits = Counter(
-            f"{p}_credits_total", "Credits moved, by action (reserved|settled|released).", ["action"], registry=r)
+            ["model", "direction"], registry=r))
+        self._credits = _Children(Counter(
+            f"{p}_credits_total", "Credits moved, by action (reserved|settled|released).", ["action"], registry=r))
         self._credit_overruns = Counter(
             f"{p}_credit_overrun_total", "Calls whose reported usage cost more than their reservation.", registry=r)
         self._denials = Counter(
             f"{p}_denials_total", "Requests refused by policy, by kind and rule.", ["kind", "rule"], registry=r)
         self._auth_failures = Counter(
             f"{p}_auth_failures_total", "Failed authentications, by reason.", ["reason"], registry=r)
-        self._store_duration = Histogram(
+        self._store_duration = _Children(Histogram(
             f"{p}_store_operation_duration_seconds", "Metering store round trips, by operation.",
-            ["op"], buckets=STORE_BUCKETS, registry=r)
-        self._store_errors = Counter(
+            ["op"], buckets=STORE_BUCKETS, registry=r))
+        self._store_errors = _Children(Counter(
             f"{p}_store_errors_total",
             "Failed metering store operations, by operation and kind (error: unreachable or timed out; "
             "script_error: a script refused, a bug; fallback/refused: skipped while the store is down).",
-            ["op", "kind"], registry=r)
+            ["op", "kind"], registry=r))
         # livemin: one worker that cannot reach the store is enough to show it down.
         self._store_up = Gauge(
             f"{p}_store_up", "1 if the metering store answered its last operation, else 0.",
@@ -257,19 +278,19 @@ class Metrics:
         route_l = _capped(route, self._routes)
         model_l = _capped(model, self._models)
         klass = status_class(status)
-        self._requests.labels(
+        self._requests(
             route_l, model_l, *self._provider_labels(provider),
             _capped(principal_type or "anonymous", self._principal_types), klass,
         ).inc()
-        self._request_duration.labels(route_l, model_l, klass).observe(duration_s)
+        self._request_duration(route_l, model_l, klass).observe(duration_s)
         if error_code:
-            self._errors.labels(route_l, _capped(error_code, ERROR_CODES)).inc()
+            self._errors(route_l, _capped(error_code, ERROR_CODES)).inc()
         if self._principal_requests is not None and principal:
             self._principal_requests.labels(principal, klass).inc()
 
     def first_byte(self, route: str | None, model: str | None, seconds: float) -> None:
         """When the first response byte (status line and headers) goes to the client."""
-        self._first_byte.labels(_capped(route, self._routes), _capped(model, self._models)).observe(seconds)
+        self._first_byte(_capped(route, self._routes), _capped(model, self._models)).observe(seconds)
 
     def _provider_labels(self, provider: str | None) -> tuple[str, str]:
         """(provider, provider_kind) label values; a provider unknown here is "other" of kind "other"."""
@@ -280,16 +301,16 @@ class Metrics:
 
     def upstream_done(self, provider: str | None, outcome: UpstreamOutcome, seconds: float) -> None:
         """When an upstream call ends: ok, error, timeout, or cancelled (the client went away)."""
-        self._upstream_duration.labels(
+        self._upstream_duration(
             *self._provider_labels(provider), _capped(outcome, UPSTREAM_OUTCOMES)).observe(seconds)
 
     def upstream_error(self, provider: str | None, reason: str) -> None:
         """A failed upstream call; reason e.g. connect, timeout, status_5xx, status_4xx, stream_interrupted."""
-        self._upstream_errors.labels(*self._provider_labels(provider), _identifier(reason)).inc()
+        self._upstream_errors(*self._provider_labels(provider), _identifier(reason)).inc()
 
     def deployment_attempt(self, model: str | None, deployment: str | None, result: AttemptResult) -> None:
         """One upstream call to a model's deployment ended (or was given up before its answer was relayed)."""
-        self._deployment_attempts.labels(
+        self._deployment_attempts(
             _capped(model, self._models), _capped(deployment, self._deployments), _capped(result, ATTEMPT_RESULTS),
         ).inc()
 
@@ -325,14 +346,14 @@ class Metrics:
     def tokens(self, model: str | None, input_tokens: int, output_tokens: int) -> None:
         """Usage reported by the upstream for one request."""
         model_l = _capped(model, self._models)
-        self._tokens.labels(model_l, "input").inc(input_tokens)
-        self._tokens.labels(model_l, "output").inc(output_tokens)
+        self._tokens(model_l, "input").inc(input_tokens)
+        self._tokens(model_l, "output").inc(output_tokens)
 
     # -- policy and metering ---------------------------------------------------------------------
 
     def credits(self, action: CreditAction, amount: float) -> None:
         """Credits reserved before forwarding, settled to the real cost, or released on failure."""
-        self._credits.labels(_capped(action, CREDIT_ACTIONS)).inc(amount)
+        self._credits(_capped(action, CREDIT_ACTIONS)).inc(amount)
 
     def settled_job(self, reserved: float, charged: float) -> None:
         """A job's hold settled at `charged` (0: released): like credits() for a call."""
@@ -354,9 +375,9 @@ class Metrics:
     def store_op(self, op: str, seconds: float, outcome: str = "ok") -> None:
         """One metering store round trip (admit, settle, renew, ping, ...); outcome ok or the error kind."""
         op_l = _identifier(op)
-        self._store_duration.labels(op_l).observe(seconds)
+        self._store_duration(op_l).observe(seconds)
         if outcome != "ok":
-            self._store_errors.labels(op_l, _capped(outcome, STORE_ERROR_KINDS)).inc()
+            self._store_errors(op_l, _capped(outcome, STORE_ERROR_KINDS)).inc()
 
     def store_up(self, up: bool) -> None:
         """Whether the store answered; set after each operation or health probe."""
