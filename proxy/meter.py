@@ -25,7 +25,7 @@ from proxy.errors import ApiError
 from proxy.pending_settles import PendingCancel, PendingSettle, PendingSettles
 from proxy.policy.schema import BASIS_POINTS
 from proxy.policy.types import Decision, Dimension, Period, RateLimit
-from proxy.store.ledger import LedgerReader, account_usage_key, user_usage_key
+from proxy.store.ledger import DAY_MS, LedgerReader, account_usage_key, user_usage_key
 from proxy.store.base import (
     MAX_AMOUNT,
     MAX_BUDGET,
@@ -86,16 +86,27 @@ def format_credits(micro: int) -> str:
 class _Period:
     label: str  # part of the ledger key, so a new period starts from zero without any cron
     ends_at: datetime | None
+    ends_ms: int = 0  # ends_at in epoch milliseconds (0: never)
 
 
-def _period_of(period: str, now: datetime) -> _Period:
+def _period_of(period: str, now_ms: int) -> _Period:
+    return _period_of_day(period, now_ms // DAY_MS)
+
+
+@functools.lru_cache(maxsize=16)
+def _period_of_day(period: str, day: int) -> _Period:
+    """A period by the UTC day it contains: every admission of a day shares one (datetimes cost ~9 µs a call)."""
+    now = datetime.fromtimestamp(day * DAY_MS / 1000, timezone.utc)
     if period == "day":
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        return _Period(f"d{now:%Y%m%d}", datetime.fromtimestamp(start.timestamp() + 86_400, timezone.utc))
+        return _ends(f"d{now:%Y%m%d}", datetime.fromtimestamp((day + 1) * DAY_MS / 1000, timezone.utc))
     if period == "month":
         year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
-        return _Period(f"m{now:%Y%m}", datetime(year, month, 1, tzinfo=timezone.utc))
+        return _ends(f"m{now:%Y%m}", datetime(year, month, 1, tzinfo=timezone.utc))
     return _Period("all", None)
+
+
+def _ends(label: str, ends_at: datetime) -> _Period:
+    return _Period(label, ends_at, int(ends_at.timestamp() * 1000))
 
 
 class Admission:
@@ -312,7 +323,7 @@ class Meter:
         ]
         balance = None
         if decision.budget is not None and result.balance is not None:
-            period = _period_of(decision.budget.period, _utc(now_ms))
+            period = _period_of(decision.budget.period, now_ms)
             balance = {
                 "budget": from_micro(result.balance.budget),
                 "spent": from_micro(result.balance.spent),
@@ -391,11 +402,10 @@ class Meter:
     def _ledger(self, base: str, scope: str, owner: str, period_name: Period, now_ms: int) -> tuple[str, int, str]:
         """The credit ledger of this budget owner in the current period, when it may expire (0: never), and the
         period's label."""
-        period = _period_of(period_name, _utc(now_ms))
+        period = _period_of(period_name, now_ms)
         expire_at = 0
         if period.ends_at is not None:
-            ends_ms = int(period.ends_at.timestamp() * 1000)
-            expire_at = max(ends_ms + self._retention_ms, now_ms + 2 * self._ttl_ms)
+            expire_at = max(period.ends_ms + self._retention_ms, now_ms + 2 * self._ttl_ms)
         return f"{base}:cr:{scope}:{owner}:{period.label}", expire_at, period.label
 
     async def adjust_credits(
@@ -569,6 +579,3 @@ def _bounded(usage: CallUsage) -> CallUsage:
 def _touches_store(request: AdmitRequest) -> bool:
     return bool(request.limits or request.lease or request.credits)
 
-
-def _utc(now_ms: int) -> datetime:
-    return datetime.fromtimestamp(now_ms / 1000, timezone.utc)
