@@ -8,14 +8,17 @@ that called it; CPU of other threads counts for whatever the main thread runs ne
 
 Sampling starts at the first SIGUSR2 (after start-up and a warm-up, say) and stops at the second, which writes
 OUT: one line per distinct stack, `frame;frame;... count` (outermost first, like py-spy's raw format and
-flamegraph.pl's input).
+flamegraph.pl's input). The garbage collector's CPU (inside whatever line allocated, so spread over the stacks)
+is also measured apart with `gc.callbacks`: lines `#gc <generation> <collections> <seconds>`.
 """
 
 from __future__ import annotations
 
+import gc
 import runpy
 import signal
 import sys
+import time
 from collections import Counter
 from types import FrameType
 
@@ -27,6 +30,16 @@ def main() -> None:
     if flag != "-m":
         raise SystemExit(__doc__)
     samples: Counter[tuple[tuple[str, str, int], ...]] = Counter()
+    gc_cpu_s: Counter[int] = Counter()  # by generation, while sampling
+    gc_runs: Counter[int] = Counter()
+    gc_started = [0.0]
+
+    def time_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_started[0] = time.process_time()
+        elif signal.getitimer(signal.ITIMER_PROF)[0]:
+            gc_cpu_s[info["generation"]] += time.process_time() - gc_started[0]
+            gc_runs[info["generation"]] += 1
 
     def sample(signum: int, frame: FrameType | None) -> None:
         stack = []
@@ -45,9 +58,12 @@ def main() -> None:
             for stack, count in samples.items():
                 frames = ";".join(f"{name} ({path}:{line})" for name, path, line in reversed(stack))
                 file.write(f"{frames} {count}\n")
+            for generation, seconds in sorted(gc_cpu_s.items()):
+                file.write(f"#gc {generation} {gc_runs[generation]} {seconds:.6f}\n")
 
     signal.signal(signal.SIGPROF, sample)
     signal.signal(signal.SIGUSR2, start_or_stop)
+    gc.callbacks.append(time_gc)
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 from collections import Counter
 from pathlib import Path
 
@@ -51,25 +52,37 @@ COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("relay, routing, providers", ("proxy/upstream/",)),
     ("gateway routes and pipeline", ("proxy/",)),
     ("aiohttp server (parse, dispatch, write)", ("aiohttp/", "multidict/")),
-    ("event loop, sockets (uvloop/asyncio)", ("uvloop", "asyncio/")),
 ]
-OTHER = "other (interpreter, GC, start-up)"
+# Standard-library frames (asyncio's timeouts and locks, contextlib, dataclasses...) count for their caller;
+# a stack of only those and of the frames that run the loop is the event loop's own work (uvloop's I/O
+# callbacks, task steps).
+STDLIB = sysconfig.get_paths()["stdlib"] + "/"
+RUNS_THE_LOOP = ("proxy/__main__.py", "proxy/server.py", "proxy/event_loop.py", "cpu_sampler.py")
+LOOP = "event loop (uvloop callbacks, task steps)"
 
 
 def component(frames: list[str]) -> str:
     for frame in reversed(frames):
+        if (STDLIB in frame and "/json/" not in frame) or any(r in frame for r in RUNS_THE_LOOP):
+            continue
         for name, needles in COMPONENTS:
             if any(n in frame for n in needles):
                 return name
-    return OTHER
+    return LOOP
 
 
-def read_collapsed(path: Path) -> Counter[str]:
+def read_collapsed(path: Path) -> tuple[Counter[str], list[tuple[int, int, float]]]:
+    """The stacks, and the sampler's garbage collection lines: (generation, collections, CPU seconds)."""
     stacks: Counter[str] = Counter()
+    collections = []
     for line in path.read_text().splitlines():
+        if line.startswith("#gc "):
+            generation, runs, seconds = line.split()[1:]
+            collections.append((int(generation), int(runs), float(seconds)))
+            continue
         stack, _, count = line.rpartition(" ")
         stacks[stack] += int(count)
-    return stacks
+    return stacks, collections
 
 
 def print_breakdown(stacks: Counter[str], us_per_request: float) -> None:
@@ -119,11 +132,16 @@ async def profile(args: argparse.Namespace) -> None:
             said, _ = recorder.communicate(timeout=args.seconds + 30)
             if recorder.returncode:
                 raise SystemExit(f"py-spy failed: {said.decode(errors='replace')}")
-    stacks = read_collapsed(out)
+    stacks, collections = read_collapsed(out)
     us_per_request = result.cpu_s / result.requests * 1e6
     print(f"{result.requests} requests, {result.rps:,.0f}/s, gateway CPU {us_per_request:.0f} µs per request; "
           f"{sum(stacks.values())} samples in {out}")
     print_breakdown(stacks, us_per_request)
+    if collections:
+        gc_us = sum(seconds for _, _, seconds in collections) / result.requests * 1e6
+        runs = ", ".join(f"gen {g}: {n / result.requests:.2f}" for g, n, _ in collections)
+        print(f"\nof which garbage collection (spread over the rows above): {gc_us:.0f} µs per request "
+              f"(collections per request: {runs})")
 
 
 def main() -> None:
