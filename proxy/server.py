@@ -28,7 +28,7 @@ from .app import create_app, error_response
 from .config import Config, ConfigError
 from .context import request_id_for
 from .errors import ApiError
-from .event_loop import event_loop_name, run_event_loop
+from .event_loop import event_loop_name, run_event_loop, settle_heap
 from .gateway import Gateway
 from .metrics import Metrics
 from .record import record_protocol_refusal
@@ -218,6 +218,7 @@ async def serve_until_signalled(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     server = await start
+    settle_heap()
     on_ready(server)
     try:
         await stop.wait()

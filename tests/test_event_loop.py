@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -55,3 +57,13 @@ async def started_lines(output: Path, timeout_s: float = 20.0) -> list[str]:
         if lines or time.monotonic() > deadline:
             return lines
         await asyncio.sleep(0.1)
+
+
+def test_a_serving_process_freezes_its_start_up_heap_and_collects_young_objects_less_often() -> None:
+    """`serve` calls settle_heap once started: in a child interpreter, so this test process's collector is not
+    changed."""
+    probe = ("import gc; from proxy.event_loop import settle_heap, YOUNG_GC_THRESHOLD; settle_heap(); "
+             "print(gc.get_freeze_count() > 0, gc.get_threshold()[0] == YOUNG_GC_THRESHOLD > 700)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.split() == ["True", "True"], done.stderr
