@@ -70,6 +70,9 @@ class PoolShares:
 
 
 async def _take(semaphore: asyncio.Semaphore, deadline: float, refusal: Callable[[], ApiError]) -> None:
+    if not semaphore.locked():
+        await semaphore.acquire()  # free: returns at once, so no timer (twice a call: the share, the pool)
+        return
     try:
         async with asyncio.timeout_at(deadline):
             await semaphore.acquire()
