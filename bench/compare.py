@@ -15,8 +15,9 @@ file) and metrics. Every scenario runs against the three targets in turn:
   is the per-chunk delay; plus time to first byte;
 - concurrent stream starts: rounds of N streams started at once, time to first byte;
 - idle streams: N streams open at once, each holding after its first event; RSS growth per stream;
-- Redis: CPU and commands per gateway request (`INFO cpu`, `INFO commandstats` deltas over the closed loop;
-  commandstats counts the commands the Lua scripts run too, so EVALSHA per request is the round trips).
+- Redis: CPU, commands and round trips per gateway request (`INFO cpu`, `INFO commandstats` and `INFO stats`
+  `total_reads_processed` deltas over the closed loop; commandstats counts the commands the Lua scripts run too,
+  EVALSHA per request is the script calls, socket reads the round trips that carried them).
 
 nginx and wrk come from the machine or from Debian's packages (bench/debian_tools.py); a comparator that cannot
 be had is skipped with a message. LiteLLM's proxy is left out (a heavy install of its own). The machine is
@@ -409,10 +410,12 @@ async def _all_open(target: Target, hold: Hold, tasks: list[asyncio.Task[None]],
     await asyncio.sleep(0.5)  # let the process finish allocating for the last ones
 
 
-def redis_snapshot(client: redis.Redis) -> tuple[float, dict[str, int]]:
+def redis_snapshot(client: redis.Redis) -> tuple[float, int, dict[str, int]]:
+    """Redis's CPU seconds, its socket reads (the round trips) and its command counts."""
     cpu = client.info("cpu")
     stats = client.info("commandstats")
-    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+    reads = int(client.info("stats")["total_reads_processed"])
+    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), reads,
             {name.removeprefix("cmdstat_"): int(values["calls"]) for name, values in stats.items()
              if name != "cmdstat_info"})  # our own INFO calls are not the gateway's
 
@@ -463,13 +466,13 @@ async def run(args: argparse.Namespace, env: Environment) -> list[Row]:
 
     rows: list[Row] = []
     closed: dict[str, ClosedLoop] = {}
-    redis_cpu, redis_calls = 0.0, {}
+    redis_cpu, redis_reads, redis_calls = 0.0, 0, {}
     for target in env.targets:
-        cpu0, calls0 = redis_snapshot(env.redis)
+        cpu0, reads0, calls0 = redis_snapshot(env.redis)
         closed[target.name] = await closed_loop(target, wrk, args.seconds, args.connections)
         if target.name == "gateway":
-            cpu1, calls1 = redis_snapshot(env.redis)
-            redis_cpu, redis_calls = cpu1 - cpu0, {k: v - calls0.get(k, 0) for k, v in calls1.items() if v - calls0.get(k, 0)}
+            cpu1, reads1, calls1 = redis_snapshot(env.redis)
+            redis_cpu, redis_reads, redis_calls = cpu1 - cpu0, reads1 - reads0, {k: v - calls0.get(k, 0) for k, v in calls1.items() if v - calls0.get(k, 0)}
             env.redis_commands = redis_calls
         await settle()
     scenario = f"closed loop, {args.connections} connections"
@@ -484,6 +487,7 @@ async def run(args: argparse.Namespace, env: Environment) -> list[Row]:
         Row("redis (gateway closed loop)", "CPU us per request", {"gateway": redis_cpu / gateway_requests * 1e6}),
         Row("redis (gateway closed loop)", "EVALSHA per request", {"gateway": redis_calls.get("evalsha", 0) / gateway_requests}),
         Row("redis (gateway closed loop)", "commands per request", {"gateway": sum(redis_calls.values()) / gateway_requests}),
+        Row("redis (gateway closed loop)", "round trips (socket reads) per request", {"gateway": redis_reads / gateway_requests}),
         Row("redis (gateway closed loop)", "requests/s per Redis core",
             {"gateway": gateway_requests / redis_cpu if redis_cpu else float("nan")}),
     ]

@@ -8,7 +8,8 @@ pairs per target, `concurrency` at a time, over 50 accounts (a budget, a per-use
   - `ping`: a Redis PING per call (the round trip itself, the baseline),
   - `off`: admit and settle with no ledger (the settle script as before the ledger),
   - `ledger`: admit and settle writing one ledger record and two daily aggregates per call.
-Prints settle latency (p50, p99), calls per second, Redis's own time per call (INFO commandstats), the
+Prints settle latency (p50, p99), calls per second, Redis's own time per call (INFO commandstats: the
+commands alone), Redis's CPU per call (INFO cpu: with the round trips, which the store batches), the
 ledger/off ratios, and Redis memory per record. The
 machine is shared and noisy: read the ratios, not the absolute numbers.
 """
@@ -77,18 +78,26 @@ async def drive(store: RedisStore, client: aioredis.Redis, target: str, calls: i
     return latencies, time.perf_counter() - started
 
 
+async def redis_cpu_s(client: aioredis.Redis) -> float:
+    cpu = await client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 async def main(calls: int, concurrency: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as workdir, RedisServer(workdir=Path(workdir)) as server:
         store = RedisStore(server.url)
         client = aioredis.Redis.from_url(server.url)
         rows: dict[str, list[tuple[float, float, float]]] = {"ping": [], "off": [], "ledger": []}
         redis_us: dict[str, list[float]] = {"ping": [], "off": [], "ledger": []}
+        redis_cpu_us: dict[str, list[float]] = {"ping": [], "off": [], "ledger": []}
         record_bytes: list[float] = []
         for round_no in range(rounds):
             for target in rows:
                 before = int((await client.info("memory"))["used_memory"])
                 await client.config_resetstat()
+                cpu_before = await redis_cpu_s(client)
                 latencies, wall = await drive(store, client, target, calls, concurrency, (round_no * 3 + len(rows[target])) * calls)
+                redis_cpu_us[target].append((await redis_cpu_s(client) - cpu_before) / calls * 1e6)
                 latencies.sort()
                 stats = await client.info("commandstats")
                 # Redis's own time per call: admit + settle scripts (EVALSHA), or the PING
@@ -99,11 +108,16 @@ async def main(calls: int, concurrency: int, rounds: int) -> None:
                     record_bytes.append((int((await client.info("memory"))["used_memory"]) - before) / calls)
         print(f"\n{calls} admit + settle pairs per target, {concurrency} at a time, {ACCOUNTS} accounts, {rounds} rounds;"
               " settle latency (ping: the PING)")
-        print(f"{'target':8} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>9} {'redis us/call':>14}")
+        print(f"{'target':8} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>9} {'redis us/call':>14} "
+              f"{'redis cpu us/call':>18}")
         best = {target: min(rows[target], key=lambda row: row[0]) for target in rows}
         inside = {target: min(redis_us[target]) for target in rows}
         for target, (p50, p99, rate) in best.items():
-            print(f"{target:8} {p50:8.2f} {p99:8.2f} {rate:9.0f} {inside[target]:14.1f}")
+            cpu = "/".join(f"{us:.0f}" for us in redis_cpu_us[target])
+            print(f"{target:8} {p50:8.2f} {p99:8.2f} {rate:9.0f} {inside[target]:14.1f} {cpu:>18}")
+        pipeline = getattr(store, "auto_pipeline", None)  # absent before auto-pipelining
+        if pipeline is not None:
+            print(f"auto-pipelining: {pipeline.calls / max(pipeline.round_trips, 1):.1f} calls per round trip")
         off, on = best["off"], best["ledger"]
         print(f"\nledger/off: settle p50 x{on[0] / off[0]:.2f}, p99 x{on[1] / off[1]:.2f}, calls/s x{on[2] / off[2]:.2f}, "
               f"Redis time per admit + settle x{inside['ledger'] / inside['off']:.2f}")

@@ -6,10 +6,12 @@ import logging
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from proxy.store import lua
 from proxy.store.admission import CallGate, Deadline, LoopLag
+from proxy.store.autopipeline import AutoPipeline
 from proxy.store.gcra import Step, limit_states
 from proxy.store.redis_client import Credentials, RedisMode, connect
 from proxy.store.alerts import GROUP, FreshAlerts, OutboxEntry, outbox_key
@@ -49,7 +51,8 @@ class RedisStore:
     Calls pass a CallGate first (at most `max_connections` on the wire, `max_waiting_calls` more queued for at
     most `queue_timeout_s`), so no call ever waits inside the connection pool. A call on the wire is given up
     after `connect_timeout_s + op_timeout_s` (room to open a connection when no idle one is left), not counting
-    time this process's event loop was stalled: a busy replica is not a Redis outage.
+    time this process's event loop was stalled: a busy replica is not a Redis outage. The script calls on the wire
+    together share round trips (autopipeline.py), each still bounded and answered on its own.
     """
 
     def __init__(
@@ -65,9 +68,13 @@ class RedisStore:
         queue_timeout_s: float = 2.0,
     ) -> None:
         # No client-side retries (the breaker decides what happens next) and no client-side timeouts: redis-py
-        # would count event-loop stalls against them; `Deadline` below does not. Cancelling a call closes its
-        # connection, so a late reply can never be read by the next call.
+        # would count event-loop stalls against them; `Deadline` below does not. A connection interrupted with
+        # replies unread is closed, so a late reply can never be read by the next call.
         self._client = connect(url, mode, max_connections, credentials)
+        # The scripts of concurrent calls share round trips (autopipeline.py). Not on a cluster: RedisCluster
+        # routes each call by its slot and follows MOVED/ASK itself, which batches would have to redo per node.
+        cluster = isinstance(self._client, RedisCluster)
+        self._pipeline = None if cluster else AutoPipeline(self._client, max_connections)
         self._wire_timeout_s = connect_timeout_s + op_timeout_s
         self._lag = LoopLag()
         self._gate = CallGate(max_connections, max_waiting_calls, queue_timeout_s, self._lag)
@@ -87,6 +94,11 @@ class RedisStore:
         return self._fresh_alerts
 
     @property
+    def auto_pipeline(self) -> AutoPipeline | None:
+        """The batching of script calls (None on a cluster); its counters say how many calls shared a write."""
+        return self._pipeline
+
+    @property
     def healthy(self) -> bool:
         """Whether the last operation reached Redis."""
         return self._healthy
@@ -104,7 +116,7 @@ class RedisStore:
         request = reservation.request
         keys, args = _settle_call(request, amount, tokens, now_ms, usage or CallUsage())
         try:
-            settled, fired = await self._call(lambda: self._settle(keys=keys, args=args))
+            settled, fired = await self._call(lambda: self._script(self._settle, keys, args))
         finally:  # even if the answer was lost: the record may be written
             self._index.note(request.ledger)
         if fired and request.ledger is not None:
@@ -116,7 +128,7 @@ class RedisStore:
         keys, args = _settle_call(request, 0, 0, now_ms, CallUsage(), "cancelled")
         tombstone_ms = 2 * request.ttl_ms  # as long as the ticket of the admit would have lived
         try:
-            return bool(await self._call(lambda: self._cancel(keys=keys, args=[*args, tombstone_ms])))
+            return bool(await self._call(lambda: self._script(self._cancel, keys, [*args, tombstone_ms])))
         finally:
             self._index.note(request.ledger)
 
@@ -124,7 +136,7 @@ class RedisStore:
         check_renew(ttl_ms, now_ms)
         req = reservation.request
         args = [now_ms, req.reservation_id, ttl_ms, int(req.lease is not None), int(req.credits is not None)]
-        return bool(await self._call(lambda: self._renew(keys=_fixed_keys(req), args=args)))
+        return bool(await self._call(lambda: self._script(self._renew, _fixed_keys(req), args)))
 
     async def ledger_streams(self, prefix: str = "ep") -> list[str]:
         """Every account's ledger stream, by SCAN (one bounded call per page)."""
@@ -199,7 +211,7 @@ class RedisStore:
 
     async def ack_alerts(self, stream: str, ids: list[str]) -> None:
         if ids:
-            await self._call(lambda: self._ack_alerts(keys=[stream], args=[GROUP, *ids]))
+            await self._call(lambda: self._script(self._ack_alerts, [stream], [GROUP, *ids]))
 
     async def read_ledger(self, stream: str, after: str = "0-0", count: int = 100) -> list[LedgerRecord]:
         entries = await self._call(lambda: self._client.xrange(stream, min=f"({after}", max="+", count=count))
@@ -261,7 +273,7 @@ class RedisStore:
         args = [audit.now_ms, delta, expire_at_ms, *_ledger_args(audit.ledger, audit.now_ms), audit.record_id,
                 audit.reason, audit.actor]
         try:
-            return int(await self._call(lambda: self._adjust(keys=[ledger_key], args=args)))
+            return int(await self._call(lambda: self._script(self._adjust, [ledger_key], args)))
         finally:  # even if the answer was lost: the record may be written
             self._index.note(audit.ledger)
 
@@ -275,6 +287,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._index.close()
+        if self._pipeline is not None:
+            await self._pipeline.close()
         await self._client.aclose()
         await self._lag.close()
 
@@ -298,10 +312,15 @@ class RedisStore:
             args += [spec.limit, spec.window_ms, step.whole, step.rem, int(cost <= spec.limit)]
         keys = [*_fixed_keys(req), *(spec.key for spec in req.limits)]
         try:
-            reply = await self._call(lambda: self._admit(keys=keys, args=args))
+            reply = await self._call(lambda: self._script(self._admit, keys, args))
         finally:  # an admit charges expired holds, each with its record
             self._index.note(req.ledger)
         return _parse_admit(req, reply, dry=dry)
+
+    def _script(self, script: AsyncScript, keys: list[str], args: list[int | str]) -> Awaitable[Any]:
+        if self._pipeline is None:
+            return script(keys=keys, args=args)
+        return self._pipeline.evalsha(script, keys, args)
 
     async def _call(self, send: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis call through the gate and within the wire deadline; every failure becomes StoreError.
