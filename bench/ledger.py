@@ -9,9 +9,9 @@ pairs per target, `concurrency` at a time, over 50 accounts (a budget, a per-use
   - `off`: admit and settle with no ledger (the settle script as before the ledger),
   - `ledger`: admit and settle writing one ledger record and two daily aggregates per call.
 Prints settle latency (p50, p99), calls per second, Redis's own time per call (INFO commandstats: the
-commands alone), Redis's CPU per call (INFO cpu: with the round trips, which the store batches), the
-ledger/off ratios, and Redis memory per record. The
-machine is shared and noisy: read the ratios, not the absolute numbers.
+commands alone), Redis's CPU per call (INFO cpu: with the round trips, which the store batches), this
+process's CPU per call (the client: RedisStore, redis-py and the driver), the ledger/off ratios, and Redis
+memory per record. The machine is shared and noisy: read the ratios, not the absolute numbers.
 """
 
 from __future__ import annotations
@@ -90,13 +90,15 @@ async def main(calls: int, concurrency: int, rounds: int) -> None:
         rows: dict[str, list[tuple[float, float, float]]] = {"ping": [], "off": [], "ledger": []}
         redis_us: dict[str, list[float]] = {"ping": [], "off": [], "ledger": []}
         redis_cpu_us: dict[str, list[float]] = {"ping": [], "off": [], "ledger": []}
+        client_cpu_us: dict[str, list[float]] = {"ping": [], "off": [], "ledger": []}
         record_bytes: list[float] = []
         for round_no in range(rounds):
             for target in rows:
                 before = int((await client.info("memory"))["used_memory"])
                 await client.config_resetstat()
-                cpu_before = await redis_cpu_s(client)
+                cpu_before, client_cpu_before = await redis_cpu_s(client), time.process_time()
                 latencies, wall = await drive(store, client, target, calls, concurrency, (round_no * 3 + len(rows[target])) * calls)
+                client_cpu_us[target].append((time.process_time() - client_cpu_before) / calls * 1e6)
                 redis_cpu_us[target].append((await redis_cpu_s(client) - cpu_before) / calls * 1e6)
                 latencies.sort()
                 stats = await client.info("commandstats")
@@ -109,12 +111,13 @@ async def main(calls: int, concurrency: int, rounds: int) -> None:
         print(f"\n{calls} admit + settle pairs per target, {concurrency} at a time, {ACCOUNTS} accounts, {rounds} rounds;"
               " settle latency (ping: the PING)")
         print(f"{'target':8} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>9} {'redis us/call':>14} "
-              f"{'redis cpu us/call':>18}")
+              f"{'redis cpu us/call':>18} {'client cpu us/call':>19}")
         best = {target: min(rows[target], key=lambda row: row[0]) for target in rows}
         inside = {target: min(redis_us[target]) for target in rows}
         for target, (p50, p99, rate) in best.items():
             cpu = "/".join(f"{us:.0f}" for us in redis_cpu_us[target])
-            print(f"{target:8} {p50:8.2f} {p99:8.2f} {rate:9.0f} {inside[target]:14.1f} {cpu:>18}")
+            own = "/".join(f"{us:.0f}" for us in client_cpu_us[target])
+            print(f"{target:8} {p50:8.2f} {p99:8.2f} {rate:9.0f} {inside[target]:14.1f} {cpu:>18} {own:>19}")
         pipeline = getattr(store, "auto_pipeline", None)  # absent before auto-pipelining
         if pipeline is not None:
             print(f"auto-pipelining: {pipeline.calls / max(pipeline.round_trips, 1):.1f} calls per round trip")

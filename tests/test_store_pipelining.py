@@ -107,7 +107,7 @@ async def test_a_frozen_redis_fails_every_call_of_the_batch_within_its_deadline_
     finally:
         server.resume()
     assert all(isinstance(outcome, StoreError) and not outcome.certain for outcome in outcomes), outcomes
-    assert waited < WIRE_DEADLINE_S + 1.0  # the deadline, and room for a loaded machine's slow steps
+    assert waited < WIRE_DEADLINE_S + 2.0  # the deadline, and room for what a loaded machine adds to it
     assert not store.healthy
     # The frozen batch's connection was closed with its replies unread: what comes next gets its own replies.
     later = await asyncio.gather(*(store.admit(admit_amount(i)) for i in range(CALLS, CALLS + 8)))
