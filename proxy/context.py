@@ -29,7 +29,7 @@ class AdminAudit:
     actor: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestContext:
     request_id: str
     route: str

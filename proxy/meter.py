@@ -112,6 +112,8 @@ def _ends(label: str, ends_at: datetime) -> _Period:
 class Admission:
     """An admitted request: the headers to send, and a settle/release that act once."""
 
+    __slots__ = ("headers", "_store", "_clock", "_pending", "_reservation", "_settled", "_heartbeat")  # one per call
+
     def __init__(
         self,
         store: Store,

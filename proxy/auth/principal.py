@@ -8,7 +8,7 @@ from typing import Literal
 PrincipalKind = Literal["api_key", "gateway_token", "issuer"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling and on whose behalf.
 

@@ -51,7 +51,7 @@ class Price:
     per_megapixel: float = 0.0  # megapixels of generated images (image providers that price by output size)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestFacts:
     """What the gateway knows about a request before forwarding it (used to bound its cost)."""
 
@@ -66,7 +66,7 @@ class RequestFacts:
     stream: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Usage:
     """What a call really used, read from the upstream's answer."""
 
@@ -81,7 +81,7 @@ class Usage:
     final: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """Allow (with what to take and reserve) or deny (with the error code)."""
 

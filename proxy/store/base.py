@@ -54,7 +54,7 @@ class StoreOverloaded(StoreError):
         self.retry_after_s = retry_after_s
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LimitSpec:
     """A GCRA limit: a burst of `limit` units, refilled at `limit / window_ms`; this request costs `cost`."""
 
@@ -65,7 +65,7 @@ class LimitSpec:
     tokens: bool = False  # settle corrects the cost of token limits from the estimate to the actual
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseSpec:
     """At most `limit` requests in flight under `key`; each holds a lease until settled or expired."""
 
@@ -73,7 +73,7 @@ class LeaseSpec:
     limit: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AlertSpec:
     """The budget's alert thresholds, claimed by the settle that makes `spent` reach them (docs/usage.md, "Budget
     alerts"): each `(basis points, micro-credits)` once per ledger, i.e. per budget period, across replicas.
@@ -86,7 +86,7 @@ class AlertSpec:
     keep_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CreditSpec:
     """Reserve `amount` micro-credits against `budget` in the ledger `ledger_key` (holds in `holds_key`).
 
@@ -101,7 +101,7 @@ class CreditSpec:
     alerts: AlertSpec | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LedgerSpec:
     """Where the call's usage ledger lives and who the call is for: every settle (and every expired hold it
     sweeps) appends a record there and adds to the daily aggregates beside it (docs/usage.md).
@@ -132,7 +132,7 @@ class Adjustment:
     actor: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallUsage:
     """What a settle records in the ledger beside its charge. `released`: nothing billable came back."""
 
@@ -145,7 +145,7 @@ class CallUsage:
     seconds_ms: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AdmitRequest:
     """Everything one admission decision checks and takes, in one atomic step."""
 
@@ -221,7 +221,7 @@ def _check(name: str, value: int, low: int, high: int) -> None:
         raise ValueError(f"store: {name} must be an integer in [{low}, {high}], got {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """What an admitted request holds; settle it exactly once (later settles are no-ops)."""
 

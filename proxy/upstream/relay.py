@@ -35,7 +35,7 @@ _ONE_SEND_MAX_BYTES = 64 * 1024  # a plain answer up to this size (and of known 
 _READ_REST_S = 1.0  # how long the end of a delivered answer is awaited to keep its connection; else it is closed
 
 
-@dataclass
+@dataclass(slots=True)
 class RelayOutcome:
     """What happened, for metering and records."""
 
@@ -58,7 +58,7 @@ class RelaySettings:
     keepalive_s: float  # 0 = no `: ping` comments
 
 
-@dataclass
+@dataclass(slots=True)
 class OpenedCall:
     """An upstream call whose response headers arrived: where it went and what was sent."""
 

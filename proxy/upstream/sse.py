@@ -15,6 +15,8 @@ _KEEP_TAIL = 64 * 1024  # of such an event, kept for its last piece: a usage obj
 class EventSplitter:
     """Feed raw chunks; get back the raw bytes of each event completed so far (terminator included)."""
 
+    __slots__ = ("_pending",)  # one per open stream
+
     def __init__(self) -> None:
         self._pending = b""
 

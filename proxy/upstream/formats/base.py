@@ -46,7 +46,7 @@ class AnswerTranslation(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PreparedBody:
     body: bytes
     stream: bool
