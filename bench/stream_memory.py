@@ -31,28 +31,38 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from compare import HEADERS, Hold, PATH, Target, pipeline_config, raise_file_limit, rss_kib, stream_once  # noqa: E402
+from compare import PATH, pipeline_config, raise_file_limit, rss_kib  # noqa: E402
 from relay import UPSTREAM, free_port  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 WARM_STREAMS = 50  # opened and closed first, so pools, caches and scripts are in place before the measurement
 TRACE_FRAMES = 25
+OPEN_TIMEOUT_S = 300  # for all streams to open
 TRACED_AT_ONCE = 20  # streams being opened at once while tracing (slow): the store's calls stay within their timeout
 
 # The client: holds `streams` SSE calls open after their first event; says "open" when all are, then waits for
 # its stdin to close.
 CLIENT = r'''
-import asyncio, sys
+import asyncio, json, sys
 sys.path.insert(0, sys.argv[3])
 import aiohttp
-from compare import Hold, Target, stream_once
+from compare import HEADERS, MODEL, Hold
 async def main():
-    url, count, at_once = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
+    url, count, at_once, prompt_bytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[5])
     hold = Hold(opening=asyncio.Semaphore(at_once))
-    target = Target("gateway", url, None)
+    body = json.dumps({"model": MODEL, "stream": True, "bench_chunks": 2, "bench_delay_ms": 600_000,
+                       "messages": [{"role": "user", "content": "word " * (prompt_bytes // 5) or "hi"}]}).encode()
     async def one(session):
         await hold.opening.acquire()
-        await stream_once(session, target, 2, 600_000, hold)
+        async with session.post(url, data=body, headers=HEADERS) as r:
+            if r.status != 200:
+                raise RuntimeError(f"stream answered {r.status}: {(await r.read())[:200]!r}")
+            async for line in r.content:
+                if line.startswith(b"data:"):
+                    hold.open_streams += 1
+                    hold.opening.release()
+                    await hold.release.wait()
+                    return
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks = [asyncio.create_task(one(session)) for _ in range(count)]
         while hold.open_streams < count:
@@ -73,14 +83,16 @@ asyncio.run(main())
 class Streams:
     """A client child process holding `count` streams open until `close`."""
 
-    def __init__(self, url: str, count: int, at_once: int) -> None:
+    def __init__(self, url: str, count: int, at_once: int, prompt_bytes: int) -> None:
+        here = str(Path(__file__).resolve().parent)
         self._child = subprocess.Popen(
-            [sys.executable, "-c", CLIENT, url, str(count), str(Path(__file__).resolve().parent), str(at_once)],
+            [sys.executable, "-c", CLIENT, url, str(count), here, str(at_once), str(prompt_bytes)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     async def opened(self) -> None:
         assert self._child.stdout is not None
-        line = await asyncio.get_running_loop().run_in_executor(None, self._child.stdout.readline)
+        reading = asyncio.get_running_loop().run_in_executor(None, self._child.stdout.readline)
+        line = await asyncio.wait_for(reading, OPEN_TIMEOUT_S)
         if line.strip() != b"open":
             raise RuntimeError(f"the client failed (exit {self._child.wait()})")
 
@@ -124,8 +136,8 @@ def _short(frame: tracemalloc.Frame) -> str:
     return f"{path}:{frame.lineno}"
 
 
-async def warm(url: str) -> None:
-    streams = Streams(url, WARM_STREAMS, WARM_STREAMS)
+async def warm(url: str, prompt_bytes: int) -> None:
+    streams = Streams(url, WARM_STREAMS, WARM_STREAMS, prompt_bytes)
     await streams.opened()
     await streams.close()
     await asyncio.sleep(1.0)  # the held upstream calls end, their settles land
@@ -168,20 +180,20 @@ def pymalloc_stats() -> tuple[int, int]:
     return int(blocks.group(1).replace(",", "")), int(arenas.group(1).replace(",", ""))
 
 
-async def measure(url: str, count: int, top: int, trace: bool) -> dict[str, Any]:
-    await warm(url)
+async def measure(url: str, count: int, top: int, trace: bool, prompt_bytes: int) -> dict[str, Any]:
+    await warm(url, prompt_bytes)
     if trace:  # from here on only: tracing slows every allocation (the store's calls would time out at start-up)
         tracemalloc.start(TRACE_FRAMES)
     heap0, types0 = heap_kib(), objects_by_type()
     snapshot0 = tracemalloc.take_snapshot() if trace else None
-    streams = Streams(url, count, TRACED_AT_ONCE if trace else 200)
+    streams = Streams(url, count, TRACED_AT_ONCE if trace else 200, prompt_bytes)
     await streams.opened()
     await asyncio.sleep(0.5)  # the last streams' first events are relayed
     heap1, types1 = heap_kib(), objects_by_type()
     snapshot1 = tracemalloc.take_snapshot() if trace else None
     await streams.close()
 
-    result: dict[str, Any] = {"streams": count, "kib_per_stream": {k: (heap1[k] - heap0[k]) / count for k in heap0}}
+    result: dict[str, Any] = {"streams": count, "prompt_bytes": prompt_bytes, "kib_per_stream": {k: (heap1[k] - heap0[k]) / count for k in heap0}}
     types = {k: (types1[k] - types0.get(k, 0)) / count for k in types1 if not k.startswith("#")}
     result["objects"] = sorted(
         ((name, (types1["#" + name] - types0.get("#" + name, 0)) / count, size) for name, size in types.items()),
@@ -204,7 +216,8 @@ async def measure(url: str, count: int, top: int, trace: bool) -> dict[str, Any]
 
 def print_report(result: dict[str, Any]) -> None:
     count, kib = result["streams"], result["kib_per_stream"]
-    print(f"\n{count} open streams, KiB per stream:")
+    prompt = f", prompts of {result['prompt_bytes']:,} bytes" if result["prompt_bytes"] else ""
+    print(f"\n{count} open streams{prompt}, KiB per stream:")
     if "sites" in result:
         print(f"  RSS {kib['rss']:.1f}, tracemalloc's own tables {kib['tracemalloc_tables']:.1f} of it; malloc in use "
               f"{kib['malloc_in_use']:.1f}; traced by tracemalloc (the Python heap: objects in pymalloc and "
@@ -239,7 +252,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             config = load_config(pipeline_config(Path(tmp), up_port, redis_server.url, args.streams))
             server = await start_server(config, "127.0.0.1", 0)
             try:
-                return await measure(server.url + PATH, args.streams, args.top, not args.no_trace)
+                return await measure(server.url + PATH, args.streams, args.top, not args.no_trace, args.prompt_bytes)
             finally:
                 await server.stop()
         finally:
@@ -251,6 +264,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--prompt-bytes", type=int, default=0,
+                        help="each call's message this long (0: a two-letter prompt, as bench/compare.py sends)")
     parser.add_argument("--top", type=int, default=25, help="rows per table")
     parser.add_argument("--no-trace", action="store_true", help="RSS only, without tracemalloc's overhead")
     parser.add_argument("--asyncio", action="store_true", help="asyncio's own event loop instead of uvloop")

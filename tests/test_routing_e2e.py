@@ -187,6 +187,21 @@ async def test_a_500_is_retried_and_logged_with_the_deployment_and_attempts(
     assert await spent(gateway) == 1  # one request, charged once
 
 
+async def test_a_retry_sends_the_whole_body_although_the_opened_call_lets_it_go(
+    start: Start, upstreams: Upstreams
+) -> None:
+    """The handler empties the parsed body once a call is opened (a stream keeps its frames): every attempt before
+    that is sent all of it."""
+    upstreams["a"].handler = failing(500)
+    gateway = await start()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "word " * 2000}]
+    status, _, body = await post(gateway, chat("mock/routed", stream=True, temperature=0.5) | {"messages": messages})
+    assert status == 200 and b"[DONE]" in body
+    sent = [upstreams[name].received[-1].body for name in ("a", "b")]
+    assert [(b["model"], b["messages"], b["temperature"]) for b in sent] == [
+        ("up-a", messages, 0.5), ("up-b", messages, 0.5)]
+
+
 async def test_a_429_rests_its_deployment_for_retry_after(start: Start, upstreams: Upstreams) -> None:
     upstreams["a"].handler = failing(429, {"Retry-After": "30"})
     gateway = await start()

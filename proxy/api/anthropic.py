@@ -18,7 +18,7 @@ from ..policy.types import RequestFacts
 from ..upstream.formats import anthropic as anthropic_format
 from ..upstream.formats.anthropic import API_VERSION, COUNT_TOKENS, MESSAGES, PREFIX
 from ..upstream.relay import forwarded_headers
-from .body import objects_within, read_json_object
+from .body import objects_within, read_call_body
 from .metered import MAX_OUTPUT_TOKENS, count_param
 from .passthrough import relay_generation
 from .state import ERROR_SHAPES, GATEWAY, authenticated
@@ -30,10 +30,10 @@ _MEDIA_BLOCKS = frozenset({"image", "document"})  # their tokens are not bounded
 async def messages(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     principal = await authenticated(request, api_key_header="x-api-key")
-    body = await read_json_object(request, gateway.config.server.max_body_bytes)
+    body, size = await read_call_body(request, gateway.config.server.max_body_bytes)
     ctx.model = model = gateway.model(body.get("model"), "anthropic")
     route = COUNT_TOKENS if request.path == COUNT_TOKENS else MESSAGES
-    facts = request_facts(route, body, len(await request.read()))  # the body is cached by now
+    facts = request_facts(route, body, size)
     forward = forwarded_headers(request, _CLIENT_HEADERS)
     forward.setdefault("anthropic-version", API_VERSION)
     return await relay_generation(request, principal, model, route, body, facts, forward)

@@ -13,7 +13,8 @@ _READ_CHUNK = 64 * 1024
 
 
 async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:
-    """The body as a JSON object, or 413 / 400 errors that say what is wrong.
+    """The body as a JSON object, or 413 / 400 errors that say what is wrong (the raw bytes stay cached on the
+    request: `request.read()` returns them again).
 
     The Content-Type is not enforced: `curl -d` sends form-encoded by default, and the body decides.
     """
@@ -23,6 +24,17 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(max_bytes) from None
+    return _json_object(raw)
+
+
+async def read_call_body(request: web.Request, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """A generation call's body as a JSON object, and its size in bytes; errors as `read_json_object`'s. The raw
+    bytes are not cached on the request, which an open stream keeps for as long as it lasts."""
+    raw = await read_raw(request, max_bytes)
+    return _json_object(raw), len(raw)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise ApiError("invalid_request", "the request body is empty; send a JSON object")
     try:

@@ -14,7 +14,7 @@ from ..errors import ApiError
 from ..policy.types import RequestFacts
 from ..upstream.formats import elevenlabs as elevenlabs_format
 from ..upstream.relay import forwarded_headers
-from .body import read_json_object
+from .body import read_call_body
 from .passthrough import relay_generation
 from .state import ERROR_SHAPES, GATEWAY, authenticated
 
@@ -28,7 +28,7 @@ async def speak(request: web.Request) -> web.StreamResponse:
     route = elevenlabs_format.speech_route(
         request.match_info["voice_id"], output_format, stream=request.path.endswith("/stream")
     )
-    body = await read_json_object(request, gateway.config.server.max_body_bytes)
+    body, size = await read_call_body(request, gateway.config.server.max_body_bytes)
     model_id = body.pop("model_id", None)
     if not isinstance(model_id, str) or not model_id:
         raise ApiError("invalid_request", "`model_id` must be a model id from GET /v1/models", param="model_id")
@@ -36,7 +36,7 @@ async def speak(request: web.Request) -> web.StreamResponse:
     text = body.get("text")
     if not isinstance(text, str) or not text:
         raise ApiError("invalid_request", "`text` must be a non-empty string", param="text")
-    facts = RequestFacts(input_bytes=len(await request.read()), max_output_tokens=0, characters=len(text))
+    facts = RequestFacts(input_bytes=size, max_output_tokens=0, characters=len(text))
     return await relay_generation(request, principal, model, route, body, facts, forwarded_headers(request),
                                   elevenlabs_format.character_usage)
 

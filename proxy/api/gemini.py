@@ -22,7 +22,7 @@ from ..policy.types import RequestFacts
 from ..upstream.formats import gemini as gemini_format
 from ..upstream.formats.gemini import COUNT_TOKENS, PREFIX, ROUTES, STREAM
 from ..upstream.relay import forwarded_headers
-from .body import objects_within, read_json_object
+from .body import objects_within, read_call_body
 from .metered import MAX_CHOICES, MAX_OUTPUT_TOKENS, count_param
 from .passthrough import relay_generation
 from .state import ERROR_SHAPES, GATEWAY, authenticated
@@ -43,9 +43,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if route == STREAM and request.query.get("alt") != "sse":
         raise ApiError("invalid_request", "streamGenerateContent needs ?alt=sse (Server-Sent Events); the JSON "
                        "array stream is not supported through the gateway", param="alt")
-    body = await read_json_object(request, gateway.config.server.max_body_bytes)
+    body, size = await read_call_body(request, gateway.config.server.max_body_bytes)
     ctx.model = model = gateway.model(request.match_info["model"], "gemini")
-    facts = request_facts(route, body, len(await request.read()))  # the body is cached by now
+    facts = request_facts(route, body, size)
     return await relay_generation(request, principal, model, route, body, facts, forwarded_headers(request))
 
 

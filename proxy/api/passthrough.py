@@ -19,7 +19,7 @@ from ..policy.types import RequestFacts, Usage
 from ..upstream.formats import TRANSLATED
 from ..upstream.formats.openai import RESPONSES_ROUTE
 from ..upstream.relay import forwarded_headers, relay
-from .body import read_json_object
+from .body import read_call_body
 from .metered import authorize_and_admit, metered_call, request_facts
 from .routed import open_routed
 from .state import GATEWAY, authenticated
@@ -46,10 +46,10 @@ def openai_route(request: web.Request) -> str:
 async def passthrough(request: web.Request) -> web.StreamResponse:
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     principal = await authenticated(request)
-    body = await read_json_object(request, gateway.config.server.max_body_bytes)
+    body, size = await read_call_body(request, gateway.config.server.max_body_bytes)
     route = openai_route(request)
     ctx.model = model = gateway.model(body.get("model"), "openai", TRANSLATED.get(route, ()))
-    facts = request_facts(route, body, len(await request.read()))  # the body is cached by now
+    facts = request_facts(route, body, size)
     return await relay_generation(request, principal, model, route, body, facts, forwarded_headers(request))
 
 
@@ -59,11 +59,13 @@ async def relay_generation(
 ) -> web.StreamResponse:
     """Decide and admit, then open the call on a deployment and relay its answer as the provider sent it, inside
     `metered_call` (the same for every native route: the model's wire format is the route's). `headers_usage`:
-    usage the answer's headers state (ElevenLabs' characters), kept unless its body carries some."""
+    usage the answer's headers state (ElevenLabs' characters), kept unless its body carries some. `body` is emptied
+    once the call is opened: nothing after needs it, and the handler's frames would keep it while the stream lasts."""
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
     async with metered_call(gateway, ctx, decision, admission, facts) as outcome, AsyncExitStack() as call_scope:
         call = await open_routed(gateway, ctx, principal, decision, facts, route, body, forward, call_scope)
+        body.clear()
         if headers_usage is not None and call.upstream.status < 400:
             outcome.usage = headers_usage(call.upstream.headers)
         return await relay(request, call, gateway.relay, outcome, admission.headers)

@@ -112,7 +112,8 @@ async def open_routed(
         attempt.callback(_report, gateway, target, ctx.outcome, upstream.headers.get("Retry-After"))
         attempt.push(_span_ender(span, ctx.outcome))
         stack.push_async_exit(attempt)
-        return OpenedCall(provider, upstream, prepared, ends_at)
+        # Without the bytes sent: the relay needs only how to read the answer, and a stream may last minutes.
+        return OpenedCall(provider, upstream, replace(prepared, body=b""), ends_at)
     raise _all_out(model, attempts)
 
 
