@@ -7,7 +7,6 @@ the app middleware.
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
 from typing import Any, Callable, Mapping
 
 from aiohttp import web
@@ -63,12 +62,13 @@ async def relay_generation(
     once the call is opened: nothing after needs it, and the handler's frames would keep it while the stream lasts."""
     gateway, ctx = request.app[GATEWAY], request[CONTEXT]
     decision, admission = await authorize_and_admit(gateway, ctx, principal, model, facts)
-    async with metered_call(gateway, ctx, decision, admission, facts) as outcome, AsyncExitStack() as call_scope:
-        call = await open_routed(gateway, ctx, principal, decision, facts, route, body, forward, call_scope)
+    async with metered_call(gateway, ctx, decision, admission, facts) as outcome:
+        call, attempt = await open_routed(gateway, ctx, principal, decision, facts, route, body, forward)
         body.clear()
-        if headers_usage is not None and call.upstream.status < 400:
-            outcome.usage = headers_usage(call.upstream.headers)
-        return await relay(request, call, gateway.relay, outcome, admission.headers)
+        async with attempt:
+            if headers_usage is not None and call.upstream.status < 400:
+                outcome.usage = headers_usage(call.upstream.headers)
+            return await relay(request, call, gateway.relay, outcome, admission.headers)
 
 
 def add_routes(app: web.Application) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import binascii
 import json
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
@@ -289,10 +288,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
         outcome.response = events.response
         await events.send("generation.status", {"status": "queued"})
         try:
-            async with AsyncExitStack() as call_scope:
-                opened = await open_routed(
-                    gateway, ctx, principal, decision, facts, call.route, call.body, _UPSTREAM_HEADERS, call_scope
-                )
+            opened, attempt = await open_routed(
+                gateway, ctx, principal, decision, facts, call.route, call.body, _UPSTREAM_HEADERS
+            )
+            async with attempt:
                 output = await _generate(request, opened, model.capability, events, outcome)
         except ApiError as exc:
             outcome.error_code = outcome.error_code or exc.code

@@ -44,9 +44,10 @@ def _retryable(status: int) -> bool:
 
 async def open_routed(
     gateway: Gateway, ctx: RequestContext, principal: Principal, decision: Decision, facts: RequestFacts,
-    route: str, body: dict[str, Any], forward: Mapping[str, str], stack: AsyncExitStack,
-) -> OpenedCall:
-    """The first answer worth relaying. Its connection share and its health report stay on `stack`."""
+    route: str, body: dict[str, Any], forward: Mapping[str, str],
+) -> tuple[OpenedCall, AsyncExitStack]:
+    """The first answer worth relaying, and its attempt's exit stack (its connection share, its health report and
+    its span), for the caller to close once the call is over: `async with` it at once (no await in between)."""
     model = ctx.model
     assert model is not None and ctx.outcome is not None
     charges = {model.id: decision}
@@ -111,9 +112,8 @@ async def open_routed(
         ctx.deployment = target.label if target.model is model else f"{target.model.id}:{target.label}"
         attempt.callback(_report, gateway, target, ctx.outcome, upstream.headers.get("Retry-After"))
         attempt.push(_span_ender(span, ctx.outcome))
-        stack.push_async_exit(attempt)
         # Without the bytes sent: the relay needs only how to read the answer, and a stream may last minutes.
-        return OpenedCall(provider, upstream, replace(prepared, body=b""), ends_at)
+        return OpenedCall(provider, upstream, replace(prepared, body=b""), ends_at), attempt
     raise _all_out(model, attempts)
 
 
