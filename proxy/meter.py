@@ -13,11 +13,11 @@ import logging
 import math
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 from urllib.parse import quote
 
 from proxy.auth.principal import Principal
@@ -142,18 +142,14 @@ class Admission:
         """What the admission holds (None: nothing in the store), e.g. to hand a job's hold to another replica."""
         return self._reservation
 
-    @asynccontextmanager
-    async def keepalive(self) -> AsyncIterator[None]:
+    def keepalive(self) -> AbstractAsyncContextManager[None]:
         """Renew the lease and the hold every ttl/3 while the body runs, so that only the holds of a replica
         that died expire (and get charged). Renewal problems are logged, never raised into the request."""
-        if self._settled or self._reservation is None:
-            yield
-            return
-        self._schedule_renewal(self._reservation)
-        try:
-            yield
-        finally:
-            self._stop_heartbeat()
+        return _Keepalive(self)
+
+    def _start_heartbeat(self) -> None:
+        if not self._settled and self._reservation is not None:
+            self._schedule_renewal(self._reservation)
 
     async def settle(self, actual_credits: float, actual_tokens: int, usage: CallUsage | None = None) -> bool:
         """Charge the real cost and free the lease; True if this call applied it. The store writes the call's usage
@@ -222,6 +218,22 @@ class Admission:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
+
+
+class _Keepalive:
+    """`Admission.keepalive`: a plain context manager rather than a generator's, whose frame every open stream
+    would keep."""
+
+    __slots__ = ("_admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    async def __aenter__(self) -> None:
+        self._admission._start_heartbeat()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._admission._stop_heartbeat()
 
 
 class Meter:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Callable
 
 from ..errors import ApiError
 
@@ -31,9 +31,12 @@ class PoolShares:
         self._shares: dict[str, asyncio.Semaphore] = {}
         self._callers: Counter[str] = Counter()  # calls holding or awaiting a slot, per account: idle shares go
 
-    @asynccontextmanager
-    async def slot(self, account: str) -> AsyncIterator[None]:
+    def slot(self, account: str) -> AbstractAsyncContextManager[None]:
         """Hold one of the provider's connections for `account` while the body runs, or refuse within the wait."""
+        return _Slot(self, account)
+
+    async def _take_slot(self, account: str) -> asyncio.Semaphore:
+        """Take the account's share and a free connection (the share returned, for `_give_back`), or refuse."""
         share = self._shares.setdefault(account, asyncio.Semaphore(self._per_account))
         self._callers[account] += 1
         deadline = asyncio.get_running_loop().time() + self._wait_s
@@ -41,16 +44,23 @@ class PoolShares:
             await _take(share, deadline, self._over_share)
             try:
                 await _take(self._free, deadline, self._pool_busy)
-                try:
-                    yield
-                finally:
-                    self._free.release()
-            finally:
+            except BaseException:
                 share.release()
-        finally:
-            self._callers[account] -= 1
-            if not self._callers[account]:
-                del self._callers[account], self._shares[account]
+                raise
+        except BaseException:
+            self._forget_caller(account)
+            raise
+        return share
+
+    def _give_back(self, account: str, share: asyncio.Semaphore) -> None:
+        self._free.release()
+        share.release()
+        self._forget_caller(account)
+
+    def _forget_caller(self, account: str) -> None:
+        self._callers[account] -= 1
+        if not self._callers[account]:
+            del self._callers[account], self._shares[account]
 
     def _over_share(self) -> ApiError:
         return ApiError(
@@ -67,6 +77,23 @@ class PoolShares:
             "try again shortly",
             headers={"Retry-After": "1"},
         )
+
+
+class _Slot:
+    """`PoolShares.slot`: a plain context manager rather than a generator's, whose frame every open stream would
+    keep."""
+
+    __slots__ = ("_pool", "_account", "_share")
+
+    def __init__(self, pool: PoolShares, account: str) -> None:
+        self._pool = pool
+        self._account = account
+
+    async def __aenter__(self) -> None:
+        self._share = await self._pool._take_slot(self._account)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._pool._give_back(self._account, self._share)
 
 
 async def _take(semaphore: asyncio.Semaphore, deadline: float, refusal: Callable[[], ApiError]) -> None:
