@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from contextlib import AsyncExitStack
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import aiohttp
 
@@ -30,6 +29,7 @@ from ..policy.types import Decision, RequestFacts
 from ..tracing import UpstreamSpan
 from ..upstream.relay import OpenedCall, RelayOutcome, open_upstream, stream_deadline
 from ..upstream.routing import Attempts, Target, reset_after_s, retry_after_s
+from ..upstream.shares import PoolShares
 from .metered import upstream_outcome
 
 
@@ -45,9 +45,9 @@ def _retryable(status: int) -> bool:
 async def open_routed(
     gateway: Gateway, ctx: RequestContext, principal: Principal, decision: Decision, facts: RequestFacts,
     route: str, body: dict[str, Any], forward: Mapping[str, str],
-) -> tuple[OpenedCall, AsyncExitStack]:
-    """The first answer worth relaying, and its attempt's exit stack (its connection share, its health report and
-    its span), for the caller to close once the call is over: `async with` it at once (no await in between)."""
+) -> tuple[OpenedCall, AnsweringAttempt]:
+    """The first answer worth relaying, and its attempt (its connection share, its health report and its span),
+    for the caller to close once the call is over: `async with` it at once (no await in between)."""
     model = ctx.model
     assert model is not None and ctx.outcome is not None
     charges = {model.id: decision}
@@ -68,11 +68,10 @@ async def open_routed(
             gateway.metrics.route_retry(model.id, "retry" if target.model is model else "fallback")
         charged = charges[target.model.id]
         provider = gateway.providers[target.deployment.provider]
-        attempt = AsyncExitStack()
         try:
             upstream_model = target.deployment.upstream_model
             prepared = provider.format.prepare(route, body, upstream_model, charged.max_output_tokens)
-            await attempt.enter_async_context(provider.pool.slot(principal.account))  # refused: not retried
+            share = await provider.pool.take(principal.account)  # refused: not retried
         except BaseException:
             target.health.abandoned()  # nothing was sent: a half-open probe it claimed may go to another call
             raise
@@ -85,7 +84,7 @@ async def open_routed(
             upstream = await open_upstream(provider, url, prepared.body, ctx.request_id, headers)
         except ApiError as exc:
             span.end(0, "timeout" if exc.code == "upstream_timeout" else "error", exc.code, exc)
-            await attempt.aclose()
+            provider.pool.give_back(principal.account, share)
             target.health.failed()
             _attempt_failed(gateway, target, provider.name, exc.code, started)
             if not attempts.has_next():
@@ -96,7 +95,7 @@ async def open_routed(
             target.health.abandoned()
             # The provider has the prompt (and bills it) although nobody will read the answer: settle charges it.
             ctx.outcome.abandoned = isinstance(exc, asyncio.CancelledError)
-            await attempt.aclose()
+            provider.pool.give_back(principal.account, share)
             raise
         ctx.outcome.first_byte_s = time.monotonic() - started
         if not _retryable(upstream.status):
@@ -105,15 +104,15 @@ async def open_routed(
             span.end(upstream.status, "error", "upstream_error", None)
             _answer_refused(gateway, target, provider.name, upstream, started)
             upstream.close()
-            await attempt.aclose()
+            provider.pool.give_back(principal.account, share)
             continue
         _respect_quota(gateway, target, upstream.headers)
         ctx.provider = provider.name
         ctx.deployment = target.label if target.model is model else f"{target.model.id}:{target.label}"
-        attempt.callback(_report, gateway, target, ctx.outcome, upstream.headers.get("Retry-After"))
-        attempt.push(_span_ender(span, ctx.outcome))
+        answering = AnsweringAttempt(gateway, target, ctx.outcome, upstream.headers.get("Retry-After"), span,
+                                     provider.pool, principal.account, share)
         # Without the bytes sent: the relay needs only how to read the answer, and a stream may last minutes.
-        return OpenedCall(provider, upstream, replace(prepared, body=b""), ends_at), attempt
+        return OpenedCall(provider, upstream, replace(prepared, body=b""), ends_at), answering
     raise _all_out(model, attempts)
 
 
@@ -138,15 +137,36 @@ def _quota_count(value: str | None) -> int | None:
     return int(value)
 
 
-def _span_ender(span: UpstreamSpan, outcome: RelayOutcome) -> Callable[..., bool]:
-    """Ends the answering attempt's span once its call is over, with the failure that ended it, if any."""
+class AnsweringAttempt:
+    """The answering attempt, once its call is over: its span ended with the failure that ended it, if any, its
+    deployment's verdict reported, its connection share given back. (One per open stream: a small object, not an
+    AsyncExitStack with its deque and callbacks.)"""
 
-    def end(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-        error_code = outcome.error_code or (exc.code if isinstance(exc, ApiError) else None)
-        span.end(outcome.status, upstream_outcome(outcome), error_code, exc if isinstance(exc, Exception) else None)
-        return False  # never swallows the exception
+    __slots__ = ("_gateway", "_target", "_outcome", "_retry_after", "_span", "_pool", "_account", "_share")
 
-    return end
+    def __init__(
+        self, gateway: Gateway, target: Target, outcome: RelayOutcome, retry_after: str | None, span: UpstreamSpan,
+        pool: PoolShares, account: str, share: asyncio.Semaphore,
+    ) -> None:
+        self._gateway, self._target, self._outcome, self._retry_after = gateway, target, outcome, retry_after
+        self._span, self._pool, self._account, self._share = span, pool, account, share
+
+    async def __aenter__(self) -> None:
+        pass
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        outcome = self._outcome
+        try:
+            try:
+                error_code = outcome.error_code or (exc.code if isinstance(exc, ApiError) else None)
+                self._span.end(outcome.status, upstream_outcome(outcome), error_code,
+                               exc if isinstance(exc, Exception) else None)
+            finally:
+                _report(self._gateway, self._target, outcome, self._retry_after)
+        finally:
+            self._pool.give_back(self._account, self._share)
 
 
 def _answer_refused(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from contextlib import AbstractAsyncContextManager
 from typing import Callable
 
 from ..errors import ApiError
@@ -31,12 +30,9 @@ class PoolShares:
         self._shares: dict[str, asyncio.Semaphore] = {}
         self._callers: Counter[str] = Counter()  # calls holding or awaiting a slot, per account: idle shares go
 
-    def slot(self, account: str) -> AbstractAsyncContextManager[None]:
-        """Hold one of the provider's connections for `account` while the body runs, or refuse within the wait."""
-        return _Slot(self, account)
-
-    async def _take_slot(self, account: str) -> asyncio.Semaphore:
-        """Take the account's share and a free connection (the share returned, for `_give_back`), or refuse."""
+    async def take(self, account: str) -> asyncio.Semaphore:
+        """Take one of the provider's connections for `account` (within its share), or refuse within the wait. Give
+        it back with `give_back` and the share returned, once the call is over."""
         share = self._shares.setdefault(account, asyncio.Semaphore(self._per_account))
         self._callers[account] += 1
         deadline = asyncio.get_running_loop().time() + self._wait_s
@@ -52,7 +48,7 @@ class PoolShares:
             raise
         return share
 
-    def _give_back(self, account: str, share: asyncio.Semaphore) -> None:
+    def give_back(self, account: str, share: asyncio.Semaphore) -> None:
         self._free.release()
         share.release()
         self._forget_caller(account)
@@ -77,23 +73,6 @@ class PoolShares:
             "try again shortly",
             headers={"Retry-After": "1"},
         )
-
-
-class _Slot:
-    """`PoolShares.slot`: a plain context manager rather than a generator's, whose frame every open stream would
-    keep."""
-
-    __slots__ = ("_pool", "_account", "_share")
-
-    def __init__(self, pool: PoolShares, account: str) -> None:
-        self._pool = pool
-        self._account = account
-
-    async def __aenter__(self) -> None:
-        self._share = await self._pool._take_slot(self._account)
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._pool._give_back(self._account, self._share)
 
 
 async def _take(semaphore: asyncio.Semaphore, deadline: float, refusal: Callable[[], ApiError]) -> None:
