@@ -11,6 +11,7 @@ from typing import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.store import RedisStore, StoreError
 from proxy.store.autopipeline import AutoPipeline
@@ -152,3 +153,20 @@ async def test_every_caller_of_a_batch_hanging_up_closes_its_connection_not_the_
     # Had the connection gone back with five replies unread, this call would read the first of them.
     result = await store.admit(admit_amount(30))
     assert held(result) == 31 * CREDIT
+
+
+async def test_a_connection_lost_mid_batch_fails_every_call_of_it_and_the_store_recovers(
+    store: RedisStore, server: RedisServer
+) -> None:
+    server.pause()
+    admits = [asyncio.create_task(store.admit(admit_amount(i))) for i in range(10)]
+    await asyncio.sleep(0.1)  # the batch is written, its replies not yet read
+    server.kill()  # the connection drops under it
+    outcomes = await asyncio.gather(*admits, return_exceptions=True)
+    assert all(isinstance(outcome, StoreError) and not outcome.certain for outcome in outcomes), outcomes
+    assert all(isinstance(outcome.__cause__, RedisConnectionError) for outcome in outcomes)  # not a timeout
+    assert not store.healthy
+    server.start()  # same port, empty: the scripts are loaded again on NOSCRIPT
+    results = await asyncio.gather(*(store.admit(admit_amount(i)) for i in range(10)))
+    assert [held(result) for result in results] == [(i + 1) * CREDIT for i in range(10)]
+    assert store.healthy
