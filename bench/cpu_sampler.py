@@ -15,6 +15,7 @@ is also measured apart with `gc.callbacks`: lines `#gc <generation> <collections
 from __future__ import annotations
 
 import gc
+import os
 import runpy
 import signal
 import sys
@@ -65,6 +66,7 @@ def main() -> None:
     signal.signal(signal.SIGUSR2, start_or_stop)
     gc.callbacks.append(time_gc)
     sys.argv = [module, *args]
+    sys.path[0] = os.getcwd()  # as `python -m` has it: the module of the working directory, not an installed one
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -100,6 +100,11 @@ def print_breakdown(stacks: Counter[str], us_per_request: float) -> None:
         print(f"| {name} | {count / total:.1%} | {count / total * us_per_request:.0f} | {inclusive[name] / total:.1%} |")
 
 
+def system_cpu_s(pid: int) -> float:
+    """The kernel's CPU on the process's behalf (stime): sockets, epoll, clocks."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def py_spy_command(args: argparse.Namespace, pid: int, out: Path) -> list[str]:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return [py_spy, "record", *(["--native"] if args.native else ["--nonblocking"]), "--rate", str(args.rate),
@@ -124,7 +129,9 @@ async def profile(args: argparse.Namespace) -> None:
             recorder = subprocess.Popen(py_spy_command(args, gateway.pid, out), stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT)
             await asyncio.sleep(0.5)
+        system_before = system_cpu_s(gateway.pid)
         result = await closed_loop(gateway, wrk, args.seconds, args.connections)
+        system_s = system_cpu_s(gateway.pid) - system_before
         if not args.py_spy:
             os.kill(gateway.pid, signal.SIGUSR2)  # the sampler stops and writes
             await asyncio.sleep(1.0)
@@ -136,6 +143,7 @@ async def profile(args: argparse.Namespace) -> None:
     us_per_request = result.cpu_s / result.requests * 1e6
     print(f"{result.requests} requests, {result.rps:,.0f}/s, gateway CPU {us_per_request:.0f} µs per request; "
           f"{sum(stacks.values())} samples in {out}")
+    print(f"in the kernel (system CPU, spread over the rows below): {system_s / result.requests * 1e6:.0f} µs per request")
     print_breakdown(stacks, us_per_request)
     if collections:
         gc_us = sum(seconds for _, _, seconds in collections) / result.requests * 1e6
