@@ -114,6 +114,40 @@ async def test_keepalive_ping_while_the_upstream_is_slow(
     assert b'"late"' in body
 
 
+async def test_a_client_that_stops_reading_past_the_ping_time_gets_the_whole_stream(
+    provider: MockProvider, gateway_env: None, policies_dir: Path
+) -> None:
+    # More than the sockets buffer, so the gateway's writes wait for the client while its read deadline (the next
+    # ping) passes: that deadline must not land in the waiting write and cut the stream.
+    big = "x" * 64 * 1024
+    events = 256
+
+    async def burst_then_pause(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = await open_sse(request)
+        for _ in range(events):
+            await response.write(sse(chat_chunk(big)))
+        await asyncio.sleep(0.3)
+        await response.write(sse(chat_chunk("end", finish="stop")) + sse(usage_chunk(3, events + 1)) + sse("[DONE]"))
+        return response
+
+    provider.handler = burst_then_pause
+    server = await start_gateway(gateway_config(provider.url, policies_dir, server={"sse_keepalive_s": 0.1}))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{server.url}/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH) as r:
+                first = await r.content.readline()
+                await asyncio.sleep(1.0)  # ten ping periods without reading
+                body = first + await asyncio.wait_for(r.read(), 10)
+    finally:
+        await server.stop()
+    frames = body.split(b"\n\n")
+    assert frames[-2:] == [b"data: [DONE]", b""]
+    contents = [json.loads(f.removeprefix(b"data: "))["choices"][0]["delta"]["content"]
+                for f in frames[:-2] if f.startswith(b"data: ")]
+    assert contents == [big] * events + ["end"]
+    assert all(f.startswith(b"data: ") or f == b": ping" for f in frames[:-2])
+
+
 @pytest.mark.parametrize(
     ("route", "payload", "check"),
     [

@@ -19,6 +19,7 @@ from ..config import Timeouts
 from .formats import PreparedBody, WireFormat, openai
 from .formats.base import AnswerTranslation, StreamTranslator
 from .providers import Provider
+from .read_deadline import ReadDeadline
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the relay recomputes.
 _DROP_RESPONSE_HEADERS = frozenset(
@@ -354,32 +355,40 @@ async def read_chunks(
     that is not this loop's own wait is a failure, never a quiet moment (else a stuck read spins the loop).
     """
     loop = asyncio.get_running_loop()
+    deadline = ReadDeadline()
     idle_until = loop.time() + timeouts.idle_s
-    while True:  # one asyncio.timeout per stream, re-armed per read; a new one only after it expired
-        try:
-            async with asyncio.timeout(None) as waited:
-                while True:
-                    now = loop.time()
-                    if now >= ends_at:
-                        raise ApiError("upstream_timeout", f"the provider's answer took longer than {timeouts.total_s:g}s")
-                    if now >= idle_until:
-                        raise ApiError("upstream_timeout", f"no data from the provider for {timeouts.idle_s:g}s")
-                    give_up_at = min(idle_until, ends_at)
-                    wake_at = min(give_up_at, now + keepalive_s) if keepalive_s else give_up_at
-                    waited.reschedule(wake_at)
-                    chunk = await upstream.content.readany()
-                    waited.reschedule(None)  # disarmed while the consumer handles the chunk (in this task)
-                    if not chunk:
-                        return
-                    idle_until = loop.time() + timeouts.idle_s
-                    yield chunk
-        except TimeoutError:
-            if not waited.expired():
+    try:
+        while True:
+            now = loop.time()
+            if now >= ends_at:
+                raise ApiError("upstream_timeout", f"the provider's answer took longer than {timeouts.total_s:g}s")
+            if now >= idle_until:
+                raise ApiError("upstream_timeout", f"no data from the provider for {timeouts.idle_s:g}s")
+            give_up_at = min(idle_until, ends_at)
+            wake_at = min(give_up_at, now + keepalive_s) if keepalive_s else give_up_at
+            deadline.arm(wake_at)
+            try:
+                chunk = await upstream.content.readany()
+            except asyncio.CancelledError:
+                if not deadline.expired():
+                    raise
+                chunk = None  # the deadline passed: a ping is due, or the checks above end the stream
+            except TimeoutError:
                 raise ApiError("upstream_timeout", "the connection to the provider timed out") from None
-            if wake_at < give_up_at:
-                yield None  # a quiet moment: time for a keep-alive ping
-        except aiohttp.ClientPayloadError:
-            raise ApiError("upstream_error", "the provider closed the stream before it finished") from None
+            except aiohttp.ClientPayloadError:
+                raise ApiError("upstream_error", "the provider closed the stream before it finished") from None
+            finally:
+                deadline.disarm()  # the consumer handles the chunk in this task: no deadline may land there
+            if chunk is None:
+                if wake_at < give_up_at:
+                    yield None  # a quiet moment: time for a keep-alive ping
+            elif not chunk:
+                return
+            else:
+                idle_until = loop.time() + timeouts.idle_s
+                yield chunk
+    finally:
+        deadline.close()
 
 
 async def _relay_events(
