@@ -12,7 +12,8 @@ file) and metrics. Every scenario runs against the three targets in turn:
 - open loop: a fixed rate, each latency measured from the request's intended send time (no coordinated
   omission); added p50/p99 against direct;
 - SSE: streams whose upstream stamps each event with its send time; the client's receive time minus that stamp
-  is the per-chunk delay; plus time to first byte;
+  is the per-chunk delay, over every event and over the events sent once every stream had its first ("steady":
+  the earlier ones leave while the other streams are still starting); plus time to first byte;
 - concurrent stream starts: rounds of N streams started at once, time to first byte;
 - idle streams: N streams open at once, each holding after its first event; RSS growth per stream;
 - Redis: CPU, commands and round trips per gateway request (`INFO cpu`, `INFO commandstats` and `INFO stats`
@@ -333,11 +334,11 @@ class Hold:
 
 
 async def stream_once(session: aiohttp.ClientSession, target: Target, chunks: int, delay_ms: float,
-                      hold: Hold | None = None) -> tuple[float, list[float]]:
-    """One SSE call: (time to first byte, every event's delay from its upstream stamp). With `hold`, stop
+                      hold: Hold | None = None) -> tuple[float, list[tuple[float, float]]]:
+    """One SSE call: (time to first byte, every event's (upstream send stamp, delay from it)). With `hold`, stop
     reading after the first event and keep the stream open until `hold.release` is set."""
     start = time.monotonic()
-    delays: list[float] = []
+    events: list[tuple[float, float]] = []
     ttfb = float("nan")
     async with session.post(target.url, headers=HEADERS,
                             data=request_body(True, bench_chunks=chunks, bench_delay_ms=delay_ms)) as r:
@@ -349,19 +350,30 @@ async def stream_once(session: aiohttp.ClientSession, target: Target, chunks: in
                 ttfb = time.monotonic() - start
             stamp = STAMP.search(line)
             if stamp:
-                delays.append(now - float(stamp.group(1)))
+                sent = float(stamp.group(1))
+                events.append((sent, now - sent))
                 if hold is not None:
                     hold.open_streams += 1
                     hold.opening.release()
                     await hold.release.wait()
                     break
-    return ttfb, delays
+    return ttfb, events
 
 
-async def sse_delays(target: Target, streams: int, chunks: int, delay_ms: float) -> tuple[list[float], list[float]]:
+@dataclass
+class SseDelays:
+    ttfb: list[float]
+    chunks: list[float]  # every event's delay
+    steady: list[float]  # of the events sent once every stream had its first: the ones before leave while other
+    # streams are still being admitted and opened (the stream-start cost, not the per-chunk one)
+
+
+async def sse_delays(target: Target, streams: int, chunks: int, delay_ms: float) -> SseDelays:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         results = await asyncio.gather(*(stream_once(session, target, chunks, delay_ms) for _ in range(streams)))
-    return [t for t, _ in results], [d for _, ds in results for d in ds]
+    all_started = max(sent + delay for _, events in results for sent, delay in events[:1])
+    every = [event for _, events in results for event in events]
+    return SseDelays([t for t, _ in results], [d for _, d in every], [d for sent, d in every if sent > all_started])
 
 
 async def stream_starts(target: Target, at_once: int, rounds: int) -> list[float]:
@@ -498,14 +510,14 @@ async def run(args: argparse.Namespace, env: Environment) -> list[Row]:
         await settle()
     rows += latency_rows(f"open loop, {args.rate:g} req/s", "latency ms", open_samples)
 
-    chunk_delays, sse_ttfb = {}, {}
+    sse = {}
     for target in env.targets:
-        sse_ttfb[target.name], chunk_delays[target.name] = await sse_delays(
-            target, args.sse_streams, args.sse_chunks, args.sse_delay_ms)
+        sse[target.name] = await sse_delays(target, args.sse_streams, args.sse_chunks, args.sse_delay_ms)
         await settle()
     scenario = f"SSE, {args.sse_streams} streams x {args.sse_chunks} chunks every {args.sse_delay_ms:g} ms"
-    rows += latency_rows(scenario, "chunk delay ms", chunk_delays)
-    rows += latency_rows(scenario, "TTFB ms", sse_ttfb)
+    rows += latency_rows(scenario, "chunk delay ms", {n: d.chunks for n, d in sse.items()})
+    rows += latency_rows(scenario, "steady chunk delay ms", {n: d.steady for n, d in sse.items()})
+    rows += latency_rows(scenario, "TTFB ms", {n: d.ttfb for n, d in sse.items()})
 
     starts = {}
     for target in env.targets:

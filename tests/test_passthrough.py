@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import openai
@@ -92,6 +92,19 @@ async def test_client_disconnect_cancels_the_upstream(gateway: str, provider: Mo
     await wait_for(upstream_cancelled, 5)
 
 
+async def stream_through_a_pinging_gateway(
+    provider: MockProvider, policies_dir: Path, read: Callable[[aiohttp.ClientResponse], Awaitable[bytes]]
+) -> bytes:
+    """A chat stream through a gateway that pings every 0.1 s while the upstream is silent; `read` reads it."""
+    server = await start_gateway(gateway_config(provider.url, policies_dir, server={"sse_keepalive_s": 0.1}))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{server.url}/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH) as r:
+                return await read(r)
+    finally:
+        await server.stop()
+
+
 async def test_keepalive_ping_while_the_upstream_is_slow(
     provider: MockProvider, gateway_env: None, policies_dir: Path
 ) -> None:
@@ -103,13 +116,7 @@ async def test_keepalive_ping_while_the_upstream_is_slow(
         return response
 
     provider.handler = slow
-    server = await start_gateway(gateway_config(provider.url, policies_dir, server={"sse_keepalive_s": 0.1}))
-    try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{server.url}/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH) as r:
-                body = await r.read()
-    finally:
-        await server.stop()
+    body = await stream_through_a_pinging_gateway(provider, policies_dir, aiohttp.ClientResponse.read)
     assert body.startswith(b": ping\n\n")
     assert b'"late"' in body
 
@@ -130,16 +137,13 @@ async def test_a_client_that_stops_reading_past_the_ping_time_gets_the_whole_str
         await response.write(sse(chat_chunk("end", finish="stop")) + sse(usage_chunk(3, events + 1)) + sse("[DONE]"))
         return response
 
+    async def read_after_a_pause(r: aiohttp.ClientResponse) -> bytes:
+        first = await r.content.readline()
+        await asyncio.sleep(1.0)  # ten ping periods without reading
+        return first + await asyncio.wait_for(r.read(), 10)
+
     provider.handler = burst_then_pause
-    server = await start_gateway(gateway_config(provider.url, policies_dir, server={"sse_keepalive_s": 0.1}))
-    try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{server.url}/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH) as r:
-                first = await r.content.readline()
-                await asyncio.sleep(1.0)  # ten ping periods without reading
-                body = first + await asyncio.wait_for(r.read(), 10)
-    finally:
-        await server.stop()
+    body = await stream_through_a_pinging_gateway(provider, policies_dir, read_after_a_pause)
     frames = body.split(b"\n\n")
     assert frames[-2:] == [b"data: [DONE]", b""]
     contents = [json.loads(f.removeprefix(b"data: "))["choices"][0]["delta"]["content"]
