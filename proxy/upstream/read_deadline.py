@@ -16,6 +16,9 @@ class ReadDeadline:
     """Bounds each read of one task: `arm(when)` before the read, `disarm()` after it; a CancelledError out of
     the read is this deadline's when `expired()` says so (like `asyncio.timeout`, a real cancel stays one)."""
 
+    # One per open stream.
+    __slots__ = ("_loop", "_task", "_when", "_reading", "_timer", "_timer_at", "_cancelling", "_fired")
+
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task(self._loop)
