@@ -16,7 +16,6 @@ import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -54,6 +53,7 @@ MICRO = 1_000_000
 
 def to_micro(credits: float, *, round_up: bool = False) -> int:
     """Credits -> integer micro-credits in [0, MAX_AMOUNT]; reservations round up so a hold never falls short.
+    The amount is the decimal that `repr` writes (0.1 is 100,000 exactly), rounded half up or up, in integers.
 
     Never raises: negative amounts are 0, huge ones and +infinity are MAX_AMOUNT (NaN is the caller's to
     avoid: it is 0 here; `Admission.settle` charges the reserve instead)."""
@@ -61,10 +61,24 @@ def to_micro(credits: float, *, round_up: bool = False) -> int:
         return MAX_AMOUNT if credits > 0 else 0
     if credits <= 0:
         return 0
-    if credits >= MAX_AMOUNT / MICRO:  # also keeps a 400-digit integer out of Decimal arithmetic
+    if credits >= MAX_AMOUNT / MICRO:  # also keeps a 400-digit integer out of the arithmetic below
         return MAX_AMOUNT
-    rounding = ROUND_CEILING if round_up else ROUND_HALF_UP
-    return int((Decimal(repr(credits)) * MICRO).to_integral_value(rounding=rounding))
+    digits, places = _decimal_digits(credits)
+    if places <= _MICRO_PLACES:
+        return digits * 10 ** (_MICRO_PLACES - places)
+    unit = 10 ** (places - _MICRO_PLACES)
+    micro, rest = divmod(digits, unit)
+    return micro + (rest > 0 if round_up else 2 * rest >= unit)
+
+
+_MICRO_PLACES = 6  # MICRO = 10**6
+
+
+def _decimal_digits(amount: float) -> tuple[int, int]:
+    """`amount` as `repr` writes it, as (digits, places): 1.5e-05 is (15, 6), 12.25 is (1225, 2)."""
+    mantissa, _, exponent = repr(amount).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    return int(whole + fraction), len(fraction) - int(exponent or 0)
 
 
 def clamp_tokens(tokens: int) -> int:
@@ -78,8 +92,9 @@ def from_micro(micro: int) -> float:
 
 def format_credits(micro: int) -> str:
     """A header value: the credit amount without float noise, e.g. `12.5`."""
-    text = f"{Decimal(micro) / MICRO:f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    whole, fraction = divmod(abs(micro), MICRO)
+    sign = "-" if micro < 0 else ""
+    return f"{sign}{whole}.{fraction:06d}".rstrip("0") if fraction else f"{sign}{whole}"
 
 
 @dataclass(frozen=True)
@@ -147,7 +162,8 @@ class Admission:
         that died expire (and get charged). Renewal problems are logged, never raised into the request."""
         return _Keepalive(self)
 
-    def _start_heartbeat(self) -> None:
+    def start_keepalive(self) -> None:
+        """`keepalive` without a context manager: renewals start; `stop_keepalive` ends them."""
         if not self._settled and self._reservation is not None:
             self._schedule_renewal(self._reservation)
 
@@ -174,7 +190,7 @@ class Admission:
 
     async def _apply(self, amount: int, tokens: int, usage: CallUsage) -> bool:
         assert self._reservation is not None
-        self._stop_heartbeat()
+        self.stop_keepalive()
         self._settled = True
         pending = PendingSettle(self._reservation, amount, tokens, _bounded(usage))
         try:
@@ -214,7 +230,7 @@ class Admission:
         if not self._settled:
             self._schedule_renewal(reservation)
 
-    def _stop_heartbeat(self) -> None:
+    def stop_keepalive(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
@@ -230,10 +246,10 @@ class _Keepalive:
         self._admission = admission
 
     async def __aenter__(self) -> None:
-        self._admission._start_heartbeat()
+        self._admission.start_keepalive()
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._admission._stop_heartbeat()
+        self._admission.stop_keepalive()
 
 
 class Meter:
@@ -580,7 +596,12 @@ def _ratelimit_headers(rule: RateLimit, state: LimitState) -> dict[str, str]:
 
 
 def _bounded(usage: CallUsage) -> CallUsage:
-    """The record's figures clamped to the store's bounds, like the charge's (a provider may report anything)."""
+    """The record's figures clamped to the store's bounds, like the charge's (a provider may report anything).
+    Figures within them (nearly always) keep the record as it is: no copy."""
+    tokens = (usage.tokens_in, usage.tokens_out, usage.images)
+    if all(type(n) is int and 0 <= n <= MAX_TOKENS for n in tokens) and type(usage.seconds_ms) is int \
+            and 0 <= usage.seconds_ms <= 2**46:
+        return usage
     return dataclasses.replace(
         usage,
         tokens_in=clamp_tokens(usage.tokens_in),

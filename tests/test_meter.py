@@ -6,17 +6,20 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import redis.asyncio as aioredis
 
 from proxy.auth.principal import Principal
 from proxy.errors import ApiError
-from proxy.meter import Meter, format_credits, to_micro
+from proxy.meter import Meter, _bounded, format_credits, to_micro
 from proxy.policy.types import Budget, Decision, RateLimit
 from proxy.store import MemoryStore, RedisStore, Reservation, ResilientStore, Store
+from proxy.store.base import MAX_TOKENS, CallUsage
 from tests.redis_server import RedisServer, free_port
 
 ALICE = Principal(kind="api_key", account="acme", plan="pro", key_id="key1", subject="alice")
@@ -365,3 +368,29 @@ def test_credit_conversions_are_exact() -> None:
     assert to_micro(0.1) == 100_000 and to_micro(0.1, round_up=True) == 100_000
     assert to_micro(1e-7, round_up=True) == 1 and to_micro(1e-7) == 0
     assert format_credits(1_500_000) == "1.5" and format_credits(3_000_000) == "3"
+
+
+def _decimal_to_micro(credits: float, round_up: bool) -> int:
+    """The reference: the decimal `repr` writes, times a million, rounded by Decimal (the meter's former way)."""
+    rounding = ROUND_CEILING if round_up else ROUND_HALF_UP
+    return int((Decimal(repr(credits)) * 1_000_000).to_integral_value(rounding=rounding))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.floats(min_value=1e-12, max_value=999_999.0) | st.integers(min_value=1, max_value=999_999))
+def test_integer_credit_conversions_match_decimal_arithmetic(credits: float) -> None:
+    assert to_micro(credits) == _decimal_to_micro(credits, False)
+    assert to_micro(credits, round_up=True) == _decimal_to_micro(credits, True)
+
+
+@given(st.integers(min_value=-(10**16), max_value=10**16))
+def test_formatted_credits_match_decimal_formatting(micro: int) -> None:
+    text = f"{Decimal(micro) / 1_000_000:f}"
+    assert format_credits(micro) == (text.rstrip("0").rstrip(".") if "." in text else text)
+
+
+def test_ledger_record_figures_are_clamped_and_kept_as_they_are_within_bounds() -> None:
+    hostile = CallUsage(tokens_in=10**400, tokens_out=-5, images=3, seconds_ms=2**60)
+    assert _bounded(hostile) == CallUsage(tokens_in=MAX_TOKENS, tokens_out=0, images=3, seconds_ms=2**46)
+    usual = CallUsage(provider="p", deployment="d", tokens_in=10, tokens_out=20, seconds_ms=1500)
+    assert _bounded(usual) is usual

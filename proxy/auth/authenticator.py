@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable, Iterable
 
@@ -130,6 +131,8 @@ def with_challenge(err: ApiError) -> ApiError:
     return err
 
 
+@functools.lru_cache(maxsize=4096)
 def key_principal(key: ApiKey) -> Principal:
-    """The principal of a raw API key."""
+    """The principal of a raw API key: one per key record (the record is immutable, and a policy change makes a new
+    one), not one per call."""
     return Principal(kind="api_key", account=key.billing_account, plan=key.plan, key_id=key.id)
