@@ -204,10 +204,11 @@ class BatchingWriter(logging.Handler):
         except Exception:  # logging must never raise into the request
             self.handleError(record)
 
-    def close(self) -> None:
-        """Stop the writer after it has written every line emitted so far."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the writer after it has written every line emitted so far, waiting at most `timeout_s` for it
+        (None: however long it takes)."""
         self._stopping.set()
-        self._thread.join()
+        self._thread.join(timeout_s)
         super().close()
 
     def _run(self) -> None:
@@ -267,10 +268,16 @@ def configure_logging(
     return _stop_writer
 
 
-def _stop_writer() -> None:
-    """Flush pending lines and stop the writer thread, if one runs."""
+def _stop_writer(timeout_s: float | None = None) -> None:
+    """Flush pending lines and stop the writer thread, if one runs, waiting at most `timeout_s` for it."""
     global _writer
-    if _writer is not None:
-        logging.getLogger().removeHandler(_writer)
-        _writer.close()
-        _writer = None
+    writer, _writer = _writer, None  # another thread may stop it too (`flush_logs`)
+    if writer is not None:
+        logging.getLogger().removeHandler(writer)
+        writer.close(timeout_s)
+
+
+def flush_logs(timeout_s: float) -> None:
+    """The process is about to end: write the lines logged so far, unless stdout takes longer than `timeout_s`
+    (a stalled log reader must not keep the process)."""
+    _stop_writer(timeout_s)

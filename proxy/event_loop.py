@@ -6,13 +6,24 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
+import threading
 from typing import Any, Callable, Coroutine
 
 
 def run_event_loop(main: Coroutine[Any, Any, Any]) -> None:
-    """Run `main` to completion on a new event loop of the chosen kind."""
-    with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
-        runner.run(main)
+    """Run `main` to completion on a new event loop of the chosen kind, then give SIGINT and SIGTERM back the
+    handlers they had: uvloop leaves its handler of the closed loop installed, which swallows both, so a process
+    stuck after its loop ended (joining a thread) could not be stopped but by SIGKILL."""
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
+            runner.run(main)
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
 
 
 # The collector's youngest-generation threshold while serving (CPython's default: 700 net new container objects).

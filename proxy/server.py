@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
+from .accesslog import flush_logs
 from .api import health
 from .api.state import GATEWAY
 from .app import create_app, error_response
@@ -208,15 +210,55 @@ async def serve_sockets(
     return server
 
 
+# Past server.shutdown_grace_s, what follows the drain (the pending settles' last flush, at most 2 s, closing the
+# store and pools, the tracing flush) has this long before the process ends regardless. Below the supervisor's
+# KILL_MARGIN_S, so a stuck worker ends by itself, with a log line saying so.
+DRAIN_MARGIN_S = 4.0
+STUCK_EXIT_CODE = 1  # as a worker the supervisor had to kill: not a clean drain
+LOG_FLUSH_TIMEOUT_S = 0.5
+
+
+class ExitDeadline:
+    """Once armed (a stop began), ends the process `shutdown_grace_s + DRAIN_MARGIN_S` later if it is still
+    there, whatever holds it: a cleanup awaiting forever, a blocked event loop, a thread it joins. A timer
+    thread of its own, so it needs neither the event loop nor the main thread."""
+
+    def __init__(self, grace_s: float) -> None:
+        self._seconds = grace_s + DRAIN_MARGIN_S
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        """Start the countdown (once; later calls, from any thread, keep the first)."""
+        with self._lock:
+            if self._timer is None:
+                self._timer = threading.Timer(self._seconds, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _expire(self) -> None:
+        log.error("still not stopped %.1fs after the stop began (server.shutdown_grace_s and %.1fs); exiting",
+                  self._seconds, DRAIN_MARGIN_S)
+        flush_logs(LOG_FLUSH_TIMEOUT_S)
+        os._exit(STUCK_EXIT_CODE)
+
+
 async def serve_until_signalled(
-    start: Awaitable[RunningServer], on_ready: Callable[[RunningServer], None], stop: asyncio.Event | None = None
+    start: Awaitable[RunningServer], on_ready: Callable[[RunningServer], None], stop: asyncio.Event | None = None,
+    deadline: ExitDeadline | None = None,
 ) -> None:
     """Run the server `start` opens until SIGINT/SIGTERM (or `stop` is set), then drain it; `on_ready` says it
-    serves."""
+    serves. A signal arms `deadline`, if given (whoever sets `stop` arms it themselves)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        stop.set()
+        if deadline is not None:
+            deadline.arm()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     server = await start
     settle_heap()
     on_ready(server)
@@ -233,6 +275,8 @@ def _announce(server: RunningServer) -> None:
 
 
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:
-    """Serve in this process until SIGINT/SIGTERM, then finish requests in flight up to `server.shutdown_grace_s`."""
-    run_event_loop(serve_until_signalled(start_server(config, host, port), _announce))
+    """Serve in this process until SIGINT/SIGTERM, then finish requests in flight up to `server.shutdown_grace_s`
+    (the process ends `DRAIN_MARGIN_S` after that at the latest)."""
+    deadline = ExitDeadline(config.server.shutdown_grace_s)
+    run_event_loop(serve_until_signalled(start_server(config, host, port), _announce, deadline=deadline))
 

@@ -31,13 +31,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, ConfigError
 from .event_loop import event_loop_name, run_event_loop
+
+if TYPE_CHECKING:
+    from .server import ExitDeadline
 
 log = logging.getLogger("edge_proxy.workers")
 
@@ -313,7 +317,7 @@ def _worker_main() -> int:
     from .accesslog import configure_logging
     from .auth.tokens import KeyRing, SigningKey
     from .gateway import build_gateway
-    from .server import RunningServer, serve_sockets, serve_until_signalled
+    from .server import ExitDeadline, RunningServer, serve_sockets, serve_until_signalled
 
     handoff = json.loads(sys.stdin.buffer.readline())
     config = Config.model_validate(handoff["config"])
@@ -331,11 +335,15 @@ def _worker_main() -> int:
         os.write(handoff["ready_fd"], f"{handoff['slot']} {os.getpid()}\n".encode())
         os.close(handoff["ready_fd"])
 
+    deadline = ExitDeadline(config.server.shutdown_grace_s)
+
     async def run() -> None:
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_reader(sys.stdin.fileno(), _on_lifeline, stop)
+        lifeline = threading.Thread(target=_watch_lifeline, args=(asyncio.get_running_loop(), stop, deadline),
+                                    name="edge-proxy-lifeline", daemon=True)
+        lifeline.start()
         gateway = build_gateway(config, announce=False, signing_ring=ring)
-        await serve_until_signalled(serve_sockets(config, sock, metrics_sock, gateway), ready, stop)
+        await serve_until_signalled(serve_sockets(config, sock, metrics_sock, gateway), ready, stop, deadline)
 
     try:
         run_event_loop(run())
@@ -347,12 +355,18 @@ def _worker_main() -> int:
     return 0
 
 
-def _on_lifeline(stop: asyncio.Event) -> None:
-    """The supervisor writes nothing more after the handoff: readable stdin means end-of-file, it is gone."""
-    if not os.read(sys.stdin.fileno(), 1):
-        asyncio.get_running_loop().remove_reader(sys.stdin.fileno())
-        log.error("the supervisor is gone; draining")
-        stop.set()
+def _watch_lifeline(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, deadline: ExitDeadline) -> None:
+    """Blocks on stdin, in a thread of its own so that a stuck event loop cannot miss the supervisor's end: it
+    writes nothing more after the handoff, so end-of-file means it is gone. Then the drain begins, and the
+    deadline ends the process if the drain cannot."""
+    while os.read(sys.stdin.fileno(), 1):
+        pass
+    log.error("the supervisor is gone; draining")
+    deadline.arm()
+    try:
+        loop.call_soon_threadsafe(stop.set)
+    except RuntimeError:  # the loop has ended already: the process is on its way out
+        pass
 
 
 if __name__ == "__main__":

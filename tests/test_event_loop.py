@@ -67,3 +67,20 @@ def test_a_serving_process_freezes_its_start_up_heap_and_collects_young_objects_
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.split() == ["True", "True"], done.stderr
+
+
+def test_sigterm_still_ends_a_process_after_its_loop_ended() -> None:
+    """uvloop leaves its handler of the closed loop installed, which swallowed SIGTERM: a process stuck after its
+    loop ended (joining a thread) could only be SIGKILLed. In a child interpreter, on the default loop (uvloop)."""
+    probe = ("import asyncio, signal, time; from proxy.event_loop import run_event_loop\n"
+             "async def main(): asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, print)\n"
+             "run_event_loop(main()); print('loop ended', flush=True); time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "loop ended\n"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()

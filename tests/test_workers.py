@@ -8,6 +8,8 @@ exits 0, and workers never outlive their supervisor. The worker count's rules ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -30,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.accesslog import BatchingWriter
 from proxy.auth.api_keys import hash_key
 from proxy.config import ConfigError, parse_config
+from proxy.server import DRAIN_MARGIN_S
 from proxy.workers import available_cores, worker_count
 from tests.gateway_harness import PROVIDER_KEY, REPO, TEST_KEY, gateway_config, gateway_process, write_policy
 from tests.mock_provider import MockProvider, chat_chunk, open_sse, sse, usage_chunk
@@ -183,30 +187,78 @@ async def test_two_workers_share_the_port_tokens_budget_and_metrics_then_drain(
 
 def test_workers_drain_when_the_supervisor_is_killed(redis_server: RedisServer, tmp_path: Path) -> None:
     """A SIGKILLed supervisor cannot drain them: each worker sees its lifeline close and stops by itself."""
+    supervisor, _, pids = start_supervisor(redis_server, tmp_path, {})
+    try:
+        supervisor.kill()
+        supervisor.wait()
+        wait_until_gone(pids, 10, "workers kept running without their supervisor")
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+        kill_leftovers(pids)
+
+
+def test_workers_end_within_the_grace_when_their_shutdown_is_stuck(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Without a supervisor, a worker whose shutdown cannot finish (here: its log lines cannot be written, the
+    stdout pipe is full and nobody reads it) still ends, within shutdown_grace_s and DRAIN_MARGIN_S."""
+    grace_s = 1.0
+    supervisor, url, pids = start_supervisor(redis_server, tmp_path, {"shutdown_grace_s": grace_s})
+    try:
+        assert supervisor.stdout is not None
+        fcntl.fcntl(supervisor.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # full after a few access lines
+        for _ in range(3 * PIPE_SIZE // 200):  # an access line is more than 200 bytes
+            urllib.request.urlopen(urllib.request.Request(f"{url}/v1/me", headers=auth(TEST_KEY)), timeout=5).read()
+        supervisor.kill()
+        supervisor.wait()
+        wait_until_gone(pids, grace_s + DRAIN_MARGIN_S + 2, "a worker whose shutdown was stuck outlived it")
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+        kill_leftovers(pids)
+
+
+PIPE_SIZE = 4096  # the smallest a pipe can be
+
+
+def start_supervisor(
+    redis_server: RedisServer, tmp_path: Path, server: dict[str, Any]
+) -> tuple[subprocess.Popen[str], str, list[int]]:
+    """`python -m proxy serve` with 2 workers, its stdout a pipe read up to the line naming the workers;
+    returns the process, its URL and the workers' pids."""
     config = gateway_config("http://127.0.0.1:9", write_policy(tmp_path / "policies"),
-                            server={"workers": 2, "port": 0}, store={"kind": "redis", "redis_url": redis_server.url})
+                            server={"workers": 2, "port": 0, **server},
+                            store={"kind": "redis", "redis_url": redis_server.url})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(REPO), "EDGE_PROXY_DEMO_KEY": TEST_KEY, "MOCK_PROVIDER_KEY": PROVIDER_KEY,
            "TMPDIR": str(tmp_path)}  # the killed supervisor cannot remove its metrics directory
     supervisor = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(tmp_path / "config.yaml")],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert supervisor.stdout is not None
-        line, deadline = "", time.monotonic() + 20
-        while "serving on" not in line:  # log lines (the ephemeral signing key's warning) come first
-            assert time.monotonic() < deadline and supervisor.poll() is None, "the supervisor did not start"
-            if select.select([supervisor.stdout], [], [], 0.1)[0]:
-                line = supervisor.stdout.readline()
-        pids = [int(pid) for pid in re.search(r"\(pids (\d+), (\d+)\)", line).groups()]
-        supervisor.kill()
-        supervisor.wait()
-        deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
-            assert time.monotonic() < deadline, "workers kept running without their supervisor"
-            time.sleep(0.05)
-    finally:
-        supervisor.kill()
-        supervisor.wait()
+    assert supervisor.stdout is not None
+    line, deadline = "", time.monotonic() + 20
+    while "serving on" not in line:  # log lines (the ephemeral signing key's warning) come first
+        if time.monotonic() >= deadline or supervisor.poll() is not None:
+            supervisor.kill()
+            supervisor.wait()
+            raise AssertionError("the supervisor did not start")
+        if select.select([supervisor.stdout], [], [], 0.1)[0]:
+            line = supervisor.stdout.readline()
+    url, first, second = re.search(r"serving on (\S+) with 2 workers \(pids (\d+), (\d+)\)", line).groups()  # type: ignore[union-attr]
+    return supervisor, url, [int(first), int(second)]
+
+
+def wait_until_gone(pids: list[int], timeout_s: float, failure: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """A worker that failed the test must not outlive it."""
+    for pid in pids:
+        if "Z" not in _state(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _state(pid: int) -> str:
