@@ -377,22 +377,19 @@ class Meter:
         request_id: str = "",
     ) -> AdmitRequest:
         base = self.account_prefix(principal.account)
+        user = _user_id(principal)
+        tokens = clamp_tokens(decision.estimated_tokens)
         limits = tuple(
-            LimitSpec(
-                key=f"{base}:rl:{rule.name}:" + ":".join(_dimension(principal, dim, model_id) for dim in rule.per),
-                limit=rule.limit,
-                window_ms=int(rule.window_s * 1000),
-                cost=clamp_tokens(decision.estimated_tokens) if rule.unit == "tokens" else 1,
-                tokens=rule.unit == "tokens",
-            )
-            for rule in rules
+            LimitSpec(key, rule.limit, int(rule.window_s * 1000), tokens if rule.unit == "tokens" else 1,
+                      rule.unit == "tokens")
+            for key, rule in zip(_limit_keys(base, principal, model_id, rules), rules)
         )
         lease = None
         if decision.concurrency is not None:
-            lease = LeaseSpec(f"{base}:cc:{_user_id(principal)}", decision.concurrency)
+            lease = LeaseSpec(f"{base}:cc:{user}", decision.concurrency)
         credits = self._credits(base, principal, decision, now_ms)
         ledger = LedgerSpec(
-            base, request_id, principal.account, principal.key_id or "", _user_id(principal), model_id or "",
+            base, request_id, principal.account, principal.key_id or "", user, model_id or "",
             self._usage_retention_ms, self._usage_max_records,
         )
         return AdmitRequest(rid, f"{base}:tk:{rid}", now_ms, self._ttl_ms, limits, lease, credits, ledger)
@@ -523,6 +520,14 @@ def _denial(rules: tuple[RateLimit, ...], request: AdmitRequest, result: AdmitRe
         headers={"X-Credits-Balance": format_credits(balance.remaining)},
         credits_needed=from_micro(credits.amount),
         credits_balance=from_micro(balance.remaining),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _limit_keys(base: str, principal: Principal, model_id: str | None, rules: tuple[RateLimit, ...]) -> tuple[str, ...]:
+    """The rate limits' counter keys, one per rule: the same few for each caller and model, so built once each."""
+    return tuple(
+        f"{base}:rl:{rule.name}:" + ":".join(_dimension(principal, dim, model_id) for dim in rule.per) for rule in rules
     )
 
 

@@ -112,7 +112,7 @@ async def open_routed(
         answering = AnsweringAttempt(gateway, target, ctx.outcome, upstream.headers.get("Retry-After"), span,
                                      provider.pool, principal.account, share)
         # Without the bytes sent: the relay needs only how to read the answer, and a stream may last minutes.
-        return OpenedCall(provider, upstream, replace(prepared, body=b""), ends_at), answering
+        return OpenedCall(provider, upstream, prepared.without_body(), ends_at), answering
     raise _all_out(model, attempts)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,9 +21,9 @@ class RateLimit:
     limit: int
     window_s: float
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
-        """A stable, low-cardinality rule name for metrics and headers, e.g. `user.requests.60s`."""
+        """A stable, low-cardinality rule name for metrics and headers, e.g. `user.requests.60s` (made once)."""
         return f"{'+'.join(self.per)}.{self.unit}.{self.window_s:g}s"
 
 

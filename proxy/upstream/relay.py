@@ -321,11 +321,12 @@ async def upstream_failure(provider: Provider, upstream: aiohttp.ClientResponse)
 
 def _response_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str] | None) -> CIMultiDict[str]:
     # Access-Control-*: only the gateway's own CORS stamp (app.py) says which origins may read an answer.
-    headers = CIMultiDict(
+    headers = CIMultiDict([
         (k, v) for k, v in upstream.headers.items()
-        if k.lower() not in _DROP_RESPONSE_HEADERS and not k.lower().startswith("access-control-")
-    )
-    headers.update(extra or {})
+        if (name := k.lower()) not in _DROP_RESPONSE_HEADERS and not name.startswith("access-control-")
+    ])
+    if extra:
+        headers.update(extra)
     return headers
 
 
