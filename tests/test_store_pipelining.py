@@ -11,10 +11,11 @@ from typing import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy.store import RedisStore, StoreError
-from proxy.store.autopipeline import AutoPipeline
+from proxy.store import RedisStore, StoreError, autopipeline
+from proxy.store.autopipeline import AutoPipeline, Command, packed
 from proxy.store.base import AdmitResult, StoreScriptError
 from tests.redis_server import RedisServer
 from tests.test_store import CREDIT, make_request
@@ -170,3 +171,13 @@ async def test_a_connection_lost_mid_batch_fails_every_call_of_it_and_the_store_
     results = await asyncio.gather(*(store.admit(admit_amount(i)) for i in range(10)))
     assert [held(result) for result in results] == [(i + 1) * CREDIT for i in range(10)]
     assert store.healthy
+
+
+@pytest.mark.skipif(not autopipeline.HIREDIS_AVAILABLE, reason="hiredis is not installed")
+def test_hiredis_packs_a_batch_into_the_bytes_redis_py_would_send() -> None:
+    connection = Connection()
+    commands: list[Command] = [
+        ("EVALSHA", "a" * 40, 2, "t:{acme}:tk:r1", "t:{acme}:cc", 1764150000000, -1, 0, "u:g:zoë", b"\x00raw"),
+        ("SCRIPT", "LOAD", "return redis.call('GET', KEYS[1])"),
+    ]
+    assert b"".join(packed(connection, commands)) == b"".join(connection.pack_commands(commands))

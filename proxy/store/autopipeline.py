@@ -22,9 +22,14 @@ import asyncio
 from typing import Any, Sequence
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
 from redis.typing import EncodableT, KeyT
+from redis.utils import HIREDIS_AVAILABLE
+
+if HIREDIS_AVAILABLE:
+    import hiredis
 
 Command = tuple[EncodableT, ...]
 
@@ -112,7 +117,7 @@ class AutoPipeline:
         connection = None
         try:
             connection = await self._pool.get_connection()
-            await connection.send_packed_command(connection.pack_commands(batch.commands), check_health=False)
+            await connection.send_packed_command(packed(connection, batch.commands), check_health=False)
             self.calls += len(batch.commands)
             self.round_trips += 1
             for future in batch.futures:
@@ -133,3 +138,12 @@ class AutoPipeline:
         finally:
             if connection is not None:
                 await self._pool.release(connection)
+
+
+def packed(connection: AbstractConnection, commands: list[Command]) -> list[bytes]:
+    """The batch in the Redis protocol: by hiredis's C packer when it is installed (redis-py's sync client packs
+    with it too; its asyncio client packs in Python, ~10x slower for a script call's 30-odd arguments), else by
+    the connection's own packer. Both give the same bytes for the str, int and bytes arguments the store sends."""
+    if HIREDIS_AVAILABLE:
+        return [hiredis.pack_command(command) for command in commands]
+    return connection.pack_commands(commands)
