@@ -138,6 +138,21 @@ async def test_a_caller_that_hangs_up_mid_batch_leaves_the_others_their_replies_
     assert held(await store.peek(make_request(budget=1000 * CREDIT, account="acct4"))) == 5 * CREDIT  # Redis ran it
 
 
+async def test_a_call_whose_caller_goes_before_its_batch_leaves_is_still_sent(store: RedisStore) -> None:
+    """As with redis-py alone, which writes a call before its caller can be cancelled: an alert's ack made just
+    before shutdown, or a settle next to a hang-up, still reaches Redis."""
+    calls = pipeline_of(store).calls
+    admit = asyncio.create_task(store.admit(admit_amount(40)))
+    await asyncio.sleep(0)  # the admit is queued; its batch leaves in the next loop iteration
+    assert pipeline_of(store).calls == calls
+    admit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admit
+    await asyncio.sleep(0.2)
+    assert pipeline_of(store).calls == calls + 1
+    assert held(await store.peek(make_request(budget=1000 * CREDIT, account="acct40"))) == 41 * CREDIT
+
+
 async def test_every_caller_of_a_batch_hanging_up_closes_its_connection_not_the_pool(
     store: RedisStore, server: RedisServer
 ) -> None:

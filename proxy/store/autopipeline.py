@@ -10,10 +10,11 @@ What a caller sees is what one call on a connection of its own would give it:
 - a reply that is an error (a script error, NOSCRIPT, a wrong type) fails that call only: the reply was read
   whole, so the connection stays in step;
 - a connection error fails every call of the batch still waiting, and redis-py drops the connection;
-- a caller that stops waiting (its deadline passed, its client hung up) leaves the others' replies alone: the
-  batch still reads its reply and drops it. Once every caller of a batch has stopped waiting, the batch is
-  cancelled, which closes its connection (redis-py closes a connection interrupted mid-read), so a connection
-  never goes back to the pool with replies unread.
+- a call once made is sent, as redis-py sends a call before its caller can go: a caller that stops waiting
+  (its deadline passed, its client hung up) leaves its command in the batch and the others' replies alone: the
+  batch still reads its reply and drops it. Once every caller of a written batch has stopped waiting, the batch
+  is cancelled, which closes its connection (redis-py closes a connection interrupted mid-read), so a
+  connection never goes back to the pool with replies unread.
 """
 
 from __future__ import annotations
@@ -35,22 +36,22 @@ Command = tuple[EncodableT, ...]
 
 
 class _Batch:
-    """The calls that leave in one write; cancels its task once none of their callers waits any more."""
+    """The calls that leave in one write; cancels its task once none of their callers waits for a reply."""
 
-    __slots__ = ("commands", "futures", "task", "reading", "_waiting")
+    __slots__ = ("commands", "futures", "task", "reading", "waiting")
 
     def __init__(self, commands: list[Command], futures: list[asyncio.Future[Any]]) -> None:
         self.commands = commands
         self.futures = futures
         self.task: asyncio.Task[None] | None = None
-        self.reading = True  # until every reply is read: cancelling the task then closes the connection
-        self._waiting = len(futures)
+        self.reading = False  # from the write until every reply is read
+        self.waiting = len(futures)
         for future in futures:
             future.add_done_callback(self._answered)
 
     def _answered(self, future: asyncio.Future[Any]) -> None:
-        self._waiting -= 1
-        if self._waiting == 0 and self.reading and self.task is not None:
+        self.waiting -= 1
+        if self.waiting == 0 and self.reading and self.task is not None:
             self.task.cancel()  # every caller gave up (deadline or hang-up): drop the connection, not the pool
 
     def fail(self, exc: BaseException) -> None:
@@ -100,13 +101,13 @@ class AutoPipeline:
         self._flush_due = False
         if len(self._batches) >= self._max_batches:
             return  # every connection carries a batch: the queue leaves when one comes back
-        live = [i for i, future in enumerate(self._futures) if not future.done()]  # a caller gone: never sent
-        batch = _Batch([self._commands[i] for i in live], [self._futures[i] for i in live])
+        if not self._commands:
+            return
+        batch = _Batch(self._commands, self._futures)
         self._commands, self._futures = [], []
-        if batch.futures:
-            batch.task = task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._sent)
+        batch.task = task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
@@ -120,6 +121,10 @@ class AutoPipeline:
             await connection.send_packed_command(packed(connection, batch.commands), check_health=False)
             self.calls += len(batch.commands)
             self.round_trips += 1
+            if batch.waiting == 0:  # every caller went before the write ended: no reply is wanted
+                await connection.disconnect()
+                return
+            batch.reading = True
             for future in batch.futures:
                 try:
                     reply = await connection.read_response()
