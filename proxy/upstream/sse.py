@@ -85,4 +85,12 @@ def comment(text: str) -> bytes:
 
 
 def data_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + compact_json(payload) + b"\n\n"
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps with separators would build an encoder per call
+
+
+def compact_json(value: Any) -> bytes:
+    """`value` as JSON without spaces (what goes upstream and into translated answers), from one encoder."""
+    return _COMPACT.encode(value).encode()

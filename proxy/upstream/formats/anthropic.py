@@ -9,7 +9,6 @@ Usage: a JSON answer's `usage`; in a stream, `message_start.message.usage` (the 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from typing import Any
@@ -60,7 +59,7 @@ def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_to
     if max_output_tokens > 0 and route in (MESSAGES, CHAT_ROUTE):
         asked = out.get("max_tokens")  # validated by now: an integer (request_facts)
         out["max_tokens"] = min(asked, max_output_tokens) if isinstance(asked, int) else max_output_tokens
-    encoded, stream = json.dumps(out, separators=(",", ":")).encode(), out.get("stream") is True
+    encoded, stream = sse.compact_json(out), out.get("stream") is True
     if not translated:
         return PreparedBody(encoded, stream, False)
     translation = anthropic_translate.ChatTranslation(upstream_model, anthropic_translate.wants_usage(body))
@@ -131,4 +130,4 @@ def error_body(error: ApiError) -> dict[str, Any]:
 
 def error_event(error: ApiError) -> bytes:
     """`event: error`: the Anthropic SDKs raise it from a stream (they skip events without a name)."""
-    return b"event: error\ndata: " + json.dumps(error_body(error), separators=(",", ":")).encode() + b"\n\n"
+    return b"event: error\ndata: " + sse.compact_json(error_body(error)) + b"\n\n"

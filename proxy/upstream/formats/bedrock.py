@@ -7,12 +7,12 @@ event's.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import quote
 
 from ...errors import ApiError
 from ...policy.types import Usage
+from .. import sse
 from . import openai
 from .base import PreparedBody
 from .converse import ChatTranslation, converse_usage, to_converse
@@ -39,7 +39,7 @@ def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_to
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     converse = to_converse(body, max_output_tokens)
-    return PreparedBody(json.dumps(converse, separators=(",", ":")).encode(), stream, False,
+    return PreparedBody(sse.compact_json(converse), stream, False,
                         ChatTranslation(upstream_model, include_usage))
 
 

@@ -380,10 +380,10 @@ class ChatTranslation:
 
     def answer(self, body: bytes) -> tuple[bytes, Usage | None]:
         completion, usage = to_chat_completion(answer_object(body, "Bedrock"), self.model, _call_id())
-        return json.dumps(completion, separators=(",", ":")).encode(), usage
+        return sse.compact_json(completion), usage
 
     def error(self, status: int, error_type: str, body: bytes) -> bytes:
-        return json.dumps(error_body(status, error_type, body), separators=(",", ":")).encode()
+        return sse.compact_json(error_body(status, error_type, body))
 
     def stream(self) -> StreamTranslation:
         return StreamTranslation(self.model, _call_id(), self.include_usage)

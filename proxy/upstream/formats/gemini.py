@@ -10,7 +10,6 @@ output). The module is the adapter (formats.base.WireFormat).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -85,7 +84,7 @@ def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_to
         asked = config.get("maxOutputTokens")
         config["maxOutputTokens"] = min(asked, max_output_tokens) if isinstance(asked, int) else max_output_tokens
         out["generationConfig"] = config
-    return PreparedBody(json.dumps(out, separators=(",", ":")).encode(), route == STREAM, False)
+    return PreparedBody(sse.compact_json(out), route == STREAM, False)
 
 
 def usage_from_metadata(metadata: Any, final: bool = True) -> Usage | None:
@@ -179,10 +178,10 @@ class ChatTranslation:
     def answer(self, body: bytes) -> tuple[bytes, Usage | None]:
         answer = answer_object(body, "Gemini")
         completion = gemini_translate.chat_completion(answer, self.model, _completion_id(), int(time.time()))
-        return json.dumps(completion, separators=(",", ":")).encode(), usage_of(answer)
+        return sse.compact_json(completion), usage_of(answer)
 
     def error(self, status: int, error_type: str, body: bytes) -> bytes:
-        return json.dumps(gemini_translate.error_from_gemini(status, body).body(), separators=(",", ":")).encode()
+        return sse.compact_json(gemini_translate.error_from_gemini(status, body).body())
 
     def stream(self) -> "ChatStream":
         chunks = gemini_translate.ChatChunks(self.model, _completion_id(), int(time.time()), self.include_usage)

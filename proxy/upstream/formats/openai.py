@@ -3,7 +3,6 @@ request body and where usage is found in answers. The module is the adapter (for
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from typing import Any
@@ -51,7 +50,7 @@ def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_to
             options["include_usage"] = True
             out["stream_options"] = options
             injected = True
-    return PreparedBody(json.dumps(out, separators=(",", ":")).encode(), stream, injected)
+    return PreparedBody(sse.compact_json(out), stream, injected)
 
 
 def _cap_output(route: str, body: dict[str, Any], cap: int) -> None:
