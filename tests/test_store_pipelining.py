@@ -30,8 +30,15 @@ async def server(tmp_path: Path) -> AsyncIterator[RedisServer]:
         yield redis_server
 
 
-@pytest.fixture
-async def store(server: RedisServer) -> AsyncIterator[RedisStore]:
+@pytest.fixture(params=["hiredis", "redis-py"])
+async def store(
+    request: pytest.FixtureRequest, server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[RedisStore]:
+    """Each test runs with both packers: hiredis's (the `fast` extra) and redis-py's (a plain install)."""
+    if request.param == "hiredis" and not autopipeline.HIREDIS_AVAILABLE:
+        pytest.skip("hiredis is not installed")
+    if request.param == "redis-py":
+        monkeypatch.setattr(autopipeline, "HIREDIS_AVAILABLE", False)
     redis_store = RedisStore(server.url)
     await redis_store.peek(make_request(budget=CREDIT))  # one connection open and the scripts loaded
     yield redis_store
