@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import datetime
 from pathlib import Path
@@ -12,9 +13,12 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.assets import AssetStoreFull, MemoryAssets, ReceivingBudget, valid_asset_id
+from proxy.api.state import GATEWAY
+from proxy.assets import AssetStoreError, AssetStoreFull, MemoryAssets, ReceivingBudget, valid_asset_id
+from proxy.assets.base import AssetBody
 from proxy.auth.api_keys import hash_key
 from proxy.config import AssetSettings
+from proxy.server import RunningServer
 
 from .gateway_harness import TEST_KEY, gateway_config, start_gateway, write_policy
 from .mock_provider import MockProvider
@@ -88,6 +92,55 @@ async def test_expired_urls_are_410_and_unsigned_ones_403(small_gateway: str) ->
             assert (r.status, (await r.json())["error"]["code"]) == (410, "asset_url_expired")
         async with http.get(f"{small_gateway}/v1/assets/not-an-id") as r:
             assert (r.status, (await r.json())["error"]["code"]) == (403, "invalid_asset_signature")
+
+
+@pytest.fixture
+async def gateway_server(provider: MockProvider, gateway_env: None, policies_dir: Path) -> AsyncIterator[RunningServer]:
+    server = await start_gateway(gateway_config(provider.url, policies_dir))
+    yield server
+    await server.stop()
+
+
+class BrokenBackend:
+    """Serves every asset as a body that fails after its first chunk, as S3 can mid-object, and counts releases."""
+
+    def __init__(self, opens: Callable[[str], Any]) -> None:
+        self._opens = opens
+        self.released = 0
+
+    async def open(self, asset_id: str) -> AssetBody | None:
+        body = await self._opens(asset_id)
+
+        async def failing() -> AsyncIterator[bytes]:
+            yield PNG[:10]
+            raise AssetStoreError("s3 (assets): ReadTimeoutError")
+
+        return AssetBody(body.asset, body.size, failing(), self._release)
+
+    def _release(self) -> None:
+        self.released += 1
+
+
+async def test_an_asset_failing_mid_answer_is_cut_and_its_backend_released(
+    gateway_server: RunningServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers sent, the backend fails: the connection is cut short of Content-Length (never a complete-looking
+    answer), logged as such; a HEAD never reads the body, and still gives back what the backend holds."""
+    _, answer = await upload(gateway_server.url, PNG, "image/png")
+    store = gateway_server.runner.app[GATEWAY].assets.store
+    backend = BrokenBackend(store.open)
+    monkeypatch.setattr(store, "open", backend.open)
+    async with aiohttp.ClientSession() as http:
+        with caplog.at_level(logging.WARNING, logger="edge_proxy"):
+            async with http.get(answer["url"]) as r:
+                assert (r.status, r.content_length) == (200, len(PNG))
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+        assert any("cut mid-answer" in record.getMessage() for record in caplog.records)
+        assert backend.released == 1
+        async with http.head(answer["url"]) as r:
+            assert (r.status, r.content_length) == (200, len(PNG))
+        assert backend.released == 2
 
 
 def asset_store(clock: Callable[[], float] = time.time, **settings: Any) -> MemoryAssets:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from dataclasses import replace
@@ -26,6 +27,8 @@ from ..errors import ApiError
 from ..policy.types import Decision
 from .body import read_json_object, read_raw
 from .state import GATEWAY, authenticated
+
+log = logging.getLogger("edge_proxy")
 
 # A bare media type (no parameters): what a presigned PUT's Content-Type must then equal.
 _ALLOWED_MEDIA = re.compile(r"^(image|audio|video)/[A-Za-z0-9][A-Za-z0-9.+-]{0,100}$")
@@ -215,6 +218,7 @@ async def serve_asset(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         await body.chunks.aclose()
+        body.release()
 
 
 async def delete_asset(request: web.Request) -> web.Response:

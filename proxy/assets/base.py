@@ -12,7 +12,7 @@ import re
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import AsyncGenerator, Iterator, Protocol
+from typing import AsyncGenerator, Callable, Iterator, Protocol
 
 from ..store.base import StoreError
 
@@ -30,14 +30,20 @@ class Asset:
     expires_at: float  # unix seconds
 
 
+def _holds_nothing() -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class AssetBody:
     """An asset to send: its description (`asset.data` empty) and its bytes as they are read, so serving a
-    large object never holds it whole. Iterate `chunks` to the end or `aclose()` it."""
+    large object never holds it whole. `release()` it once done, whether or not `chunks` was read (a HEAD
+    request, a client gone before the first byte): it frees what the backend holds, such as S3's connection."""
 
     asset: Asset
     size: int
     chunks: AsyncGenerator[bytes, None]
+    release: Callable[[], None] = _holds_nothing
 
 
 class ReadsWhole:

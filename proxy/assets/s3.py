@@ -64,7 +64,10 @@ class S3Assets:
         body = await self.open(asset_id)
         if body is None:
             return None
-        data = b"".join([chunk async for chunk in body.chunks])
+        try:
+            data = b"".join([chunk async for chunk in body.chunks])
+        finally:
+            body.release()
         return replace(body.asset, data=data)
 
     async def open(self, asset_id: str) -> AssetBody | None:
@@ -87,7 +90,7 @@ class S3Assets:
             return None
         asset = Asset(asset_id, metadata.get("account", ""),
                       answer.get("ContentType") or "application/octet-stream", b"", expires)
-        return AssetBody(asset, int(answer.get("ContentLength") or 0), _chunks(stream))
+        return AssetBody(asset, int(answer.get("ContentLength") or 0), _chunks(stream), stream.close)
 
     async def delete(self, asset_id: str) -> None:
         client = await self._opened()
@@ -117,14 +120,12 @@ class S3Assets:
 
 
 async def _chunks(stream: Any) -> AsyncGenerator[bytes, None]:
-    """The object's bytes as they arrive; the S3 connection is released when they end or the reader stops."""
+    """The object's bytes as they arrive (the body's `release` closes the stream, read or not)."""
     try:
         async for chunk in stream.iter_chunks(_CHUNK):
             yield chunk
     except _FAILURES as exc:
         raise AssetStoreError(f"s3 (assets): {type(exc).__name__}") from exc
-    finally:
-        stream.close()
 
 
 def _code(error: ClientError) -> str:
