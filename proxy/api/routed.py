@@ -71,7 +71,7 @@ async def open_routed(
         try:
             upstream_model = target.deployment.upstream_model
             prepared = provider.format.prepare(route, body, upstream_model, charged.max_output_tokens)
-            share = await provider.pool.take(principal.account)  # refused: not retried
+            await provider.pool.take(principal.account)  # refused: not retried
         except BaseException:
             target.health.abandoned()  # nothing was sent: a half-open probe it claimed may go to another call
             raise
@@ -84,7 +84,7 @@ async def open_routed(
             upstream = await open_upstream(provider, url, prepared.body, ctx.request_id, headers)
         except ApiError as exc:
             span.end(0, "timeout" if exc.code == "upstream_timeout" else "error", exc.code, exc)
-            provider.pool.give_back(principal.account, share)
+            provider.pool.give_back(principal.account)
             target.health.failed()
             _attempt_failed(gateway, target, provider.name, exc.code, started)
             if not attempts.has_next():
@@ -95,7 +95,7 @@ async def open_routed(
             target.health.abandoned()
             # The provider has the prompt (and bills it) although nobody will read the answer: settle charges it.
             ctx.outcome.abandoned = isinstance(exc, asyncio.CancelledError)
-            provider.pool.give_back(principal.account, share)
+            provider.pool.give_back(principal.account)
             raise
         ctx.outcome.first_byte_s = time.monotonic() - started
         if not _retryable(upstream.status):
@@ -104,13 +104,13 @@ async def open_routed(
             span.end(upstream.status, "error", "upstream_error", None)
             _answer_refused(gateway, target, provider.name, upstream, started)
             upstream.close()
-            provider.pool.give_back(principal.account, share)
+            provider.pool.give_back(principal.account)
             continue
         _respect_quota(gateway, target, upstream.headers)
         ctx.provider = provider.name
         ctx.deployment = target.label if target.model is model else f"{target.model.id}:{target.label}"
         answering = AnsweringAttempt(gateway, target, ctx.outcome, upstream.headers.get("Retry-After"), span,
-                                     provider.pool, principal.account, share)
+                                     provider.pool, principal.account)
         # Without the bytes sent: the relay needs only how to read the answer, and a stream may last minutes.
         return OpenedCall(provider, upstream, prepared.without_body(), ends_at), answering
     raise _all_out(model, attempts)
@@ -142,14 +142,14 @@ class AnsweringAttempt:
     deployment's verdict reported, its connection share given back. (One per open stream: a small object, not an
     AsyncExitStack with its deque and callbacks.)"""
 
-    __slots__ = ("_gateway", "_target", "_outcome", "_retry_after", "_span", "_pool", "_account", "_share")
+    __slots__ = ("_gateway", "_target", "_outcome", "_retry_after", "_span", "_pool", "_account")
 
     def __init__(
         self, gateway: Gateway, target: Target, outcome: RelayOutcome, retry_after: str | None, span: UpstreamSpan,
-        pool: PoolShares, account: str, share: asyncio.Semaphore,
+        pool: PoolShares, account: str,
     ) -> None:
         self._gateway, self._target, self._outcome, self._retry_after = gateway, target, outcome, retry_after
-        self._span, self._pool, self._account, self._share = span, pool, account, share
+        self._span, self._pool, self._account = span, pool, account
 
     async def __aenter__(self) -> None:
         pass
@@ -166,7 +166,7 @@ class AnsweringAttempt:
             finally:
                 _report(self._gateway, self._target, outcome, self._retry_after)
         finally:
-            self._pool.give_back(self._account, self._share)
+            self._pool.give_back(self._account)
 
 
 def _answer_refused(

@@ -30,9 +30,9 @@ class PoolShares:
         self._shares: dict[str, asyncio.Semaphore] = {}
         self._callers: Counter[str] = Counter()  # calls holding or awaiting a slot, per account: idle shares go
 
-    async def take(self, account: str) -> asyncio.Semaphore:
+    async def take(self, account: str) -> None:
         """Take one of the provider's connections for `account` (within its share), or refuse within the wait. Give
-        it back with `give_back` and the share returned, once the call is over."""
+        it back with `give_back` once the call is over."""
         share = self._shares.setdefault(account, asyncio.Semaphore(self._per_account))
         self._callers[account] += 1
         deadline = asyncio.get_running_loop().time() + self._wait_s
@@ -46,11 +46,10 @@ class PoolShares:
         except BaseException:
             self._forget_caller(account)
             raise
-        return share
 
-    def give_back(self, account: str, share: asyncio.Semaphore) -> None:
+    def give_back(self, account: str) -> None:
         self._free.release()
-        share.release()
+        self._shares[account].release()  # kept while the account has a caller, as this one is until the next line
         self._forget_caller(account)
 
     def _forget_caller(self, account: str) -> None:
