@@ -305,7 +305,7 @@ def build_gateway(
         jobs=JobService(
             _beside_the_store(store_settings, MemoryJobStore, RedisJobStore), meter, assets,
             lease_s=config.jobs.lease_s, record_ttl_s=config.jobs.record_ttl_s,
-            idempotency_ttl_s=config.jobs.idempotency_ttl_s, on_settled=metrics.settled_job,
+            idempotency_ttl_s=config.jobs.idempotency_ttl_s, on_settled=metrics.settled,
         ),
         admin=_admin_credential(config),
         # every store is an AlertOutbox (the Store protocol does not say so)

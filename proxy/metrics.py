@@ -355,8 +355,9 @@ class Metrics:
         """Credits reserved before forwarding, settled to the real cost, or released on failure."""
         self._credits(_capped(action, CREDIT_ACTIONS)).inc(amount)
 
-    def settled_job(self, reserved: float, charged: float) -> None:
-        """A job's hold settled at `charged` (0: released): like credits() for a call."""
+    def settled(self, reserved: float, charged: float) -> None:
+        """A hold of `reserved` settled at `charged` (a call's, or a job's; 0: released): what is not charged is
+        released."""
         self.credits("settled", charged)
         self.credits("released", max(0.0, reserved - charged))
 

@@ -258,8 +258,7 @@ async def settle(
     elif ctx.credits_charged > decision.reserve_credits:
         ctx.credits_charged = overrun_charge(gateway, ctx, decision, ctx.credits_charged)
     await admission.settle(ctx.credits_charged, usage.input_tokens + usage.output_tokens, call_usage(ctx, usage))
-    gateway.metrics.credits("settled", ctx.credits_charged)
-    gateway.metrics.credits("released", max(0.0, decision.reserve_credits - ctx.credits_charged))
+    gateway.metrics.settled(decision.reserve_credits, ctx.credits_charged)
 
 
 def call_usage(ctx: RequestContext, usage: Usage | None) -> CallUsage:
