@@ -394,14 +394,14 @@ class ChatTranslation:
     def answer(self, body: bytes) -> tuple[bytes, Usage | None]:
         message = answer_object(body, "Anthropic")
         completion = chat_completion(message, self._model, self._id, self._created)
-        return json.dumps(completion, separators=(",", ":")).encode(), wire.usage_of(message)
+        return sse.compact_json(completion), wire.usage_of(message)
 
     def error(self, status: int, error_type: str, body: bytes) -> bytes:
         """A refusal of the request (400, 413, 429) in OpenAI's shape; any other 4xx is the gateway's 502."""
         refusal = provider_refusal(status, error_message(body))
         if refusal.status != status:
             raise refusal
-        return json.dumps(refusal.body(), separators=(",", ":")).encode()
+        return sse.compact_json(refusal.body())
 
     def stream(self) -> StreamTranslation:
         return StreamTranslation(ChatAnswer(self._model, self._id, self._created, self._include_usage))

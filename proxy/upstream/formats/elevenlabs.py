@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Mapping
 from urllib.parse import quote
@@ -60,7 +59,7 @@ def prepare(route: str, body: dict[str, Any], upstream_model: str, max_output_to
     out = dict(body, model_id=upstream_model)
     if route == SPEECH_TO_TEXT_ROUTE:
         return multipart_body(out)
-    return PreparedBody(json.dumps(out, separators=(",", ":")).encode(), stream=False, usage_injected=False)
+    return PreparedBody(sse.compact_json(out), stream=False, usage_injected=False)
 
 
 def character_usage(headers: Mapping[str, str]) -> Usage | None:
