@@ -377,7 +377,7 @@ class Meter:
         request_id: str = "",
     ) -> AdmitRequest:
         base = self.account_prefix(principal.account)
-        user = _user_id(principal)
+        user = user_id(principal)
         tokens = clamp_tokens(decision.estimated_tokens)
         limits = tuple(
             LimitSpec(key, rule.limit, int(rule.window_s * 1000), tokens if rule.unit == "tokens" else 1,
@@ -539,25 +539,20 @@ def _applicable(decision: Decision, model_id: str | None) -> tuple[RateLimit, ..
 
 
 def _dimension(principal: Principal, dim: Dimension, model_id: str | None) -> str:
-    """The principal's identity along one limit dimension (escaped and namespaced: see `_user_id`)."""
+    """The principal's identity along one limit dimension (escaped and namespaced: see `user_id`)."""
     if dim == "key":
         return _key_id(principal)
     if dim == "user":
-        return _user_id(principal)
+        return user_id(principal)
     return _escaped(principal.account if dim == "account" else model_id or "")
-
-
-def user_id(principal: Principal) -> str:
-    """The principal's end user (or API key, or account) as the meter names it: see `_user_id`."""
-    return _user_id(principal)
 
 
 def usage_user(principal: Principal) -> str | None:
     """Whose usage a caller may read: its own user's (a credential with a subject), else None: its account's."""
-    return _user_id(principal) if principal.subject else None
+    return user_id(principal) if principal.subject else None
 
 
-def _user_id(principal: Principal) -> str:
+def user_id(principal: Principal) -> str:
     """The end user in the namespace of its kind, so that no two kinds of identity ever share a counter:
     `u:i:<issuer>:<sub>` (an identity provider's user), `u:g:<sub>` (the sub of a gateway-minted token), else
     the API key (bare), else `a:<account>`. Values are percent-encoded and so never contain `:`: a bare value
@@ -583,7 +578,7 @@ def _owner_label(owner: str) -> str:
 
 def _key_id(principal: Principal) -> str:
     """The API key behind the credential; callers without one (identity-provider sessions) count as their user."""
-    return _escaped(principal.key_id) if principal.key_id else _user_id(principal)
+    return _escaped(principal.key_id) if principal.key_id else user_id(principal)
 
 
 @functools.lru_cache(maxsize=4096)
