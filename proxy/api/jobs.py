@@ -41,6 +41,7 @@ from .inputs import checked_inputs
 from .metered import authorize_and_admit
 from .schema import INPUTS
 from .state import GATEWAY, authenticated
+from .uploads import public_base
 
 _REQUEST_ID = re.compile(r"^req_[0-9a-f]{24}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as the IETF draft's examples use
@@ -83,11 +84,6 @@ def _idempotency_store_key(request: web.Request, principal: Principal, key: str)
     return f"{request.app[GATEWAY].meter.account_prefix(principal.account)}:idem:{digest}"
 
 
-def _public_url(request: web.Request) -> str:
-    configured = request.app[GATEWAY].config.server.public_url
-    return (configured or f"{request.scheme}://{request.host}").rstrip("/")
-
-
 def _job_facts(capability: str, inputs: dict[str, Any], input_bytes: int) -> RequestFacts:
     """A job's bounds: its images (`n`) and their megapixels at the requested size, and, for a video, its
     `duration` (else the plan's max_seconds)."""
@@ -116,7 +112,7 @@ async def generate_job(request: web.Request, principal: Principal, model: Model,
         key=job_key(request, principal.account, ctx.request_id), id=ctx.request_id, account=principal.account,
         user=user_id(principal), model=model.id, capability=model.capability, provider=deployment.provider,
         deployment=deployment.name, upstream_model=deployment.upstream_model, inputs=json.dumps(inputs),
-        public_url=_public_url(request), reservation=encode_reservation(admission.reservation),
+        public_url=public_base(request).rstrip("/"), reservation=encode_reservation(admission.reservation),
         price=encode_price(decision.price), reserve=decision.reserve_credits, bound_seconds=decision.bound.seconds,
         bound_megapixels=decision.bound.megapixels,
         body_hash=body_hash, cancel_on_disconnect=decision.cancel_jobs_on_disconnect,
@@ -125,7 +121,7 @@ async def generate_job(request: web.Request, principal: Principal, model: Model,
         created = await gateway.jobs.create(record, idem_key)
     except StoreError:
         await admission.release()
-        raise _store_unavailable() from None
+        raise job_store_unavailable() from None
     if not created.created:  # a retry with the same key won the race: answer for its job, hold nothing
         await admission.release()
         return await _answer_existing(
@@ -243,10 +239,11 @@ async def _stored(awaitable: Any) -> Any:
     try:
         return await awaitable
     except StoreError:
-        raise _store_unavailable() from None
+        raise job_store_unavailable() from None
 
 
-def _store_unavailable() -> ApiError:
+def job_store_unavailable() -> ApiError:
+    """503 for a job store that failed: the client (or the provider, for a webhook) tries again shortly."""
     return ApiError("store_unavailable", "The job store is unavailable; try again shortly.",
                     headers={"Retry-After": "1"})
 

@@ -23,6 +23,7 @@ from ..jobs.adapter import JobCallFailed, JobRequest, JobResult, JobStatus
 from ..store.base import StoreError
 from ..upstream.sse import json_object
 from .body import read_raw
+from .jobs import job_store_unavailable
 from .state import GATEWAY
 
 _MAX_WEBHOOK_BYTES = 1024 * 1024  # a prediction object or a fal result: its input, output URLs and the logs' tail
@@ -74,8 +75,7 @@ async def provider_webhook(request: web.Request) -> web.Response:
             raise ApiError("not_found", f"no job of provider {provider!r} waits for {delivery.provider_id}")
         await gateway.jobs.advance(key, delivery.status, delivery.result_of)
     except StoreError:  # answered 503: the provider delivers the webhook again later
-        raise ApiError("store_unavailable", "The job store is unavailable; try again shortly.",
-                       headers={"Retry-After": "1"}) from None
+        raise job_store_unavailable() from None
     return web.json_response({"received": True})
 
 

@@ -25,7 +25,7 @@ from urllib.parse import quote, urlencode
 from .adapter import (
     PROVIDER_ID, Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits, provider_names,
 )
-from .http import ProviderCalls, message
+from .http import ProviderCalls, message, model_path
 from .image_sizes import SIZED_CAPABILITIES, image_size
 from .kinds import webhook_path
 
@@ -50,7 +50,7 @@ class FalAdapter(ProviderCalls):
 
     async def submit(self, request: JobRequest) -> Handle:
         model = request.upstream_model.strip("/")
-        url = f"{self._base}/{_path(model)}"
+        url = f"{self._base}/{model_path(model)}"
         if self._webhooks and request.public_url:
             url += "?" + urlencode({"fal_webhook": request.public_url.rstrip("/") + webhook_path("fal", self._name)})
         answer = await self._call("POST", url, fal_input(request))
@@ -78,7 +78,7 @@ class FalAdapter(ProviderCalls):
                 raise
 
     def _requests(self, handle: Handle) -> str:
-        return f"{self._base}/{_path(handle['app'])}/requests/{quote(handle['request_id'], safe='')}"
+        return f"{self._base}/{model_path(handle['app'])}/requests/{quote(handle['request_id'], safe='')}"
 
 
 def status_of(answer: Mapping[str, Any], provider: str) -> JobStatus:
@@ -118,10 +118,6 @@ def webhook_status(delivery: Mapping[str, Any]) -> JobStatus:
     payload = delivery.get("payload")
     detail = payload.get("detail") if isinstance(payload, dict) else None
     return JobStatus("failed", error=message(delivery.get("error") or detail or "ERROR"))
-
-
-def _path(model: str) -> str:
-    return "/".join(quote(part, safe="") for part in model.split("/") if part)
 
 
 def _number(value: Any) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -15,6 +16,11 @@ from ..upstream.sse import json_object
 from .adapter import JobCallFailed
 
 MAX_ANSWER_BYTES = 1024 * 1024  # status and result answers are small JSON; outputs are URLs
+
+
+def model_path(model: str) -> str:
+    """A provider's model id (`owner/name`, fal's `fal-ai/flux/dev`) as URL path segments, each one encoded."""
+    return "/".join(quote(part, safe="") for part in model.split("/") if part)
 
 
 class ProviderCalls:

@@ -10,6 +10,8 @@ JOB_KINDS: dict[str, str] = {
     "fal": "https://queue.fal.run",
     "replicate": "https://api.replicate.com/v1",
 }
+# Capabilities whose job makes a video: billed by its seconds (the reported length, else the requested duration).
+VIDEO_CAPABILITIES = frozenset({"text2video", "image2video"})
 # Capabilities each job kind runs as jobs; `demo` serves its other capabilities in the OpenAI format.
 JOB_CAPABILITIES: dict[str, frozenset[str]] = {
     "fal": frozenset({"text2image", "image2image", "text2video", "image2video"}),

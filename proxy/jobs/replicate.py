@@ -24,8 +24,8 @@ from urllib.parse import quote
 from .adapter import (
     PROVIDER_ID, Handle, JobCallFailed, JobRequest, JobResult, JobStatus, JobUnits, provider_names,
 )
-from .http import ProviderCalls
-from .kinds import webhook_path
+from .http import ProviderCalls, model_path
+from .kinds import VIDEO_CAPABILITIES, webhook_path
 
 _PHASES = {"starting": "queued", "processing": "running", "succeeded": "completed"}
 _FAILED = frozenset({"failed", "canceled", "aborted"})
@@ -55,7 +55,7 @@ class ReplicateAdapter(ProviderCalls):
             body["version"] = version or owner_name
             url = f"{self._base}/predictions"
         else:
-            url = f"{self._base}/models/{_path(owner_name)}/predictions"
+            url = f"{self._base}/models/{model_path(owner_name)}/predictions"
         if self._webhooks and request.public_url:
             body["webhook"] = request.public_url.rstrip("/") + webhook_path("replicate", self._name)
             body["webhook_events_filter"] = list(WEBHOOK_EVENTS)
@@ -99,7 +99,7 @@ def job_result(prediction: Mapping[str, Any], request: JobRequest, provider: str
     urls = [url for url in urls if url.startswith(("https://", "http://"))]
     if not urls:
         raise JobCallFailed(f"{provider}'s prediction has no output URL", retryable=False)
-    if request.capability in ("text2video", "image2video"):
+    if request.capability in VIDEO_CAPABILITIES:
         duration = request.inputs.get("duration")
         seconds = float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else 0.0
         return JobResult({"url": urls[0]}, JobUnits(seconds=max(seconds, 0.0)))
@@ -112,7 +112,3 @@ def _progress(logs: Any) -> float | None:
         return None
     found = _PERCENT.findall(logs[-_LOG_TAIL:])
     return min(int(found[-1]), 100) / 100 if found else None
-
-
-def _path(model: str) -> str:
-    return "/".join(quote(part, safe="") for part in model.split("/") if part)

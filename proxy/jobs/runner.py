@@ -29,13 +29,13 @@ from ..policy.types import Usage
 from ..store.base import CallUsage, StoreError
 from .adapter import PROVIDER_ID, Handle, JobAdapter, JobCallFailed, JobRequest, JobResult, JobStatus
 from .billing import decode_price, decode_reservation
+from .kinds import VIDEO_CAPABILITIES
 from .store import Created, JobRecord, JobStore, changed, dumps
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ORPHAN_BATCH = 50
-_VIDEO = frozenset({"text2video", "image2video"})
 
 
 class _LeaseLost(Exception):
@@ -155,7 +155,7 @@ class JobService:
             else:
                 await self._finish_completed(record, result)
         else:
-            progress = -1.0 if status.progress is None else max(0.0, min(1.0, status.progress))
+            progress = _stored_progress(status)
             if await self.store.update(key, "", changed(record, phase=status.phase, progress=progress)[1]):
                 self._changed(key)
 
@@ -253,7 +253,7 @@ class JobService:
             status = await self._retrying(settings, lambda: adapter.status(handle))
             if status.phase in ("completed", "failed"):
                 return status
-            progress = -1.0 if status.progress is None else max(0.0, min(1.0, status.progress))
+            progress = _stored_progress(status)
             position = -1 if status.queue_position is None else status.queue_position
             if (status.phase, progress, position) != (record.phase, record.progress, record.queue_position):
                 record = await self._update(record, phase=status.phase, progress=progress, queue_position=position)
@@ -290,7 +290,7 @@ class JobService:
                                  output=dumps(output))
         if await self._finish(record, stored):
             units = result.units
-            seconds = units.seconds or (record.bound_seconds if record.capability in _VIDEO else 0.0)
+            seconds = units.seconds or (record.bound_seconds if record.capability in VIDEO_CAPABILITIES else 0.0)
             # Bigger images than asked for cost no more than the size reserved for (the hold bounds the charge).
             megapixels = min(units.megapixels, record.bound_megapixels)
             await self._settle(record, Usage(images=units.images, seconds=seconds, megapixels=megapixels))
@@ -354,3 +354,8 @@ def _request(record: JobRecord) -> JobRequest:
 
 def _provider_failed(status: JobStatus) -> ApiError:
     return ApiError("upstream_error", f"the provider failed the job: {status.error or 'no reason given'}")
+
+
+def _stored_progress(status: JobStatus) -> float:
+    """A provider's progress as the job record keeps it: within 0..1, or -1 when it gives none."""
+    return -1.0 if status.progress is None else max(0.0, min(1.0, status.progress))

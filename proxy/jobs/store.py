@@ -20,10 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Literal, Mapping, Protocol
 
-from redis.exceptions import RedisError
-
-from ..store.base import StoreError
-from ..store.redis_client import Credentials, RedisMode, connect
+from ..store.redis_client import Credentials, RedisMode, connect, guarded
 
 State = Literal["working", "completed", "failed"]
 WORKING_INDEX = "ep:{jobs}:working"
@@ -212,20 +209,20 @@ class RedisJobStore:
         keys = [record.key, *([idempotency_key] if idempotency_key else [])]
         idem_value = f"{record.id} {record.body_hash}"
         args = [ttl_ms, idem_ttl_ms, idem_value, *_flatten(record.fields())]
-        reply = await _call(self._create(keys=keys, args=args))
+        reply = await guarded(self._create(keys=keys, args=args), "jobs")
         if int(reply[0]) == 1:
             return Created(True)
         existing_id, _, existing_hash = reply[1].decode().partition(" ")
         return Created(False, existing_id, existing_hash)
 
     async def get(self, key: str) -> JobRecord | None:
-        raw = await _call(self._client.hgetall(key))
+        raw = await guarded(self._client.hgetall(key), "jobs")
         if not raw:
             return None
         return JobRecord.from_fields({k.decode(): v.decode() for k, v in raw.items()})
 
     async def find_idempotent(self, idempotency_key: str) -> tuple[str, str] | None:
-        raw = await _call(self._client.get(idempotency_key))
+        raw = await guarded(self._client.get(idempotency_key), "jobs")
         if raw is None:
             return None
         job_id, _, body_hash = raw.decode().partition(" ")
@@ -233,43 +230,36 @@ class RedisJobStore:
 
     async def claim(self, key: str, owner: str, now_ms: int, lease_ms: int, *, renew: bool) -> bool:
         args = [owner, now_ms, lease_ms, "1" if renew else "0"]
-        return bool(await _call(self._claim(keys=[key], args=args)))
+        return bool(await guarded(self._claim(keys=[key], args=args), "jobs"))
 
     async def update(self, key: str, owner: str, changes: Mapping[str, str]) -> bool:
-        return bool(await _call(self._update(keys=[key], args=[owner, *_flatten(changes)])))
+        return bool(await guarded(self._update(keys=[key], args=[owner, *_flatten(changes)]), "jobs"))
 
     async def finish(self, key: str, changes: Mapping[str, str]) -> bool:
-        return bool(await _call(self._update(keys=[key], args=["", *_flatten(changes)])))
+        return bool(await guarded(self._update(keys=[key], args=["", *_flatten(changes)]), "jobs"))
 
     async def release(self, key: str, owner: str) -> None:
-        await _call(self._release(keys=[key], args=[owner]))
+        await guarded(self._release(keys=[key], args=[owner]), "jobs")
 
     async def orphans(self, now_ms: int, limit: int) -> list[str]:
-        keys = await _call(self._client.zrangebyscore(WORKING_INDEX, "-inf", now_ms, start=0, num=limit))
+        keys = await guarded(self._client.zrangebyscore(WORKING_INDEX, "-inf", now_ms, start=0, num=limit), "jobs")
         return [key.decode() for key in keys]
 
     async def index(self, key: str, lease_until: int) -> None:
         if lease_until:
-            await _call(self._client.zadd(WORKING_INDEX, {key: lease_until}))
+            await guarded(self._client.zadd(WORKING_INDEX, {key: lease_until}), "jobs")
         else:
-            await _call(self._client.zrem(WORKING_INDEX, key))
+            await guarded(self._client.zrem(WORKING_INDEX, key), "jobs")
 
     async def link(self, provider: str, provider_id: str, key: str, ttl_ms: int) -> None:
-        await _call(self._client.set(f"{PROVIDER_IDS}:{provider}:{provider_id}", key, px=ttl_ms))
+        await guarded(self._client.set(f"{PROVIDER_IDS}:{provider}:{provider_id}", key, px=ttl_ms), "jobs")
 
     async def linked(self, provider: str, provider_id: str) -> str | None:
-        key = await _call(self._client.get(f"{PROVIDER_IDS}:{provider}:{provider_id}"))
+        key = await guarded(self._client.get(f"{PROVIDER_IDS}:{provider}:{provider_id}"), "jobs")
         return key.decode() if key is not None else None
 
     async def close(self) -> None:
         await self._client.aclose()
-
-
-async def _call(awaitable: Any) -> Any:
-    try:
-        return await awaitable
-    except (RedisError, OSError) as exc:
-        raise StoreError(f"redis (jobs): {type(exc).__name__}") from exc
 
 
 @dataclass
