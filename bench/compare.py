@@ -209,9 +209,14 @@ async def wait_ready(session: aiohttp.ClientSession, target: Target) -> None:
 
 # ---- measurements of a process ----------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """The process's CPU seconds in user space and in the kernel on its behalf (utime, stime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def rss_kib(pid: int) -> int:

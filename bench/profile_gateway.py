@@ -32,7 +32,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import closed_loop, environment, wait_ready  # noqa: E402
+from compare import closed_loop, cpu_times, environment, wait_ready  # noqa: E402
 from debian_tools import Tool, find_tool  # noqa: E402
 
 SAMPLER = str(Path(__file__).resolve().parent / "cpu_sampler.py")
@@ -100,11 +100,6 @@ def print_breakdown(stacks: Counter[str], us_per_request: float) -> None:
         print(f"| {name} | {count / total:.1%} | {count / total * us_per_request:.0f} | {inclusive[name] / total:.1%} |")
 
 
-def system_cpu_s(pid: int) -> float:
-    """The kernel's CPU on the process's behalf (stime): sockets, epoll, clocks."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
-
-
 def py_spy_command(args: argparse.Namespace, pid: int, out: Path) -> list[str]:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return [py_spy, "record", *(["--native"] if args.native else ["--nonblocking"]), "--rate", str(args.rate),
@@ -129,9 +124,9 @@ async def profile(args: argparse.Namespace) -> None:
             recorder = subprocess.Popen(py_spy_command(args, gateway.pid, out), stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT)
             await asyncio.sleep(0.5)
-        system_before = system_cpu_s(gateway.pid)
+        system_before = cpu_times(gateway.pid)[1]
         result = await closed_loop(gateway, wrk, args.seconds, args.connections)
-        system_s = system_cpu_s(gateway.pid) - system_before
+        system_s = cpu_times(gateway.pid)[1] - system_before
         if not args.py_spy:
             os.kill(gateway.pid, signal.SIGUSR2)  # the sampler stops and writes
             await asyncio.sleep(1.0)

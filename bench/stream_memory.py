@@ -273,7 +273,6 @@ def main() -> None:
     args = parser.parse_args()
     raise_file_limit(4 * args.streams + 4096)
     from proxy.event_loop import run_event_loop
-    import os
     if args.asyncio:
         os.environ["EDGE_PROXY_UVLOOP"] = "0"
     result: dict[str, Any] = {}
