@@ -31,7 +31,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from .mock_provider import serve_on_loopback
+from .mock_provider import LoopbackServer
 
 
 USER_ID = "mock-user-1"
@@ -60,8 +60,7 @@ class MockFal:
     signing_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     deliveries: list[tuple[str, int]] = field(default_factory=list)  # (webhook status, the gateway's answer)
     jwks_fetches: int = 0
-    _runner: web.AppRunner | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _server: LoopbackServer = field(default_factory=LoopbackServer)
 
     async def start(self) -> "MockFal":
         app = web.Application()
@@ -71,14 +70,11 @@ class MockFal:
         app.router.add_get("/.well-known/jwks.json", self._jwks)
         app.router.add_put("/{owner}/{app}/requests/{request_id}/cancel", self._cancel)
         app.router.add_post("/{model:.+}", self._submit)
-        self._runner, self.url = await serve_on_loopback(app)
+        self.url = await self._server.start(app)
         return self
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._server.stop()
 
     def submitted(self, prompt: str) -> int:
         return sum(1 for job in self.jobs.values() if job.inputs.get("prompt") == prompt)
@@ -103,9 +99,7 @@ class MockFal:
         job = self.jobs[request_id] = FalJob(app, model, await request.json(), time.monotonic(),
                                              webhook=request.query.get("fal_webhook"))
         if job.webhook:
-            task = asyncio.get_running_loop().create_task(self._call_back(request_id, job))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._server.spawn(self._call_back(request_id, job))
         base = f"{self.url}/{app}/requests/{request_id}"
         return web.json_response({"request_id": request_id, "response_url": base, "status_url": f"{base}/status",
                                   "cancel_url": f"{base}/cancel"})

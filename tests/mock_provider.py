@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Self
+from typing import Any, Awaitable, Callable, Coroutine, Self
 
 from aiohttp import web
 
@@ -98,6 +98,32 @@ async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+class LoopbackServer:
+    """A mock provider's server on loopback and the tasks it started on its own (webhooks it delivers):
+    `stop` cancels the tasks, waits for them, then stops the server."""
+
+    def __init__(self) -> None:
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, app: web.Application) -> str:
+        """Serve `app`; returns its origin URL."""
+        self._runner, url = await serve_on_loopback(app)
+        return url
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 @dataclass

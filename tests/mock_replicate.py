@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .mock_provider import serve_on_loopback
+from .mock_provider import LoopbackServer
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"mock replicate webhook signing key!").decode()
 
@@ -64,8 +64,7 @@ class MockReplicate:
     deliveries: list[tuple[str, int]] = field(default_factory=list)  # (event status, the gateway's answer)
     deliver_to: str = ""  # an origin the webhooks go to instead of the URL's (a load balancer picking a replica)
     url: str = ""
-    _runner: web.AppRunner | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _server: LoopbackServer = field(default_factory=LoopbackServer)
 
     async def start(self) -> "MockReplicate":
         app = web.Application()
@@ -73,15 +72,11 @@ class MockReplicate:
         app.router.add_post("/v1/predictions", self._create)
         app.router.add_get("/v1/predictions/{id}", self._get)
         app.router.add_post("/v1/predictions/{id}/cancel", self._cancel)
-        self._runner, self.url = await serve_on_loopback(app)
+        self.url = await self._server.start(app)
         return self
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._server.stop()
 
     def created(self, prompt: str) -> list[Prediction]:
         return [p for p in self.predictions.values() if p.inputs.get("prompt") == prompt]
@@ -110,9 +105,7 @@ class MockReplicate:
                                 body.get("webhook"), time.monotonic())
         self.predictions[prediction.id] = prediction
         if prediction.webhook:
-            task = asyncio.create_task(self._send_webhooks(prediction))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._server.spawn(self._send_webhooks(prediction))
         return web.json_response(self._object(prediction), status=201)
 
     async def _get(self, request: web.Request) -> web.Response:
