@@ -248,14 +248,20 @@ async def test_an_idempotent_retry_returns_the_same_job_and_is_charged_once(repl
         422, "idempotency_key_reused", "Idempotency-Key")
 
 
-async def test_a_failed_job_releases_its_hold(replicas: Replicas) -> None:
-    before = await balance(replicas.a)
-    _, _, events = await submit(replicas.a, {"model": "mock/video", "prompt": "fail", "duration": 5})
+async def assert_fails_and_releases_its_hold(gateway: str, body: dict[str, Any], reason: str) -> None:
+    """The job's last event is `generation.failed` (an upstream_error saying `reason`); nothing is charged."""
+    before = await balance(gateway)
+    _, _, events = await submit(gateway, body)
     assert isinstance(events, list) and events[-1][0] == "generation.failed"
     error = events[-1][1]["error"]
-    assert error["code"] == "upstream_error" and "Internal error while generating" in error["message"]
-    after = await balance(replicas.a)
+    assert error["code"] == "upstream_error" and reason in error["message"]
+    after = await balance(gateway)
     assert (after["spent"], after["held"]) == (before["spent"], 0)
+
+
+async def test_a_failed_job_releases_its_hold(replicas: Replicas) -> None:
+    await assert_fails_and_releases_its_hold(
+        replicas.a, {"model": "mock/video", "prompt": "fail", "duration": 5}, "Internal error while generating")
 
 
 async def test_a_provider_answering_503_is_polled_again_and_the_job_completes(replicas: Replicas) -> None:
@@ -268,13 +274,8 @@ async def test_a_provider_answering_503_is_polled_again_and_the_job_completes(re
 async def test_an_unreachable_provider_fails_the_job_after_its_retries_and_releases_the_hold(
     replicas: Replicas
 ) -> None:
-    before = await balance(replicas.a)
-    _, _, events = await submit(replicas.a, {"model": "mock/unreachable", "prompt": "x", "duration": 3})
-    assert isinstance(events, list) and events[-1][0] == "generation.failed"
-    error = events[-1][1]["error"]
-    assert error["code"] == "upstream_error" and "could not be reached" in error["message"]
-    after = await balance(replicas.a)
-    assert (after["spent"], after["held"]) == (before["spent"], 0)
+    await assert_fails_and_releases_its_hold(
+        replicas.a, {"model": "mock/unreachable", "prompt": "x", "duration": 3}, "could not be reached")
 
 
 async def test_job_outputs_are_re_hosted_into_the_asset_store_when_configured(replicas: Replicas) -> None:
